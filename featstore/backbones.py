@@ -1,0 +1,309 @@
+"""Backbone registry and the one factory, create_backbone(name, weights=...).
+
+Each entry carries what the rest of the pipeline needs: input size, channels,
+normalisation and feature dimension; the built Backbone adds its weights identity
+(sha256 of the weight file, or `random-init`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from featstore import weights as W
+
+XRV_NORM = ("xrv",)                                   # [0,1] -> [-1024, 1024]
+IMAGENET_NORM = ("meanstd", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+NIH_ONNX_NORM = ("meanstd", (0.485,), (0.229,))
+UNIT_NORM = ("unit",)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str            # xrv-densenet | xrv-resnet | tv-densenet | tv-resnet | onnx | pixelstats
+    input_size: int
+    channels: int
+    norm: tuple
+    feature_dim: int | None  # None: found when built (generic ONNX)
+    weights: str | None      # library weight key / file name; None: weight-free
+    url: str | None = None
+    description: str = ""
+    options: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _key in ("all", "nih", "pc", "chex", "rsna", "mimic_nb", "mimic_ch"):
+    register(BackboneSpec(
+        f"xrv-densenet121-res224-{_key}", "xrv-densenet", 224, 1, XRV_NORM, 1024, f"densenet121-res224-{_key}",
+        description=f"torchxrayvision DenseNet121, weights densenet121-res224-{_key}; global-average-pooled features"))
+register(BackboneSpec("xrv-resnet50-res512-all", "xrv-resnet", 512, 1, XRV_NORM, 2048, "resnet50-res512-all",
+                      description="torchxrayvision ResNet50 at 512 px, weights resnet50-res512-all; pooled features"))
+register(BackboneSpec("tv-densenet121-imagenet", "tv-densenet", 224, 3, IMAGENET_NORM, 1024, "DenseNet121_Weights.IMAGENET1K_V1",
+                      description="torchvision DenseNet121, ImageNet weights; pooled features"))
+register(BackboneSpec("tv-resnet50-imagenet", "tv-resnet", 224, 3, IMAGENET_NORM, 2048, "ResNet50_Weights.IMAGENET1K_V2",
+                      description="torchvision ResNet50, ImageNet weights; pooled features"))
+register(BackboneSpec(
+    "mobilenetv3-nih-onnx", "onnx", 224, 1, NIH_ONNX_NORM, 576, "mobilenetv3_small_nih14_int8.onnx",
+    url="https://github.com/elsadiq7/Quantized-MobileNetV3-Hardware-Acceleration-for-Chest-Xray-Edge-Computing/"
+        "raw/a2eba6a378730bc8c26d68be24bc0bbfe242ef9e/Software/models/model_int8.onnx",
+    description="MobileNetV3-Small trained on NIH ChestX-ray14, int8 ONNX; 576-d pooled features (/Reshape_output_0)",
+    options={"output": "/Reshape_output_0"}))
+register(BackboneSpec("onnx", "onnx", 224, 1, NIH_ONNX_NORM, None, None,
+                      description="any .onnx file (weights=PATH) and an intermediate tensor (output=NAME)"))
+register(BackboneSpec("pixelstats", "pixelstats", 256, 1, UNIT_NORM, 64 + 256, None,
+                      description="weight-free baseline: 64-bin intensity histogram + 16x16 thumbnail. "
+                                  "Sees contrast curve, borders, burnt-in markers and field of view: "
+                                  "a floor for how much source signal raw pixels carry"))
+
+
+def list_backbones() -> list[BackboneSpec]:
+    return list(REGISTRY.values())
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone '{name}' (known: {', '.join(REGISTRY)})")
+    return REGISTRY[name]
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device '{device}' (auto, cpu or cuda)")
+    return device
+
+
+class Backbone:
+    """A frozen feature extractor: float32 (N, C, H, W) -> float32 (N, D) numpy."""
+
+    def __init__(self, spec: BackboneSpec, weights_id: str, fn: Callable[[torch.Tensor], np.ndarray],
+                 feature_dim: int, device: str, module: torch.nn.Module | None = None):
+        self.spec, self.weights_id, self._fn = spec, weights_id, fn
+        self.feature_dim, self.device, self.module = feature_dim, device, module
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        out = self._fn(batch)
+        if out.shape[1] != self.feature_dim:
+            raise RuntimeError(f"{self.name} gave {out.shape[1]}-d features, expected {self.feature_dim}")
+        return out
+
+    def __repr__(self):
+        return f"Backbone({self.name}, weights={self.weights_id}, dim={self.feature_dim}, device={self.device})"
+
+
+def create_backbone(name: str, weights: str | None = None, weights_dir: str | os.PathLike | None = None,
+                    device: str = "auto", output: str | None = None, seed: int = 0) -> Backbone:
+    """Build a registered backbone.
+
+    weights: None for the entry's published weights; "random-init" for seeded random
+    initialisation (recorded as such); or a path to a weight file. For the generic
+    `onnx` entry weights is the .onnx path and output the tensor to read.
+    """
+    spec = get_spec(name)
+    dev = pick_device(device)
+    wdir = W.weights_dir(weights_dir)
+    if spec.family == "pixelstats":
+        return _torch_backbone(spec, "none", _PixelStats(), dev)
+    if spec.family == "onnx":
+        return _onnx_backbone(spec, weights, wdir, output or spec.options.get("output"), dev)
+    random = weights == W.RANDOM_INIT
+    if random:
+        torch.manual_seed(seed)
+        wid = f"{W.RANDOM_INIT}:seed{seed}"
+    if spec.family == "xrv-densenet":
+        import torchxrayvision as xrv
+
+        if random:
+            m = xrv.models.DenseNet(weights=None, num_classes=len(xrv.models.model_urls[spec.weights]["labels"]))
+        else:
+            path = _library_file(spec, weights, wdir)
+            m = xrv.models.DenseNet(weights=spec.weights, cache_dir=str(path.parent) + os.sep)
+            wid = W.weights_identity(path)
+        return _torch_backbone(spec, wid, _Pooled(m, m.features2), dev, m)
+    if spec.family == "xrv-resnet":
+        m = _xrv_resnet(spec, None if random else _library_file(spec, weights, wdir))
+        wid = wid if random else W.weights_identity(m.weights_filename_local)
+        return _torch_backbone(spec, wid, _Pooled(m, m.features), dev, m)
+    if spec.family in ("tv-densenet", "tv-resnet"):
+        import torchvision.models as tvm
+
+        enum_name, member = spec.weights.split(".")
+        wenum = getattr(getattr(tvm, enum_name), member)
+        m = tvm.densenet121(weights=None) if spec.family == "tv-densenet" else tvm.resnet50(weights=None)
+        if not random:
+            path = _library_file(spec, weights, wdir, url=wenum.url)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            m.load_state_dict(_fix_densenet_keys(state) if spec.family == "tv-densenet" else state)
+            wid = W.weights_identity(path)
+        if spec.family == "tv-densenet":
+            feats = m.features
+
+            def f(x):
+                return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(feats(x)), 1), 1)
+        else:
+            m.fc = torch.nn.Identity()
+            f = m
+        return _torch_backbone(spec, wid, _Pooled(m, f), dev, m)
+    raise AssertionError(spec.family)
+
+
+def _library_file(spec: BackboneSpec, weights: str | None, wdir: Path | None, url: str | None = None) -> Path:
+    """Explicit file, else weights dir / library cache / download."""
+    if weights:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise W.WeightsMissingError(f"weights file {p} for {spec.name} not found")
+        return p
+    if spec.family.startswith("xrv"):
+        import torchxrayvision as xrv
+
+        url = xrv.models.model_urls[spec.weights]["weights_url"]
+        cache = Path(xrv.utils.get_cache_dir())
+    else:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return W.resolve(os.path.basename(url), url, wdir, cache, W.http_download, what=spec.name)
+
+
+def _xrv_resnet(spec: BackboneSpec, path: Path | None):
+    """torchxrayvision's ResNet class; it insists on weights, so random-init builds the
+    same object with its own layer layout and no file."""
+    import torchvision
+    import torchxrayvision as xrv
+
+    if path is not None:
+        return xrv.models.ResNet(weights=spec.weights, cache_dir=str(path.parent) + os.sep)
+    m = xrv.models.ResNet.__new__(xrv.models.ResNet)
+    torch.nn.Module.__init__(m)
+    info = xrv.models.model_urls[spec.weights]
+    m.weights, m.apply_sigmoid, m.weights_dict = spec.weights, False, info
+    m.targets = m.pathologies = info["labels"]
+    m.model = torchvision.models.resnet50(num_classes=len(info["labels"]), weights=None)
+    m.model.conv1 = torch.nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    m.input_resolution = info.get("input_resolution", 512)
+    m.weights_filename_local = None
+    return m.eval()
+
+
+def _fix_densenet_keys(state: dict) -> dict:
+    # torchvision's densenet checkpoints use old 'norm.1' style keys; torchvision fixes them the same way
+    pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    out = {}
+    for k, v in state.items():
+        m = pat.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    return out
+
+
+class _Pooled(torch.nn.Module):
+    """Runs fn (a feature method of `model`); registering model makes .eval()/.to() reach it."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class _PixelStats(torch.nn.Module):
+    """64-bin histogram of [0,1] intensities (fractions) + 16x16 mean-pooled thumbnail."""
+
+    bins = 64
+    thumb = 16
+
+    def forward(self, x):
+        x = x[:, :1].clamp(0, 1)
+        n = x.shape[0]
+        idx = (x.flatten(1) * (self.bins - 1e-4)).long()
+        hist = torch.zeros(n, self.bins, device=x.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
+        hist = hist / idx.shape[1]
+        thumb = torch.nn.functional.adaptive_avg_pool2d(x, self.thumb).flatten(1)
+        return torch.cat([hist, thumb], dim=1)
+
+
+def _torch_backbone(spec: BackboneSpec, wid: str, fn: torch.nn.Module, device: str,
+                    module: torch.nn.Module | None = None) -> Backbone:
+    net = fn.to(device).eval()
+    cuda = device == "cuda"
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def run(batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(device, non_blocking=True)
+        if cuda:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = net(batch)
+        else:
+            out = net(batch)
+        return out.float().cpu().numpy()
+
+    return Backbone(spec, wid, run, spec.feature_dim, device, module or net)
+
+
+def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, output: str | None,
+                   device: str) -> Backbone:
+    import onnx
+    import onnxruntime as ort
+
+    if spec.name == "onnx":
+        if not weights or weights == W.RANDOM_INIT:
+            raise ValueError("the generic onnx backbone needs weights=PATH to an .onnx file (--weights)")
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise W.WeightsMissingError(f"ONNX model {path} not found")
+    elif weights == W.RANDOM_INIT:
+        raise ValueError(f"{spec.name} is a fixed ONNX graph; random-init is not available for it")
+    else:
+        path = Path(weights) if weights else W.resolve(spec.weights, spec.url, wdir,
+                                                      Path.home() / ".cache" / "featstore", W.http_download, spec.name)
+    model = onnx.load(str(path))
+    graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    input_name = graph_inputs[0].name
+    if output:
+        known = {o for n in model.graph.node for o in n.output}
+        if output not in known:
+            near = [k for k in sorted(known) if "pool" in k.lower() or "reshape" in k.lower() or "flatten" in k.lower()]
+            raise ValueError(f"tensor '{output}' is not in {path.name}; candidates: {', '.join(near[:12])}")
+        if output not in {o.name for o in model.graph.output}:
+            model.graph.output.append(onnx.ValueInfoProto(name=output))
+    else:
+        output = model.graph.output[0].name
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the int8 graph warns about every unused initializer
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    dims = [d.dim_value for d in graph_inputs[0].type.tensor_type.shape.dim]
+    channels = dims[1] if len(dims) == 4 and dims[1] else spec.channels
+    size = dims[2] if len(dims) == 4 and dims[2] else spec.input_size
+    if (channels, size) != (spec.channels, spec.input_size):
+        spec = BackboneSpec(spec.name, spec.family, size, channels, spec.norm, spec.feature_dim, spec.weights,
+                            spec.url, spec.description, spec.options)
+
+    def run(batch: torch.Tensor) -> np.ndarray:
+        out = sess.run([output], {input_name: batch.numpy()})[0]
+        return np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)
+
+    dim = spec.feature_dim or run(torch.zeros(1, channels, size, size)).shape[1]
+    return Backbone(spec, W.weights_identity(path), run, dim, device)

@@ -1,0 +1,264 @@
+"""The `featstore` command line: a thin layer that wires the stage modules together."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="featstore: a chest X-ray feature store. Ingest once, embed once, query with SQL.")
+err = Console(stderr=True)
+
+DbOpt = typer.Option(None, "--db", envvar="FEATSTORE_DB", help="DuckDB file (default ./featstore.duckdb)")
+
+
+def _open(db, read_only=False):
+    from featstore.store import StoreBusyError, connect
+
+    try:
+        return connect(db, read_only=read_only)
+    except (StoreBusyError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=err, transient=False)
+
+
+# --- ingest -----------------------------------------------------------------
+
+@app.command()
+def ingest(
+    manifest: Optional[Path] = typer.Option(None, help="CSV or Parquet manifest"),
+    folder: Optional[Path] = typer.Option(None, help="ROOT/<source>/<label>/ layout"),
+    dataset: Optional[str] = typer.Option(None, help="public dataset adapter: covid19, nih, padchest, chexpert, rsna"),
+    imgpath: Optional[Path] = typer.Option(None, help="with --dataset: the dataset's image folder"),
+    csvpath: Optional[Path] = typer.Option(None, help="with --dataset: its metadata file, when not the bundled one"),
+    root: Optional[Path] = typer.Option(None, help="manifest paths are relative to this (default: the manifest's folder)"),
+    source: Optional[str] = typer.Option(None, help="fixed source name when the manifest has no source column"),
+    path_col: str = "path", source_col: str = "source", label_col: str = "label", class_col: str = "class3",
+    patient_col: str = "patient_id", view_col: str = "view", sex_col: str = "sex", age_col: str = "age",
+    labels: str = typer.Option("covid,non_covid", help="allowed labels, comma-separated; '*' allows any"),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="processes that hash and decode files"),
+    db: Optional[Path] = DbOpt,
+):
+    """Ingest images: every file hashed, decoded once to check it, recorded with its metadata."""
+    from featstore import ingest as I
+
+    chosen = [x for x in (manifest, folder, dataset) if x]
+    if len(chosen) != 1:
+        err.print("[red]error:[/] give exactly one of --manifest, --folder, --dataset")
+        raise typer.Exit(2)
+    con = _open(db)
+    allowed = I.ANY_LABEL if labels.strip() == "*" else [x for x in labels.split(",") if x.strip()]
+    pre, note = [], ""
+    try:
+        if manifest:
+            origin = str(manifest.resolve())
+            cols = I.ColumnMap(path_col, source_col, label_col, class_col, patient_col, view_col, sex_col, age_col)
+            rows, pre = I.manifest_rows(manifest, cols, root, source)
+        elif folder:
+            origin = str(folder.resolve())
+            rows, pre = I.folder_rows(folder)
+        else:
+            from featstore.adapters import adapter_rows
+
+            if imgpath is None:
+                err.print("[red]error:[/] --dataset needs --imgpath")
+                raise typer.Exit(2)
+            origin = f"{dataset}:{imgpath.resolve()}"
+            rows, missing = adapter_rows(dataset, imgpath, csvpath, source)
+            if missing:
+                note = f"{missing} metadata rows have no image under {imgpath} (partial download?); skipped"
+    except ValueError as e:
+        what = str(manifest or folder or imgpath)
+        I.record_failure(con, what, source or "", str(e), what)
+        err.print(f"[red]error:[/] {what}: {e} (recorded in ingest_errors)")
+        raise typer.Exit(1)
+    with _progress() as prog:
+        task = prog.add_task("ingest", total=len(rows), rate="")
+        rep = I.ingest_rows(con, rows, origin, allowed, pre, workers, lambda n: prog.advance(task, n))
+    _print_ingest(rep, note)
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+def _print_ingest(rep, note=""):
+    from collections import Counter
+
+    t = Table(title="ingest", show_header=False)
+    for k, v in [("rows read", rep.n_rows), ("new images", rep.n_new_images),
+                 ("new occurrences", rep.n_new_occurrences), ("already in the store", rep.n_already),
+                 ("rejected", len(rep.errors)), ("seconds", f"{rep.seconds:.1f}"),
+                 ("store: images / occurrences", f"{rep.n_images} / {rep.n_occurrences}"),
+                 ("store: groups of identical files", rep.n_duplicate_groups),
+                 ("  of which span sources", rep.n_cross_source_groups),
+                 ("  of which disagree on label", rep.n_label_conflicts)]:
+        t.add_row(k, str(v))
+    err.print(t)
+    if note:
+        err.print(f"note: {note}")
+    if rep.errors:
+        err.print(f"[yellow]{len(rep.errors)} rejected[/] (featstore sql \"SELECT * FROM open_ingest_errors\"):")
+        for reason, n in Counter(_reason_kind(e.reason) for e in rep.errors).most_common():
+            err.print(f"  {n:6d}  {reason}")
+        for e in rep.errors[:10]:
+            err.print(f"    {e.file}: {e.reason}")
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" (")[0]
+
+
+# --- embed --------------------------------------------------------------------
+
+@app.command()
+def embed(
+    backbone: str = typer.Option(..., help="registry name (featstore backbones)"),
+    preprocess: str = typer.Option("original", help="original, histeq, clahe"),
+    weights: Optional[str] = typer.Option(None, help="weight file, or 'random-init' (recorded as such)"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR", help="look for weight files here first"),
+    onnx_output: Optional[str] = typer.Option(None, help="generic onnx backbone: tensor to read"),
+    batch_size: int = 32,
+    workers: Optional[int] = typer.Option(None, help="DataLoader decode processes (default: cores, at most 4)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    limit: Optional[int] = typer.Option(None, help="embed at most N images this run"),
+    db: Optional[Path] = DbOpt,
+):
+    """Embed every image that has no embedding yet for (backbone, weights, preprocessing)."""
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed as run_embed
+    from featstore.weights import WeightsMissingError
+
+    con = _open(db)
+    try:
+        bb = create_backbone(backbone, weights=weights, weights_dir=weights_dir, device=device, output=onnx_output)
+    except (WeightsMissingError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    err.print(f"{bb.name}: weights {bb.weights_id}, {bb.feature_dim}-d, {bb.spec.input_size}px, device {bb.device}")
+    rep = None
+    with _progress() as prog:
+        task = prog.add_task("embed", total=None, rate="")
+
+        def tick(done, total):
+            el = prog.tasks[0].elapsed or 1e-9
+            prog.update(task, completed=done, total=total, rate=f"{done / el:.1f} img/s")
+        try:
+            rep = run_embed(con, bb, preprocess, batch_size, workers, limit, tick)
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted:[/] finished batches are stored; run the same command to resume")
+            raise typer.Exit(130)
+        except ValueError as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2)
+    err.print(f"embedded {rep.n_embedded} of {rep.n_todo} missing images in {rep.seconds:.1f}s "
+              f"({rep.images_per_s:.1f} img/s); {len(rep.failed)} failed to decode")
+    for image_id, path, reason in rep.failed[:10]:
+        err.print(f"  {path}: {reason}")
+    raise typer.Exit(1 if rep.failed else 0)
+
+
+@app.command()
+def backbones():
+    """List the backbone registry."""
+    from featstore.backbones import list_backbones
+
+    t = Table("name", "input", "ch", "dim", "weights", "what")
+    for s in list_backbones():
+        t.add_row(s.name, str(s.input_size), str(s.channels), str(s.feature_dim or "?"), s.weights or "none",
+                  s.description)
+    Console(width=200).print(t)
+
+
+# --- query ----------------------------------------------------------------------
+
+@app.command()
+def sql(
+    query: Optional[str] = typer.Argument(None, help="SQL text"),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="run the SQL in this file"),
+    fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+    out: Optional[Path] = typer.Option(None, help="write the answer to .csv, .parquet or .json"),
+    var: list[str] = typer.Option([], help="NAME=VALUE, read in SQL as getvariable('NAME')"),
+    write: bool = typer.Option(False, help="open the store read-write (default read-only)"),
+    db: Optional[Path] = DbOpt,
+):
+    """Run SQL against the store and print the answer."""
+    import duckdb
+
+    from featstore.query import render, run_sql, write as write_out
+
+    if (query is None) == (file is None):
+        err.print("[red]error:[/] give a QUERY or -f FILE")
+        raise typer.Exit(2)
+    text = file.read_text() if file else query
+    variables = {}
+    for v in var:
+        if "=" not in v:
+            err.print(f"[red]error:[/] --var {v}: expected NAME=VALUE")
+            raise typer.Exit(2)
+        k, val = v.split("=", 1)
+        variables[k] = val
+    con = _open(db, read_only=not write)
+    try:
+        table = run_sql(con, text, variables)
+    except (duckdb.Error, ValueError) as e:
+        err.print(f"[red]SQL error:[/] {e}")
+        raise typer.Exit(1)
+    if out:
+        write_out(table, out)
+        err.print(f"wrote {table.num_rows} rows to {out}")
+    else:
+        try:
+            sys.stdout.write(render(table, fmt))
+        except ValueError as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2)
+
+
+@app.command()
+def export(parquet: Path = typer.Option(..., help="output folder"), db: Optional[Path] = DbOpt):
+    """Write metadata and embeddings as Parquet partitioned by source (readable without featstore)."""
+    from featstore.export import export_parquet
+
+    con = _open(db, read_only=True)
+    counts = export_parquet(con, parquet)
+    err.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {parquet}")
+
+
+# --- synthetic data and the demo ---------------------------------------------------
+
+@app.command()
+def synth(out: Path = typer.Option(Path("featstore-demo/data")), n_per_source: int = 120, seed: int = 0,
+          no_confounders: bool = False, plant_bad: bool = False):
+    """Write SYNTHETIC multi-source CXR-like images with planted source confounders."""
+    from featstore.synth import generate
+
+    m = generate(out, n_per_source=n_per_source, seed=seed, confounders=not no_confounders, plant_bad=plant_bad)
+    err.print(f"SYNTHETIC images and manifest written: {m}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("featstore-demo"), help="working folder (replaced)"),
+         n_per_source: int = 150,
+         weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR")):
+    """Generate synthetic sources -> ingest -> embed -> SQL answers, in a few minutes on 2 cores."""
+    from featstore.demo import run_demo
+
+    raise typer.Exit(run_demo(out, n_per_source, weights_dir))
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Embed: every image without an embedding for (backbone, weights, preprocessing), once.
+
+Decoding and preprocessing run in DataLoader worker processes; each batch of vectors
+is written as one Arrow table in one transaction, so a killed run leaves whole batches
+only and the next run picks up exactly the images still missing.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featstore.backbones import Backbone
+from featstore.decode import DecodeError, decode_file
+from featstore.preprocess import get_preprocess, to_input
+from featstore.store import ensure_embedding_table
+
+
+@dataclass
+class EmbedReport:
+    run_id: int
+    backbone: str
+    weights_id: str
+    preprocess: str
+    device: str
+    n_todo: int = 0
+    n_embedded: int = 0
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, reason)
+    seconds: float = 0.0
+    status: str = "running"
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+class ImageDataset(Dataset):
+    """(image_id, path) -> (image_id, tensor | None, reason | None)."""
+
+    def __init__(self, items: list[tuple[str, str]], preprocess: str, size: int, channels: int, norm: tuple):
+        self.items, self.size, self.channels, self.norm = items, size, channels, norm
+        self.preprocess_name = preprocess
+        self.fn = get_preprocess(preprocess)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image_id, path = self.items[i]
+        try:
+            d = decode_file(path, draft=self.size)
+            x = to_input(self.fn(d.pixels), self.size, self.channels, self.norm)
+            return image_id, path, torch.from_numpy(x), None
+        except DecodeError as e:
+            return image_id, path, None, str(e)
+        except Exception as e:  # a preprocessing bug must not kill the run; record it
+            return image_id, path, None, f"unexpected {type(e).__name__}: {e}"
+
+
+def collate(samples):
+    ok = [s for s in samples if s[2] is not None]
+    bad = [(s[0], s[1], s[3]) for s in samples if s[2] is None]
+    ids = [s[0] for s in ok]
+    x = torch.stack([s[2] for s in ok]) if ok else None
+    return ids, x, bad
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decoding is per-process; leave the cores to the model
+
+
+def todo(con, backbone: Backbone, preprocess: str, limit: int | None = None) -> list[tuple[str, str]]:
+    table = ensure_embedding_table(con, backbone.feature_dim)
+    q = f"""SELECT i.image_id, i.path FROM images i
+            WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.image_id = i.image_id
+                              AND e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?)
+            ORDER BY i.image_id"""
+    if limit:
+        q += f" LIMIT {int(limit)}"
+    return con.execute(q, [backbone.name, backbone.weights_id, preprocess]).fetchall()
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2)))
+
+
+def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int = 32,
+          workers: int | None = None, limit: int | None = None,
+          progress: Callable[[int, int], None] | None = None,
+          before_commit: Callable[[int], None] | None = None) -> EmbedReport:
+    """Embed the missing images. progress(done, total) is called after each batch;
+    before_commit(batch_index) runs inside each batch's transaction (tests use it to
+    kill the process mid-write)."""
+    get_preprocess(preprocess)  # unknown names fail before any work
+    workers = default_workers() if workers is None else workers
+    table = ensure_embedding_table(con, backbone.feature_dim)
+    # a 'running' run found now belongs to a process that died (DuckDB has one writer)
+    con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
+    items = todo(con, backbone, preprocess, limit)
+    run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
+    rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, backbone.device, n_todo=len(items))
+    started = datetime.now()
+    con.execute(
+        "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, n_todo, "
+        "status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+        [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, backbone.device,
+         batch_size, workers, len(items), started])
+    t0 = time.perf_counter()
+    try:
+        if items:
+            spec = backbone.spec
+            ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm)
+            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+                                pin_memory=backbone.device == "cuda", worker_init_fn=_worker_init if workers else None,
+                                prefetch_factor=4 if workers else None, persistent_workers=False)
+            done = 0
+            for b, (ids, x, bad) in enumerate(loader):
+                feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
+                _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit)
+                rep.n_embedded += len(ids)
+                rep.failed.extend(bad)
+                done += len(ids) + len(bad)
+                if progress:
+                    progress(done, len(items))
+        rep.status = "completed"
+    except KeyboardInterrupt:
+        rep.status = "interrupted"
+        raise
+    finally:
+        rep.seconds = time.perf_counter() - t0
+        con.execute(
+            "UPDATE embed_runs SET n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, status = ?, "
+            "finished_at = ? WHERE run_id = ?",
+            [rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
+             rep.status if rep.status != "running" else "failed", datetime.now(), run_id])
+    return rep
+
+
+def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit):
+    now = datetime.now()
+    n, d = feats.shape
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).ravel()), d)
+    batch = pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "backbone": pa.array([backbone.name] * n, pa.string()),
+        "weights_id": pa.array([backbone.weights_id] * n, pa.string()),
+        "preprocess": pa.array([preprocess] * n, pa.string()),
+        "dim": pa.array([d] * n, pa.int32()),
+        "vector": vec,
+        "embed_run": pa.array([run_id] * n, pa.int32()),
+        "created_at": pa.array([now] * n, pa.timestamp("us")),
+    })
+    con.execute("BEGIN")
+    try:
+        if n:
+            con.register("_emb_batch", batch)
+            con.execute(f"INSERT INTO {table} SELECT * FROM _emb_batch ON CONFLICT DO NOTHING")
+            con.unregister("_emb_batch")
+        for image_id, path, reason in bad:
+            con.execute(
+                """INSERT INTO embed_errors VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
+                     embed_run = excluded.embed_run, time = excluded.time""",
+                [image_id, path, backbone.name, preprocess, reason, run_id, now])
+        if before_commit:
+            before_commit(b)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise

@@ -1,0 +1,139 @@
+"""The DuckDB file: open it, create or migrate the schema, manage embedding tables."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import duckdb
+
+SCHEMA_VERSION = 1
+DEFAULT_DB = "featstore.duckdb"
+
+
+class StoreBusyError(RuntimeError):
+    """Another process holds the DuckDB write lock."""
+
+
+def sql_dir() -> Path:
+    """The sql/ folder: beside the package in a checkout, inside it when installed."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "sql", Path(sys.prefix) / "share" / "featstore" / "sql"):
+        if (cand / "schema.sql").exists():
+            return cand
+    raise FileNotFoundError(f"sql/schema.sql not found next to {here}")
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("FEATSTORE_DB", DEFAULT_DB))
+
+
+def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the store; create/migrate the schema unless read-only."""
+    path = Path(db) if db is not None else default_db_path()
+    if read_only and not path.exists():
+        raise FileNotFoundError(f"no featstore at {path} (run `featstore ingest` first, or pass --db)")
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise StoreBusyError(
+                f"the store {path} is open for writing in another process; wait for it to finish, "
+                f"or read a Parquet export (`featstore export`). DuckDB said: {e}"
+            ) from e
+        raise
+    # never let a Python variable named like a table shadow it (DuckDB replacement scans)
+    con.execute("SET python_enable_replacements = false")
+    if not read_only:
+        migrate(con)
+    return con
+
+
+def schema_version(con) -> int:
+    try:
+        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    except duckdb.CatalogException:
+        return 0
+    return row[0] or 0
+
+
+def migrate(con) -> int:
+    """Apply schema.sql (version 1) and any sql/migrations/NNN_*.sql above the store's version."""
+    current = schema_version(con)
+    steps = {1: sql_dir() / "schema.sql"}
+    mig = sql_dir() / "migrations"
+    if mig.is_dir():
+        for f in sorted(mig.glob("[0-9][0-9][0-9]_*.sql")):
+            steps[int(f.name[:3])] = f
+    for version in sorted(v for v in steps if v > current):
+        con.execute("BEGIN")
+        try:
+            con.execute(steps[version].read_text())
+            con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    refresh_embedding_views(con)
+    return schema_version(con)
+
+
+def embedding_table(dim: int) -> str:
+    return f"embeddings_d{int(dim)}"
+
+
+def embedding_tables(con) -> list[tuple[str, int]]:
+    rows = con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE 'embeddings_d%' ORDER BY table_name"
+    ).fetchall()
+    out = []
+    for (name,) in rows:
+        m = re.fullmatch(r"embeddings_d(\d+)", name)
+        if m:
+            out.append((name, int(m.group(1))))
+    return out
+
+
+def ensure_embedding_table(con, dim: int) -> str:
+    name = embedding_table(dim)
+    if name not in {t for t, _ in embedding_tables(con)}:
+        con.execute(
+            f"""CREATE TABLE IF NOT EXISTS {name} (
+                image_id   VARCHAR NOT NULL,
+                backbone   VARCHAR NOT NULL,
+                weights_id VARCHAR NOT NULL,
+                preprocess VARCHAR NOT NULL,
+                dim        INTEGER NOT NULL,
+                vector     FLOAT[{int(dim)}] NOT NULL,
+                embed_run  INTEGER NOT NULL,
+                created_at TIMESTAMP NOT NULL,
+                PRIMARY KEY (image_id, backbone, weights_id, preprocess)
+            )"""
+        )
+        refresh_embedding_views(con)
+    return name
+
+
+def refresh_embedding_views(con) -> None:
+    """`embeddings` unions every per-dimension table. DuckDB cannot union FLOAT[576]
+    with FLOAT[1024], so the view's vector is FLOAT[] (a list); the tables keep FLOAT[d]."""
+    tables = embedding_tables(con)
+    if tables:
+        body = " UNION ALL ".join(
+            f"SELECT image_id, backbone, weights_id, preprocess, dim, vector::FLOAT[] AS vector, "
+            f"embed_run, created_at FROM {t}" for t, _ in tables
+        )
+    else:
+        body = (
+            "SELECT NULL::VARCHAR AS image_id, NULL::VARCHAR AS backbone, NULL::VARCHAR AS weights_id, "
+            "NULL::VARCHAR AS preprocess, NULL::INTEGER AS dim, NULL::FLOAT[] AS vector, "
+            "NULL::INTEGER AS embed_run, NULL::TIMESTAMP AS created_at WHERE false"
+        )
+    con.execute(f"CREATE OR REPLACE VIEW embeddings AS {body}")
+    con.execute(
+        """CREATE OR REPLACE VIEW embedding_sets AS
+           SELECT backbone, weights_id, preprocess, dim, count(*) AS n_images,
+                  min(created_at) AS first_at, max(created_at) AS last_at
+           FROM embeddings GROUP BY ALL ORDER BY backbone, preprocess, weights_id"""
+    )

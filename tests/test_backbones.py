@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from featstore.backbones import REGISTRY, create_backbone, get_spec
+from featstore.weights import WeightsMissingError
+
+from conftest import ONNX
+
+
+def _weights_for(name):
+    spec = get_spec(name)
+    if spec.family == "pixelstats":
+        return {}
+    if spec.family == "onnx":
+        if not ONNX.exists():
+            pytest.skip(f"ONNX weights not found at {ONNX}")
+        if name == "onnx":
+            return {"weights": str(ONNX), "output": "/hs3/Div_output_0"}
+        return {"weights_dir": ONNX.parent}
+    return {"weights": "random-init"}  # published weights cannot be downloaded here
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_backbone_on_tiny_inputs(name):
+    bb = create_backbone(name, device="cpu", **_weights_for(name))
+    s = bb.spec
+    x = torch.rand(2, s.channels, s.input_size, s.input_size)
+    out = bb(x)
+    assert out.shape == (2, bb.feature_dim) and out.dtype == np.float32 and np.isfinite(out).all()
+    if s.feature_dim:
+        assert bb.feature_dim == s.feature_dim
+    assert bb.weights_id
+
+
+def test_generic_onnx_reads_the_named_tensor():
+    if not ONNX.exists():
+        pytest.skip(f"ONNX weights not found at {ONNX}")
+    assert create_backbone("onnx", weights=str(ONNX), output="/hs3/Div_output_0").feature_dim == 1280
+    with pytest.raises(ValueError, match="not in"):
+        create_backbone("onnx", weights=str(ONNX), output="/no/such/tensor")
+
+
+@pytest.mark.parametrize("name", ["xrv-densenet121-res224-all", "xrv-resnet50-res512-all", "tv-densenet121-imagenet",
+                                  "mobilenetv3-nih-onnx"])
+def test_missing_weight_says_which_file_goes_where(name, tmp_path):
+    with pytest.raises(WeightsMissingError) as e:
+        create_backbone(name, weights_dir=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "put " in msg
+
+
+def test_random_init_is_seeded():
+    a = create_backbone("tv-resnet50-imagenet", weights="random-init")
+    b = create_backbone("tv-resnet50-imagenet", weights="random-init")
+    x = torch.rand(1, 3, 64, 64)
+    np.testing.assert_array_equal(a(x), b(x))
+
+
+def test_xrv_densenet_loads_from_weights_dir(tmp_path):
+    """The real torchxrayvision loading path, offline: a checkpoint file in --weights-dir."""
+    import torchxrayvision as xrv
+
+    from featstore.weights import sha256_file
+
+    fname = xrv.models.model_urls["densenet121-res224-rsna"]["weights_url"].rsplit("/", 1)[1]
+    torch.manual_seed(3)
+    saved = xrv.models.DenseNet(num_classes=len(xrv.models.model_urls["densenet121-res224-rsna"]["labels"]))
+    torch.save(saved, tmp_path / fname)
+    bb = create_backbone("xrv-densenet121-res224-rsna", weights_dir=tmp_path)
+    assert bb.weights_id == "sha256:" + sha256_file(tmp_path / fname)
+    x = torch.rand(2, 1, 224, 224) * 2048 - 1024
+    np.testing.assert_allclose(bb(x), saved.eval().features2(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_loads_from_weights_dir(tmp_path):
+    import torchvision
+
+    torch.manual_seed(4)
+    ref = torchvision.models.densenet121(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "densenet121-a639ec97.pth")
+    bb = create_backbone("tv-densenet121-imagenet", weights_dir=tmp_path)
+    assert bb.weights_id.startswith("sha256:")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(ref.eval().features(x)), 1), 1)
+    np.testing.assert_allclose(bb(x), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["xrv-densenet121-res224-all", "tv-resnet50-imagenet", "xrv-resnet50-res512-all"])
+def test_backbone_is_in_eval_mode(name):
+    bb = create_backbone(name, weights="random-init")
+    assert not any(m.training for m in bb.module.modules())
+    s = bb.spec
+    x = torch.rand(2, s.channels, s.input_size, s.input_size)
+    # eval mode: an image's features do not depend on the rest of the batch
+    np.testing.assert_allclose(bb(x)[:1], bb(x[:1]), rtol=1e-3, atol=1e-4)

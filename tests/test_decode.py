@@ -1,0 +1,162 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featstore.decode import DecodeError, decode_bytes, decode_file
+
+from conftest import CXR
+
+
+def _png(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr, **kw).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_png_8bit():
+    a = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    d = decode_bytes(_png(a))
+    assert (d.width, d.height, d.bit_depth, d.format) == (16, 16, 8, "PNG")
+    np.testing.assert_allclose(d.pixels, a / 255.0, atol=1e-6)
+
+
+def test_png_16bit_keeps_precision():
+    a = (np.arange(64 * 64, dtype=np.uint32) * 16).astype(np.uint16).reshape(64, 64)
+    d = decode_bytes(_png(a))
+    assert d.bit_depth == 16
+    np.testing.assert_allclose(d.pixels, a / 65535.0, atol=1e-6)
+    assert len(np.unique(d.pixels)) == 4096  # more levels than 8 bits could hold
+
+
+def test_jpeg():
+    a = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95)
+    d = decode_bytes(buf.getvalue())
+    assert d.format == "JPEG" and d.bit_depth == 8
+    assert np.abs(d.pixels - a / 255.0).max() < 0.05
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA", "1"])
+def test_colour_and_palette_to_gray(mode):
+    g = np.zeros((8, 8), np.uint8)
+    g[:, 4:] = 255
+    im = Image.fromarray(g).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    d = decode_bytes(buf.getvalue())
+    assert d.pixels.shape == (8, 8)
+    np.testing.assert_allclose(d.pixels, g / 255.0, atol=1e-6)
+
+
+def _dicom(pixels, photometric="MONOCHROME2", slope=None, intercept=None, center=None, width=None, with_pixels=True):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    if with_pixels:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_monochrome1_is_inverted():
+    a = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))
+    m2 = decode_bytes(_dicom(a, "MONOCHROME2"))
+    m1 = decode_bytes(_dicom(a, "MONOCHROME1"))
+    assert m2.format == "DICOM" and m2.bit_depth == 12
+    np.testing.assert_allclose(m1.pixels, 1 - m2.pixels, atol=1e-6)
+    assert m2.pixels[0, 0] == 0 and m2.pixels[0, -1] == 1
+
+
+def test_dicom_window_is_applied():
+    a = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (64, 1))
+    # rescale to -1024..3008, then window 0 +- 500: everything below -500 is black
+    d = decode_bytes(_dicom(a, slope=1, intercept=-1024, center=0, width=1000))
+    hu = a.astype(float) - 1024
+    assert (d.pixels[:, hu[0] <= -500] == 0).all()
+    assert (d.pixels[:, hu[0] >= 500] == 1).all()
+    mid = (hu[0] > -450) & (hu[0] < 450)
+    assert ((d.pixels[0, mid] > 0) & (d.pixels[0, mid] < 1)).all()
+
+
+def test_dicom_without_pixel_data():
+    with pytest.raises(DecodeError, match="no pixel data"):
+        decode_bytes(_dicom(None, with_pixels=False), "x.dcm")
+
+
+@pytest.mark.skipif(not (CXR / "dicom").is_dir(), reason="shared DICOM samples not found")
+def test_shared_dicoms_monochrome1_is_the_negative():
+    """The shared pair holds byte-identical pixel data; only the PhotometricInterpretation
+    tag differs. Honouring MONOCHROME1 (low = white) must therefore give the exact
+    negative of the MONOCHROME2 file: same anatomy, grey scale reversed."""
+    import pydicom
+
+    real = CXR / "dicom" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+    fake = CXR / "dicom" / "Fake_MONOHR1.dcm"
+    assert pydicom.dcmread(real).PixelData == pydicom.dcmread(fake).PixelData
+    a, b = decode_file(real), decode_file(fake)
+    assert (a.width, a.height, a.format) == (b.width, b.height, "DICOM") == (1024, 1024, "DICOM")
+    assert a.pixels.std() > 0.05  # a real image, not a blank
+    np.testing.assert_allclose(b.pixels, 1.0 - a.pixels, atol=1e-6)
+
+
+def _nifti(arr2d):
+    import nibabel as nib
+
+    # store as NIfTI expects (x right, y up): the inverse of the decoder's flip/transpose
+    data = np.flipud(arr2d).T.copy()
+    return nib.Nifti1Image(data, np.eye(4)).to_bytes()
+
+
+def test_nifti_2d_orientation():
+    a = np.zeros((20, 30), np.float32)
+    a[:5, :10] = 1.0  # bright block top-left
+    d = decode_bytes(_nifti(a), "x.nii")
+    assert d.format == "NIFTI" and (d.width, d.height) == (30, 20)
+    np.testing.assert_allclose(d.pixels, a)
+
+
+def test_nifti_3d_is_rejected():
+    import nibabel as nib
+
+    data = nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)).to_bytes()
+    with pytest.raises(DecodeError, match="not 2-D"):
+        decode_bytes(data, "vol.nii")
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"hello, not an image", "not an image"),
+])
+def test_bad_bytes(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_bytes(data, "x.png")
+
+
+def test_truncated_png():
+    data = _png(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_bytes(data[: len(data) // 2])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DecodeError, match="file not found"):
+        decode_file(tmp_path / "nope.png")

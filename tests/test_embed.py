@@ -1,0 +1,104 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from featstore.backbones import create_backbone
+from featstore.embed import embed
+from featstore.store import connect
+
+
+def _count(con, dim=320):
+    return con.execute(f"SELECT count(*), count(DISTINCT image_id) FROM embeddings_d{dim}").fetchone()
+
+
+def test_embed_once_then_nothing(ingested):
+    con, _ = ingested
+    bb = create_backbone("pixelstats")
+    r = embed(con, bb, batch_size=16, workers=2)
+    assert (r.n_todo, r.n_embedded, r.failed, r.status) == (96, 96, [], "completed")
+    X = np.stack(con.execute("SELECT vector FROM embeddings_d320").fetchnumpy()["vector"])
+    assert X.shape == (96, 320) and np.isfinite(X).all()
+    again = embed(con, bb, batch_size=16, workers=2)
+    assert again.n_todo == 0 and again.n_embedded == 0
+    runs = con.execute("SELECT backbone, weights_id, preprocess, device, n_embedded, status FROM embed_runs "
+                       "ORDER BY run_id").fetchall()
+    assert runs == [("pixelstats", "none", "original", "cpu", 96, "completed"),
+                    ("pixelstats", "none", "original", "cpu", 0, "completed")]
+    # another preprocessing is another embedding set
+    assert embed(con, bb, "clahe", batch_size=32, workers=0).n_embedded == 96
+    assert _count(con) == (192, 96)
+
+
+def test_interrupt_keeps_whole_batches_and_resumes(ingested):
+    con, _ = ingested
+    bb = create_backbone("pixelstats")
+
+    def stop(b):
+        if b == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed(con, bb, batch_size=10, workers=0, before_commit=stop)
+    assert _count(con) == (20, 20)  # batches 0 and 1; batch 2 rolled back
+    assert con.execute("SELECT status FROM embed_runs").fetchone()[0] == "interrupted"
+    r = embed(con, bb, batch_size=10, workers=0)
+    assert r.n_todo == 76 and r.n_embedded == 76
+    assert _count(con) == (96, 96)
+
+
+def test_kill_9_mid_transaction_then_resume(ingested, tmp_path):
+    con, _ = ingested
+    db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    con.close()
+    script = textwrap.dedent(f"""
+        import os, signal
+        from featstore.store import connect
+        from featstore.backbones import create_backbone
+        from featstore.embed import embed
+        con = connect({db!r})
+        def die(b):
+            if b == 3:
+                os.kill(os.getpid(), signal.SIGKILL)  # inside batch 3's open transaction
+        embed(con, create_backbone("pixelstats"), batch_size=8, workers=2, before_commit=die)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    con = connect(db)
+    assert _count(con) == (24, 24)
+    assert con.execute("SELECT count(*) FROM embed_runs WHERE status = 'running'").fetchone()[0] == 1
+    r = embed(con, create_backbone("pixelstats"), batch_size=8, workers=0)
+    assert r.n_embedded == 72 and _count(con) == (96, 96)
+    assert con.execute("SELECT status FROM embed_runs ORDER BY run_id").fetchall() == [("interrupted",), ("completed",)]
+    con.close()
+
+
+def test_decode_failure_is_recorded_and_skipped(ingested):
+    con, _ = ingested
+    victim = con.execute("SELECT image_id, path FROM images ORDER BY image_id LIMIT 1").fetchone()
+    os.rename(victim[1], victim[1] + ".gone")
+    try:
+        r = embed(con, create_backbone("pixelstats"), batch_size=16, workers=0)
+    finally:
+        os.rename(victim[1] + ".gone", victim[1])
+    assert r.n_embedded == 95 and [f[0] for f in r.failed] == [victim[0]]
+    assert con.execute("SELECT reason FROM embed_errors").fetchone()[0] == "file not found"
+    assert embed(con, create_backbone("pixelstats"), batch_size=16, workers=0).n_embedded == 1
+
+
+def test_random_init_is_recorded(ingested):
+    con, _ = ingested
+    bb = create_backbone("xrv-densenet121-res224-all", weights="random-init")
+    r = embed(con, bb, batch_size=16, workers=0, limit=4)
+    assert r.n_embedded == 4
+    assert con.execute("SELECT DISTINCT weights_id, dim FROM embeddings").fetchall() == [("random-init:seed0", 1024)]
+
+
+def test_unknown_preprocess_fails_before_work(ingested):
+    con, _ = ingested
+    with pytest.raises(ValueError, match="unknown preprocessing 'sharpen'"):
+        embed(con, create_backbone("pixelstats"), "sharpen")
+    assert con.execute("SELECT count(*) FROM embed_runs").fetchone()[0] == 0
