@@ -44,7 +44,7 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in [
 
 
 def _class3(pathologies: list[str], labels: np.ndarray) -> str:
-    pos = {p for p, v in zip(pathologies, labels) if v == 1}
+    pos = {p for p, v in zip(pathologies, labels) if v == 1 and p != "No Finding"}
     if any("COVID" in p for p in pos):
         return "covid"
     if any("Pneumonia" in p for p in pos):

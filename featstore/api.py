@@ -53,27 +53,27 @@ class Store:
                              f"pass weights_id=")
         return rows[0]
 
-    def embeddings(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
-                   sources: list[str] | None = None, labels: list[str] | None = None) -> pl.DataFrame:
-        """Metadata + `vector` (Array[Float32, d]) for one embedding set, ordered by image_id."""
+    def _query(self, cols: str, backbone, preprocess, weights_id, sources, labels):
         wid, dim = self._set(backbone, preprocess, weights_id)
         where, params = _filters("i", sources, labels)
         where = (where + " AND" if where else "WHERE") + " e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?"
-        q = (f"SELECT i.image_id, i.source, i.label, i.class, i.patient_id, i.view, i.sex, i.age, "
-             f"e.backbone, e.weights_id, e.preprocess, e.vector FROM {embedding_table(dim)} e "
-             f"JOIN images i USING (image_id) {where} ORDER BY i.image_id")
-        return self.sql(q, params + [backbone, wid, preprocess])
+        rel = self.con.sql(f"SELECT {cols} FROM {embedding_table(dim)} e JOIN images i USING (image_id) {where} "
+                           f"ORDER BY i.image_id", params=params + [backbone, wid, preprocess])
+        return rel.to_arrow_table(), dim
+
+    def embeddings(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
+                   sources: list[str] | None = None, labels: list[str] | None = None) -> pl.DataFrame:
+        """Metadata + `vector` (Array[Float32, d]) for one embedding set, ordered by image_id."""
+        tbl, _ = self._query("i.image_id, i.source, i.label, i.class, i.patient_id, i.view, i.sex, i.age, "
+                             "e.backbone, e.weights_id, e.preprocess, e.vector",
+                             backbone, preprocess, weights_id, sources, labels)
+        return pl.from_arrow(tbl)
 
     def arrays(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
                sources: list[str] | None = None, labels: list[str] | None = None) -> tuple[np.ndarray, pl.DataFrame]:
         """(X float32 [n, d], metadata) with rows in the same order."""
-        wid, dim = self._set(backbone, preprocess, weights_id)
-        where, params = _filters("i", sources, labels)
-        where = (where + " AND" if where else "WHERE") + " e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?"
-        tbl = self.con.sql(
-            f"SELECT i.image_id, i.source, i.label, i.class, i.patient_id, e.vector FROM {embedding_table(dim)} e "
-            f"JOIN images i USING (image_id) {where} ORDER BY i.image_id", params=params + [backbone, wid, preprocess]
-        ).to_arrow_table()
+        tbl, dim = self._query("i.image_id, i.source, i.label, i.class, i.patient_id, e.vector",
+                               backbone, preprocess, weights_id, sources, labels)
         vec = tbl.column("vector").combine_chunks()
         X = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim)  # FixedSizeList: one flat buffer
         return X, pl.from_arrow(tbl.drop_columns(["vector"]))

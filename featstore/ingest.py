@@ -217,13 +217,13 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
                 pre_rejected: Iterable[Rejection] = (), workers: int = 2,
                 progress: Callable[[int], None] | None = None) -> IngestReport:
     t0 = time.perf_counter()
-    rows = list(rows)
+    rows, pre_rejected = list(rows), list(pre_rejected)
     allowed = None if labels == ANY_LABEL else {normalise_label(x) for x in labels}
-    report = IngestReport(origin=origin, n_rows=len(rows) + len(list(pre_rejected)))
+    report = IngestReport(origin=origin, n_rows=len(rows) + len(pre_rejected))
     started = datetime.now()
     run_id = con.execute("SELECT nextval('ingest_run_seq')").fetchone()[0]
     report.run_id = run_id
-    errors: list[Rejection] = list(pre_rejected)
+    errors: list[Rejection] = pre_rejected
 
     seen: dict[tuple[str, str], int | None] = {}
     todo: list[Row] = []
