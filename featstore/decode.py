@@ -34,8 +34,6 @@ def sniff_format(data: bytes, name: str = "") -> str:
         return "DICOM"
     if low.endswith((".nii", ".nii.gz")) or (len(data) >= 348 and data[344:348] in (b"n+1\0", b"ni1\0")):
         return "NIFTI"
-    if data[:2] == b"\x1f\x8b" and low.endswith(".gz"):
-        return "NIFTI"
     return "PIL"
 
 
@@ -105,7 +103,8 @@ def _decode_pil(data: bytes, draft: int | None) -> Decoded:
         # L, LA, P, RGB, RGBA, CMYK, ...: ITU-R 601 luma; alpha is dropped.
         bits = 8
         if mode != "L":
-            im = im.convert("RGB").convert("L") if mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr") else im.convert("L")
+            # palettes and CMYK/YCbCr go through RGB so the luma weights apply to real colours
+            im = im.convert("RGB").convert("L") if mode in ("P", "PA", "CMYK", "YCbCr") else im.convert("L")
         arr = np.asarray(im, dtype=np.float32) / 255.0
     return Decoded(np.ascontiguousarray(arr, dtype=np.float32), width, height, bits, fmt)
 

@@ -7,6 +7,7 @@ DIR/ingest_errors.parquet, DIR/embed_runs.parquet
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from featstore.store import embedding_tables
@@ -28,11 +29,8 @@ def export_parquet(con, out: str | Path) -> dict[str, int]:
             con.execute(f"COPY ({query}) TO '{dest}' (FORMAT parquet)")
         return n
 
-    if (out / "embeddings").exists() or (out / "images").exists():
-        import shutil  # stale partitions from an earlier export would mix with the new one
-
-        for sub in ("images", "occurrences", "embeddings"):
-            shutil.rmtree(out / sub, ignore_errors=True)
+    for sub in ("images", "occurrences", "embeddings"):  # stale partitions would mix with the new ones
+        shutil.rmtree(out / sub, ignore_errors=True)
     counts["images"] = copy(f"SELECT i.*, s.sources FROM images i LEFT JOIN {sources} s USING (image_id)",
                             out / "images", "source")
     counts["occurrences"] = copy("SELECT * FROM occurrences", out / "occurrences", "source")

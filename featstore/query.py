@@ -23,15 +23,9 @@ def run_sql(con, query: str, variables: dict[str, str] | None = None) -> pa.Tabl
 
 def _flat(df: pl.DataFrame, width: int | None = None) -> pl.DataFrame:
     """Nested columns (vectors, lists, structs) as short text, for CSV and terminal tables."""
-    out = []
-    for name, dtype in df.schema.items():
-        col = pl.col(name)
-        if isinstance(dtype, (pl.List, pl.Array, pl.Struct)):
-            s = df.get_column(name).map_elements(lambda v: _short(v, width), return_dtype=pl.Utf8)
-            out.append(s.alias(name))
-        else:
-            out.append(df.select(col).to_series())
-    return pl.DataFrame(out) if out else df
+    nested = [n for n, t in df.schema.items() if isinstance(t, (pl.List, pl.Array, pl.Struct))]
+    return df.with_columns(
+        df.get_column(n).map_elements(lambda v: _short(v, width), return_dtype=pl.Utf8) for n in nested)
 
 
 def _short(v, width):
