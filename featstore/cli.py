@@ -234,6 +234,89 @@ def export(parquet: Path = typer.Option(..., help="output folder"), db: Optional
     err.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {parquet}")
 
 
+# --- the benchmark ---------------------------------------------------------------------
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="study config (YAML or TOML), e.g. benchmarks/cxr_shortcut.yaml"),
+    trials: Optional[int] = typer.Option(None, help="trials per Optuna study (overrides the config's per head)"),
+    timeout: Optional[float] = typer.Option(None, help="seconds per Optuna study"),
+    workers: Optional[int] = typer.Option(None, help="worker processes (default: the config's, else 1)"),
+    workdir: Path = typer.Option(Path("."), help="Optuna journal goes to WORKDIR/optuna/<study>.journal"),
+    db: Optional[Path] = DbOpt,
+):
+    """Run a study: every protocol x head x embedding set, Optuna per fold, MLflow + results rows."""
+    from featstore.benchmark import run_study
+    from featstore.study import StudyError, load_study
+
+    try:
+        st = load_study(config)
+        db = db or (Path(st.db) if st.db else None)
+        with _progress() as prog:
+            task = prog.add_task("sweep", total=None, rate="")
+
+            def tick(done, total, what):
+                prog.update(task, completed=done, total=total, description=f"sweep {what}", rate="studies")
+            rep = run_study(st, db, workdir, None, workers, trials, timeout, tick)
+    except StudyError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    except FileNotFoundError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    from featstore.report import headline
+
+    import polars as pl
+
+    err.print(f"sweep {rep.sweep_id}: {rep.n_tasks} Optuna studies, {rep.n_trials} trials, {rep.n_failed} failed, "
+              f"{len(rep.rows)} result rows, {rep.seconds:.1f}s; MLflow {rep.mlflow_uri} (run {rep.parent_run_id})")
+    _print_headline(headline(pl.DataFrame(rep.rows, infer_schema_length=None).filter(~pl.col("oracle"))))
+    raise typer.Exit(1 if rep.n_failed else 0)
+
+
+def _print_headline(df):
+    t = Table(title="AUC [95% CI]: seen vs unseen sources")
+    for c in df.columns:
+        t.add_column(c, overflow="fold")
+    for r in df.iter_rows():
+        t.add_row(*[str(v) for v in r])
+    Console(width=220).print(t)
+
+
+@app.command()
+def report(out: Path = typer.Option(Path("report"), help="output folder"),
+           study: Optional[str] = typer.Option(None, help="study name (default: the latest swept)"),
+           sweep_id: Optional[str] = typer.Option(None, help="a particular sweep (default: the study's latest)"),
+           db: Optional[Path] = DbOpt):
+    """Write Markdown + HTML (seen-vs-unseen tables, per-source metrics, ROC curves) from results rows."""
+    from featstore.report import write_report
+
+    con = _open(db, read_only=True)
+    try:
+        r = write_report(con, out, study, sweep_id)
+    except ValueError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    _print_headline(r["headline"])
+    err.print(f"report for {r['study']} (sweep {r['sweep_id']}): {out / 'report.md'}, {out / 'report.html'}")
+
+
+@app.command()
+def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps it on this machine)"),
+       port: int = 5000,
+       tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                                  help="default: sqlite:///./mlflow.db")):
+    """Start the MLflow UI on the sweeps' tracking store."""
+    import subprocess
+
+    from featstore.track import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    err.print(f"MLflow UI for {uri} at http://{host}:{port}")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                      "--host", host, "--port", str(port)]))
+
+
 # --- synthetic data and the demo ---------------------------------------------------
 
 @app.command()

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_file
+from featstore.store import insert_frame as _insert
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
@@ -315,15 +316,6 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
         raise
     _store_facts(con, report)
     return report
-
-
-def _insert(con, table: str, df: pl.DataFrame) -> None:
-    con.register("_batch", df.to_arrow())
-    try:
-        cols = ", ".join(f'"{c}"' for c in df.columns)
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
-    finally:
-        con.unregister("_batch")
 
 
 def _store_facts(con, report: IngestReport) -> None:

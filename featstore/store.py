@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 
@@ -137,3 +137,13 @@ def refresh_embedding_views(con) -> None:
                   min(created_at) AS first_at, max(created_at) AS last_at
            FROM embeddings GROUP BY ALL ORDER BY backbone, preprocess, weights_id"""
     )
+
+
+def insert_frame(con, table: str, df) -> None:
+    """Insert a Polars frame's columns (by name) into a store table in one statement."""
+    con.register("_batch", df.to_arrow())
+    try:
+        cols = ", ".join(f'"{c}"' for c in df.columns)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
+    finally:
+        con.unregister("_batch")

@@ -1,0 +1,178 @@
+"""Protocols: metadata in, deterministic splits out (pure functions, no store, no models).
+
+Every split is grouped: by patient where a patient id exists (namespaced by source, since
+"patient 2" of one collection is not "patient 2" of another), otherwise by image. An image is
+one row (its content hash), so one image can never sit on both sides; an image that *also*
+occurs in a test source (the same file in two collections) is dropped from training and
+counted in `Fold.n_dropped_shared`.
+
+Test sets are named by what the model saw: `seen` = held-out images of training sources,
+`unseen` = images of sources that never entered fitting or model selection.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+
+import numpy as np
+from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
+
+PROTOCOLS = ("mixed", "loso", "leave-pair-out", "seen-unseen")
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What the protocols need, one entry per image, in the order of the embedding matrix."""
+    source: np.ndarray                 # primary source (first occurrence)
+    y: np.ndarray                      # integer target
+    groups: np.ndarray                 # patient (source-namespaced) or image id
+    also_in: tuple[frozenset, ...]     # every source each image occurs in
+
+
+@dataclass
+class Fold:
+    protocol: str
+    name: str
+    train: np.ndarray
+    tests: dict[str, np.ndarray]       # "seen" / "unseen" -> indices
+    train_sources: tuple[str, ...]
+    test_sources: tuple[str, ...]
+    repeat: int = 0
+    n_dropped_shared: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def make_meta(source, y, patient_id=None, image_id=None, also_in=None) -> Meta:
+    source = np.asarray(source, dtype=object)
+    n = len(source)
+    pid = np.asarray(patient_id if patient_id is not None else [None] * n, dtype=object)
+    iid = np.asarray(image_id if image_id is not None else np.arange(n).astype(str), dtype=object)
+    groups = np.array([f"{s}:patient:{p}" if p not in (None, "") else f"image:{i}"
+                       for s, p, i in zip(source, pid, iid)], dtype=object)
+    also = tuple(frozenset(a) | {s} for a, s in zip(also_in, source)) if also_in is not None \
+        else tuple(frozenset([s]) for s in source)
+    return Meta(source, np.asarray(y), groups, also)
+
+
+def _without_shared(meta: Meta, train: np.ndarray, test_sources) -> tuple[np.ndarray, int]:
+    ts = set(test_sources)
+    keep = np.array([not (meta.also_in[i] & ts) for i in train], dtype=bool)
+    return train[keep], int((~keep).sum())
+
+
+def _sources(meta: Meta) -> list[str]:
+    return sorted(set(meta.source))
+
+
+def mixed(meta: Meta, folds: int = 5, repeats: int = 1, seed: int = 0) -> list[Fold]:
+    """Stratified, patient-grouped k-fold that ignores source: the naive contrast. repeats>1 is
+    repeated k-fold (paper 003 used 5 x 10)."""
+    out = []
+    idx = np.arange(len(meta.y))
+    srcs = tuple(_sources(meta))
+    for r in range(repeats):
+        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)
+        for k, (tr, te) in enumerate(cv.split(idx, meta.y, meta.groups)):
+            out.append(Fold("mixed", f"r{r}-f{k}", tr, {"seen": te}, srcs, (), repeat=r))
+    return out
+
+
+def loso(meta: Meta) -> list[Fold]:
+    """Leave one source out. A single-class held-out source is kept (AUC undefined there)."""
+    out = []
+    idx = np.arange(len(meta.y))
+    for tr, te in LeaveOneGroupOut().split(idx, groups=meta.source):
+        held = meta.source[te[0]]
+        tr, dropped = _without_shared(meta, tr, [held])
+        f = Fold("loso", f"heldout={held}", tr, {"unseen": te},
+                 tuple(sorted(set(meta.source[tr]))), (held,), n_dropped_shared=dropped)
+        if len(np.unique(meta.y[te])) < 2:
+            f.notes.append(f"{held} has one class only: AUC undefined, sensitivity or specificity reported")
+        out.append(f)
+    return out
+
+
+def majority(meta: Meta, positive: int = 1) -> dict[str, bool]:
+    """source -> True when most of its images are positive."""
+    return {s: float(np.mean(meta.y[meta.source == s] == positive)) > 0.5 for s in _sources(meta)}
+
+
+def leave_pair_out(meta: Meta, positive: int = 1) -> list[Fold]:
+    """Hold out one positive-majority and one negative-majority source together (all pairs), so
+    every test set has both classes."""
+    maj = majority(meta, positive)
+    pos = [s for s, m in maj.items() if m]
+    neg = [s for s, m in maj.items() if not m]
+    if not pos or not neg:
+        raise ValueError("leave-pair-out needs at least one mostly-positive and one mostly-negative source; "
+                         f"have positive-majority {pos}, negative-majority {neg}")
+    out = []
+    for p, q in product(pos, neg):
+        test_mask = np.isin(meta.source, [p, q])
+        tr, te = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+        tr, dropped = _without_shared(meta, tr, [p, q])
+        out.append(Fold("leave-pair-out", f"heldout={p}+{q}", tr, {"unseen": te},
+                        tuple(sorted(set(meta.source[tr]))), (p, q), n_dropped_shared=dropped))
+    return out
+
+
+def seen_unseen(meta: Meta, train_sources, test_fraction: float = 0.2, seed: int = 0,
+                unseen_sources=None) -> list[Fold]:
+    """Paper 000: fit on named sources; test on held-out images of those (seen) and on all other
+    sources (unseen)."""
+    train_sources = tuple(train_sources)
+    unknown = set(train_sources) - set(meta.source)
+    if unknown:
+        raise ValueError(f"seen-unseen: unknown train source(s) {sorted(unknown)}; have {_sources(meta)}")
+    unseen_sources = tuple(unseen_sources or [s for s in _sources(meta) if s not in train_sources])
+    if not unseen_sources:
+        raise ValueError("seen-unseen: every source is a training source, nothing is unseen")
+    seen = np.flatnonzero(np.isin(meta.source, train_sources))
+    n_splits = max(2, int(round(1 / test_fraction)))
+    cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    tr_local, te_local = next(cv.split(seen, meta.y[seen], meta.groups[seen]))
+    unseen = np.flatnonzero(np.isin(meta.source, unseen_sources))
+    tr, dropped = _without_shared(meta, seen[tr_local], unseen_sources)
+    return [Fold("seen-unseen", "train=" + "+".join(train_sources), tr,
+                 {"seen": seen[te_local], "unseen": unseen}, train_sources, unseen_sources,
+                 n_dropped_shared=dropped)]
+
+
+def make_folds(meta: Meta, protocol: str, positive: int = 1, seed: int = 0, **opts) -> list[Fold]:
+    if protocol == "mixed":
+        return mixed(meta, opts.get("folds", 5), opts.get("repeats", 1), seed)
+    if protocol == "loso":
+        return loso(meta)
+    if protocol == "leave-pair-out":
+        return leave_pair_out(meta, positive)
+    if protocol == "seen-unseen":
+        if "train_sources" not in opts:
+            raise ValueError("seen-unseen needs train_sources")
+        return seen_unseen(meta, opts["train_sources"], opts.get("test_fraction", 0.2), seed,
+                           opts.get("unseen_sources"))
+    raise ValueError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)}")
+
+
+# --- model selection inside the training sources -----------------------------------------
+
+SELECTIONS = ("train-val", "inner-loso", "oracle")
+
+
+def selection_splits(meta: Meta, train: np.ndarray, method: str, seed: int = 0,
+                     val_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, validate) index pairs drawn from `train` only. The oracle is not here: it selects
+    on the test set and is handled (and labelled) by the sweep."""
+    if method == "train-val":
+        cv = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed)
+        a, b = next(cv.split(train, meta.y[train], meta.groups[train]))
+        return [(train[a], train[b])]
+    if method == "inner-loso":
+        srcs = meta.source[train]
+        if len(set(srcs)) < 2:
+            raise ValueError("inner-loso selection needs at least two training sources")
+        out = []
+        for a, b in LeaveOneGroupOut().split(train, groups=srcs):
+            fit, _ = _without_shared(meta, train[a], [srcs[b[0]]])
+            out.append((fit, train[b]))
+        return out
+    raise ValueError(f"unknown selection '{method}'; choose from {', '.join(SELECTIONS)}")
