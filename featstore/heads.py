@@ -43,6 +43,7 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
                                          solver=solver, max_iter=self.max_iter, random_state=self.random_state)
         self.model_.fit(self.scaler_.transform(X), y)
         self.classes_ = self.model_.classes_
+        self.n_iter_ = self.model_.n_iter_
         return self
 
     def predict_proba(self, X):
@@ -56,7 +57,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         return self.model_.decision_function(self.scaler_.transform(X))
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        P = self.predict_proba(X)  # raises NotFittedError before classes_ is touched
+        return self.classes_[np.argmax(P, axis=1)]
 
 
 class LightGBMHead(ClassifierMixin, BaseEstimator):
@@ -100,7 +102,8 @@ class LightGBMHead(ClassifierMixin, BaseEstimator):
         return self.model_.predict(X, raw_score=True)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        P = self.predict_proba(X)  # raises NotFittedError before classes_ is touched
+        return self.classes_[np.argmax(P, axis=1)]
 
 
 class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
@@ -109,15 +112,15 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
     fe = Linear(d,h1)-BN-ReLU-Linear(h1,h2)-BN-ReLU; a linear class head and a linear domain
     (source) head; the domain loss reaches fe through a gradient-reversal layer scaled by
     lambda_t = lambda0 ** (1 - t/T), so fe learns to *hide* the source. After each epoch the
-    domain head is re-fitted to convergence on the frozen representation (so fe always faces the
-    best source classifier). AdamW(amsgrad); LR / 10 when the validation class loss stalls for
+    domain head is re-fitted to convergence (L2-penalised, `domain_l2`) on the frozen representation,
+    so fe always faces the best source classifier. AdamW(amsgrad); LR / 10 when the validation class loss stalls for
     `patience` epochs; stop at the `max_drops`-th drop or `max_epochs`; the best-validation weights
     are kept. Without `domains` it is a plain MLP. `transform` returns the learned representation.
     """
 
     def __init__(self, hidden=(256, 64), lambda0=10.0, lr=1e-3, weight_decay=1e-2, dropout=0.0,
                  batch_size=256, max_epochs=200, patience=10, max_drops=3, val_fraction=0.1,
-                 domain_refit_iters=50, random_state=0):
+                 domain_refit_iters=50, domain_l2=1e-2, random_state=0):
         self.hidden = hidden
         self.lambda0 = lambda0
         self.lr = lr
@@ -129,6 +132,7 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         self.max_drops = max_drops
         self.val_fraction = val_fraction
         self.domain_refit_iters = domain_refit_iters
+        self.domain_l2 = domain_l2
         self.random_state = random_state
 
     def _nets(self, d, n_classes, n_domains):
@@ -151,17 +155,20 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         self.scaler_ = StandardScaler().fit(X)
         Xs = self.scaler_.transform(X).astype(np.float32)
         idx = np.arange(len(yi))
-        strat = yi if np.min(np.bincount(yi)) >= 2 else None
-        if len(yi) >= 20 and self.val_fraction > 0:
-            tr, va = train_test_split(idx, test_size=self.val_fraction, stratify=strat,
-                                      random_state=self.random_state)
+        n_val = int(np.ceil(self.val_fraction * len(yi)))
+        if len(yi) >= 20 and n_val >= len(self.classes_) and np.min(np.bincount(yi)) >= 2:
+            tr, va = train_test_split(idx, test_size=n_val, stratify=yi, random_state=self.random_state)
         else:  # too small to hold anything out: watch the training loss
             tr, va = idx, idx
         Xt, yt, dt = (torch.from_numpy(Xs[tr]), torch.from_numpy(yi[tr]).long(), torch.from_numpy(dom[tr]).long())
         Xv, yv = torch.from_numpy(Xs[va]), torch.from_numpy(yi[va]).long()
         fe, ch, dh = self._nets(X.shape[1], len(self.classes_), self.n_domains_)
-        opt = torch.optim.AdamW(list(fe.parameters()) + list(ch.parameters()) + list(dh.parameters()),
+        # the domain head is not in the optimiser: fe plays against the head re-fitted each epoch
+        opt = torch.optim.AdamW(list(fe.parameters()) + list(ch.parameters()),
                                 lr=self.lr, weight_decay=self.weight_decay, amsgrad=True)
+        if adversarial:
+            fe.eval()
+            self._refit_domain_head(fe, dh, Xt, dt)
         best, best_state, stall, drops, lr = np.inf, None, 0, 0, self.lr
         self.lambdas_, self.val_loss_ = [], []
         bs = max(2, min(self.batch_size, len(tr)))
@@ -202,7 +209,8 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
                     stall = 0
         for m, s in zip((fe, ch, dh), best_state):
             m.load_state_dict(s)
-        fe.eval(), ch.eval(), dh.eval()
+        # inference in float64: float32 rounding would make outputs depend on the batch they come in
+        fe, ch, dh = fe.double().eval(), ch.double().eval(), dh.double().eval()
         self.fe_, self.class_head_, self.domain_head_ = fe, ch, dh
         self.n_epochs_ = len(self.val_loss_)
         self.n_features_out_ = self.hidden[-1]
@@ -214,32 +222,37 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         opt = torch.optim.LBFGS(dh.parameters(), max_iter=self.domain_refit_iters, line_search_fn="strong_wolfe")
 
         def closure():
+            # L2 keeps the logits finite: an unpenalised head separates the sources perfectly, its
+            # loss goes to 0 and no reversed gradient would reach fe
             opt.zero_grad()
-            loss = F.cross_entropy(dh(z), dt)
+            loss = F.cross_entropy(dh(z), dt) + self.domain_l2 * dh.weight.pow(2).sum()
             loss.backward()
             return loss
         opt.step(closure)
 
     def _z(self, X):
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float32)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
         with torch.no_grad():
-            return self.fe_(torch.from_numpy(self.scaler_.transform(X).astype(np.float32)))
+            return self.fe_(torch.from_numpy(self.scaler_.transform(X)))
 
     def transform(self, X):
         return self._z(X).numpy().astype(np.float64)
 
     def predict_proba(self, X):
+        z = self._z(X)
         with torch.no_grad():
-            return torch.softmax(self.class_head_(self._z(X)), dim=1).numpy().astype(np.float64)
+            return torch.softmax(self.class_head_(z), dim=1).numpy().astype(np.float64)
 
     def decision_function(self, X):
+        z = self._z(X)
         with torch.no_grad():
-            logits = self.class_head_(self._z(X)).numpy().astype(np.float64)
+            logits = self.class_head_(z).numpy().astype(np.float64)
         return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        P = self.predict_proba(X)  # raises NotFittedError before classes_ is touched
+        return self.classes_[np.argmax(P, axis=1)]
 
 
 class _GradReverse(torch.autograd.Function):

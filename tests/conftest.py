@@ -44,3 +44,42 @@ def ingested(con, synth_manifest):
     rows, pre = I.manifest_rows(synth_manifest)
     rep = I.ingest_rows(con, rows, str(synth_manifest), workers=1)
     return con, rep
+
+
+def _embedded_store(folder, confounders: bool):
+    """Four SYNTHETIC sources, two 90% COVID and two 10% COVID, embedded with pixelstats."""
+    from dataclasses import replace
+
+    from featstore import ingest as I
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.store import connect
+    from featstore.synth import SOURCES, generate
+
+    sources = tuple(replace(s, covid_share=c) for s, c in zip(SOURCES, (0.9, 0.9, 0.1, 0.1)))
+    m = generate(folder / "data", n_per_source=60, size=128, seed=3, confounders=confounders, signal=0.1,
+                 sources=sources)
+    db = folder / "fs.duckdb"
+    con = connect(db)
+    rows, pre = I.manifest_rows(m)
+    I.ingest_rows(con, rows, str(m), workers=1)
+    embed(con, create_backbone("pixelstats"), batch_size=64, workers=0)
+    con.close()
+    return db
+
+
+@pytest.fixture(scope="session")
+def synth_stores(tmp_path_factory):
+    return {name: _embedded_store(tmp_path_factory.mktemp(name), conf)
+            for name, conf in (("confounded", True), ("neutral", False))}
+
+
+@pytest.fixture(scope="session")
+def synth_embeddings(synth_stores):
+    from featstore.api import open_store
+
+    out = {}
+    for name, db in synth_stores.items():
+        with open_store(db) as fs:
+            out[name] = fs.arrays("pixelstats")
+    return out

@@ -1,0 +1,203 @@
+"""The benchmark end to end on SYNTHETIC sources with a known answer."""
+import json
+
+import duckdb
+import numpy as np
+import optuna
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from featstore.benchmark import make_tasks, plan, run_study
+from featstore.cli import app
+from featstore.study import StudyError, load_study, parse_study
+from featstore.sweep import run_task
+
+
+def _study(**kw):
+    raw = dict(study="t", backbones=["pixelstats"], heads={"logreg": {"trials": 3}},
+               protocols={"mixed": {"folds": 5}, "leave-pair-out": {}}, bootstrap=0)
+    raw.update(kw)
+    return parse_study(raw)
+
+
+def _run(st, db, tmp_path, **kw):
+    return run_study(st, db, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", **kw)
+
+
+def _rows(rep):
+    return pl.DataFrame(rep.rows, infer_schema_length=None).filter(pl.col("scope") == "all")
+
+
+def _mixed_and_pairs(rep):
+    df = _rows(rep)
+    mixed = df.filter((pl.col("protocol") == "mixed") & (pl.col("fold") == "pooled"))["auc"][0]
+    pairs = df.filter(pl.col("protocol") == "leave-pair-out")["auc"]
+    return mixed, pairs.mean()
+
+
+def test_known_answer_confounded_vs_neutral(synth_stores, tmp_path):
+    """A planted source confounder: mixed k-fold looks excellent, held-out pairs of sources do not.
+    Switch the confounder off and the gap closes."""
+    mixed, pairs = _mixed_and_pairs(_run(_study(), synth_stores["confounded"], tmp_path / "c"))
+    assert mixed >= 0.95 and pairs <= 0.65, (mixed, pairs)
+    mixed_n, pairs_n = _mixed_and_pairs(_run(_study(), synth_stores["neutral"], tmp_path / "n"))
+    assert abs(mixed_n - pairs_n) < 0.05, (mixed_n, pairs_n)
+    assert (mixed - pairs) - abs(mixed_n - pairs_n) > 0.3
+
+
+def _selected(db, st, scramble: bool):
+    (bb, pre, data, folds), = plan(st, db)
+    out = {}
+    for t in make_tasks(st, bb, pre, data, folds):
+        y = data.meta.y.copy()
+        if scramble:  # flip and shuffle the labels of this fold's held-out sources
+            te = np.concatenate(list(t.fold.tests.values()))
+            y[te] = np.random.default_rng(0).permutation(1 - y[te])
+        meta = type(data.meta)(data.meta.source, y, data.meta.groups, data.meta.also_in)
+        r = run_task(t, data.X, meta, optuna.storages.InMemoryStorage())
+        out[(t.protocol, t.selection, t.fold.name)] = (r.params, r.val_score)
+    return out
+
+
+@pytest.mark.parametrize("selection", ["train-val", "inner-loso"])
+def test_selection_never_sees_the_held_out_source(synth_stores, selection):
+    """Scrambling the held-out source's labels changes nothing that was selected; the oracle, which
+    selects on the test set, does change (so this test can see leakage when there is some)."""
+    st = _study(selection=selection, oracle=True, heads={"logreg": {"trials": 4}},
+                protocols={"loso": {}, "leave-pair-out": {}})
+    a = _selected(synth_stores["confounded"], st, scramble=False)
+    b = _selected(synth_stores["confounded"], st, scramble=True)
+    honest = [k for k in a if k[1] != "oracle"]
+    oracle = [k for k in a if k[1] == "oracle"]
+    assert honest and oracle
+    for k in honest:
+        assert a[k] == b[k], k
+    assert any(a[k][1] != b[k][1] for k in oracle)
+
+
+def test_same_seed_same_results(synth_stores, tmp_path):
+    st = _study(heads={"logreg": {"trials": 3}, "lightgbm": {"trials": 2}},
+                protocols={"mixed": {"folds": 3}, "loso": {}, "seen-unseen": {"train_sources": ["synthetic-a",
+                                                                                                "synthetic-c"]}},
+                bootstrap=100)
+    db = synth_stores["confounded"]
+    ids = [_run(st, db, tmp_path / d).sweep_id for d in ("a", "b")]
+    volatile = {"sweep_id", "mlflow_run_id", "seconds", "created_at"}
+    with duckdb.connect(str(db), read_only=True) as con:
+        cols = [c for (c,) in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'results'")
+                .fetchall() if c not in volatile]
+        a, b = (con.execute(f"SELECT {', '.join(cols)} FROM results WHERE sweep_id = ? ORDER BY ALL", [i]).fetchall()
+                for i in ids)
+    assert len(a) > 20
+    assert a == b
+
+
+def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path):
+    st = _study(heads={"logreg": {"trials": 2}}, protocols={"loso": {}})
+    one = _rows(_run(st, synth_stores["confounded"], tmp_path / "w1", workers=1))
+    two = _rows(_run(st, synth_stores["confounded"], tmp_path / "w2", workers=2))
+    cols = ["fold", "auc", "sensitivity", "params"]
+    assert one.select(cols).sort("fold").equals(two.select(cols).sort("fold"))
+    # the same workdir again with more trials: the journal keeps the first 2, adds 1 per study
+    rep = _run(st, synth_stores["confounded"], tmp_path / "w1", trials=3)
+    assert rep.n_trials == 3 * rep.n_tasks
+    from featstore.sweep import journal
+
+    storage = journal(tmp_path / "w1" / "optuna" / "t.journal")
+    names = optuna.get_all_study_names(storage)
+    assert len(names) == rep.n_tasks
+    assert all(len(optuna.load_study(study_name=n, storage=storage).trials) == 3 for n in names)  # not 2 + 3
+
+
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(synth_stores, tmp_path):
+    st = _study(heads={"logreg": {"trials": 2, "fixed": {"C": -1.0}}, "lightgbm": {"trials": 1}},
+                protocols={"loso": {}})
+    rep = _run(st, synth_stores["confounded"], tmp_path)
+    df = pl.DataFrame(rep.rows, infer_schema_length=None)
+    bad = df.filter(pl.col("head") == "logreg")
+    assert (bad["status"] == "failed").all() and bad["error"].str.contains("C").all()
+    assert (bad["n_trials_failed"] == 2).all()
+    assert (df.filter(pl.col("head") == "lightgbm")["status"] == "ok").all()
+    with duckdb.connect(str(synth_stores["confounded"]), read_only=True) as con:
+        n = con.execute("SELECT count(*) FROM results WHERE status = 'failed' AND sweep_id = ?",
+                        [rep.sweep_id]).fetchone()[0]
+    assert n == bad.height
+
+
+def test_three_class_target(synth_stores, tmp_path):
+    st = _study(target="3class", class_column="class", classes=["normal", "pneumonia", "covid"],
+                heads={"logreg": {"trials": 2}}, protocols={"mixed": {"folds": 3}}, bootstrap=50)
+    df = _rows(_run(st, synth_stores["confounded"], tmp_path))
+    pooled = df.filter(pl.col("fold") == "pooled").row(0, named=True)
+    m = json.loads(pooled["metrics"]) if isinstance(pooled["metrics"], str) else pooled["metrics"]
+    assert 0.5 < pooled["auc"] <= 1 and pooled["auc_lo"] <= pooled["auc"] <= pooled["auc_hi"]
+    assert {"sensitivity_0", "ppv_2", "mean_class_accuracy"} <= set(m)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sources=["synthetic-a", "nope"]), "unknown source"),
+    (dict(label_column="nope"), "column 'nope'"),
+    (dict(backbones=["tv-resnet50-imagenet"]), "no embeddings for backbone"),
+    (dict(sources=["synthetic-a", "synthetic-b"]), "mostly-negative"),
+    (dict(heads={"svm": {}}), "unknown head"),
+    (dict(protocols={"k-fold": {}}), "unknown protocol"),
+    (dict(selection="peek"), "selection"),
+])
+def test_impossible_studies_fail_before_any_work(synth_stores, tmp_path, change, message):
+    with pytest.raises(StudyError, match=message):
+        st = _study(**change)
+        plan(st, synth_stores["confounded"])
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("study: cli\nbackbones: [pixelstats]\nheads: {logreg: {trials: 2}, grl_mlp: {trials: 1, fixed: "
+                   "{max_epochs: 20}}}\nprotocols: {mixed: {folds: 3}, loso: {}, leave-pair-out: {},\n  seen-unseen: "
+                   "{train_sources: [synthetic-a, synthetic-c]}}\nbootstrap: 100\n")
+    db = str(synth_stores["confounded"])
+    r = CliRunner().invoke(app, ["sweep", str(cfg), "--db", db])
+    assert r.exit_code == 0, r.output
+    assert "seen vs unseen" in r.output
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("cli").experiment_id], max_results=5000)
+    levels = {}
+    for run in runs:
+        levels.setdefault(run.data.tags["level"], []).append(run)
+    assert len(levels["sweep"]) == 1 and len(levels["unit"]) == 8
+    by_id = {run.info.run_id: run for run in runs}
+    trial = levels["trial"][0]
+    fold = by_id[trial.data.tags["mlflow.parentRunId"]]
+    unit = by_id[fold.data.tags["mlflow.parentRunId"]]
+    assert fold.data.tags["level"] == "fold" and unit.data.tags["level"] == "unit"
+    assert unit.data.tags["mlflow.parentRunId"] == levels["sweep"][0].info.run_id
+    for k in ("protocol", "head", "backbone", "weights_id", "preprocess", "seed", "code_version", "selection"):
+        assert k in fold.data.tags
+    arts = {a.path for a in c.list_artifacts(unit.info.run_id)}
+    assert {"per_source.csv", "confusion.png"} <= arts
+    r = CliRunner().invoke(app, ["report", "--db", db, "--out", str(tmp_path / "rep"), "--study", "cli"])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Seen vs unseen" in md and "heldout=synthetic-a" in md and "[" in md
+    assert (tmp_path / "rep" / "report.html").read_text().startswith("<!doctype html>")
+    assert list((tmp_path / "rep").glob("roc_*.png"))
+    r = CliRunner().invoke(app, ["sql", "--db", db, "--format", "json",
+                                 "SELECT head, protocol, auc FROM latest_results WHERE study = 'cli' AND scope = 'all' "
+                                 "AND fold = 'pooled' ORDER BY auc DESC"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 4
+
+
+def test_checked_in_study_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.yaml"))
+    assert configs
+    for c in configs:
+        load_study(c)
+    with pytest.raises(StudyError, match="no such study config"):
+        load_study("nope.yaml")
