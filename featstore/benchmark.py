@@ -263,7 +263,8 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
                 if x.get(k) is not None:
                     m[f"{pre_}_{k}"] = x[k]
         x0 = xs[0]
-        m["val_score"] = x0.get("val_score") if x0.get("val_score") is not None else float("nan")
+        if x0.get("val_score") is not None:
+            m["val_score"] = x0["val_score"]
         fid = tracker.run(f"fold {fold}", parent=uid, params=x0.get("params") or {}, metrics=m,
                           tags=dict(tags, level="fold", fold=fold, train_sources=",".join(x0["train_sources"]),
                                     held_out=",".join(x0["test_sources"]), status=x0["status"],

@@ -118,7 +118,8 @@ def _dedupe_pooled(preds: pl.DataFrame) -> pl.DataFrame:
 def latest_sweep(con, study: str | None) -> tuple[str, str]:
     q = "SELECT study, max(sweep_id) FROM results" + (" WHERE study = ?" if study else "") + \
         " GROUP BY study ORDER BY max(sweep_id) DESC LIMIT 1"
-    row = con.execute(q, [study] if study else []).fetchone()
+    rows = con.execute(q, [study] if study else []).fetchall()  # fetchall: DuckDB 2 refuses work beside an open result
+    row = rows[0] if rows else None
     if not row:
         have = [r[0] for r in con.execute("SELECT DISTINCT study FROM results").fetchall()]
         raise ValueError(f"no results for study '{study}' in the store; studies: {have or 'none'} "
@@ -138,10 +139,20 @@ def headline(res: pl.DataFrame) -> pl.DataFrame:
             d = all_.filter((pl.col("protocol") == proto) & pl.col("fold").str.starts_with(fold_prefix)
                             & (pl.col("test_set") == ts))
             return d.row(0, named=True) if d.height else None
+        reps = all_.filter((pl.col("protocol") == "mixed") & pl.col("fold").str.starts_with("pooled-r"))
         m = one("mixed", "pooled", "seen")
-        row["mixed AUC (seen sources)"] = fmt_auc(m["auc"], m["auc_lo"], m["auc_hi"]) if m else "—"
+        if reps.height > 1:  # repeated k-fold: mean +- sd of the per-repeat pooled AUCs
+            row["mixed AUC (seen sources)"] = (f"{reps['auc'].mean():.3f} ± {reps['auc'].std():.3f} "
+                                               f"over {reps.height} repeats")
+        else:
+            row["mixed AUC (seen sources)"] = fmt_auc(m["auc"], m["auc_lo"], m["auc_hi"]) if m else "—"
         lo = one("loso", "pooled", "unseen")
         row["LOSO AUC (unseen, pooled)"] = fmt_auc(lo["auc"], lo["auc_lo"], lo["auc_hi"]) if lo else "—"
+        per = all_.filter((pl.col("protocol") == "loso") & ~pl.col("fold").str.starts_with("pooled")
+                          & pl.col("auc").is_not_null()).sort("auc")
+        row["LOSO worst source AUC"] = (f"{per['auc'][0]:.3f} ({per['fold'][0].removeprefix('heldout=')}; "
+                                        f"{per.height} of {all_.filter((pl.col('protocol') == 'loso') & ~pl.col('fold').str.starts_with('pooled')).height} "
+                                        "sources have both classes)") if per.height else "—"
         lpo = all_.filter((pl.col("protocol") == "leave-pair-out") & (pl.col("test_set") == "unseen"))
         if lpo.height:
             a = lpo["auc"].drop_nulls()
@@ -201,10 +212,10 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
     out.mkdir(parents=True, exist_ok=True)
     if sweep_id is None:
         study, sweep_id = latest_sweep(con, study)
-    res = pl.from_arrow(con.execute("SELECT * FROM results WHERE study = ? AND sweep_id = ? ORDER BY ALL",
-                                    [study, sweep_id]).to_arrow_table())
-    preds = pl.from_arrow(con.execute("SELECT * FROM predictions WHERE study = ? AND sweep_id = ?",
-                                      [study, sweep_id]).to_arrow_table())
+    res = pl.from_arrow(con.sql("SELECT * FROM results WHERE study = ? AND sweep_id = ? ORDER BY ALL",
+                                params=[study, sweep_id]).to_arrow_table())
+    preds = pl.from_arrow(con.sql("SELECT * FROM predictions WHERE study = ? AND sweep_id = ?",
+                                  params=[study, sweep_id]).to_arrow_table())
     honest = res.filter(~pl.col("oracle"))
     oracle = res.filter(pl.col("oracle"))
     head = headline(honest)
