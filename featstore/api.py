@@ -18,6 +18,13 @@ class Store:
     def __init__(self, db: str | os.PathLike | None = None, read_only: bool = True):
         self.con = connect(db, read_only=read_only)
 
+    @classmethod
+    def over(cls, con) -> "Store":
+        """A Store over a connection someone else opened (and will close)."""
+        fs = cls.__new__(cls)
+        fs.con = con
+        return fs
+
     def close(self):
         self.con.close()
 

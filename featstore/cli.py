@@ -271,6 +271,8 @@ def sweep(
     err.print(f"sweep {rep.sweep_id}: {rep.n_tasks} Optuna studies, {rep.n_trials} trials, {rep.n_failed} failed, "
               f"{len(rep.rows)} result rows, {rep.seconds:.1f}s; MLflow {rep.mlflow_uri} (run {rep.parent_run_id})")
     _print_headline(headline(pl.DataFrame(rep.rows, infer_schema_length=None).filter(~pl.col("oracle"))))
+    for note in sorted({r["notes"] for r in rep.rows if r.get("notes") and "WARNING" in r["notes"]}):
+        err.print(f"[bold red]{note}[/]")
     raise typer.Exit(1 if rep.n_failed else 0)
 
 
@@ -315,6 +317,134 @@ def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps
     err.print(f"MLflow UI for {uri} at http://{host}:{port}")
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                       "--host", host, "--port", str(port)]))
+
+
+# --- shortcut forensics ---------------------------------------------------------------
+
+@app.command()
+def probe(backbone: str = typer.Option(..., help="embedding set to probe"),
+          preprocess: str = typer.Option("original"),
+          positive: str = typer.Option("covid", help="the positive label (the GRL head's class target)"),
+          grl: bool = typer.Option(True, help="also probe a cross-fitted GRL head's representation"),
+          folds: int = 5, seed: int = 0, bootstrap: int = 500,
+          db: Optional[Path] = DbOpt):
+    """Domain probe (paper 003): how well the SOURCE is predicted from the embeddings."""
+    from datetime import datetime, timezone
+
+    import polars as pl
+
+    from featstore.api import Store
+    from featstore.probe import probe_rows
+    from featstore.track import Tracker, code_version, write_results
+
+    try:
+        with Store(db, read_only=True) as fs:
+            wid, _ = fs._set(backbone, preprocess, None)
+            X, meta = fs.arrays(backbone, preprocess)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    rows = probe_rows(X, meta, backbone, preprocess, wid, positive, grl, folds, seed, bootstrap)
+    sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    tr = Tracker("domain-probe")
+    summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
+               for r in rows if r["scope"] == "all"}
+    per = {f"{r['head']}.source.{r['scope']}_auc": r["auc"] for r in rows
+           if r["scope"] != "all" and r["test_set"] == "all images"}
+    run_id = tr.run(f"probe {backbone}/{preprocess}", metrics={**summary, **per},
+                    params=dict(backbone=backbone, preprocess=preprocess, folds=folds, seed=seed, grl=grl),
+                    tags=dict(level="probe", backbone=backbone, weights_id=wid, preprocess=preprocess,
+                              code_version=code_version()))
+    for r in rows:
+        r.update(study="domain-probe", sweep_id=sweep_id, code_version=code_version(), mlflow_run_id=run_id)
+    con = _open(db)
+    try:
+        write_results(con, rows)
+    finally:
+        con.close()
+    df = pl.DataFrame(rows, infer_schema_length=None)
+    t = Table("representation", "images", "sources", "macro AUC [95% CI]", "per source", title=(
+        f"domain probe: {backbone}/{preprocess} (0.5 = source not recoverable)"))
+    from featstore.report import fmt_auc
+
+    for r in df.filter(pl.col("scope") == "all").iter_rows(named=True):
+        ps = df.filter((pl.col("scope") != "all") & (pl.col("head") == r["head"])
+                       & (pl.col("test_set") == r["test_set"]))
+        t.add_row(r["head"], r["test_set"], str(len(r["test_sources"])), fmt_auc(r["auc"], r["auc_lo"], r["auc_hi"]),
+                  ", ".join(f"{s}: {a:.2f}" for s, a in zip(ps["scope"], ps["auc"])))
+    Console(width=200).print(t)
+    err.print(f"{len(rows)} rows in `results` (study 'domain-probe', sweep {sweep_id}); MLflow run {run_id}")
+
+
+@app.command()
+def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a unique prefix) or a file path"),
+              backbone: Optional[str] = typer.Option(None, help="default: the largest embedding set"),
+              preprocess: str = "original", k: int = 10,
+              summary: bool = typer.Option(False, help="per source: share of k-NN sharing the source vs the label"),
+              db: Optional[Path] = DbOpt):
+    """The k most similar images (DuckDB, cosine), or the store-wide source-vs-label neighbour summary."""
+    from featstore.query import render, run_sql
+    from featstore.store import sql_dir
+
+    con = _open(db, read_only=True)
+    if backbone is None:
+        row = con.execute("SELECT backbone FROM embedding_sets WHERE preprocess = ? "
+                          "ORDER BY n_images DESC, backbone LIMIT 1", [preprocess]).fetchall()
+        if not row:
+            err.print("[red]error:[/] no embeddings in the store (run `featstore embed`)")
+            raise typer.Exit(2)
+        backbone = row[0][0]
+    if summary:
+        from featstore.api import Store
+        from featstore.neighbors import neighbour_summary
+
+        con.close()
+        with Store(db) as fs:
+            X, meta = fs.arrays(backbone, preprocess)
+        df = neighbour_summary(X, meta["source"], meta["label"], k)
+        sys.stdout.write(render(df.to_arrow(), "table"))
+        return
+    if image is None:
+        err.print("[red]error:[/] give an IMAGE, or --summary")
+        raise typer.Exit(2)
+    hits = con.execute("SELECT DISTINCT image_id FROM occurrences WHERE image_id LIKE ? || '%' OR path = ? "
+                       "OR path LIKE '%/' || ?", [image, str(Path(image).resolve()), image]).fetchall()
+    if len(hits) != 1:
+        err.print(f"[red]error:[/] '{image}' matches {len(hits)} images; give a longer image_id prefix or a path")
+        raise typer.Exit(2)
+    tbl = run_sql(con, (sql_dir() / "nearest_neighbours.sql").read_text(),
+                  dict(image_id=hits[0][0], backbone=backbone, preprocess=preprocess, k=str(k)))
+    sys.stdout.write(render(tbl, "table"))
+
+
+@app.command()
+def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare embeddings of this set (cosine)"),
+               preprocess: str = "original",
+               cosine_min: float = typer.Option(0.98, help="embedding rule: cosine similarity at least this"),
+               phash_max: int = typer.Option(10, help="perceptual rule: dHash Hamming distance at most this (of 256)"),
+               sheet: Path = typer.Option(Path("near_duplicates.png"), help="contact sheet of the pairs"),
+               workers: int = typer.Option(2, help="processes that hash images"),
+               db: Optional[Path] = DbOpt):
+    """Exact and near-duplicate images within and across sources -> `near_duplicates` + a contact sheet."""
+    from featstore.duplicates import contact_sheet, find
+    from featstore.query import render
+
+    con = _open(db)
+    try:
+        pairs = find(con, backbone, preprocess, cosine_min, phash_max, workers=workers)
+        exact = con.sql("SELECT count(*) FILTER (WHERE cross_source) AS across, count(*) AS all_groups "
+                        "FROM duplicate_groups").fetchall()[0]
+        by = con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()
+        if pairs.height:
+            contact_sheet(con, sheet, pairs)
+    finally:
+        con.close()
+    err.print(f"exact copies (same bytes): {exact[1]} groups, {exact[0]} across sources")
+    err.print(f"near duplicates: {pairs.height} pairs (dHash <= {phash_max}"
+              + (f" or cosine >= {cosine_min} on {backbone}/{preprocess}" if backbone else "") + ")")
+    sys.stdout.write(render(by, "table"))
+    if pairs.height:
+        err.print(f"contact sheet: {sheet}; all pairs: featstore sql \"SELECT * FROM near_duplicates\"")
 
 
 # --- synthetic data and the demo ---------------------------------------------------

@@ -42,16 +42,31 @@ class Fold:
     notes: list[str] = field(default_factory=list)
 
 
-def make_meta(source, y, patient_id=None, image_id=None, also_in=None) -> Meta:
+def make_meta(source, y, patient_id=None, image_id=None, also_in=None, links=()) -> Meta:
+    """`also_in`: every source each image occurs in. `links`: (i, j) index pairs of near-duplicate
+    images: they join one group (never split apart) and each counts as occurring in the other's
+    source (so it leaves training when that source is tested)."""
     source = np.asarray(source, dtype=object)
     n = len(source)
     pid = np.asarray(patient_id if patient_id is not None else [None] * n, dtype=object)
     iid = np.asarray(image_id if image_id is not None else np.arange(n).astype(str), dtype=object)
     groups = np.array([f"{s}:patient:{p}" if p not in (None, "") else f"image:{i}"
                        for s, p, i in zip(source, pid, iid)], dtype=object)
-    also = tuple(frozenset(a) | {s} for a, s in zip(also_in, source)) if also_in is not None \
-        else tuple(frozenset([s]) for s in source)
-    return Meta(source, np.asarray(y), groups, also)
+    also = [set(a) | {s} for a, s in zip(also_in, source)] if also_in is not None else [{s} for s in source]
+    if len(links):
+        parent = {g: g for g in groups}
+
+        def root(g):
+            while parent[g] != g:
+                parent[g] = parent[parent[g]]
+                g = parent[g]
+            return g
+        for i, j in links:
+            parent[root(groups[i])] = root(groups[j])
+            also[i].add(source[j])
+            also[j].add(source[i])
+        groups = np.array([root(g) for g in groups], dtype=object)
+    return Meta(source, np.asarray(y), groups, tuple(frozenset(a) for a in also))
 
 
 def _without_shared(meta: Meta, train: np.ndarray, test_sources) -> tuple[np.ndarray, int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 2  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
+SCHEMA_VERSION = 3  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 
@@ -52,7 +52,7 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
 
 def schema_version(con) -> int:
     try:
-        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+        row = con.execute("SELECT max(version) FROM schema_version").fetchall()[0]  # fetchall: no open result left
     except duckdb.CatalogException:
         return 0
     return row[0] or 0

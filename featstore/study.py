@@ -17,7 +17,8 @@ from featstore.split import PROTOCOLS, SELECTIONS, Meta, make_folds, make_meta
 TARGETS = ("binary", "3class")
 KEYS = {"study", "description", "db", "target", "positive", "label_column", "class_column", "classes", "sources",
         "backbones", "preprocess", "heads", "protocols", "selection", "oracle", "seed", "bootstrap", "timeout",
-        "workers", "shared_images"}
+        "workers", "shared_images", "near_duplicates"}
+NEAR_DUPLICATES = ("drop-from-train", "warn", "refuse", "ignore")
 
 
 class StudyError(ValueError):
@@ -54,6 +55,7 @@ class Study:
     timeout: float | None = None
     workers: int = 1
     shared_images: str = "drop-from-train"
+    near_duplicates: str = "drop-from-train"   # what to do with `featstore duplicates` pairs
 
 
 def _fail(where, msg):
@@ -82,7 +84,8 @@ def parse_study(raw: dict, path: Path | None = None) -> Study:
     if not raw.get("study"):
         _fail(where, "'study' (a name) is required")
     st = Study(study=str(raw["study"]), path=path)
-    for k in ("description", "db", "positive", "label_column", "class_column", "selection", "shared_images"):
+    for k in ("description", "db", "positive", "label_column", "class_column", "selection", "shared_images",
+              "near_duplicates"):
         if k in raw:
             setattr(st, k, str(raw[k]))
     st.target = str(raw.get("target", "binary"))
@@ -132,6 +135,8 @@ def parse_study(raw: dict, path: Path | None = None) -> Study:
     if st.shared_images != "drop-from-train":
         _fail(where, "shared_images: only 'drop-from-train' is implemented (images that also occur in a test "
                      "source are removed from training)")
+    if st.near_duplicates not in NEAR_DUPLICATES:
+        _fail(where, f"near_duplicates '{st.near_duplicates}' not one of {', '.join(NEAR_DUPLICATES)}")
     st.oracle = bool(raw.get("oracle", False))
     st.seed = int(raw.get("seed", 0))
     st.bootstrap = int(raw.get("bootstrap", 1000))
@@ -161,6 +166,7 @@ class StudyData:
     weights_id: str
     n_excluded: int
     counts: dict            # (source, class name) -> n
+    links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), int))  # near-duplicate index pairs
 
 
 def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
@@ -198,11 +204,19 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
     idx = np.flatnonzero(keep)
     iid = meta["image_id"].to_numpy()[idx]
     occ = dict(fs.con.execute("SELECT image_id, list(DISTINCT source) FROM occurrences GROUP BY 1").fetchall())
-    m = make_meta(src[idx], y[idx], meta["patient_id"].to_numpy()[idx], iid, [occ.get(i, []) for i in iid])
+    links = np.zeros((0, 2), int)
+    if st.near_duplicates != "ignore" and fs.con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]:
+        at = {v: i for i, v in enumerate(iid)}
+        pairs = fs.con.execute("SELECT image_a, image_b FROM near_duplicates").fetchall()
+        links = np.array([(at[a], at[b]) for a, b in pairs if a in at and b in at], dtype=int).reshape(-1, 2)
+    merge = st.near_duplicates == "drop-from-train"
+    m = make_meta(src[idx], y[idx], meta["patient_id"].to_numpy()[idx], iid, [occ.get(i, []) for i in iid],
+                  links if merge else ())
     counts = {}
     for s, k in zip(m.source, m.y):
         counts[(s, names[k])] = counts.get((s, names[k]), 0) + 1
-    return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts)
+    return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links)
 
 
 def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
@@ -226,6 +240,18 @@ def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
         for name, te in f.tests.items():
             if len(te) == 0:
                 raise StudyError(f"{where}: fold {f.name} has an empty {name} test set")
+        if len(data.links) and st.near_duplicates in ("warn", "refuse"):
+            tr = np.zeros(len(data.meta.y), bool)
+            tr[f.train] = True
+            te = np.zeros(len(data.meta.y), bool)
+            te[np.concatenate(list(f.tests.values()))] = True
+            leaks = int(sum((te[a] and tr[b]) or (te[b] and tr[a]) for a, b in data.links))
+            if leaks:
+                msg = (f"fold {f.name}: {leaks} test images have a near duplicate in training "
+                       "(`featstore sql \"SELECT * FROM near_duplicates\"`)")
+                if st.near_duplicates == "refuse":
+                    raise StudyError(f"{where}: {msg}; set near_duplicates: drop-from-train to exclude them")
+                f.notes.append("WARNING: " + msg)
         try:
             splits = selection_splits(data.meta, f.train, st.selection, st.seed)
         except ValueError as e:

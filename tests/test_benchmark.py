@@ -201,3 +201,46 @@ def test_checked_in_study_configs_parse():
         load_study(c)
     with pytest.raises(StudyError, match="no such study config"):
         load_study("nope.yaml")
+
+
+def test_ui_serves_the_sweeps_on_localhost(synth_stores, tmp_path):
+    """`featstore ui` starts the real MLflow server on 127.0.0.1 and its API lists the nested runs."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _run(_study(heads={"logreg": {"trials": 1}}, protocols={"loso": {}}), synth_stores["confounded"], tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("featstore")
+    proc = subprocess.Popen([str(exe), "ui", "--port", str(port), "--tracking-uri", uri],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = None
+        deadline = time.time() + 90
+        while time.time() < deadline and body is None:
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=t")
+                body = json.loads(urllib.request.urlopen(req, timeout=2).read())
+            except OSError:
+                assert proc.poll() is None, "featstore ui exited"
+                time.sleep(1)
+        assert body is not None, "MLflow UI did not answer within 90 s"
+        exp_id = body["experiment"]["experiment_id"]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+                                     data=json.dumps({"experiment_ids": [exp_id], "max_results": 1000}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
+        levels = {t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "level"}
+        assert levels == {"sweep", "unit", "fold", "trial"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -1,0 +1,164 @@
+"""Shortcut forensics: domain probe, nearest neighbours, near duplicates (SYNTHETIC data)."""
+import csv
+import io
+import json
+import shutil
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from featstore.cli import app
+from featstore.neighbors import knn_indices, neighbour_summary
+from featstore.probe import domain_probe
+
+from conftest import CXR, ONNX, needs_cxr, needs_onnx
+
+
+def test_probe_finds_the_planted_source(synth_embeddings):
+    X, meta = synth_embeddings["confounded"]
+    r = domain_probe(X, meta["source"].to_numpy(), n_boot=100)
+    assert r["auc"] > 0.95 and r["auc_lo"] <= r["auc"] <= r["auc_hi"]
+    assert set(r["per_source"]) == {"synthetic-a", "synthetic-b", "synthetic-c", "synthetic-d"}
+    rng = np.random.default_rng(0)  # no source signal at all: chance
+    noise = domain_probe(rng.normal(size=(240, 16)), meta["source"].to_numpy(), n_boot=0)
+    assert 0.35 < noise["auc"] < 0.65
+
+
+def test_probe_cli_writes_rows(synth_stores, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = str(synth_stores["confounded"])
+    r = CliRunner().invoke(app, ["probe", "--backbone", "pixelstats", "--db", db, "--bootstrap", "50"])
+    assert r.exit_code == 0, r.output
+    with duckdb.connect(db, read_only=True) as con:
+        rows = dict(con.execute("SELECT head || ' / ' || test_set, auc FROM results WHERE study = 'domain-probe' "
+                                "AND scope = 'all'").fetchall())
+    assert rows["raw / all images"] > 0.95
+    assert rows["grl_mlp / all images"] < rows["raw / all images"]
+    assert {"raw / label=covid only", "raw / label=non_covid only"} <= set(rows)
+    assert (tmp_path / "mlflow.db").exists()
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 8))
+    idx = knn_indices(X, 5, block=64)
+    Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+    S = Xn @ Xn.T
+    np.fill_diagonal(S, -np.inf)
+    assert np.array_equal(idx, np.argsort(-S, axis=1)[:, :5])
+
+
+def test_neighbours_share_the_source_more_than_chance(synth_embeddings, synth_stores):
+    X, meta = synth_embeddings["confounded"]
+    df = neighbour_summary(X, meta["source"], meta["label"], k=10)
+    assert (df["same_source"] > df["same_source_chance"] + 0.4).all()
+    db = str(synth_stores["confounded"])
+    with duckdb.connect(db, read_only=True) as con:
+        img = con.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 1").fetchall()[0][0]
+    r = CliRunner().invoke(app, ["neighbors", img[:12], "--k", "4", "--db", db])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("synthetic-") >= 4 and "(4 rows)" in r.stdout
+    r = CliRunner().invoke(app, ["neighbors", "--summary", "--db", db])
+    assert r.exit_code == 0 and "same_source" in r.stdout
+
+
+@pytest.fixture
+def near_dup_store(tmp_path):
+    """Synthetic sources plus one image of synthetic-a copied into synthetic-c, resized and re-encoded
+    as JPEG (different bytes, same picture) and relabelled like its new source."""
+    from featstore import ingest as I
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.store import connect
+    from featstore.synth import generate
+
+    m = generate(tmp_path / "data", n_per_source=16, size=128, seed=5)
+    rows = list(csv.DictReader(io.StringIO(m.read_text())))
+    src = next(r for r in rows if r["source"] == "synthetic-a")
+    im = Image.open(m.parent / src["path"]).resize((112, 112))
+    rel = "images/synthetic-c/reencoded.jpg"
+    im.convert("L").save(m.parent / rel, quality=85)
+    rows.append({**src, "path": rel, "source": "synthetic-c", "patient_id": "c-copy"})
+    with open(m, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    db = tmp_path / "fs.duckdb"
+    con = connect(db)
+    I.ingest_rows(con, *I.manifest_rows(m)[:1], str(m), workers=1)
+    embed(con, create_backbone("pixelstats"), batch_size=64, workers=0)
+    ids = dict(con.execute("SELECT path, image_id FROM images").fetchall())
+    con.close()
+    a = next(v for k, v in ids.items() if k.endswith(src["path"]))
+    b = next(v for k, v in ids.items() if k.endswith("reencoded.jpg"))
+    return db, tuple(sorted((a, b)))
+
+
+def test_duplicates_finds_the_reencoded_copy(near_dup_store, tmp_path):
+    """Synthetic chests are near-identical at thumbnail scale, so this uses tight thresholds: the
+    re-encoded copy must be the one pair found (the calibrated defaults are tested on real data)."""
+    db, pair = near_dup_store
+    sheet = tmp_path / "sheet.png"
+    r = CliRunner().invoke(app, ["duplicates", "--backbone", "pixelstats", "--db", str(db), "--sheet", str(sheet),
+                                 "--workers", "1", "--cosine-min", "0.9999", "--phash-max", "3"])
+    assert r.exit_code == 0, r.output
+    with duckdb.connect(str(db), read_only=True) as con:
+        found = con.execute("SELECT image_a, image_b, method, phash_distance, cosine, cosine_min, phash_max "
+                            "FROM near_duplicates").fetchall()
+        by = con.execute("SELECT source_1, source_2, n_pairs FROM near_duplicate_pairs_by_source").fetchall()
+    assert [(f[0], f[1]) for f in found] == [pair]
+    assert found[0][4] > 0.9999 and found[0][5:] == (0.9999, 3)  # thresholds recorded with the pair
+    assert by == [("synthetic-a", "synthetic-c", 1)]
+    assert Image.open(sheet).size[0] > 256
+
+
+@needs_cxr
+@needs_onnx
+def test_duplicate_defaults_on_the_real_set(tmp_path):
+    """Calibrated defaults: the COVID collections share copies; collections that share no images
+    (NIH adults, Guangzhou children vs the COVID sets) give no pairs at all."""
+    from featstore import ingest as I
+    from featstore.backbones import create_backbone
+    from featstore.duplicates import find
+    from featstore.embed import embed
+    from featstore.store import connect
+
+    con = connect(tmp_path / "real.duckdb")
+    I.ingest_rows(con, *I.manifest_rows(CXR / "manifest.csv")[:1], str(CXR / "manifest.csv"), workers=2)
+    embed(con, create_backbone("mobilenetv3-nih-onnx", weights_dir=ONNX.parent), batch_size=64, workers=2)
+    df = find(con, "mobilenetv3-nih-onnx", workers=2)
+    con.close()
+    pairs = {tuple(sorted(p)) for p in df.select("source_a", "source_b").iter_rows()}
+    cxnet = df.filter(pl.struct("source_a", "source_b").map_elements(
+        lambda s: {s["source_a"], s["source_b"]} == {"cohen_ieee8023", "covid_cxnet"}, return_dtype=pl.Boolean))
+    assert cxnet.height >= 100
+    impossible = {"nih_cxr14", "pediatric_guangzhou"}
+    assert not [p for p in pairs if set(p) & impossible], pairs
+
+
+def test_studies_drop_warn_or_refuse_near_duplicates(near_dup_store, tmp_path):
+    from featstore.benchmark import plan
+    from featstore.duplicates import find
+    from featstore.store import connect
+    from featstore.study import StudyError, parse_study
+
+    db, (a, b) = near_dup_store
+    con = connect(db)
+    find(con, "pixelstats", cosine_min=0.9999, phash_max=3, workers=1)  # the planted pair only
+    con.close()
+    raw = dict(study="nd", backbones=["pixelstats"], heads=["logreg"], protocols=["loso"], bootstrap=0)
+    (_, _, data, folds), = plan(parse_study(raw), db)
+    ids = list(data.image_id)
+    ia, ib = ids.index(a), ids.index(b)
+    held_c = next(f for f in folds["loso"] if f.test_sources == ("synthetic-c",))
+    assert ia not in held_c.train  # its near duplicate is tested: it may not train
+    assert data.meta.groups[ia] == data.meta.groups[ib]
+    (_, _, data, folds), = plan(parse_study(dict(raw, near_duplicates="warn")), db)
+    held_c = next(f for f in folds["loso"] if f.test_sources == ("synthetic-c",))
+    assert any("near duplicate in training" in n for n in held_c.notes)
+    with pytest.raises(StudyError, match="near duplicate"):
+        plan(parse_study(dict(raw, near_duplicates="refuse")), db)
