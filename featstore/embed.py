@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_file
+from featstore.lungs import MaskError
 from featstore.preprocess import get_preprocess, to_input
 from featstore.store import ensure_embedding_table
 
@@ -58,7 +59,7 @@ class ImageDataset(Dataset):
             d = decode_file(path, draft=self.size)
             x = to_input(self.fn(d.pixels), self.size, self.channels, self.norm)
             return image_id, path, torch.from_numpy(x), None
-        except DecodeError as e:
+        except (DecodeError, MaskError) as e:
             return image_id, path, None, str(e)
         except Exception as e:  # a preprocessing bug must not kill the run; record it
             return image_id, path, None, f"unexpected {type(e).__name__}: {e}"

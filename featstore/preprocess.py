@@ -10,6 +10,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from featstore.lungs import VARIANTS
+
 
 def _original(x: np.ndarray) -> np.ndarray:
     return x
@@ -31,6 +33,7 @@ PREPROCESSINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "original": _original,   # as decoded
     "histeq": _histeq,       # global histogram equalisation (papers 002, 003)
     "clahe": _clahe,         # contrast-limited adaptive equalisation (papers 003, 004)
+    **VARIANTS,              # lung-ROI variants (papers 000, 001); see featstore/lungs.py
 }
 
 
