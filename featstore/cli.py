@@ -327,41 +327,18 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe"),
           positive: str = typer.Option("covid", help="the positive label (the GRL head's class target)"),
           grl: bool = typer.Option(True, help="also probe a cross-fitted GRL head's representation"),
           folds: int = 5, seed: int = 0, bootstrap: int = 500,
+          maps: bool = typer.Option(True, help="t-SNE maps by source and label (raw and GRL) as MLflow artifacts"),
           db: Optional[Path] = DbOpt):
     """Domain probe (paper 003): how well the SOURCE is predicted from the embeddings."""
-    from datetime import datetime, timezone
-
     import polars as pl
 
-    from featstore.api import Store
-    from featstore.probe import probe_rows
-    from featstore.track import Tracker, code_version, write_results
+    from featstore.probe import run_probe
 
     try:
-        with Store(db, read_only=True) as fs:
-            wid, _ = fs._set(backbone, preprocess, None)
-            X, meta = fs.arrays(backbone, preprocess)
+        rows, sweep_id, run_id = run_probe(db, backbone, preprocess, positive, grl, maps, folds, seed, bootstrap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    rows = probe_rows(X, meta, backbone, preprocess, wid, positive, grl, folds, seed, bootstrap)
-    sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    tr = Tracker("domain-probe")
-    summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
-               for r in rows if r["scope"] == "all"}
-    per = {f"{r['head']}.source.{r['scope']}_auc": r["auc"] for r in rows
-           if r["scope"] != "all" and r["test_set"] == "all images"}
-    run_id = tr.run(f"probe {backbone}/{preprocess}", metrics={**summary, **per},
-                    params=dict(backbone=backbone, preprocess=preprocess, folds=folds, seed=seed, grl=grl),
-                    tags=dict(level="probe", backbone=backbone, weights_id=wid, preprocess=preprocess,
-                              code_version=code_version()))
-    for r in rows:
-        r.update(study="domain-probe", sweep_id=sweep_id, code_version=code_version(), mlflow_run_id=run_id)
-    con = _open(db)
-    try:
-        write_results(con, rows)
-    finally:
-        con.close()
     df = pl.DataFrame(rows, infer_schema_length=None)
     t = Table("representation", "images", "sources", "macro AUC [95% CI]", "per source", title=(
         f"domain probe: {backbone}/{preprocess} (0.5 = source not recoverable)"))

@@ -64,16 +64,13 @@ def grl_representation(X, y, sources, seed: int = 0, **grl_params) -> np.ndarray
     return Z
 
 
-def probe_rows(X, meta, backbone: str, preprocess: str, weights_id: str, positive: str = "covid",
-               grl: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500) -> list[dict]:
+def probe_rows(X, meta, backbone: str, preprocess: str, weights_id: str, Z_grl: np.ndarray | None = None,
+               folds: int = 5, seed: int = 0, n_boot: int = 500) -> list[dict]:
     """Rows for the `results` table: the probe on raw embeddings (all images, and each label alone)
-    and on the GRL representation (all images)."""
+    and, when given, on the GRL representation `Z_grl` (all images; see grl_representation)."""
     src = meta["source"].to_numpy().astype(str)
     lab = meta["label"].to_numpy().astype(str)
-    y = (lab == positive).astype(int)
-    reps = [("raw", X)]
-    if grl:
-        reps.append(("grl_mlp", grl_representation(X, y, src, seed)))
+    reps = [("raw", X)] + ([("grl_mlp", Z_grl)] if Z_grl is not None else [])
     rows = []
     for rep_name, Z in reps:
         subsets = [("all images", np.ones(len(src), bool))]
@@ -96,3 +93,51 @@ def probe_rows(X, meta, backbone: str, preprocess: str, weights_id: str, positiv
                 rows.append(dict(base, scope=s, auc=a, n=int((src[keep] == s).sum()),
                                  notes="this source vs the rest"))
     return rows
+
+
+def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "covid", grl: bool = True,
+              maps: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500) -> tuple[list[dict], str, str]:
+    """`featstore probe`: probe rows -> MLflow (with the bar chart and t-SNE maps) and `results`.
+    Returns (rows, sweep_id, MLflow run id)."""
+    import tempfile
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from featstore.api import Store
+    from featstore.report import domain_auc_bars, embedding_map
+    from featstore.store import connect
+    from featstore.track import Tracker, code_version, write_results
+
+    with Store(db, read_only=True) as fs:
+        wid, _ = fs._set(backbone, preprocess, None)
+        X, meta = fs.arrays(backbone, preprocess)
+    src = meta["source"].to_numpy()
+    Z = grl_representation(X, (meta["label"].to_numpy() == positive).astype(int), src, seed) if grl else None
+    rows = probe_rows(X, meta, backbone, preprocess, wid, Z, folds, seed, n_boot)
+    sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
+               for r in rows if r["scope"] == "all"}
+    per = {f"{r['head']}.source.{r['scope']}_auc": r["auc"] for r in rows
+           if r["scope"] != "all" and r["test_set"] == "all images"}
+    with tempfile.TemporaryDirectory() as tmp:
+        arts = [domain_auc_bars(rows, f"domain AUC per source: {backbone}/{preprocess}", Path(tmp) / "domain_auc.png")]
+        if maps:
+            colours = dict(source=src, label=meta["label"].to_numpy())
+            arts.append(embedding_map(X, colours, f"t-SNE of {backbone}/{preprocess} embeddings",
+                                      Path(tmp) / "map_raw.png", seed))
+            if Z is not None:
+                arts.append(embedding_map(Z, colours, f"t-SNE of the GRL representation ({backbone}/{preprocess})",
+                                          Path(tmp) / "map_grl.png", seed))
+        run_id = Tracker("domain-probe").run(
+            f"probe {backbone}/{preprocess}", metrics={**summary, **per},
+            params=dict(backbone=backbone, preprocess=preprocess, folds=folds, seed=seed, grl=grl),
+            tags=dict(level="probe", backbone=backbone, weights_id=wid, preprocess=preprocess,
+                      code_version=code_version()), artifacts=arts)
+    for r in rows:
+        r.update(study="domain-probe", sweep_id=sweep_id, code_version=code_version(), mlflow_run_id=run_id)
+    con = connect(db)
+    try:
+        write_results(con, rows)
+    finally:
+        con.close()
+    return rows, sweep_id, run_id

@@ -257,6 +257,9 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
     for name, df, note in sections:
         md += [f"## {name}\n", (note + "\n") if note else "", markdown_table(df)]
         htm += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(note)}</p>" if note else "", html_table(df)]
+    sets = sorted({(r["backbone"], r["preprocess"]) for r in res.select("backbone", "preprocess").unique()
+                   .iter_rows(named=True)})
+    ev_md, ev_htm = shortcut_evidence(con, sets, out)
     shared_note = ("Images that also occur in a test source (the same file in two collections) were dropped "
                    "from training: " + ", ".join(f"{r[0]} {r[1]}: {r[2]}" for r in dropped.iter_rows())
                    if dropped.height else "No training image also occurred in a test source.")
@@ -265,6 +268,8 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
     if figs:
         md += ["## ROC curves\n"] + [f"![{f}]({f})\n" for f in figs]
         htm += ["<h2>ROC curves</h2>"] + [f'<img src="{html.escape(f)}" width="420">' for f in figs]
+    md += ev_md
+    htm += ev_htm
     (out / "report.md").write_text("\n".join(md))
     css = "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;" \
           "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}"
@@ -272,3 +277,110 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
                                      f"</title><style>{css}</style></head><body>{''.join(htm)}</body></html>")
     (out / "headline.json").write_text(json.dumps(head.to_dicts(), indent=1))
     return dict(study=study, sweep_id=sweep_id, headline=head, files=[out / "report.md", out / "report.html", *figs])
+
+
+# --- shortcut evidence (issue 4): pictures from the probe, tables from the store ----------------
+
+def embedding_map(Z, colour_by: dict[str, np.ndarray], title: str, path: Path, seed: int = 0) -> Path:
+    """t-SNE (after PCA to 50 dims) of a representation, one panel per colouring (papers 002, 003)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    Z = np.asarray(Z, dtype=np.float64)
+    if Z.shape[1] > 50:
+        Z = PCA(50, random_state=seed).fit_transform(Z)
+    xy = TSNE(2, perplexity=min(30, max(5, len(Z) // 50)), init="pca", random_state=seed).fit_transform(Z)
+    fig, axes = plt.subplots(1, len(colour_by), figsize=(5.2 * len(colour_by), 4.6), squeeze=False)
+    for ax, (name, values) in zip(axes[0], colour_by.items()):
+        values = np.asarray(values).astype(str)
+        for v in sorted(set(values)):
+            m = values == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=f"{v} ({m.sum()})")
+        ax.set(title=f"by {name}", xticks=[], yticks=[])
+        ax.legend(fontsize=6, markerscale=3, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def domain_auc_bars(rows: list[dict], title: str, path: Path) -> Path:
+    """Per-source domain AUC (this source vs the rest), raw embedding vs GRL representation."""
+    plt = _plt()
+    per = [r for r in rows if r["scope"] != "all" and r["test_set"] == "all images"]
+    sources = sorted({r["scope"] for r in per})
+    heads = sorted({r["head"] for r in per}, key=lambda h: h != "raw")
+    fig, ax = plt.subplots(figsize=(1.1 * len(sources) + 2, 3.6))
+    width = 0.8 / max(1, len(heads))
+    for k, h in enumerate(heads):
+        vals = [next((r["auc"] for r in per if r["head"] == h and r["scope"] == s), np.nan) for s in sources]
+        ax.bar(np.arange(len(sources)) + k * width, vals, width, label=h)
+    ax.axhline(0.5, ls=":", c="grey")
+    ax.set(ylim=(0, 1), ylabel="domain AUC", title=title, xticks=np.arange(len(sources)) + width * (len(heads) - 1) / 2)
+    ax.set_xticklabels(sources, rotation=30, ha="right", fontsize=7)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path) -> tuple[list[str], list[str]]:
+    """Markdown and HTML parts: the latest domain probe of each embedding set (table, bar chart and
+    maps fetched from its MLflow run), near duplicates per source pair, neighbour summary."""
+    md, htm = ["## Shortcut evidence\n"], ["<h2>Shortcut evidence</h2>"]
+    for bb, pre in backbones:
+        probe = pl.from_arrow(con.sql(
+            "SELECT * FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ? AND sweep_id = "
+            "(SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ?)",
+            params=[bb, pre, bb, pre]).to_arrow_table())
+        md.append(f"### {bb} / {pre}\n")
+        htm.append(f"<h3>{html.escape(bb)} / {html.escape(pre)}</h3>")
+        if probe.height == 0:
+            note = f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}`."
+            md.append(note + "\n")
+            htm.append(f"<p>{html.escape(note)}</p>")
+        else:
+            tab = probe.filter(pl.col("scope") == "all").select(
+                pl.col("head").alias("representation"), pl.col("test_set").alias("images"),
+                pl.struct("auc", "auc_lo", "auc_hi").map_elements(lambda s: fmt_auc(s["auc"], s["auc_lo"], s["auc_hi"]),
+                                                                  return_dtype=pl.Utf8).alias("domain AUC (macro OvR)"))
+            note = ("How well logistic regression recovers the SOURCE from the representation (0.5 = not at all; "
+                    "paper 003 found 0.94-0.97 on pretrained embeddings).")
+            md += [note + "\n", markdown_table(tab)]
+            htm += [f"<p>{html.escape(note)}</p>", html_table(tab)]
+            figs = _fetch_artifacts(probe["mlflow_run_id"][0], out, f"{bb}_{pre}")
+            md += [f"![{f}]({f})\n" for f in figs]
+            htm += [f'<img src="{html.escape(f)}" width="640">' for f in figs]
+    has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
+    if has_nd:
+        nd = pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table())
+        note = ("Near duplicates (same picture, different bytes) per source pair, from `featstore duplicates`; "
+                "exact copies are counted in `duplicate_groups`.")
+        md += ["### Near duplicates\n", note + "\n", markdown_table(nd)]
+        htm += ["<h3>Near duplicates</h3>", f"<p>{html.escape(note)}</p>", html_table(nd)]
+    return md, htm
+
+
+def _fetch_artifacts(run_id: str | None, out: Path, prefix: str) -> list[str]:
+    if not run_id:
+        return []
+    try:
+        from mlflow import MlflowClient
+
+        from featstore.track import tracking_uri
+
+        c = MlflowClient(tracking_uri())
+        names = []
+        for a in c.list_artifacts(run_id):
+            if a.path.endswith(".png"):
+                local = Path(c.download_artifacts(run_id, a.path, str(out)))
+                target = out / f"{prefix}_{local.name}"
+                local.replace(target)
+                names.append(target.name)
+        return names
+    except Exception:  # noqa: BLE001 - a report without pictures beats no report; the table is there
+        return []
