@@ -258,15 +258,15 @@ def sweep(
             def tick(done, total, what):
                 prog.update(task, completed=done, total=total, description=f"sweep {what}", rate="studies")
             rep = run_study(st, db, workdir, None, workers, trials, timeout, tick)
-    except StudyError as e:
+    except (StudyError, FileNotFoundError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
-    except FileNotFoundError as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
-    from featstore.report import headline
-
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] finished trials are in the Optuna journal; run the same command to resume")
+        raise typer.Exit(130)
     import polars as pl
+
+    from featstore.report import headline
 
     err.print(f"sweep {rep.sweep_id}: {rep.n_tasks} Optuna studies, {rep.n_trials} trials, {rep.n_failed} failed, "
               f"{len(rep.rows)} result rows, {rep.seconds:.1f}s; MLflow {rep.mlflow_uri} (run {rep.parent_run_id})")

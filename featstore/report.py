@@ -355,6 +355,16 @@ def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path) -> tuple
             figs = _fetch_artifacts(probe["mlflow_run_id"][0], out, f"{bb}_{pre}")
             md += [f"![{f}]({f})\n" for f in figs]
             htm += [f'<img src="{html.escape(f)}" width="640">' for f in figs]
+        from featstore.api import Store
+        from featstore.neighbors import neighbour_summary
+
+        X, meta = Store.over(con).arrays(bb, pre)
+        nb = neighbour_summary(X, meta["source"], meta["label"], k=10).with_columns(
+            pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
+        note = ("Each image's 10 nearest neighbours (cosine): the share from its own source and with its own label, "
+                "beside chance. Sharing the source far above chance = the embedding encodes where images came from.")
+        md += [note + "\n", markdown_table(nb)]
+        htm += [f"<p>{html.escape(note)}</p>", html_table(nb)]
     has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
     if has_nd:
         nd = pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table())

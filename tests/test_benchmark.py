@@ -184,6 +184,7 @@ def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "Seen vs unseen" in md and "heldout=synthetic-a" in md and "[" in md
+    assert "Shortcut evidence" in md and "same_source" in md  # probe not run here: the table says how
     assert (tmp_path / "rep" / "report.html").read_text().startswith("<!doctype html>")
     assert list((tmp_path / "rep").glob("roc_*.png"))
     r = CliRunner().invoke(app, ["sql", "--db", db, "--format", "json",
@@ -192,7 +193,7 @@ def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
     assert r.exit_code == 0 and len(json.loads(r.stdout)) == 4
 
 
-def test_checked_in_study_configs_parse():
+def test_checked_in_study_configs_parse(tmp_path):
     from pathlib import Path
 
     configs = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.yaml"))
@@ -201,6 +202,13 @@ def test_checked_in_study_configs_parse():
         load_study(c)
     with pytest.raises(StudyError, match="no such study config"):
         load_study("nope.yaml")
+    toml = tmp_path / "s.toml"
+    toml.write_text('study = "t"\nbackbones = ["pixelstats"]\nheads = ["logreg"]\n[protocols.mixed]\nfolds = 3\n')
+    st = load_study(toml)
+    assert st.protocols == {"mixed": {"folds": 3}} and st.heads[0].name == "logreg"
+    toml.write_text('study = "t"\nbackbones = ["pixelstats"]\nheads = ["logreg"]\nprotocols = ["mixed"]\ntrails = 3\n')
+    with pytest.raises(StudyError, match="unknown key.*trails"):
+        load_study(toml)
 
 
 def test_ui_serves_the_sweeps_on_localhost(synth_stores, tmp_path):
