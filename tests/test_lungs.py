@@ -51,15 +51,18 @@ def test_untrustworthy_masks_are_refused(img, reason):
         lung_mask(img)
 
 
-def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested):
+def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested, tmp_path):
+    from PIL import Image
+
     from featstore.backbones import create_backbone
     from featstore.embed import embed
 
     con, _ = ingested
-    blank = con.execute("SELECT path FROM images LIMIT 1").fetchall()[0][0]
-    from PIL import Image
-
-    Image.fromarray(np.full((128, 128), 180, np.uint8)).save(blank, format="PNG")  # now a featureless image
+    # point one image at a featureless copy; the session's synthetic files stay untouched
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((128, 128), 180, np.uint8)).save(blank, format="PNG")
+    img = con.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 1").fetchone()[0]
+    con.execute("UPDATE images SET path = ? WHERE image_id = ?", [str(blank), img])
     rep = embed(con, create_backbone("pixelstats"), "lungs-removed", batch_size=32, workers=0)
     errs = con.execute("SELECT reason FROM embed_errors WHERE preprocess = 'lungs-removed'").fetchall()
     assert rep.n_embedded + len(rep.failed) == rep.n_todo and rep.n_embedded > 0
