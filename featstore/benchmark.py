@@ -34,6 +34,11 @@ class SweepReport:
     mlflow_uri: str = ""
     parent_run_id: str = ""
     notes: list[str] = field(default_factory=list)
+    # where the wall time went: load (store -> arrays, splits), tasks (worker pool wall), of which,
+    # summed over workers, search (Optuna trials) and refit (final fit + predict); score_track
+    # (bootstrap CIs, tests, MLflow runs and artifacts); write (results table)
+    phases: dict = field(default_factory=lambda: dict(load=0.0, tasks=0.0, search_sum=0.0, refit_sum=0.0,
+                                                      score_track=0.0, write=0.0))
 
 
 def metrics_for(y, P, n_classes, n_boot, seed, score=None) -> dict:
@@ -64,6 +69,7 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     rep = SweepReport(sweep_id)
     plans = plan(st, db)
+    rep.phases["load"] = time.time() - t0
     tracker = Tracker(st.study, tracking)
     rep.mlflow_uri = tracker.uri
     storage = workdir / "optuna" / f"{_safe(st.study)}.journal"
@@ -83,15 +89,22 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
                 done[0] += 1
                 if progress:
                     progress(done[0], len(tasks), f"{bb}/{pre}")
+            t1 = time.time()
             results = run_tasks(tasks, data.X, data.meta, storage, workers or st.workers, tick)
+            t2 = time.time()
             rep.n_tasks += len(results)
             rep.n_failed += sum(r.error is not None for r in results)
             rep.n_trials += sum(len(r.trials) for r in results)
             rows, preds = _score_and_track(st, sweep_id, bb, pre, data, results, tracker, parent)
+            rep.phases["tasks"] += t2 - t1
+            rep.phases["search_sum"] += sum(r.seconds - r.fit_seconds for r in results)
+            rep.phases["refit_sum"] += sum(r.fit_seconds for r in results)
+            rep.phases["score_track"] += time.time() - t2
             all_rows += rows
             all_preds.append(preds)
         from featstore.store import connect
 
+        t3 = time.time()
         con = connect(db)
         try:
             con.execute("BEGIN")
@@ -105,6 +118,7 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
         raise
     rep.rows = all_rows
     rep.seconds = time.time() - t0
+    rep.phases["write"] = time.time() - t3
     tracker.end(parent, "FINISHED", dict(seconds=f"{rep.seconds:.1f}", n_trials=rep.n_trials,
                                          n_failed_studies=rep.n_failed))
     return rep

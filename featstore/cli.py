@@ -47,6 +47,7 @@ def ingest(
     source: Optional[str] = typer.Option(None, help="fixed source name when the manifest has no source column"),
     path_col: str = "path", source_col: str = "source", label_col: str = "label", class_col: str = "class3",
     patient_col: str = "patient_id", view_col: str = "view", sex_col: str = "sex", age_col: str = "age",
+    mask_col: str = typer.Option("mask_path", help="optional column naming a lung mask file per image"),
     labels: str = typer.Option("covid,non_covid", help="allowed labels, comma-separated; '*' allows any"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="processes that hash and decode files"),
     db: Optional[Path] = DbOpt,
@@ -64,7 +65,8 @@ def ingest(
     try:
         if manifest:
             origin = str(manifest.resolve())
-            cols = I.ColumnMap(path_col, source_col, label_col, class_col, patient_col, view_col, sex_col, age_col)
+            cols = I.ColumnMap(path_col, source_col, label_col, class_col, patient_col, view_col, sex_col, age_col,
+                               mask_col)
             rows, pre = I.manifest_rows(manifest, cols, root, source)
         elif folder:
             origin = str(folder.resolve())
@@ -123,7 +125,10 @@ def _reason_kind(reason: str) -> str:
 @app.command()
 def embed(
     backbone: str = typer.Option(..., help="registry name (featstore backbones)"),
-    preprocess: str = typer.Option("original", help="original, histeq, clahe"),
+    preprocess: str = typer.Option("original", help="original, histeq, clahe, or a lung variant: lungs-isolated, "
+                                   "lungs-removed, lungs-framed, lungs-boxed-out, lung-crop"),
+    masks: str = typer.Option("auto", help="lung variants: how missing lung masks are made "
+                              "(auto, manifest, xrv-pspnet, classical-v1; see `featstore masks`)"),
     weights: Optional[str] = typer.Option(None, help="weight file, or 'random-init' (recorded as such)"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR", help="look for weight files here first"),
     onnx_output: Optional[str] = typer.Option(None, help="generic onnx backbone: tensor to read"),
@@ -153,18 +158,53 @@ def embed(
             el = prog.tasks[0].elapsed or 1e-9
             prog.update(task, completed=done, total=total, rate=f"{done / el:.1f} img/s")
         try:
-            rep = run_embed(con, bb, preprocess, batch_size, workers, limit, tick)
+            rep = run_embed(con, bb, preprocess, batch_size, workers, limit, tick, masks=masks,
+                            weights_dir=weights_dir)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted:[/] finished batches are stored; run the same command to resume")
             raise typer.Exit(130)
-        except ValueError as e:
+        except (ValueError, WeightsMissingError) as e:
             err.print(f"[red]error:[/] {e}")
             raise typer.Exit(2)
     err.print(f"embedded {rep.n_embedded} of {rep.n_todo} missing images in {rep.seconds:.1f}s "
-              f"({rep.images_per_s:.1f} img/s); {len(rep.failed)} failed to decode")
+              f"({rep.images_per_s:.1f} img/s); {len(rep.failed)} failed (listed in embed_errors)")
     for image_id, path, reason in rep.failed[:10]:
         err.print(f"  {path}: {reason}")
     raise typer.Exit(1 if rep.failed else 0)
+
+
+@app.command()
+def masks(
+    method: str = typer.Option("auto", help="auto (manifest mask, else torchxrayvision PSPNet when its weights are "
+                               "present, else classical-v1), manifest, xrv-pspnet or classical-v1"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR",
+                                               help=f"where {'pspnet_chestxray_best_model_4.pth'} is looked for"),
+    redo: bool = typer.Option(False, help="re-make existing masks (their lung-variant embeddings are deleted)"),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="processes for manifest and classical masks"),
+    device: str = typer.Option("cpu", help="cpu or cuda (PSPNet)"),
+    db: Optional[Path] = DbOpt,
+):
+    """Make the lung masks the lung-ROI variants use, once per image, recording how each was made."""
+    from featstore.masks import ensure_masks
+    from featstore.weights import WeightsMissingError
+
+    con = _open(db)
+    with _progress() as prog:
+        task = prog.add_task("masks", total=None, rate="")
+        try:
+            rep = ensure_masks(con, None, method, weights_dir, workers, redo, device,
+                               lambda d, t: prog.update(task, completed=d, total=t))
+        except (ValueError, WeightsMissingError) as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2)
+    if rep.note:
+        err.print(f"note: {rep.note}")
+    made = ", ".join(f"{n} {m}" for m, n in rep.by_method.items()) or "none needed"
+    err.print(f"masks made: {made}; refused {len(rep.refused)} (they are left out of the lung variants)"
+              + (f"; {rep.n_invalidated} lung-variant embeddings deleted for re-made masks" if rep.n_invalidated else ""))
+    from featstore.query import render
+
+    err.print(render(con.sql("SELECT * FROM lung_mask_summary").to_arrow_table(), "table"), end="")
 
 
 @app.command()
@@ -270,6 +310,8 @@ def sweep(
 
     err.print(f"sweep {rep.sweep_id}: {rep.n_tasks} Optuna studies, {rep.n_trials} trials, {rep.n_failed} failed, "
               f"{len(rep.rows)} result rows, {rep.seconds:.1f}s; MLflow {rep.mlflow_uri} (run {rep.parent_run_id})")
+    err.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases.items())
+              + " (search/refit summed over workers)")
     _print_headline(headline(pl.DataFrame(rep.rows, infer_schema_length=None).filter(~pl.col("oracle"))))
     for note in sorted({r["notes"] for r in rep.rows if r.get("notes") and "WARNING" in r["notes"]}):
         err.print(f"[bold red]{note}[/]")

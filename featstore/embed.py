@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_file
 from featstore.lungs import MaskError
-from featstore.preprocess import get_preprocess, to_input
+from featstore.preprocess import NEEDS_MASK, get_preprocess, to_input
 from featstore.store import ensure_embedding_table
 
 
@@ -43,9 +43,9 @@ class EmbedReport:
 
 
 class ImageDataset(Dataset):
-    """(image_id, path) -> (image_id, tensor | None, reason | None)."""
+    """(image_id, path[, lung mask PNG]) -> (image_id, path, tensor | None, reason | None)."""
 
-    def __init__(self, items: list[tuple[str, str]], preprocess: str, size: int, channels: int, norm: tuple):
+    def __init__(self, items: list[tuple], preprocess: str, size: int, channels: int, norm: tuple):
         self.items, self.size, self.channels, self.norm = items, size, channels, norm
         self.preprocess_name = preprocess
         self.fn = get_preprocess(preprocess)
@@ -54,10 +54,16 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        image_id, path = self.items[i]
+        image_id, path, *mask = self.items[i]
         try:
             d = decode_file(path, draft=self.size)
-            x = to_input(self.fn(d.pixels), self.size, self.channels, self.norm)
+            if mask:
+                from featstore.masks import decode as decode_mask
+
+                x = self.fn(d.pixels, decode_mask(mask[0]))
+            else:
+                x = self.fn(d.pixels)
+            x = to_input(x, self.size, self.channels, self.norm)
             return image_id, path, torch.from_numpy(x), None
         except (DecodeError, MaskError) as e:
             return image_id, path, None, str(e)
@@ -92,13 +98,33 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2)))
 
 
+def _with_masks(con, items, masks: str, weights_dir, workers: int, device: str):
+    """Lung variants: attach each image's stored mask (made now if missing); refused ones come back
+    as failures to record, with the mask's reason."""
+    from featstore.masks import ensure_masks, load_masks
+
+    ensure_masks(con, [i for i, _ in items], method=masks, weights_dir=weights_dir, workers=max(1, workers),
+                 device=device)
+    found = load_masks(con, [i for i, _ in items])
+    ok, bad = [], []
+    for image_id, path in items:
+        png, method, reason = found.get(image_id, (None, "none", "no lung mask"))
+        if png is None:
+            bad.append((image_id, path, f"{reason} [mask method {method}]"))
+        else:
+            ok.append((image_id, path, png))
+    return ok, bad
+
+
 def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int = 32,
           workers: int | None = None, limit: int | None = None,
           progress: Callable[[int, int], None] | None = None,
-          before_commit: Callable[[int], None] | None = None) -> EmbedReport:
+          before_commit: Callable[[int], None] | None = None,
+          masks: str = "auto", weights_dir=None) -> EmbedReport:
     """Embed the missing images. progress(done, total) is called after each batch;
     before_commit(batch_index) runs inside each batch's transaction (tests use it to
-    kill the process mid-write)."""
+    kill the process mid-write). Lung variants use the stored lung masks (featstore/masks.py;
+    `masks` and `weights_dir` choose how missing ones are made)."""
     get_preprocess(preprocess)  # unknown names fail before any work
     workers = default_workers() if workers is None else workers
     table = ensure_embedding_table(con, backbone.feature_dim)
@@ -115,13 +141,21 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
          batch_size, workers, len(items), started])
     t0 = time.perf_counter()
     try:
+        if items and preprocess in NEEDS_MASK:
+            items, refused = _with_masks(con, items, masks, weights_dir, workers,
+                                         "cuda" if backbone.device == "cuda" else "cpu")
+            _write_batch(con, table, backbone, preprocess, run_id, [], np.zeros((0, backbone.feature_dim)),
+                         refused, -1, None)
+            rep.failed.extend(refused)
+            if progress and refused:
+                progress(len(refused), rep.n_todo)
         if items:
             spec = backbone.spec
             ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm)
             loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
                                 pin_memory=backbone.device == "cuda", worker_init_fn=_worker_init if workers else None,
                                 prefetch_factor=4 if workers else None, persistent_workers=False)
-            done = 0
+            done = len(rep.failed)
             for b, (ids, x, bad) in enumerate(loader):
                 feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
                 _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit)
@@ -129,7 +163,7 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
                 rep.failed.extend(bad)
                 done += len(ids) + len(bad)
                 if progress:
-                    progress(done, len(items))
+                    progress(done, rep.n_todo)
         rep.status = "completed"
     except KeyboardInterrupt:
         rep.status = "interrupted"

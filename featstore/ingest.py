@@ -38,10 +38,12 @@ class ColumnMap:
     view: str = "view"
     sex: str = "sex"
     age: str = "age"
+    mask: str = "mask_path"   # optional lung mask file per image (featstore/masks.py)
 
     def columns(self) -> dict[str, str]:
         return {"path": self.path, "source": self.source, "label": self.label, "class": self.klass,
-                "patient_id": self.patient_id, "view": self.view, "sex": self.sex, "age": self.age}
+                "patient_id": self.patient_id, "view": self.view, "sex": self.sex, "age": self.age,
+                "mask": self.mask}
 
 
 @dataclass
@@ -151,6 +153,9 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
         src = source or _clean(rec.get(names["source"])) or ""
         p = (base / raw_path) if raw_path else None
         extra = {k: v for k, v in rec.items() if k not in mapped and v not in (None, "")}
+        mask = _clean(rec.get(names["mask"]))
+        if mask:  # resolved like the image path, so masks are found from any working directory
+            extra["mask_path"] = str((base / mask).resolve())
         rows.append(Row(
             path=str(p.resolve()) if p else "", display=raw_path or "", source=src,
             label=rec.get(names["label"]), origin=origin, row_number=i,

@@ -1,17 +1,22 @@
 """Lung masks and the ROI variants built on them (papers 000 and 001).
 
-Mask method `classical-v1` (no weights needed): on a 256 px copy, smooth, threshold at Otsu's level
-of the central region, remove the outside air (much darker regions connected to the border), open,
-keep the two largest dark regions centred in the central area, close small gaps, fill holes. Chest X-rays with the
-lungs as the darkest large structures inside the body mask well; ones that do not are caught by
-paper 000's checks and refused, not guessed:
+Where masks come from, and how each one is recorded, is featstore/masks.py. This module holds
+the pieces that work on arrays: paper 000's checks, the classical fallback method, the variants.
+
+Checks, applied to every mask whatever made it (paper 000 flags failed segmentations this way):
 - empty mask (no lung-like region), or lungs under 5% of the image;
 - the lung bounding box smaller than half the image in both directions ("crop smaller than half");
 - a mask that leaks beyond the lungs: over 45% of the image, or a box from the top edge spanning
   more than 90% of the width (neck and shoulders joined in).
-A refused image raises MaskError; embedding records it in `embed_errors` for that variant.
+A refused mask raises MaskError.
 
-Variants (paper 001's ROI Hide-and-Seek, plus paper 000's lung-ROI crop):
+Method `classical-v1` (no weights needed): on a 256 px copy, smooth, threshold at Otsu's level
+of the central region, remove the outside air (much darker regions connected to the border), open,
+keep the two largest dark regions centred in the central area, close small gaps, fill holes. Chest
+X-rays with the lungs as the darkest large structures inside the body mask well; ones that do not
+are caught by the checks, not guessed.
+
+Variants (paper 001's ROI Hide-and-Seek, plus paper 000's lung-ROI crop), f(image, mask):
     lungs-isolated   everything but the lungs set to 0
     lungs-removed    the lungs set to 0
     lungs-framed     everything outside the lungs' bounding box set to 0
@@ -35,8 +40,8 @@ class MaskError(ValueError):
 
 @dataclass(frozen=True)
 class LungMask:
-    mask: np.ndarray          # bool, the image's shape
-    bbox: tuple[int, int, int, int]   # top, bottom, left, right (exclusive)
+    mask: np.ndarray          # bool, at the resolution it was made
+    bbox: tuple[int, int, int, int]   # top, bottom, left, right (exclusive), in mask pixels
     fraction: float           # lung pixels / all pixels
     method: str = METHOD
 
@@ -45,11 +50,32 @@ def _small(x: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(np.asarray(x, np.float32)).resize((WORK, WORK), Image.BILINEAR), np.float32)
 
 
-def lung_mask(x: np.ndarray) -> LungMask:
+def bbox(m: np.ndarray) -> tuple[int, int, int, int]:
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    return int(rows[0]), int(rows[-1] + 1), int(cols[0]), int(cols[-1] + 1)
+
+
+def check(m: np.ndarray, method: str) -> LungMask:
+    """Paper 000's failure checks; the mask if it passes, MaskError naming the failure if not."""
+    m = np.asarray(m, bool)
+    h, w = m.shape
+    frac = float(m.mean())
+    if frac < 0.05:
+        raise MaskError(f"lung mask failed: empty mask ({frac:.1%} of the image)")
+    top, bottom, left, right = bbox(m)
+    if (bottom - top) < h / 2 and (right - left) < w / 2:
+        raise MaskError("lung mask failed: lung box smaller than half the image")
+    if frac > 0.45 or (top < 0.03 * h and (right - left) > 0.9 * w):
+        raise MaskError(f"lung mask failed: mask leaks beyond the lungs ({frac:.0%} of the image, "
+                        f"box rows {top}-{bottom}, cols {left}-{right} of {h}x{w})")
+    return LungMask(m, (top, bottom, left, right), frac, method)
+
+
+def classical_mask(x: np.ndarray) -> LungMask:
+    """classical-v1 on a grey [0, 1] image; the mask is WORK x WORK."""
     from scipy import ndimage
     from skimage.filters import gaussian, threshold_otsu
 
-    h, w = x.shape
     s = gaussian(_small(x), sigma=3)
     c = s[WORK // 10:-WORK // 10, WORK // 10:-WORK // 10]
     level = threshold_otsu(c)
@@ -68,48 +94,53 @@ def lung_mask(x: np.ndarray) -> LungMask:
     cand = [(sz, i + 1) for i, (sz, cc) in enumerate(zip(sizes, cols))
             if 0.1 * WORK <= cc[1] <= 0.9 * WORK and 0.1 * WORK <= cc[0] <= 0.85 * WORK]
     keep = [i for _, i in sorted(cand, reverse=True)[:2]]
-    m = np.isin(lab, keep)
-    m = ndimage.binary_fill_holes(ndimage.binary_closing(m, iterations=3))
-    frac = float(m.mean())
-    if not keep or frac < 0.05:
-        raise MaskError(f"lung mask failed: empty mask ({frac:.1%} of the image)")
-    rows, cols_ = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols_[0], cols_[-1] + 1
-    if (bottom - top) < WORK / 2 and (right - left) < WORK / 2:
-        raise MaskError("lung mask failed: lung box smaller than half the image")
-    if frac > 0.45 or (top < 0.03 * WORK and (right - left) > 0.9 * WORK):
-        raise MaskError(f"lung mask failed: mask leaks beyond the lungs ({frac:.0%} of the image, "
-                        f"box rows {top}-{bottom}, cols {left}-{right} of {WORK})")
-    full = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-    sy, sx = h / WORK, w / WORK
-    bbox = (int(top * sy), int(np.ceil(bottom * sy)), int(left * sx), int(np.ceil(right * sx)))
-    return LungMask(full, bbox, frac)
+    if not keep:
+        raise MaskError("lung mask failed: empty mask (no dark region in the central area)")
+    m = ndimage.binary_fill_holes(ndimage.binary_closing(np.isin(lab, keep), iterations=3))
+    return check(m, METHOD)
 
 
-def isolated(x):
-    return np.where(lung_mask(x).mask, x, 0).astype(np.float32)
+def fit(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask made at any resolution, resized (nearest) onto an image of `shape`."""
+    if mask.shape == shape:
+        return mask
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(im) > 127
 
 
-def removed(x):
-    return np.where(lung_mask(x).mask, 0, x).astype(np.float32)
+def _box(x, mask):
+    m = fit(mask, x.shape)
+    if not m.any():  # can happen only when a tiny mask is scaled down; never silently keep the lungs
+        raise MaskError("lung mask failed: empty mask at this image size")
+    return m, bbox(m)
 
 
-def framed(x):
-    t, b, l, r = lung_mask(x).bbox
+def isolated(x, mask):
+    m, _ = _box(x, mask)
+    return np.where(m, x, 0).astype(np.float32)
+
+
+def removed(x, mask):
+    m, _ = _box(x, mask)
+    return np.where(m, 0, x).astype(np.float32)
+
+
+def framed(x, mask):
+    _, (t, b, l, r) = _box(x, mask)
     out = np.zeros_like(x, dtype=np.float32)
     out[t:b, l:r] = x[t:b, l:r]
     return out
 
 
-def boxed_out(x):
-    t, b, l, r = lung_mask(x).bbox
+def boxed_out(x, mask):
+    _, (t, b, l, r) = _box(x, mask)
     out = np.array(x, dtype=np.float32)
     out[t:b, l:r] = 0
     return out
 
 
-def crop(x):
-    t, b, l, r = lung_mask(x).bbox
+def crop(x, mask):
+    _, (t, b, l, r) = _box(x, mask)
     return np.ascontiguousarray(x[t:b, l:r], dtype=np.float32)
 
 

@@ -29,12 +29,14 @@ def _clahe(x: np.ndarray) -> np.ndarray:
     return equalize_adapthist(x, clip_limit=0.01).astype(np.float32)
 
 
-PREPROCESSINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+PREPROCESSINGS: dict[str, Callable[..., np.ndarray]] = {
     "original": _original,   # as decoded
     "histeq": _histeq,       # global histogram equalisation (papers 002, 003)
     "clahe": _clahe,         # contrast-limited adaptive equalisation (papers 003, 004)
-    **VARIANTS,              # lung-ROI variants (papers 000, 001); see featstore/lungs.py
+    **VARIANTS,              # lung-ROI variants (papers 000, 001): f(x, mask); see featstore/lungs.py
 }
+# these take the image's stored lung mask as a second argument (featstore/masks.py)
+NEEDS_MASK = frozenset(VARIANTS)
 
 
 def get_preprocess(name: str) -> Callable[[np.ndarray], np.ndarray]:

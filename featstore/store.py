@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 3  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
+SCHEMA_VERSION = 4  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from featstore.lungs import VARIANTS, MaskError, lung_mask
+from featstore.lungs import VARIANTS, MaskError, check, classical_mask
 from featstore.preprocess import PREPROCESSINGS
 
 
@@ -13,7 +13,7 @@ def chest():
 
 
 def test_mask_finds_two_dark_lungs_inside_the_body(chest):
-    m = lung_mask(chest)
+    m = classical_mask(chest)
     assert 0.05 < m.fraction < 0.45 and m.method == "classical-v1"
     assert chest[m.mask].mean() < chest[~m.mask].mean() - 0.1  # the lungs are the dark fields
     t, b, l, r = m.bbox
@@ -24,14 +24,17 @@ def test_mask_finds_two_dark_lungs_inside_the_body(chest):
 
 
 def test_variants_hide_and_seek(chest):
-    m = lung_mask(chest)
+    m = classical_mask(chest)
     t, b, l, r = m.bbox
-    iso, rem = VARIANTS["lungs-isolated"](chest), VARIANTS["lungs-removed"](chest)
+    iso, rem = VARIANTS["lungs-isolated"](chest, m.mask), VARIANTS["lungs-removed"](chest, m.mask)
     assert (iso[~m.mask] == 0).all() and np.allclose(iso[m.mask], chest[m.mask])
     assert (rem[m.mask] == 0).all() and np.allclose(rem[~m.mask], chest[~m.mask])
-    fr, bo = VARIANTS["lungs-framed"](chest), VARIANTS["lungs-boxed-out"](chest)
+    fr, bo = VARIANTS["lungs-framed"](chest, m.mask), VARIANTS["lungs-boxed-out"](chest, m.mask)
     assert (bo[t:b, l:r] == 0).all() and np.allclose(fr[t:b, l:r], chest[t:b, l:r]) and fr[:t].sum() == 0
-    assert VARIANTS["lung-crop"](chest).shape == (b - t, r - l)
+    assert VARIANTS["lung-crop"](chest, m.mask).shape == (b - t, r - l)
+    # a mask made at another resolution is fitted onto the image
+    big = np.kron(chest, np.ones((2, 2), np.float32))
+    assert VARIANTS["lung-crop"](big, m.mask).shape == (2 * (b - t), 2 * (r - l))
     assert set(VARIANTS) <= set(PREPROCESSINGS)
 
 
@@ -48,7 +51,7 @@ def _blob(side):
 ])
 def test_untrustworthy_masks_are_refused(img, reason):
     with pytest.raises(MaskError, match=reason):
-        lung_mask(img)
+        classical_mask(img)
 
 
 def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested, tmp_path):
@@ -66,4 +69,119 @@ def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested, tmp_path):
     rep = embed(con, create_backbone("pixelstats"), "lungs-removed", batch_size=32, workers=0)
     errs = con.execute("SELECT reason FROM embed_errors WHERE preprocess = 'lungs-removed'").fetchall()
     assert rep.n_embedded + len(rep.failed) == rep.n_todo and rep.n_embedded > 0
-    assert errs and all("lung mask failed" in e or "not" in e for (e,) in errs)
+    assert errs and all("lung mask failed" in e and "[mask method classical-v1]" in e for (e,) in errs)
+    assert img in {i for i, _, _ in rep.failed}
+    ok, method = con.execute("SELECT ok, method FROM lung_masks WHERE image_id = ?", [img]).fetchone()
+    assert (ok, method) == (False, "classical-v1")
+    # masks are made once: a second variant reuses them, and refuses the same image for the same reason
+    n_masks = con.execute("SELECT count(*) FROM lung_masks").fetchone()[0]
+    rep2 = embed(con, create_backbone("pixelstats"), "lung-crop", batch_size=32, workers=0)
+    assert con.execute("SELECT count(*) FROM lung_masks").fetchone()[0] == n_masks == rep.n_todo
+    assert {i for i, _, _ in rep2.failed} == {i for i, _, _ in rep.failed}
+
+
+def test_checks_apply_to_any_method():
+    m = np.zeros((100, 100), bool)
+    m[20:80, 10:45] = True
+    lm = check(m, "manifest")
+    assert lm.method == "manifest" and lm.bbox == (20, 80, 10, 45) and abs(lm.fraction - 0.21) < 1e-9
+    with pytest.raises(MaskError, match="empty"):
+        check(np.zeros((100, 100), bool), "xrv-pspnet")
+
+
+def _manifest_with_masks(tmp_path):
+    """Six synthetic images; four name a mask file: two good, one empty, one missing."""
+    import csv
+
+    from PIL import Image
+
+    from featstore.synth import generate
+
+    m = generate(tmp_path / "data", n_per_source=3, size=96, seed=2)
+    rows = list(csv.DictReader(m.open()))[:6]
+    box = np.zeros((96, 96), np.uint8)
+    box[20:80, 10:45] = 255      # 23% of the image, box 60 rows tall: passes the checks
+    (tmp_path / "data" / "masks").mkdir()
+    Image.fromarray(box).save(tmp_path / "data" / "masks" / "good.png")
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(tmp_path / "data" / "masks" / "empty.png")
+    for r, mp in zip(rows, ["masks/good.png", "masks/good.png", "masks/empty.png", "masks/missing.png", "", ""]):
+        r["mask_path"] = mp
+    with m.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return m
+
+
+def test_masks_from_the_manifest_come_first_and_are_checked(con, tmp_path):
+    from featstore import ingest as I
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.masks import decode, ensure_masks
+
+    m = _manifest_with_masks(tmp_path)
+    I.ingest_rows(con, I.manifest_rows(m)[0], str(m), workers=1)
+    rep = ensure_masks(con, workers=1)
+    assert rep.by_method == {"manifest": 4, "classical-v1": 2} and rep.n_todo == 6
+    rows = con.execute("SELECT method, ok, reason, made_from, fraction, box_top, box_left, mask FROM lung_masks "
+                       "WHERE method = 'manifest' ORDER BY made_from, ok").fetchall()
+    reasons = sorted(r[2] or "" for r in rows)
+    assert [r[1] for r in rows].count(True) == 2
+    assert any("empty mask" in x and "empty.png" in x for x in reasons)
+    assert any("missing.png" in x and "unreadable" in x for x in reasons)
+    good = [r for r in rows if r[1]][0]
+    assert good[3].endswith("masks/good.png") and abs(good[4] - 2100 / 9216) < 1e-6 and abs(good[5] - 20 / 96) < 1e-6
+    assert decode(good[7]).sum() == 60 * 35
+    # a lung variant uses exactly the stored mask and leaves the refused images out, listed
+    emb = embed(con, create_backbone("pixelstats"), "lungs-isolated", batch_size=8, workers=0)
+    refused = con.execute("SELECT count(*) FROM lung_masks WHERE NOT ok").fetchone()[0]
+    assert len(emb.failed) == refused >= 2 and emb.n_embedded == 6 - refused
+    assert all("[mask method" in r for _, _, r in emb.failed)
+    # nothing left to do; redo re-makes them and deletes the embeddings built on the old masks
+    assert ensure_masks(con, workers=1).n_todo == 0
+    again = ensure_masks(con, method="classical-v1", workers=1, redo=True)
+    assert again.n_invalidated == emb.n_embedded and again.by_method == {"classical-v1": 6}
+    assert con.execute("SELECT count(*) FROM embeddings WHERE preprocess = 'lungs-isolated'").fetchone()[0] == 0
+
+
+def test_masks_manifest_only_refuses_images_without_a_file(con, tmp_path):
+    from featstore import ingest as I
+    from featstore.masks import ensure_masks
+
+    m = _manifest_with_masks(tmp_path)
+    I.ingest_rows(con, I.manifest_rows(m)[0], str(m), workers=1)
+    rep = ensure_masks(con, method="manifest", workers=1)
+    assert rep.by_method == {"manifest": 6}
+    assert sum("no mask file" in r for _, _, r in rep.refused) == 2
+
+
+def test_pspnet_weights_missing_says_where_to_put_them(con, tmp_path):
+    from featstore.masks import PSPNET_FILE, ensure_masks
+    from featstore.weights import WeightsMissingError
+
+    with pytest.raises(WeightsMissingError, match=PSPNET_FILE) as e:
+        ensure_masks(con, method="xrv-pspnet", weights_dir=tmp_path / "w")
+    assert str(tmp_path / "w" / PSPNET_FILE) in str(e.value)
+
+
+def test_pspnet_is_used_when_its_weights_are_present(con, tmp_path):
+    """Auto picks torchxrayvision's real PSPNet class when the weights file is in the weights dir
+    (random weights here: the masks are garbage, so the checks must refuse or pass them on record)."""
+    import torch
+    from torchxrayvision.baseline_models.chestx_det.ptsemseg.pspnet import pspnet
+
+    from featstore import ingest as I
+    from featstore.masks import PSPNET_FILE, ensure_masks
+    from featstore.synth import generate
+    from featstore.weights import weights_identity
+
+    torch.manual_seed(0)
+    wdir = tmp_path / "w"
+    wdir.mkdir()
+    torch.save({"module." + k: v for k, v in pspnet(14).state_dict().items()}, wdir / PSPNET_FILE)
+    m = generate(tmp_path / "data", n_per_source=1, size=64, seed=4)
+    I.ingest_rows(con, I.manifest_rows(m)[0][:2], str(m), workers=1)
+    rep = ensure_masks(con, weights_dir=wdir)
+    assert rep.by_method == {"xrv-pspnet": 2} and not rep.note
+    made = con.execute("SELECT DISTINCT method, made_from FROM lung_masks").fetchall()
+    assert made == [("xrv-pspnet", weights_identity(wdir / PSPNET_FILE))]
