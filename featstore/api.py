@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import polars as pl
+import pyarrow.compute as pc
 
 from featstore.store import connect, embedding_table
 
@@ -64,9 +65,11 @@ class Store:
         wid, dim = self._set(backbone, preprocess, weights_id)
         where, params = _filters("i", sources, labels)
         where = (where + " AND" if where else "WHERE") + " e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?"
-        rel = self.con.sql(f"SELECT {cols} FROM {embedding_table(dim)} e JOIN images i USING (image_id) {where} "
-                           f"ORDER BY i.image_id", params=params + [backbone, wid, preprocess])
-        return rel.to_arrow_table(), dim
+        rel = self.con.sql(f"SELECT {cols} FROM {embedding_table(dim)} e JOIN images i USING (image_id) {where}",
+                           params=params + [backbone, wid, preprocess])
+        tbl = rel.to_arrow_table()
+        # order by image_id in Arrow: DuckDB's ORDER BY drags every vector through its sort (2.5x slower)
+        return tbl.take(pc.sort_indices(tbl, [("image_id", "ascending")])), dim
 
     def embeddings(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
                    sources: list[str] | None = None, labels: list[str] | None = None) -> pl.DataFrame:

@@ -13,11 +13,14 @@ WITH q AS (
     SELECT weights_id, vector FROM embeddings
     WHERE image_id = getvariable('image_id') AND backbone = getvariable('backbone')
       AND preprocess = getvariable('preprocess')
+), top AS (  -- rank first, join the metadata of the k winners only (joining all rows first is 6x slower)
+    SELECT e.image_id, list_cosine_similarity(e.vector, q.vector) AS sim
+    FROM embeddings e JOIN q USING (weights_id)
+    WHERE e.backbone = getvariable('backbone') AND e.preprocess = getvariable('preprocess')
+      AND e.image_id <> getvariable('image_id')
+    ORDER BY sim DESC, e.image_id  -- rank on the exact value, not the rounded one
+    LIMIT coalesce(getvariable('k')::INTEGER, 10)
 )
-SELECT e.image_id, i.source, i.label, i.class,
-       round(list_cosine_similarity(e.vector, q.vector), 4) AS similarity, i.path
-FROM embeddings e JOIN q USING (weights_id) JOIN images i USING (image_id)
-WHERE e.backbone = getvariable('backbone') AND e.preprocess = getvariable('preprocess')
-  AND e.image_id <> getvariable('image_id')
-ORDER BY similarity DESC
-LIMIT coalesce(getvariable('k')::INTEGER, 10);
+SELECT t.image_id, i.source, i.label, i.class, round(t.sim, 4) AS similarity, i.path
+FROM top t JOIN images i USING (image_id)
+ORDER BY t.sim DESC, t.image_id;
