@@ -18,4 +18,8 @@ demo: install
 test: install
 	$(VENV)/bin/python -m pytest
 
-.PHONY: install demo test
+# every performance figure, side by side, into benchmarks/RESULTS.md (about 20 min on 2 cores)
+bench: install
+	$(VENV)/bin/python benchmarks/run_all.py
+
+.PHONY: install demo test bench

@@ -28,6 +28,8 @@ def machine() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("FEATSTORE_COMMIT"):  # a copy of the tree without .git (a lent GPU machine)
+        return os.environ["FEATSTORE_COMMIT"]
     try:
         rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()

@@ -7,6 +7,8 @@ only and the next run picks up exactly the images still missing.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,8 +47,9 @@ class EmbedReport:
 class ImageDataset(Dataset):
     """(image_id, path[, lung mask PNG]) -> (image_id, path, tensor | None, reason | None)."""
 
-    def __init__(self, items: list[tuple], preprocess: str, size: int, channels: int, norm: tuple):
-        self.items, self.size, self.channels, self.norm = items, size, channels, norm
+    def __init__(self, items: list[tuple], preprocess: str, size: int, channels: int, norm: tuple,
+                 dtype: torch.dtype = torch.float32):
+        self.items, self.size, self.channels, self.norm, self.dtype = items, size, channels, norm, dtype
         self.preprocess_name = preprocess
         self.fn = get_preprocess(preprocess)
 
@@ -64,7 +67,7 @@ class ImageDataset(Dataset):
             else:
                 x = self.fn(d.pixels)
             x = to_input(x, self.size, self.channels, self.norm)
-            return image_id, path, torch.from_numpy(x), None
+            return image_id, path, torch.from_numpy(x).to(self.dtype), None
         except (DecodeError, MaskError) as e:
             return image_id, path, None, str(e)
         except Exception as e:  # a preprocessing bug must not kill the run; record it
@@ -151,19 +154,23 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
                 progress(len(refused), rep.n_todo)
         if items:
             spec = backbone.spec
-            ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm)
+            ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm, backbone.input_dtype)
             loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
                                 pin_memory=backbone.device == "cuda", worker_init_fn=_worker_init if workers else None,
                                 prefetch_factor=4 if workers else None, persistent_workers=False)
-            done = len(rep.failed)
-            for b, (ids, x, bad) in enumerate(loader):
-                feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
+            def write(b, ids, feats, bad):
                 _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit)
-                rep.n_embedded += len(ids)
+                rep.n_embedded += len(ids)  # counted once committed
                 rep.failed.extend(bad)
-                done += len(ids) + len(bad)
-                if progress:
-                    progress(done, rep.n_todo)
+
+            done = len(rep.failed)
+            with _Writer(write) as writer:  # batch b is written while batch b+1 runs through the model
+                for b, (ids, x, bad) in enumerate(loader):
+                    feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
+                    writer.put(b, ids, feats, bad)
+                    done += len(ids) + len(bad)
+                    if progress:
+                        progress(done, rep.n_todo)
         rep.status = "completed"
     except KeyboardInterrupt:
         rep.status = "interrupted"
@@ -176,6 +183,38 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
             [rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
              rep.status if rep.status != "running" else "failed", datetime.now(), run_id])
     return rep
+
+
+class _Writer:
+    """One background thread doing the store writes, in order. An error there (or a
+    KeyboardInterrupt from a test hook) stops further writes and is raised in the caller."""
+
+    def __init__(self, fn):
+        self.fn, self.q, self.error = fn, queue.Queue(maxsize=2), None
+        self.t = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.fn(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    self.error = e
+
+    def put(self, *item):
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def __exit__(self, exc_type, *rest):
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None and exc_type is None:
+            raise self.error
 
 
 def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit):
@@ -196,7 +235,9 @@ def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, b
     try:
         if n:
             con.register("_emb_batch", batch)
-            con.execute(f"INSERT INTO {table} SELECT * FROM _emb_batch ON CONFLICT DO NOTHING")
+            # plain INSERT: `todo` excluded what exists and DuckDB has one writer, so a duplicate here
+            # is a bug the primary key should shout about (ON CONFLICT costs a third of the write)
+            con.execute(f"INSERT INTO {table} SELECT * FROM _emb_batch")
             con.unregister("_emb_batch")
         for image_id, path, reason in bad:
             con.execute(

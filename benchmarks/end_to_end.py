@@ -1,0 +1,83 @@
+"""2, 7 and 8. The benchmark study end to end on the real set (ingest -> embed -> sweep -> report),
+the second embed over the embedded store, and peak memory of embed and sweep.
+
+    python benchmarks/end_to_end.py [--workdir DIR] [--study benchmarks/cxr_shortcut.yaml]
+
+Everything runs in a fresh store in --workdir (kept, so the other scripts can reuse it:
+run_all.py passes it on). Peak memory = resident memory of this process plus its workers,
+sampled every 0.1 s during each stage.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from _common import MANIFEST, REPO, WEIGHTS, PeakMemory, need_real_set, table
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("bench-work"))
+    ap.add_argument("--study", type=Path, default=REPO / "benchmarks" / "cxr_shortcut.yaml")
+    ap.add_argument("--backbone", default="mobilenetv3-nih-onnx")
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args()
+    need_real_set()
+    from featstore import ingest as I
+    from featstore.backbones import create_backbone
+    from featstore.benchmark import run_study
+    from featstore.embed import embed
+    from featstore.report import write_report
+    from featstore.store import connect
+    from featstore.study import load_study
+
+    if a.workdir.exists():
+        shutil.rmtree(a.workdir)
+    a.workdir.mkdir(parents=True)
+    db = a.workdir / "featstore.duckdb"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(a.workdir / 'mlflow.db').resolve()}"
+    stages = []
+
+    def stage(name, fn):
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t0
+        stages.append([name, f"{dt:.1f}", f"{mem.gib:.2f}"])
+        return out, dt
+
+    con = connect(db)
+    rep, _ = stage("ingest", lambda: I.ingest_rows(con, I.manifest_rows(MANIFEST)[0], str(MANIFEST),
+                                                   workers=a.workers))
+    bb = create_backbone(a.backbone, weights_dir=WEIGHTS)
+    first, t_first = stage(f"embed ({a.backbone})", lambda: embed(con, bb, "original", 64))
+    second, t_second = stage("embed again (nothing to do)", lambda: embed(con, bb, "original", 64))
+    con.close()
+    st = load_study(a.study)
+    sw, t_sweep = stage(f"sweep {a.study.name} ({a.workers} workers)",
+                        lambda: run_study(st, db, workdir=a.workdir, workers=a.workers))
+
+    def report():
+        c = connect(db)
+        try:
+            return write_report(c, a.workdir / "report", st.study, sw.sweep_id)
+        finally:
+            c.close()
+    stage("report", report)
+    total = sum(float(s[1]) for s in stages)
+    stages.append(["total", f"{total:.1f}", f"{max(float(s[2]) for s in stages):.2f}"])
+    print("### 7, 8. End to end on ../shared/cxr, and peak memory\n")
+    print(f"{rep.n_images:,} images ingested ({len(rep.errors)} rejected); {first.n_embedded:,} embedded at "
+          f"{first.images_per_s:.0f} img/s; sweep: {sw.n_tasks} Optuna studies, {sw.n_trials} trials, "
+          f"{len(sw.rows)} result rows\n")
+    print(table(["stage", "wall s", "peak memory GiB (process + workers)"], stages))
+    print("\n### 2. Second embed over the embedded store\n")
+    print(table(["first embed s", "second embed s", "images embedded the second time", "ratio (bar <= 0.02)"],
+                [[f"{t_first:.2f}", f"{t_second:.3f}", second.n_embedded, f"{t_second / t_first:.4f}"]]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Run every benchmark script and write benchmarks/RESULTS.md (one command: `make bench`).
+
+    python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--workdir bench-work] [--quick]
+
+Each script runs in its own process (so peak-memory figures are its own) and prints Markdown;
+this collects them under a header naming the machine, date and commit. A script that cannot run
+here (no real set, no GPU) is listed as SKIPPED with its reason, never as passed. GPU figures come
+from `embed_throughput.py --device cuda` on a GPU machine; when this machine has none, the last
+GPU run's section (benchmarks/RESULTS-gpu.md, written by `run_all.py --gpu` there) is included
+with its own machine, date and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO, commit, machine
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, *args: str) -> str:
+    cmd = [sys.executable, str(HERE / script), *args]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    took = time.perf_counter() - t0
+    out = p.stdout.strip()
+    sys.stderr.write(f"{script}: rc={p.returncode}, {took:.0f}s\n")
+    if p.returncode != 0:
+        reason = next((line for line in (p.stdout + p.stderr).splitlines() if line.startswith("SKIPPED")), None)
+        tail = reason or "FAILED:\n\n```\n" + "\n".join(p.stderr.strip().splitlines()[-15:]) + "\n```"
+        return f"#### {script}\n\n{tail}\n"
+    return out + f"\n\n<sub>`{' '.join(['python', 'benchmarks/' + script, *args])}` — {took:.0f} s</sub>\n"
+
+
+def header(title: str) -> str:
+    return (f"{title}\n\nMachine: {machine()}  \nDate: {dt.datetime.now():%Y-%m-%d %H:%M}  \n"
+            f"Commit: {commit()}\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench-work")
+    ap.add_argument("--gpu", action="store_true", help="only the GPU embedding figures, into RESULTS-gpu.md")
+    ap.add_argument("--gpu-data", type=Path, help="with --gpu: manifest of the images to embed")
+    a = ap.parse_args()
+    if a.gpu:
+        args = ["--device", "cuda", "--batch-size", "256", "--workers", "12",
+                "--backbones", "xrv-densenet121-res224-all:19780,xrv-resnet50-res512-all:19780", "--replicate", "10"]
+        if a.gpu_data:
+            args += ["--manifest", str(a.gpu_data)]
+        (HERE / "RESULTS-gpu.md").write_text(header("## GPU embedding") + "\n" + run("embed_throughput.py", *args))
+        return
+    db = str(a.workdir / "featstore.duckdb")
+    parts = [header("# featstore performance, measured side by side"),
+             "Produced by `make bench` (benchmarks/run_all.py); every ratio compares two things measured "
+             "in the same run. Bars are the targets of issue 5.\n",
+             run("end_to_end.py", "--workdir", str(a.workdir)),
+             run("embed_throughput.py"),
+             run("store_load.py", "--db", db),
+             run("head_overhead.py", "--db", db),
+             run("sweep_workers.py", "--db", db),
+             run("knn_latency.py")]
+    gpu = HERE / "RESULTS-gpu.md"
+    parts.append(gpu.read_text() if gpu.exists() else "## GPU embedding\n\nSKIPPED: no GPU run recorded.\n")
+    a.out.write_text("\n\n".join(parts) + "\n")
+    print(a.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
