@@ -48,6 +48,8 @@ def ingest(
     path_col: str = "path", source_col: str = "source", label_col: str = "label", class_col: str = "class3",
     patient_col: str = "patient_id", view_col: str = "view", sex_col: str = "sex", age_col: str = "age",
     mask_col: str = typer.Option("mask_path", help="optional column naming a lung mask file per image"),
+    allow_root: list[Path] = typer.Option([], help="manifest paths may resolve inside this folder too "
+                                          "(default: only inside --root / the manifest's folder); repeatable"),
     labels: str = typer.Option("covid,non_covid", help="allowed labels, comma-separated; '*' allows any"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="processes that hash and decode files"),
     db: Optional[Path] = DbOpt,
@@ -67,7 +69,8 @@ def ingest(
             origin = str(manifest.resolve())
             cols = I.ColumnMap(path_col, source_col, label_col, class_col, patient_col, view_col, sex_col, age_col,
                                mask_col)
-            rows, pre = I.manifest_rows(manifest, cols, root, source)
+            roots = [root or manifest.parent, *allow_root] if allow_root else None
+            rows, pre = I.manifest_rows(manifest, cols, root, source, roots)
         elif folder:
             origin = str(folder.resolve())
             rows, pre = I.folder_rows(folder)

@@ -132,9 +132,18 @@ def read_manifest(path: str | Path) -> pl.DataFrame:
         raise ValueError(f"unreadable manifest: {type(e).__name__}: {e}") from e
 
 
+def _inside(p: Path, roots: list[Path]) -> bool:
+    return any(p == r or p.is_relative_to(r) for r in roots)
+
+
 def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str | Path | None = None,
-                  source: str | None = None) -> tuple[list[Row], list[Rejection]]:
-    """Rows of a CSV/Parquet manifest. Paths are relative to the manifest's folder unless `root`."""
+                  source: str | None = None, allowed_roots: list[str | Path] | None = None
+                  ) -> tuple[list[Row], list[Rejection]]:
+    """Rows of a CSV/Parquet manifest. Paths are relative to the manifest's folder unless `root`.
+
+    A path that resolves (symlinks followed) outside the allowed roots - by default the folder paths
+    are relative to - is refused and recorded, never read: a manifest must not make featstore open
+    `../../etc/passwd`. `allowed_roots` (CLI --allow-root) widens that on purpose."""
     cols = cols or ColumnMap()
     manifest = Path(manifest)
     origin = str(manifest.resolve())
@@ -146,24 +155,44 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
     if missing:
         raise ValueError(f"manifest lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
     base = Path(root) if root else manifest.parent
+    allowed = [Path(r).resolve() for r in (allowed_roots or [base])]
     mapped = {v for k, v in names.items() if v in df.columns}
     rows: list[Row] = []
+    refused: list[Rejection] = []
     for i, rec in enumerate(df.iter_rows(named=True), start=1):
         raw_path = _clean(rec.get(names["path"]))
         src = source or _clean(rec.get(names["source"])) or ""
         p = (base / raw_path) if raw_path else None
+        if p is not None:
+            try:
+                p = p.resolve()
+            except (OSError, ValueError) as e:  # NUL bytes, names too long for the OS
+                refused.append(Rejection(repr(raw_path)[:300], src, f"unusable path: {e}", i))
+                continue
+            if not _inside(p, allowed):
+                refused.append(Rejection(raw_path[:300], src, "path outside the allowed root "
+                                         f"({', '.join(map(str, allowed))}): refused; --allow-root DIR permits it", i))
+                continue
         extra = {k: v for k, v in rec.items() if k not in mapped and v not in (None, "")}
         mask = _clean(rec.get(names["mask"]))
-        if mask:  # resolved like the image path, so masks are found from any working directory
-            extra["mask_path"] = str((base / mask).resolve())
+        if mask:  # resolved and fenced like the image path, so masks are found from any working directory
+            try:
+                mp = (base / mask).resolve()
+            except (OSError, ValueError) as e:
+                refused.append(Rejection(repr(mask)[:300], src, f"unusable mask path: {e}", i))
+                continue
+            if not _inside(mp, allowed):
+                refused.append(Rejection(mask[:300], src, "mask path outside the allowed root: refused", i))
+                continue
+            extra["mask_path"] = str(mp)
         rows.append(Row(
-            path=str(p.resolve()) if p else "", display=raw_path or "", source=src,
+            path=str(p) if p else "", display=raw_path or "", source=src,
             label=rec.get(names["label"]), origin=origin, row_number=i,
             klass=normalise_label(rec.get(names["class"])), patient_id=_clean(rec.get(names["patient_id"])),
             view=_clean(rec.get(names["view"])), sex=_clean(rec.get(names["sex"])),
             age=_age(rec.get(names["age"])), extra=extra or None,
         ))
-    return rows, []
+    return rows, refused
 
 
 def folder_rows(root: str | Path) -> tuple[list[Row], list[Rejection]]:

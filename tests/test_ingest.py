@@ -140,6 +140,9 @@ def test_cli_exit_status_says_whether_anything_failed(synth_manifest, tmp_path):
     pl.read_csv(synth_manifest, infer_schema=False).filter(pl.col("source") == "synthetic-c").with_columns(
         (str(synth_manifest.parent) + "/" + pl.col("path")).alias("path")).write_csv(good)
     r = CliRunner().invoke(app, ["ingest", "--manifest", str(good), "--db", db])
+    assert r.exit_code == 1 and "path outside the allowed root" in r.output  # absolute paths elsewhere
+    r = CliRunner().invoke(app, ["ingest", "--manifest", str(good), "--db", db,
+                                 "--allow-root", str(synth_manifest.parent)])
     assert r.exit_code == 0, r.output
 
 
