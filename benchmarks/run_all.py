@@ -59,13 +59,14 @@ def main():
     db = str(a.workdir / "featstore.duckdb")
     parts = [header("# featstore performance, measured side by side"),
              "Produced by `make bench` (benchmarks/run_all.py); every ratio compares two things measured "
-             "in the same run. Bars are the targets of issue 5.\n",
+             "in the same run. Bars are the targets of issue 5; the scaling-out figures are issue 6's.\n",
              run("end_to_end.py", "--workdir", str(a.workdir)),
              run("embed_throughput.py"),
              run("store_load.py", "--db", db),
              run("head_overhead.py", "--db", db),
              run("sweep_workers.py", "--db", db),
-             run("knn_latency.py")]
+             run("knn_latency.py"),
+             run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db)]
     gpu = HERE / "RESULTS-gpu.md"
     parts.append(gpu.read_text() if gpu.exists() else "## GPU embedding\n\nSKIPPED: no GPU run recorded.\n")
     a.out.write_text("\n\n".join(parts) + "\n")

@@ -18,7 +18,7 @@ import polars as pl
 
 from featstore.api import Store
 from featstore.score import binary_metrics, gap_test, multiclass_metrics
-from featstore.study import Study, StudyData, check_feasible, load_data
+from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
 from featstore.sweep import Task, TaskResult, run_tasks
 from featstore.track import Tracker, code_version, write_predictions, write_results
 
@@ -62,8 +62,32 @@ def plan(st: Study, db) -> list[tuple[str, str, StudyData, dict]]:
     return out
 
 
+def run_worker(st: Study, source, storage: str, workers: int = 1, trials: int | None = None,
+               timeout: float | None = None, progress=None) -> tuple[int, int]:
+    """`featstore sweep-worker`: run the trials of every study nobody else is running, on shared
+    storage; no refit, no MLflow, no store writes (the coordinator, `featstore sweep --storage`, does
+    those). `source` is the store or, better, a snapshot (`featstore export --snapshot`), so that
+    workers never wait on DuckDB's single writer. Returns (studies, trials) this worker ran."""
+    if "://" not in str(storage):
+        raise StudyError(f"--storage {storage}: sweep workers need a database URL (postgresql://…) to share")
+    n_studies = n_trials = 0
+    for bb, pre, data, folds in plan(st, source):
+        tasks = make_tasks(st, bb, pre, data, folds, trials, timeout)
+        done = [0]
+
+        def tick(_r, what=f"{bb}/{pre}", total=len(tasks)):
+            done[0] += 1
+            if progress:
+                progress(done[0], total, what)
+        for r in run_tasks(tasks, data.X, data.meta, storage, workers, tick, search_only=True):
+            n_studies += r.n_ran > 0
+            n_trials += r.n_ran
+    return n_studies, n_trials
+
+
 def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = None, workers: int | None = None,
-              trials: int | None = None, timeout: float | None = None, progress=None) -> SweepReport:
+              trials: int | None = None, timeout: float | None = None, progress=None,
+              storage: str | None = None) -> SweepReport:
     t0 = time.time()
     workdir = Path(workdir)
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -72,10 +96,10 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
     rep.phases["load"] = time.time() - t0
     tracker = Tracker(st.study, tracking)
     rep.mlflow_uri = tracker.uri
-    storage = workdir / "optuna" / f"{_safe(st.study)}.journal"
+    storage = storage or (workdir / "optuna" / f"{_safe(st.study)}.journal").resolve()
     parent = tracker.run(f"sweep {sweep_id}", params=_config_params(st), tags=dict(
         level="sweep", study=st.study, sweep_id=sweep_id, code_version=code_version(), config=str(st.path or ""),
-        optuna_storage=str(storage.resolve())), status=None)
+        optuna_storage=_redact(str(storage))), status=None)
     rep.parent_run_id = parent
     try:
         all_rows, all_preds = [], []
@@ -102,10 +126,8 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
             rep.phases["score_track"] += time.time() - t2
             all_rows += rows
             all_preds.append(preds)
-        from featstore.store import connect
-
         t3 = time.time()
-        con = connect(db)
+        con = _connect_when_free(db, workdir, sweep_id, all_rows, all_preds)
         try:
             con.execute("BEGIN")
             write_results(con, all_rows)
@@ -139,6 +161,41 @@ def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trial
                     tasks.append(Task(name, proto, f, hc.name, trials or hc.trials, hc.fixed, sel, st.seed,
                                       timeout if timeout is not None else st.timeout, len(data.class_names)))
     return tasks
+
+
+def _connect_when_free(db, workdir: Path, sweep_id: str, rows, preds, wait_s: float | None = None):
+    """The sweep's one write: wait while another process holds the store; if it never frees, keep
+    the rows in Parquet files beside the journal (nothing computed is lost) and say how to load them."""
+    import os
+
+    from featstore.store import StoreBusyError, connect
+
+    wait_s = float(os.environ.get("FEATSTORE_WRITE_WAIT_S", 600)) if wait_s is None else wait_s
+    t0 = time.time()
+    while True:
+        try:
+            return connect(db)
+        except StoreBusyError as e:
+            if time.time() - t0 < wait_s:
+                time.sleep(2)
+                continue
+            out = (workdir / f"unsaved-{sweep_id}").resolve()
+            out.mkdir(parents=True, exist_ok=True)
+            from featstore.track import results_frame
+
+            results_frame(rows).write_parquet(out / "results.parquet")
+            if preds:
+                pl.concat(preds).write_parquet(out / "predictions.parquet")
+            raise StoreBusyError(f"{e}\nThe sweep's {len(rows)} result rows are kept in {out}; load them later "
+                                 f"with: featstore sql --write \"INSERT INTO results BY NAME SELECT * FROM "
+                                 f"'{out}/results.parquet'\"") from e
+
+
+def _redact(url: str) -> str:
+    """A storage URL as it may be logged: no password."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _safe(name: str) -> str:

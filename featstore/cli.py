@@ -139,6 +139,12 @@ def embed(
     workers: Optional[int] = typer.Option(None, help="DataLoader decode processes (default: cores, at most 4)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     limit: Optional[int] = typer.Option(None, help="embed at most N images this run"),
+    engine: str = typer.Option("local", help="local (DataLoader on this machine) or ray (Ray Data: every "
+                               "CPU/GPU of a cluster)"),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="ray: a cluster to join "
+                                               "(auto, ray://head:10001); default: start Ray on this machine"),
+    shards: Path = typer.Option(Path("featstore-shards"), help="ray: Parquet shards land here before the import"),
+    actors: Optional[int] = typer.Option(None, help="ray: backbone replicas (default: one per GPU, else 1)"),
     db: Optional[Path] = DbOpt,
 ):
     """Embed every image that has no embedding yet for (backbone, weights, preprocessing)."""
@@ -161,8 +167,18 @@ def embed(
             el = prog.tasks[0].elapsed or 1e-9
             prog.update(task, completed=done, total=total, rate=f"{done / el:.1f} img/s")
         try:
-            rep = run_embed(con, bb, preprocess, batch_size, workers, limit, tick, masks=masks,
-                            weights_dir=weights_dir)
+            if engine == "ray":
+                from featstore.embed_ray import embed_ray
+
+                prog.stop()  # Ray Data draws its own progress bars
+                rep = embed_ray(con, bb, dict(name=backbone, weights=weights, weights_dir=weights_dir,
+                                              output=onnx_output), preprocess, batch_size, shards, ray_address,
+                                actors, limit, masks, weights_dir)
+            elif engine == "local":
+                rep = run_embed(con, bb, preprocess, batch_size, workers, limit, tick, masks=masks,
+                                weights_dir=weights_dir)
+            else:
+                raise ValueError(f"--engine {engine}: choose local or ray")
         except KeyboardInterrupt:
             err.print("[yellow]interrupted:[/] finished batches are stored; run the same command to resume")
             raise typer.Exit(130)
@@ -171,6 +187,9 @@ def embed(
             raise typer.Exit(2)
     err.print(f"embedded {rep.n_embedded} of {rep.n_todo} missing images in {rep.seconds:.1f}s "
               f"({rep.images_per_s:.1f} img/s); {len(rep.failed)} failed (listed in embed_errors)")
+    if rep.torn_shards:
+        err.print(f"{rep.torn_shards} shard file(s) torn by an earlier killed run were dropped; their images were "
+                  f"embedded again")
     for image_id, path, reason in rep.failed[:10]:
         err.print(f"  {path}: {reason}")
     raise typer.Exit(1 if rep.failed else 0)
@@ -268,13 +287,29 @@ def sql(
 
 
 @app.command()
-def export(parquet: Path = typer.Option(..., help="output folder"), db: Optional[Path] = DbOpt):
-    """Write metadata and embeddings as Parquet partitioned by source (readable without featstore)."""
+def export(parquet: Optional[Path] = typer.Option(None, help="output folder: Hive-partitioned Parquet by source"),
+           snapshot: Optional[Path] = typer.Option(None, help="new folder: the whole store (DuckDB EXPORT DATABASE, "
+                                                   "Parquet); sweep workers read it with --db DIR"),
+           db: Optional[Path] = DbOpt):
+    """Write metadata and embeddings as Parquet partitioned by source (readable without featstore),
+    or a snapshot of the whole store for sweep workers."""
     from featstore.export import export_parquet
+    from featstore.store import export_snapshot
 
+    if not parquet and not snapshot:
+        err.print("[red]error:[/] give --parquet DIR and/or --snapshot DIR")
+        raise typer.Exit(2)
     con = _open(db, read_only=True)
-    counts = export_parquet(con, parquet)
-    err.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {parquet}")
+    if parquet:
+        counts = export_parquet(con, parquet)
+        err.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {parquet}")
+    if snapshot:
+        try:
+            export_snapshot(con, snapshot)
+        except FileExistsError as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(2)
+        err.print(f"snapshot -> {snapshot} (read it with --db {snapshot})")
 
 
 # --- the benchmark ---------------------------------------------------------------------
@@ -286,6 +321,12 @@ def sweep(
     timeout: Optional[float] = typer.Option(None, help="seconds per Optuna study"),
     workers: Optional[int] = typer.Option(None, help="worker processes (default: the config's, else 1)"),
     workdir: Path = typer.Option(Path("."), help="Optuna journal goes to WORKDIR/optuna/<study>.journal"),
+    storage: Optional[str] = typer.Option(None, envvar="FEATSTORE_OPTUNA_STORAGE",
+                                          help="Optuna storage shared with `featstore sweep-worker` processes, "
+                                          "e.g. postgresql://user@host:5432/optuna (default: the journal file)"),
+    tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow: a tracking server (http://host:5000) or database URL "
+                                               "(default: sqlite:///./mlflow.db)"),
     db: Optional[Path] = DbOpt,
 ):
     """Run a study: every protocol x head x embedding set, Optuna per fold, MLflow + results rows."""
@@ -300,7 +341,7 @@ def sweep(
 
             def tick(done, total, what):
                 prog.update(task, completed=done, total=total, description=f"sweep {what}", rate="studies")
-            rep = run_study(st, db, workdir, None, workers, trials, timeout, tick)
+            rep = run_study(st, db, workdir, tracking_uri, workers, trials, timeout, tick, storage)
     except (StudyError, FileNotFoundError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
@@ -319,6 +360,39 @@ def sweep(
     for note in sorted({r["notes"] for r in rep.rows if r.get("notes") and "WARNING" in r["notes"]}):
         err.print(f"[bold red]{note}[/]")
     raise typer.Exit(1 if rep.n_failed else 0)
+
+
+@app.command("sweep-worker")
+def sweep_worker(
+    config: Path = typer.Argument(..., help="the same study config the coordinator runs"),
+    storage: str = typer.Option(..., envvar="FEATSTORE_OPTUNA_STORAGE", help="the shared Optuna storage URL"),
+    trials: Optional[int] = typer.Option(None, help="as given to the coordinator"),
+    timeout: Optional[float] = typer.Option(None, help="as given to the coordinator"),
+    workers: int = typer.Option(1, help="processes on this machine"),
+    db: Optional[Path] = typer.Option(None, envvar="FEATSTORE_DB",
+                                      help="a snapshot folder (`featstore export --snapshot`) or the store"),
+):
+    """Join a sweep from any machine: run trials of studies nobody is running. `featstore sweep` with
+    the same --storage refits the winners and writes MLflow and the results (it also runs trials)."""
+    from featstore.benchmark import run_worker
+    from featstore.study import StudyError, load_study
+
+    try:
+        st = load_study(config)
+        db = db or (Path(st.db) if st.db else None)
+        with _progress() as prog:
+            task = prog.add_task("sweep-worker", total=None, rate="")
+
+            def tick(done, total, what):
+                prog.update(task, completed=done, total=total, description=f"worker {what}", rate="studies")
+            n_studies, n_trials = run_worker(st, db, storage, workers, trials, timeout, tick)
+    except (StudyError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted:[/] finished trials are in the shared storage")
+        raise typer.Exit(130)
+    err.print(f"worker done: ran {n_trials} trials in {n_studies} Optuna studies")
 
 
 def _print_headline(df):

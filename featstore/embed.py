@@ -38,6 +38,7 @@ class EmbedReport:
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (image_id, path, reason)
     seconds: float = 0.0
     status: str = "running"
+    torn_shards: int = 0    # --engine ray: unreadable shard files a killed run left, dropped and redone
 
     @property
     def images_per_s(self) -> float:

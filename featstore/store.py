@@ -32,6 +32,8 @@ def default_db_path() -> Path:
 def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the store; create/migrate the schema unless read-only."""
     path = Path(db) if db is not None else default_db_path()
+    if path.is_dir() and (path / "load.sql").exists():
+        return open_snapshot(path)
     if read_only and not path.exists():
         raise FileNotFoundError(f"no featstore at {path} (run `featstore ingest` first, or pass --db)")
     try:
@@ -48,6 +50,29 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
     if not read_only:
         migrate(con)
     return con
+
+
+def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
+    """A snapshot (`featstore export --snapshot DIR`: DuckDB's EXPORT DATABASE as Parquet) loaded
+    into memory in bulk. Sweep workers read this, so none waits on the store's single writer;
+    writes go nowhere."""
+    con = duckdb.connect(":memory:")
+    con.execute("SET python_enable_replacements = false")
+    con.execute(f"IMPORT DATABASE '{_quote(path)}'")
+    return con
+
+
+def export_snapshot(con, out: str | os.PathLike) -> Path:
+    """Every table and view of the store, as Parquet plus the schema, in a new folder."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; give a new folder for the snapshot")
+    con.execute(f"EXPORT DATABASE '{_quote(out)}' (FORMAT parquet)")
+    return out
+
+
+def _quote(path) -> str:
+    return str(path).replace("'", "''")
 
 
 def schema_version(con) -> int:

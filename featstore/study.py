@@ -4,6 +4,7 @@ Every error names the key and the allowed values, and comes before any fitting s
 """
 from __future__ import annotations
 
+import inspect
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,12 @@ def parse_study(raw: dict, path: Path | None = None) -> Study:
         bad = set(hc) - {"trials", "fixed"}
         if bad:
             _fail(where, f"heads.{name}: unknown key(s) {sorted(bad)}; allowed: trials, fixed")
-        st.heads.append(HeadConfig(name, int(hc.get("trials", 10)), dict(hc.get("fixed") or {})))
+        fixed = dict(hc.get("fixed") or {})
+        allowed = set(inspect.signature(HEADS[name].cls.__init__).parameters) - {"self", "random_state"}
+        if set(fixed) - allowed:
+            _fail(where, f"heads.{name}.fixed: unknown hyperparameter(s) {sorted(set(fixed) - allowed)}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+        st.heads.append(HeadConfig(name, int(hc.get("trials", 10)), fixed))
     protos = raw.get("protocols")
     if not protos:
         _fail(where, f"'protocols' needs at least one of {', '.join(PROTOCOLS)}")

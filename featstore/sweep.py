@@ -9,9 +9,17 @@ scrambles the held-out labels and checks that nothing selected changes).
 Units run in worker processes (spawn; each gets the arrays once) when workers > 1; the Optuna
 journal file is safe for several processes, and a re-run resumes each study where it stopped.
 The parent alone writes MLflow and the store.
+
+Shared storage (a database URL, e.g. postgresql://…) lets `featstore sweep-worker` processes on any
+machine join in. A process *claims* a study by creating it (the storage's unique study name makes
+that atomic) and runs all its trials in order, so N workers give the same trials as one. Others skip
+a claimed study, or, when they need its result, wait for it, and take it over if its owner went
+quiet (heartbeats fail a dead owner's running trial; see `GRACE_S`).
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 import traceback
 import warnings
@@ -56,6 +64,7 @@ class TaskResult:
     error: str | None = None
     seconds: float = 0.0
     fit_seconds: float = 0.0
+    n_ran: int = 0          # trials this process ran (the rest: earlier runs, other workers)
 
 
 def study_seed(seed: int, name: str) -> int:
@@ -92,8 +101,70 @@ def fit_head(name, params, X, y, domains, seed):
     return create_head(name, **{**params, "random_state": seed}).fit(X, y, domains=domains)
 
 
-def run_task(task: Task, X: np.ndarray, meta: Meta, storage) -> TaskResult:
+# a running trial on database storage proves its owner alive this often; after GRACE_S without, the
+# trial is failed as dead and its study is open to takeover (environment overrides are for tests)
+HEARTBEAT_S = int(os.environ.get("FEATSTORE_SWEEP_HEARTBEAT_S", 5))
+GRACE_S = int(os.environ.get("FEATSTORE_SWEEP_GRACE_S", 30))
+
+
+def is_shared(storage) -> bool:
+    from optuna.storages import RDBStorage
+
+    return isinstance(storage, RDBStorage)
+
+
+def _counted(t) -> bool:
+    """Trials that count towards a study's budget: finished ones, and objective failures. A trial
+    whose process died (interrupted, or failed stale by the heartbeat) does not count; it is kept."""
+    S = optuna.trial.TrialState
+    return t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and "error" in t.user_attrs)
+
+
+def _mark_interrupted(study) -> None:
+    """Single-owner storage: a RUNNING trial found at start belongs to a process that died."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+
+
+_FIRST_SEEN: dict[str, float] = {}
+
+
+def _quiet_s(study) -> float:
+    """Seconds since the study's owner last showed life (its claim, a trial starting or ending, or,
+    failing those, when this process first saw the study); 0 while a trial runs with a live heartbeat."""
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+        return 0.0
+    last = [study.user_attrs.get("claimed_at", 0.0), _FIRST_SEEN.setdefault(study.study_name, time.time())]
+    last += [(t.datetime_complete or t.datetime_start).timestamp() for t in trials if t.datetime_start]
+    return time.time() - max(last)
+
+
+def open_study(task: Task, storage, sampler, pruner, claim: bool):
+    """(study, owned). Without claim (single-owner storage) the study is ours, created or resumed."""
+    kw = dict(study_name=task.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize")
+    if not claim:
+        study = optuna.create_study(**kw, load_if_exists=True)
+        _mark_interrupted(study)
+        return study, True
+    try:
+        study = optuna.create_study(**kw, load_if_exists=False)
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=task.study_name, storage=storage, sampler=sampler, pruner=pruner), False
+    study.set_user_attr("claimed_by", f"{socket.gethostname()}:{os.getpid()}")
+    study.set_user_attr("claimed_at", time.time())
+    return study, True
+
+
+def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool = False,
+             grace_s: float | None = None) -> TaskResult:
+    """Search (Optuna trials), then refit the best on the fold's training set and predict its tests.
+    search_only (sweep workers): trials of unclaimed or abandoned studies only; a study another
+    live process owns is skipped, and nothing is refitted."""
     t0 = time.time()
+    grace_s = GRACE_S if grace_s is None else grace_s
     res = TaskResult(task)
     f = task.fold
     if task.selection == "oracle":  # upper bound: selects on the test set itself, reported apart
@@ -104,6 +175,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage) -> TaskResult:
     space = HEADS[task.head].space
 
     def objective(trial):
+        res.n_ran += 1
         params = {**space(trial), **task.fixed}
         P_all, y_all = [], []
         try:
@@ -134,13 +206,24 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage) -> TaskResult:
 
     sampler = optuna.samplers.TPESampler(seed=study_seed(task.seed, task.study_name), n_startup_trials=5)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    study = optuna.create_study(study_name=task.study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
-    done = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                           optuna.trial.TrialState.FAIL) for t in study.trials)
-    if task.trials - done > 0:
-        study.optimize(objective, n_trials=task.trials - done, timeout=task.timeout, catch=(Exception,),
-                       gc_after_trial=False)
+    study, owned = open_study(task, storage, sampler, pruner, claim=is_shared(storage))
+    while (left := task.trials - sum(map(_counted, study.get_trials(deepcopy=False)))) > 0:
+        if not owned:
+            quiet = _quiet_s(study)
+            if quiet < grace_s:  # its owner is alive: leave it (worker) or wait for it (refit)
+                if search_only:
+                    break
+                time.sleep(min(1.0, grace_s - quiet))
+                continue
+            study.set_user_attr("claimed_by", f"{socket.gethostname()}:{os.getpid()} (took over)")
+            study.set_user_attr("claimed_at", time.time())
+            owned = True
+        study.optimize(objective, n_trials=left, timeout=task.timeout, catch=(Exception,), gc_after_trial=False)
+        if task.timeout or task.trials - sum(map(_counted, study.get_trials(deepcopy=False))) >= left:
+            break  # out of time, or trials failing outside the objective: stop, do not spin
+    if search_only:
+        res.seconds = time.time() - t0
+        return res
     for t in study.trials:
         res.trials.append(dict(number=t.number, state=t.state.name, params=t.params, value=t.value,
                                error=t.user_attrs.get("error"),
@@ -175,16 +258,16 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage) -> TaskResult:
 _W: dict = {}
 
 
-def _init_worker(X, meta, storage_path, threads):
+def _init_worker(X, meta, storage_spec, threads, search_only):
     import torch
 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _W.update(X=X, meta=meta, storage=journal(storage_path))
+    _W.update(X=X, meta=meta, storage=open_storage(storage_spec), search_only=search_only)
 
 
 def _run_in_worker(task: Task) -> TaskResult:
-    return run_task(task, _W["X"], _W["meta"], _W["storage"])
+    return run_task(task, _W["X"], _W["meta"], _W["storage"], _W["search_only"])
 
 
 def journal(path: str | Path):
@@ -195,19 +278,45 @@ def journal(path: str | Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_tasks(tasks: list[Task], X, meta, storage_path, workers: int = 1, on_done=None) -> list[TaskResult]:
+def open_storage(spec: str | Path):
+    """A journal file (one machine, the default) or a database URL such as
+    postgresql://user@host:5432/optuna, which many worker processes on many machines share."""
+    spec = str(spec)
+    if "://" not in spec:
+        return journal(spec)
+    from optuna.storages import RDBStorage
+
+    import random
+
+    import sqlalchemy.exc
+
+    for attempt in range(8):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them knowingly
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  engine_kwargs={"pool_pre_ping": True})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # workers starting together on an empty database race to create Optuna's tables
+            if attempt == 7:
+                raise
+            time.sleep(random.uniform(0.2, 1.0))
+
+
+def run_tasks(tasks: list[Task], X, meta, storage_spec, workers: int = 1, on_done=None,
+              search_only: bool = False) -> list[TaskResult]:
     """Run every task; results come back in task order."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: list[TaskResult | None] = [None] * len(tasks)
     if workers <= 1:
-        storage = journal(storage_path)
+        storage = open_storage(storage_spec)
         for i, t in enumerate(tasks):
-            out[i] = run_task(t, X, meta, storage)
+            out[i] = run_task(t, X, meta, storage, search_only)
             if on_done:
                 on_done(out[i])
         return out
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(X, meta, str(storage_path), 1)) as ex:
+                             initargs=(X, meta, str(storage_spec), 1, search_only)) as ex:
         futs = {ex.submit(_run_in_worker, t): i for i, t in enumerate(tasks)}
         from concurrent.futures import as_completed
 

@@ -115,6 +115,12 @@ def _json(v):
 def write_results(con, rows: list[dict]) -> int:
     if not rows:
         return 0
+    insert_frame(con, "results", results_frame(rows))
+    return len(rows)
+
+
+def results_frame(rows: list[dict]) -> pl.DataFrame:
+    """Rows as the results table's columns."""
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     data = {c: [] for c in RESULT_COLUMNS}
     for r in rows:
@@ -127,10 +133,8 @@ def write_results(con, rows: list[dict]) -> int:
             elif isinstance(v, float) and not math.isfinite(v):
                 v = None
             data[c].append(v)
-    df = pl.DataFrame(data, schema_overrides={"train_sources": pl.List(pl.Utf8), "test_sources": pl.List(pl.Utf8)},
-                      strict=False)
-    insert_frame(con, "results", df)
-    return len(rows)
+    return pl.DataFrame(data, schema_overrides={"train_sources": pl.List(pl.Utf8),
+                                                "test_sources": pl.List(pl.Utf8)}, strict=False)
 
 
 def write_predictions(con, df: pl.DataFrame) -> int:

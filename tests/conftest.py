@@ -83,3 +83,18 @@ def synth_embeddings(synth_stores):
         with open_store(db) as fs:
             out[name] = fs.arrays("pixelstats")
     return out
+
+
+# --- a real PostgreSQL on 127.0.0.1 for the scale-out tests -----------------------------------
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throwaway PostgreSQL server (Debian's postgresql package) on a free loopback port. Returns
+    url(dbname) -> the URL of a new database. Skips, saying why, where none can run."""
+    from featstore.testing import PostgresUnavailable, local_postgres
+
+    try:
+        with local_postgres(tmp_path_factory.mktemp("pg")) as url:
+            yield url
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))

@@ -141,6 +141,7 @@ def test_three_class_target(synth_stores, tmp_path):
     (dict(backbones=["tv-resnet50-imagenet"]), "no embeddings for backbone"),
     (dict(sources=["synthetic-a", "synthetic-b"]), "mostly-negative"),
     (dict(heads={"svm": {}}), "unknown head"),
+    (dict(heads={"grl_mlp": {"fixed": {"epochs": 3}}}), r"unknown hyperparameter.*epochs.*allowed:.*max_epochs"),
     (dict(protocols={"k-fold": {}}), "unknown protocol"),
     (dict(selection="peek"), "selection"),
 ])

@@ -1,0 +1,404 @@
+"""Scaling out, and proof that nothing is lost: sweeps sharing a real PostgreSQL, MLflow on a tracking
+server backed by it, Ray Data embedding, and kill -9 at random points (seeded) during embed and sweep.
+
+Marked `scale`; CI runs them with the rest. Every subprocess has a timeout."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import optuna
+import polars as pl
+import psutil
+import pytest
+import yaml
+
+from featstore.benchmark import run_study
+from featstore.study import load_study
+
+pytestmark = pytest.mark.scale
+
+FEATSTORE = str(Path(sys.executable).with_name("featstore"))
+FAST = {"FEATSTORE_SWEEP_HEARTBEAT_S": "1", "FEATSTORE_SWEEP_GRACE_S": "3"}
+VOLATILE = {"sweep_id", "mlflow_run_id", "seconds", "created_at"}
+
+
+def _config(tmp_path, name, heads=None, protocols=None) -> Path:
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(dict(
+        study=name, backbones=["pixelstats"], seed=7, bootstrap=50,
+        heads=heads or {"logreg": {"trials": 3}, "lightgbm": {"trials": 2}},
+        protocols=protocols or {"loso": {}, "leave-pair-out": {}})))
+    return cfg
+
+
+def _start(args, env=None, **kw):
+    return subprocess.Popen([FEATSTORE, *args], env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def _kill_tree(proc):
+    """SIGKILL the process and everything it started (Ray's raylet and workers included)."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    for p in [psutil.Process(proc.pid)] + kids if proc.poll() is None else kids:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(kids, timeout=30)
+
+
+def _rows(db, sweep_id):
+    with duckdb.connect(str(db), read_only=True) as con:
+        cols = [c for (c,) in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'results' "
+                                          "ORDER BY column_index").fetchall() if c not in VOLATILE]
+        return con.execute(f"SELECT {', '.join(cols)} FROM results WHERE sweep_id = ? ORDER BY ALL",
+                           [sweep_id]).fetchall()
+
+
+def _trials(storage) -> dict:
+    """study -> {trial number: (state, params, value)}"""
+    out = {}
+    for name in optuna.get_all_study_names(storage):
+        st = optuna.load_study(study_name=name, storage=storage)
+        out[name] = {t.number: (t.state.name, json.dumps(t.params, sort_keys=True), t.value,
+                                "error" in t.user_attrs) for t in st.get_trials(deepcopy=False)}
+    return out
+
+
+def _finished(trials: dict) -> dict:
+    return {s: {n: v for n, v in ts.items() if v[0] in ("COMPLETE", "PRUNED")} for s, ts in trials.items()}
+
+
+def _counted(ts: dict) -> int:
+    return sum(v[0] in ("COMPLETE", "PRUNED") or (v[0] == "FAIL" and v[3]) for v in ts.values())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- sweeps on PostgreSQL ------------------------------------------------------------------------
+
+def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_stores, postgres, tmp_path):
+    """4 `featstore sweep-worker` processes reading a Parquet snapshot share one PostgreSQL study
+    storage; the coordinator refits and logs to an MLflow tracking server backed by PostgreSQL. Every
+    trial appears once, and the trials and result rows equal a single-worker run's."""
+    from featstore.store import connect, export_snapshot
+
+    db = synth_stores["confounded"]
+    cfg = _config(tmp_path, "pg")
+    st = load_study(cfg)
+    one_url, four_url = postgres("optuna_one"), postgres("optuna_four")
+    one = run_study(st, db, tmp_path / "one", f"sqlite:///{tmp_path / 'one.db'}", workers=1, storage=one_url)
+
+    con = connect(db, read_only=True)
+    export_snapshot(con, tmp_path / "snap")
+    con.close()
+    workers = [_start(["sweep-worker", str(cfg), "--storage", four_url, "--db", str(tmp_path / "snap")])
+               for _ in range(4)]
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                               postgres("mlflow"), "--artifacts-destination", str(tmp_path / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        outs = [w.communicate(timeout=400) for w in workers]
+        for w, (_, e) in zip(workers, outs):
+            assert w.returncode == 0, e[-2000:]
+        assert sum("worker done" in e for _, e in outs) == 4
+        tracking = f"http://127.0.0.1:{port}"
+        _wait_http(tracking + "/health", server)
+        four = run_study(st, db, tmp_path / "four", tracking, workers=1, storage=four_url)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking)
+        exp = client.get_experiment_by_name("pg")
+        runs = client.search_runs([exp.experiment_id], max_results=5000)
+        assert {r.data.tags.get("level") for r in runs} == {"sweep", "unit", "fold", "trial"}
+        assert any(r.info.run_id == four.parent_run_id for r in runs)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                _kill_tree(w)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+    a, b = _trials(optuna.storages.RDBStorage(one_url)), _trials(optuna.storages.RDBStorage(four_url))
+    assert a == b and len(a) == one.n_tasks
+    for name, ts in b.items():
+        assert sorted(ts) == list(range(len(ts)))                    # each trial once, none lost
+        assert len(ts) == (3 if "logreg" in name else 2)
+    owners = {optuna.load_study(study_name=n, storage=four_url).user_attrs["claimed_by"] for n in b}
+    assert len(owners) >= 2, owners                                  # the work was shared
+    assert all("(took over)" not in o for o in owners)
+    ra, rb = _rows(db, one.sweep_id), _rows(db, four.sweep_id)
+    assert len(ra) > 20 and ra == rb
+
+
+def _wait_http(url, proc, timeout=120):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"server exited: {proc.stderr.read()[-2000:]}"
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {timeout}s")
+
+
+def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(synth_stores, postgres, tmp_path,
+                                                                             monkeypatch):
+    from featstore import sweep as S
+
+    monkeypatch.setattr(S, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(S, "GRACE_S", 3)
+    db = synth_stores["confounded"]
+    cfg = _config(tmp_path, "takeover", heads={"grl_mlp": {"trials": 4, "fixed": {"max_epochs": 60}}},
+                  protocols={"loso": {}})
+    url = postgres("optuna_takeover")
+    storage = optuna.storages.RDBStorage(url)
+    w = _start(["sweep-worker", str(cfg), "--storage", url, "--db", str(db)], env=FAST)
+    deadline, before = time.time() + 180, {}
+    try:
+        while time.time() < deadline:  # kill it mid-trial, once it has finished at least one
+            t = _trials(storage)
+            running = any(v[0] == "RUNNING" for ts in t.values() for v in ts.values())
+            if running and sum(len(v) for v in _finished(t).values()) >= 1:
+                break
+            assert w.poll() is None, w.stderr.read()[-2000:]
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the worker never got going")
+    finally:
+        _kill_tree(w)
+    before = _finished(_trials(storage))
+    rep = run_study(load_study(cfg), db, tmp_path, f"sqlite:///{tmp_path / 'm.db'}", storage=url)
+    assert rep.n_failed == 0
+    after = _trials(storage)
+    for name, ts in before.items():
+        assert all(after[name][n] == v for n, v in ts.items())          # every finished trial kept
+    stale = [(n, v) for ts in after.values() for n, v in ts.items() if v[0] == "FAIL" and not v[3]]
+    assert len(stale) == 1                                               # the one it was running
+    assert all(_counted(ts) == 4 for ts in after.values())
+    owners = [optuna.load_study(study_name=n, storage=url).user_attrs["claimed_by"] for n in after]
+    assert any("(took over)" in o for o in owners)
+
+
+# --- kill -9 during a sweep (journal storage) ------------------------------------------------------
+
+def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path):
+    db = synth_stores["confounded"]
+    cfg = _config(tmp_path, "killsweep", heads={"logreg": {"trials": 4}, "grl_mlp": {"trials": 2,
+                                                                                    "fixed": {"max_epochs": 40}}},
+                  protocols={"loso": {}})
+    journal = tmp_path / "w" / "optuna" / "killsweep.journal"
+    rng = random.Random(6)
+    kept: dict = {}
+    for _ in range(3):
+        p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
+                    "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+        time.sleep(rng.uniform(4, 12))
+        _kill_tree(p)
+        if journal.exists():
+            now = _finished(_trials(S_journal(journal)))
+            for name, ts in kept.items():
+                assert all(now[name][n] == v for n, v in ts.items())
+            kept = now
+    assert kept, "no trial finished before the kills; the kills came too early to test anything"
+    p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
+                "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    final = _trials(S_journal(journal))
+    for name, ts in kept.items():
+        assert all(final[name][n] == v for n, v in ts.items())
+    assert all(_counted(ts) == (4 if "logreg" in name else 2) for name, ts in final.items())
+    # the store holds whole sweeps only, and the finished one is complete
+    clean = run_study(load_study(cfg), db, tmp_path / "clean", f"sqlite:///{tmp_path / 'c.db'}")
+    with duckdb.connect(str(db), read_only=True) as con:
+        per_sweep = con.execute("SELECT sweep_id, count(*) FROM results WHERE study = 'killsweep' "
+                                "GROUP BY ALL").fetchall()
+    assert len(per_sweep) == 2 and {n for _, n in per_sweep} == {len(clean.rows)}
+
+
+def S_journal(path):
+    from featstore.sweep import journal
+
+    return journal(path)
+
+
+# --- kill -9 during embed, and a second process meanwhile ----------------------------------------------
+
+def _ingested_db(tmp_path, manifest) -> Path:
+    db = tmp_path / "fs.duckdb"
+    r = subprocess.run([FEATSTORE, "ingest", "--manifest", str(manifest), "--db", str(db)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr  # 1: the synthetic set's planted bad files, recorded
+    return db
+
+
+def _embedded(db, backbone="xrv-densenet121-res224-all"):
+    with duckdb.connect(str(db), read_only=True) as con:
+        n_img = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        n, distinct = con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings WHERE backbone = ?",
+                                  [backbone]).fetchone()
+    return n_img, n, distinct
+
+
+SLOW_EMBED = ["embed", "--backbone", "xrv-densenet121-res224-all", "--weights", "random-init", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def big_manifest(tmp_path_factory):
+    """400 synthetic images: about 20 s of embedding here, so that random kills land mid-run."""
+    from featstore.synth import generate
+
+    return generate(tmp_path_factory.mktemp("big") / "data", n_per_source=100, size=96, seed=5)
+
+
+def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_manifest, tmp_path):
+    db = _ingested_db(tmp_path, big_manifest)
+    rng = random.Random(3)
+    seen, mid_run = 0, 0
+    for _ in range(3):
+        p = _start(SLOW_EMBED + ["--workers", "1", "--db", str(db)])
+        time.sleep(rng.uniform(6, 12))
+        _kill_tree(p)
+        n_img, n, distinct = _embedded(db)
+        assert n == distinct and seen <= n  # whole batches, never twice, never lost
+        mid_run += 0 < n - seen and n < n_img
+        seen = n
+    assert mid_run, "no kill landed while batches were being written; nothing was tested"
+    r = subprocess.run([FEATSTORE, *SLOW_EMBED, "--workers", "1", "--db", str(db)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_img, n, distinct = _embedded(db)
+    assert n == distinct == n_img
+
+
+def test_a_second_process_gets_a_clear_message_while_embed_writes(synth_manifest, tmp_path):
+    db = _ingested_db(tmp_path, synth_manifest)
+    p = _start(SLOW_EMBED + ["--workers", "0", "--db", str(db)])
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the embed run holds the store once its first batch is in
+            time.sleep(0.5)
+            r = subprocess.run([FEATSTORE, "sql", "SELECT count(*) FROM images", "--db", str(db)],
+                               capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                break
+        assert p.poll() is None, "embed finished before the check"
+        assert r.returncode == 2 and "open for writing in another process" in " ".join(r.stderr.split()), r.stderr
+        assert "Traceback" not in r.stderr
+        r = subprocess.run([FEATSTORE, "ingest", "--manifest", str(synth_manifest), "--db", str(db)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "open for writing in another process" in " ".join(r.stderr.split()), r.stderr
+    finally:
+        _kill_tree(p)
+
+
+# --- Ray -----------------------------------------------------------------------------------------
+
+def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, tmp_path):
+    import ray
+
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.embed_ray import embed_ray
+    from featstore.store import connect
+
+    local, remote = tmp_path / "l", tmp_path / "r"
+    local.mkdir(), remote.mkdir()
+    dbs = [_ingested_db(local, synth_manifest), _ingested_db(remote, synth_manifest)]
+    broken = tmp_path / "broken.png"
+    con = connect(dbs[1])
+    victim, path = con.execute("SELECT image_id, path FROM images ORDER BY image_id LIMIT 1").fetchone()
+    broken.write_bytes(Path(path).read_bytes()[:200])  # a file that went bad after ingest
+    con.execute("UPDATE images SET path = ? WHERE image_id = ?", [str(broken), victim])
+    bb = create_backbone("pixelstats")
+    rep = embed_ray(con, bb, dict(name="pixelstats"), batch_size=16, shards=tmp_path / "shards")
+    assert rep.status == "completed" and rep.n_embedded == rep.n_todo - 1 and len(rep.failed) == 1
+    assert con.execute("SELECT reason FROM embed_errors WHERE image_id = ?", [victim]).fetchone()[0]
+    assert not list((tmp_path / "shards").rglob("*.parquet"))  # imported, then removed
+    again = embed_ray(con, bb, dict(name="pixelstats"), shards=tmp_path / "shards")
+    assert again.n_embedded == 0 and not ray.is_initialized()  # nothing missing: no workers started
+    got = dict(con.execute("SELECT image_id, vector FROM embeddings").fetchall())
+    con.close()
+    lcon = connect(dbs[0])
+    embed(lcon, bb, batch_size=16, workers=0)
+    want = dict(lcon.execute("SELECT image_id, vector FROM embeddings").fetchall())
+    lcon.close()
+    assert set(want) - set(got) == {victim}
+    assert all(got[k] == want[k] for k in got)
+
+
+def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
+    db = _ingested_db(tmp_path, big_manifest)
+    shards = tmp_path / "shards"
+    args = SLOW_EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
+    rng = random.Random(11)
+    for _ in range(2):
+        p = _start(args)
+        time.sleep(rng.uniform(15, 25))
+        _kill_tree(p)
+        n_img, n, distinct = _embedded(db)
+        assert n == distinct < n_img
+    assert n or list(shards.rglob("*.parquet")), "the killed runs left no finished block to keep"
+    # a shard torn by the kill mid-write is dropped at import, its images embedded again
+    part = shards / "backbone=xrv-densenet121-res224-all" / "preprocess=original" / "source=synthetic-a"
+    part.mkdir(parents=True, exist_ok=True)
+    (part / "torn.parquet").write_bytes(b"PAR1 not a whole file")
+    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1 shard file(s) torn" in " ".join(r.stderr.split())
+    n_img, n, distinct = _embedded(db)
+    assert n == distinct == n_img
+    assert not list(shards.rglob("*.parquet"))
+
+
+def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path):
+    """kill -9 the backbone actor while the driver lives: Ray restarts it and redoes the in-flight
+    block; the run completes with nothing missing or doubled."""
+    db = _ingested_db(tmp_path, big_manifest)
+    shards = tmp_path / "shards"
+    p = _start(SLOW_EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)])
+    victim = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and victim is None:
+            time.sleep(0.5)
+            assert p.poll() is None, p.stderr.read()[-3000:]
+            if not list(shards.rglob("*.parquet")):
+                continue  # wait until the actor has finished a block or more
+            for c in psutil.Process(p.pid).children(recursive=True):
+                try:
+                    if "MapWorker" in " ".join(c.cmdline()) or "MapWorker" in c.name():
+                        victim = c
+                        break
+                except psutil.NoSuchProcess:
+                    pass
+        assert victim is not None, "no Ray map worker found"
+        victim.send_signal(signal.SIGKILL)
+        out, err = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            _kill_tree(p)
+    assert p.returncode == 0, err[-3000:]
+    n_img, n, distinct = _embedded(db)
+    assert n == distinct == n_img
