@@ -42,7 +42,7 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
         if "lock" in str(e).lower():
             raise StoreBusyError(
                 f"the store {path} is open for writing in another process; wait for it to finish, "
-                f"or read a Parquet export (`featstore export`). DuckDB said: {e}"
+                f"or read a Parquet export or snapshot (`featstore export`). DuckDB said: {e}"
             ) from e
         raise
     # never let a Python variable named like a table shadow it (DuckDB replacement scans)

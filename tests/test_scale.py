@@ -402,3 +402,38 @@ def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path
     assert p.returncode == 0, err[-3000:]
     n_img, n, distinct = _embedded(db)
     assert n == distinct == n_img
+
+
+def test_a_sweep_whose_store_stays_busy_keeps_its_rows(synth_stores, tmp_path, monkeypatch):
+    """The sweep's one write waits for the store; if it never frees, the rows go to Parquet and the
+    error says how to load them; loading them later gives exactly the sweep's rows."""
+    import re
+
+    from featstore.store import StoreBusyError
+
+    db = synth_stores["neutral"]
+    holder = []
+
+    def hold(*_):  # once the sweep has read the store: another process takes the write lock and keeps it
+        if not holder:
+            holder.append(subprocess.Popen([sys.executable, "-c", f"import duckdb, time; c = duckdb.connect("
+                                            f"{str(db)!r}); print('held', flush=True); time.sleep(600)"],
+                                           stdout=subprocess.PIPE, text=True))
+            assert holder[0].stdout.readline().strip() == "held"
+    monkeypatch.setenv("FEATSTORE_WRITE_WAIT_S", "3")
+    st = load_study(_config(tmp_path, "busy", heads={"logreg": {"trials": 1}}, protocols={"loso": {}}))
+    try:
+        with pytest.raises(StoreBusyError, match="result rows are kept in") as e:
+            run_study(st, db, tmp_path, f"sqlite:///{tmp_path / 'm.db'}", progress=hold)
+    finally:
+        for h in holder:
+            h.kill()
+            h.wait(timeout=30)
+    sql = re.search(r'featstore sql --write "(.*)"', " ".join(str(e.value).split())).group(1)
+    kept = pl.read_parquet(next(tmp_path.glob("unsaved-*/results.parquet")))
+    r = subprocess.run([FEATSTORE, "sql", "--write", sql, "--db", str(db)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        n = con.execute("SELECT count(*) FROM results WHERE study = 'busy'").fetchone()[0]
+    assert n == kept.height > 0
