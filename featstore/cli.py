@@ -331,23 +331,10 @@ def sweep(
 ):
     """Run a study: every protocol x head x embedding set, Optuna per fold, MLflow + results rows."""
     from featstore.benchmark import run_study
-    from featstore.study import StudyError, load_study
 
-    try:
-        st = load_study(config)
-        db = db or (Path(st.db) if st.db else None)
-        with _progress() as prog:
-            task = prog.add_task("sweep", total=None, rate="")
-
-            def tick(done, total, what):
-                prog.update(task, completed=done, total=total, description=f"sweep {what}", rate="studies")
-            rep = run_study(st, db, workdir, tracking_uri, workers, trials, timeout, tick, storage)
-    except (StudyError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] finished trials are in the Optuna journal; run the same command to resume")
-        raise typer.Exit(130)
+    rep = _with_study(config, db, "sweep", "finished trials are in the Optuna storage; run the same command to resume",
+                      lambda st, db, tick: run_study(st, db, workdir, tracking_uri, workers, trials, timeout, tick,
+                                                     storage))
     import polars as pl
 
     from featstore.report import headline
@@ -375,24 +362,33 @@ def sweep_worker(
     """Join a sweep from any machine: run trials of studies nobody is running. `featstore sweep` with
     the same --storage refits the winners and writes MLflow and the results (it also runs trials)."""
     from featstore.benchmark import run_worker
+
+    n_studies, n_trials = _with_study(config, db, "worker", "finished trials are in the shared storage",
+                                      lambda st, db, tick: run_worker(st, db, storage, workers, trials, timeout, tick))
+    err.print(f"worker done: ran {n_trials} trials in {n_studies} Optuna studies")
+
+
+def _with_study(config, db, label, on_interrupt, call):
+    """Load the study config and run call(study, db, tick) under a progress bar; a config, data or
+    busy-store error exits 2 with its message."""
+    from featstore.store import StoreBusyError
     from featstore.study import StudyError, load_study
 
     try:
         st = load_study(config)
         db = db or (Path(st.db) if st.db else None)
         with _progress() as prog:
-            task = prog.add_task("sweep-worker", total=None, rate="")
+            task = prog.add_task(label, total=None, rate="")
 
             def tick(done, total, what):
-                prog.update(task, completed=done, total=total, description=f"worker {what}", rate="studies")
-            n_studies, n_trials = run_worker(st, db, storage, workers, trials, timeout, tick)
-    except (StudyError, FileNotFoundError) as e:
+                prog.update(task, completed=done, total=total, description=f"{label} {what}", rate="studies")
+            return call(st, db, tick)
+    except (StudyError, FileNotFoundError, StoreBusyError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted:[/] finished trials are in the shared storage")
+        err.print(f"[yellow]interrupted:[/] {on_interrupt}")
         raise typer.Exit(130)
-    err.print(f"worker done: ran {n_trials} trials in {n_studies} Optuna studies")
 
 
 def _print_headline(df):

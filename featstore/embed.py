@@ -178,12 +178,17 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
         raise
     finally:
         rep.seconds = time.perf_counter() - t0
-        con.execute(
-            "UPDATE embed_runs SET n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, status = ?, "
-            "finished_at = ? WHERE run_id = ?",
-            [rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
-             rep.status if rep.status != "running" else "failed", datetime.now(), run_id])
+        finish_run(con, rep)
     return rep
+
+
+def finish_run(con, rep: EmbedReport) -> None:
+    """Close the run's embed_runs row: counts, speed and how it ended ('failed' if it never said)."""
+    con.execute(
+        "UPDATE embed_runs SET n_todo = ?, n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, status = ?, "
+        "finished_at = ? WHERE run_id = ?",
+        [rep.n_todo, rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
+         rep.status if rep.status != "running" else "failed", datetime.now(), rep.run_id])
 
 
 class _Writer:

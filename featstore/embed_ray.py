@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featstore.embed import EmbedReport, ImageDataset, _with_masks, todo
+from featstore.embed import EmbedReport, ImageDataset, _with_masks, finish_run, todo
 from featstore.preprocess import NEEDS_MASK, get_preprocess
 from featstore.store import ensure_embedding_table
 
@@ -175,11 +175,7 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
         raise
     finally:
         rep.seconds = time.perf_counter() - t0
-        con.execute(
-            "UPDATE embed_runs SET n_todo = ?, n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, status = ?, "
-            "finished_at = ? WHERE run_id = ?",
-            [rep.n_todo, rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
-             rep.status if rep.status != "running" else "failed", datetime.now(), run_id])
+        finish_run(con, rep)
     return rep
 
 
