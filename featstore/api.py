@@ -3,10 +3,22 @@
     from featstore import open_store
     with open_store("featstore.duckdb") as fs:
         X, meta = fs.arrays("mobilenetv3-nih-onnx", sources=["nih_cxr14", "covid_cxnet"])
+        X, y, groups, meta = fs.arrays("mobilenetv3-nih-onnx", target="binary", positive="covid")
+        fs.results(study="cxr-shortcut")      # the study's latest sweep, a Polars frame
+        fs.predictions(head="logreg")         # per-image scores of the latest sweeps
+        pixels = fs.image(meta["image_id"][0])  # float32 [h, w] in [0, 1], decoded as embed saw it
+
+Unknown backbones, preprocessings, sources, labels and columns raise ValueError with a "did you mean".
+
+SQL someone else wrote (a shared query file, a web form) belongs in a sandboxed store, as
+`featstore sql` runs it: open_store(db, sandbox=True) reads no file but the store (and allow_read),
+writes none, loads no extension, and Store.sql refuses COPY, EXPORT, ATTACH and the like. DuckDB
+applies this to every connection to that file in the process, for the rest of its life.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -15,15 +27,33 @@ import pyarrow.compute as pc
 from featstore.store import connect, embedding_table
 
 
+class Labelled(NamedTuple):
+    """arrays(..., target=...): rows in the same order in all four."""
+    X: np.ndarray        # float32 [n, d]
+    y: np.ndarray        # int [n]: binary 1 = positive; 3class: index into `classes`
+    groups: np.ndarray   # patient (source-namespaced) or image id, as the splits group images (GroupKFold)
+    meta: pl.DataFrame   # image_id, source (LeaveOneGroupOut groups for leave-source-out), label, class, ...
+
+
 class Store:
-    def __init__(self, db: str | os.PathLike | None = None, read_only: bool = True):
+    def __init__(self, db: str | os.PathLike | None = None, read_only: bool = True, sandbox: bool = False,
+                 allow_read=()):
         self.con = connect(db, read_only=read_only)
+        self.sandboxed = sandbox
+        if sandbox:
+            from featstore.query import sandbox as lock_down
+
+            try:
+                lock_down(self.con, allow_read)
+            except BaseException:
+                self.con.close()
+                raise
 
     @classmethod
     def over(cls, con) -> "Store":
         """A Store over a connection someone else opened (and will close)."""
         fs = cls.__new__(cls)
-        fs.con = con
+        fs.con, fs.sandboxed = con, False
         return fs
 
     def close(self):
@@ -36,9 +66,14 @@ class Store:
         self.close()
 
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
+        if self.sandboxed:
+            from featstore.query import check_statements
+
+            check_statements(query)
         return pl.from_arrow(self.con.sql(query, params=params or None).to_arrow_table())
 
     def images(self, sources: list[str] | None = None, labels: list[str] | None = None) -> pl.DataFrame:
+        self._check_filters(sources, labels)
         where, params = _filters("i", sources, labels)
         return self.sql(f"SELECT i.* FROM images i {where} ORDER BY i.image_id", params)
 
@@ -52,16 +87,45 @@ class Store:
         if weights_id is not None:
             rows = [r for r in rows if r[0] == weights_id]
         if not rows:
-            have = self.con.execute("SELECT DISTINCT backbone || ' / ' || preprocess FROM embedding_sets").fetchall()
+            from featstore.suggest import did_you_mean
+
+            sets = self.con.execute("SELECT DISTINCT backbone, preprocess FROM embedding_sets ORDER BY ALL").fetchall()
+            hint = (did_you_mean(backbone, {b for b, _ in sets}) if backbone not in {b for b, _ in sets} else
+                    did_you_mean(preprocess, {p for b, p in sets if b == backbone}))
             raise ValueError(f"no embeddings for backbone '{backbone}', preprocessing '{preprocess}'"
-                             f"{f', weights {weights_id}' if weights_id else ''}; the store has: "
-                             f"{', '.join(h for (h,) in have) or 'none'}")
+                             f"{f', weights {weights_id}' if weights_id else ''}{hint}; the store has: "
+                             f"{', '.join(f'{b} / {p}' for b, p in sets) or 'none'}")
+        if len(rows) > 1 and weights_id is None:
+            # sets made by an older input pipeline of the same backbone: use the current one, say so
+            from featstore.backbones import REGISTRY, stale_pipeline
+
+            if backbone in REGISTRY:
+                current = [r for r in rows if stale_pipeline(backbone, r[0]) is None]
+                if len(current) == 1:
+                    import warnings
+
+                    for r in rows:
+                        if r is not current[0]:
+                            warnings.warn(stale_pipeline(backbone, r[0]) + "; using the current set", stacklevel=3)
+                    rows = current
         if len(rows) > 1:  # never mix random-init and trained vectors silently
             raise ValueError(f"{backbone}/{preprocess} has several weight sets ({', '.join(r[0] for r in rows)}); "
                              f"pass weights_id=")
         return rows[0]
 
+    def _check_filters(self, sources, labels):
+        """Unknown names are an error, not an empty answer (a typo would look like 'no data')."""
+        from featstore.suggest import check
+
+        for kind, col, names in (("source", "source", sources), ("label", "label", labels)):
+            if names:
+                if isinstance(names, str):
+                    raise ValueError(f"{kind}s= takes a list of names, not the string '{names}'")
+                have = [v for (v,) in self.con.execute(f"SELECT DISTINCT {col} FROM images ORDER BY 1").fetchall()]
+                check(kind, names, have)
+
     def _query(self, cols: str, backbone, preprocess, weights_id, sources, labels):
+        self._check_filters(sources, labels)
         wid, dim = self._set(backbone, preprocess, weights_id)
         where, params = _filters("i", sources, labels)
         where = (where + " AND" if where else "WHERE") + " e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?"
@@ -80,13 +144,81 @@ class Store:
         return pl.from_arrow(tbl)
 
     def arrays(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
-               sources: list[str] | None = None, labels: list[str] | None = None) -> tuple[np.ndarray, pl.DataFrame]:
-        """(X float32 [n, d], metadata) with rows in the same order."""
+               sources: list[str] | None = None, labels: list[str] | None = None, target: str | None = None,
+               positive: str = "covid", classes: list[str] | None = None):
+        """(X float32 [n, d], metadata) with rows in the same order.
+
+        With target="binary" (y = label == positive) or "3class" (y = index of the `class` column in
+        `classes`, default the store's classes sorted; images of other classes are left out): a
+        Labelled (X, y, groups, meta), groups being patients as the splits group them."""
         tbl, dim = self._query("i.image_id, i.source, i.label, i.class, i.patient_id, e.vector",
                                backbone, preprocess, weights_id, sources, labels)
         vec = tbl.column("vector").combine_chunks()
         X = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), dim)  # FixedSizeList: one flat buffer
-        return X, pl.from_arrow(tbl.drop_columns(["vector"]))
+        meta = pl.from_arrow(tbl.drop_columns(["vector"]))
+        if target is None:
+            return X, meta
+        from featstore.split import make_meta
+        from featstore.suggest import check, unknown
+
+        if target == "binary":
+            have = sorted(set(meta["label"].to_list()))
+            if positive not in have:
+                raise ValueError(unknown("positive label", positive, have))
+            y = (meta["label"] == positive).cast(pl.Int64).to_numpy()
+        elif target == "3class":
+            have = sorted(c for c in set(meta["class"].to_list()) if c is not None)
+            classes = list(classes) if classes else have
+            check("class", classes, have)
+            keep = meta["class"].is_in(classes).fill_null(False).to_numpy()
+            X, meta = X[keep], meta.filter(pl.Series(keep))
+            y = np.array([classes.index(c) for c in meta["class"]], dtype=np.int64)
+        else:
+            raise ValueError(unknown("target", target, ["binary", "3class"]))
+        groups = make_meta(meta["source"].to_numpy(), y, meta["patient_id"].to_numpy(),
+                           meta["image_id"].to_numpy()).groups
+        return Labelled(X, y, groups, meta)
+
+    def _rows(self, table: str, latest: bool, where: dict) -> pl.DataFrame:
+        from featstore.suggest import check
+
+        cols = [c for (c,) in self.con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]).fetchall()]
+        check(f"{table} column", where, cols)
+        clauses, params = [], []
+        for k, v in where.items():
+            if v is None:
+                continue
+            vals = [v] if isinstance(v, (str, int, float, bool)) else list(v)
+            clauses.append(f'"{k}" IN ({", ".join("?" * len(vals))})')
+            params += vals
+        if latest and where.get("sweep_id") is None:  # each study's latest sweep, as latest_results
+            clauses.append(f"(study, sweep_id) IN (SELECT study, max(sweep_id) FROM {table} GROUP BY study)")
+        sql = f"SELECT * FROM {table}" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        return self.sql(sql, params)
+
+    def results(self, study: str | None = None, sweep_id: str | None = None, latest: bool = True,
+                **where) -> pl.DataFrame:
+        """`results` rows (the result-row contract, README) of each study's latest sweep (latest=False:
+        every sweep), optionally filtered: study=, sweep_id=, and any column=value or =[values]."""
+        return self._rows("results", latest, dict(study=study, sweep_id=sweep_id, **where))
+
+    def predictions(self, study: str | None = None, sweep_id: str | None = None, latest: bool = True,
+                    **where) -> pl.DataFrame:
+        """Per-image test predictions (image_id, source, y, prob, score, ...) of each study's latest
+        sweep (latest=False: every sweep), filtered as results()."""
+        return self._rows("predictions", latest, dict(study=study, sweep_id=sweep_id, **where))
+
+    def image(self, image_id: str) -> np.ndarray:
+        """The image's pixels as featstore decodes them (float32 [height, width], 0 black, 1 white);
+        image_id may be a unique prefix."""
+        from featstore.decode import decode_file
+
+        hits = self.con.execute("SELECT image_id, path FROM images WHERE starts_with(image_id, ?) LIMIT 2",
+                                [str(image_id)]).fetchall()
+        if len(hits) != 1:
+            raise KeyError(f"image_id '{image_id}' matches {'no' if not hits else 'more than one'} image in the store")
+        return decode_file(hits[0][1]).pixels
 
 
 def _filters(alias: str, sources, labels) -> tuple[str, list]:
@@ -100,5 +232,6 @@ def _filters(alias: str, sources, labels) -> tuple[str, list]:
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def open_store(db: str | os.PathLike | None = None, read_only: bool = True) -> Store:
-    return Store(db, read_only=read_only)
+def open_store(db: str | os.PathLike | None = None, read_only: bool = True, sandbox: bool = False,
+               allow_read=()) -> Store:
+    return Store(db, read_only=read_only, sandbox=sandbox, allow_read=allow_read)

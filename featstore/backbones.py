@@ -1,11 +1,14 @@
 """Backbone registry and the one factory, create_backbone(name, weights=...).
 
-Each entry carries what the rest of the pipeline needs: input size, channels,
-normalisation and feature dimension; the built Backbone adds its weights identity
-(sha256 of the weight file, or `random-init`).
+Each entry carries what the rest of the pipeline needs: input size, channels, the input
+pipeline (how its own library / training code resized and normalised images) and feature
+dimension; the built Backbone adds its identity: the weight file's sha256 (or `random-init`),
+plus the input pipeline's identity, so vectors made by different pipelines never share a set.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,11 +19,20 @@ import numpy as np
 import torch
 
 from featstore import weights as W
+from featstore.preprocess import InputPipeline
 
-XRV_NORM = ("xrv",)                                   # [0,1] -> [-1024, 1024]
-IMAGENET_NORM = ("meanstd", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-NIH_ONNX_NORM = ("meanstd", (0.485,), (0.229,))
-UNIT_NORM = ("unit",)
+# torchxrayvision: normalize(img, maxval) -> XRayCenterCrop -> XRayResizer (skimage)
+XRV_PIPELINE = InputPipeline("xrv")
+_IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# torchvision weights.transforms() (ImageClassification): resize_size differs per weight set
+TV_DENSENET121_V1 = InputPipeline("torchvision", resize=256, **_IMAGENET)
+TV_RESNET50_V2 = InputPipeline("torchvision", resize=232, **_IMAGENET)
+# the NIH model's training code (elsadiq7/..., Software/utils/data_loaders.py): Image.open().convert("L")
+# .resize((224, 224)) -- whole image, PIL's default BICUBIC, in uint8 -- then ToTensor (/255) and
+# Normalize([0.485], [0.229])
+NIH_ONNX_PIPELINE = InputPipeline("pil-uint8", mean=(0.485,), std=(0.229,), resample="bicubic", crop="none")
+# weight-free: featstore's original float path, version 0 so existing pixelstats sets keep their identity
+PIXELSTATS_PIPELINE = InputPipeline("float", resample="bilinear", version=0)
 
 
 @dataclass(frozen=True)
@@ -29,12 +41,18 @@ class BackboneSpec:
     family: str            # xrv-densenet | xrv-resnet | tv-densenet | tv-resnet | onnx | pixelstats
     input_size: int
     channels: int
-    norm: tuple
+    pipeline: InputPipeline  # how images become its input tensor (featstore.preprocess.to_input)
     feature_dim: int | None  # None: found when built (generic ONNX)
     weights: str | None      # library weight key / file name; None: weight-free
     url: str | None = None
     description: str = ""
     options: dict = field(default_factory=dict)
+    licence: str = ""        # as published; gated / non-commercial terms matter to users
+
+    @property
+    def norm(self) -> InputPipeline:
+        """Old name of `pipeline` (embed.py and embed_ray.py still read spec.norm)."""
+        return self.pipeline
 
 
 REGISTRY: dict[str, BackboneSpec] = {}
@@ -47,26 +65,93 @@ def register(spec: BackboneSpec) -> BackboneSpec:
 
 for _key in ("all", "nih", "pc", "chex", "rsna", "mimic_nb", "mimic_ch"):
     register(BackboneSpec(
-        f"xrv-densenet121-res224-{_key}", "xrv-densenet", 224, 1, XRV_NORM, 1024, f"densenet121-res224-{_key}",
+        f"xrv-densenet121-res224-{_key}", "xrv-densenet", 224, 1, XRV_PIPELINE, 1024, f"densenet121-res224-{_key}",
         description=f"torchxrayvision DenseNet121, weights densenet121-res224-{_key}; global-average-pooled features"))
-register(BackboneSpec("xrv-resnet50-res512-all", "xrv-resnet", 512, 1, XRV_NORM, 2048, "resnet50-res512-all",
+register(BackboneSpec("xrv-resnet50-res512-all", "xrv-resnet", 512, 1, XRV_PIPELINE, 2048, "resnet50-res512-all",
                       description="torchxrayvision ResNet50 at 512 px, weights resnet50-res512-all; pooled features"))
-register(BackboneSpec("tv-densenet121-imagenet", "tv-densenet", 224, 3, IMAGENET_NORM, 1024, "DenseNet121_Weights.IMAGENET1K_V1",
+register(BackboneSpec("tv-densenet121-imagenet", "tv-densenet", 224, 3, TV_DENSENET121_V1, 1024, "DenseNet121_Weights.IMAGENET1K_V1",
                       description="torchvision DenseNet121, ImageNet weights; pooled features"))
-register(BackboneSpec("tv-resnet50-imagenet", "tv-resnet", 224, 3, IMAGENET_NORM, 2048, "ResNet50_Weights.IMAGENET1K_V2",
+register(BackboneSpec("tv-resnet50-imagenet", "tv-resnet", 224, 3, TV_RESNET50_V2, 2048, "ResNet50_Weights.IMAGENET1K_V2",
                       description="torchvision ResNet50, ImageNet weights; pooled features"))
 register(BackboneSpec(
-    "mobilenetv3-nih-onnx", "onnx", 224, 1, NIH_ONNX_NORM, 576, "mobilenetv3_small_nih14_int8.onnx",
+    "mobilenetv3-nih-onnx", "onnx", 224, 1, NIH_ONNX_PIPELINE, 576, "mobilenetv3_small_nih14_int8.onnx",
     url="https://github.com/elsadiq7/Quantized-MobileNetV3-Hardware-Acceleration-for-Chest-Xray-Edge-Computing/"
         "raw/a2eba6a378730bc8c26d68be24bc0bbfe242ef9e/Software/models/model_int8.onnx",
     description="MobileNetV3-Small trained on NIH ChestX-ray14, int8 ONNX; 576-d pooled features (/Reshape_output_0)",
     options={"output": "/Reshape_output_0"}))
-register(BackboneSpec("onnx", "onnx", 224, 1, NIH_ONNX_NORM, None, None,
-                      description="any .onnx file (weights=PATH) and an intermediate tensor (output=NAME)"))
-register(BackboneSpec("pixelstats", "pixelstats", 256, 1, UNIT_NORM, 64 + 256, None,
+register(BackboneSpec("onnx", "onnx", 224, 1, NIH_ONNX_PIPELINE, None, None,
+                      description="any .onnx file (weights=PATH) and an intermediate tensor (output=NAME); "
+                                  "fed as the NIH model is (whole image, PIL uint8 bicubic, /255, (x-0.485)/0.229)"))
+register(BackboneSpec("pixelstats", "pixelstats", 256, 1, PIXELSTATS_PIPELINE, 64 + 256, None,
                       description="weight-free baseline: 64-bin intensity histogram + 16x16 thumbnail. "
                                   "Sees contrast curve, borders, burnt-in markers and field of view: "
                                   "a floor for how much source signal raw pixels carry"))
+
+
+# --- frozen foundation models (featstore/foundation.py; issue 16) -----------------------------------
+# Each fed as its own processor feeds it: shorter side to `resize` (bicubic), centre crop, mean/std
+# (timm resolve_data_config + create_transform, open_clip preprocess, HF Dinov2 / BitImageProcessor), or
+# a plain resize to size x size (HF SiglipImageProcessor). Pooling: `<name>@<pooling>` is its own entry.
+_OPENAI_CLIP = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+_HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+register(BackboneSpec(
+    "rad-dino", "hf", 518, 3, InputPipeline("pil-uint8", crop="short-side-floor", resize=518, resample="bicubic",
+                                            mean=(0.5307,) * 3, std=(0.2583,) * 3),
+    768, "microsoft/rad-dino", description="RAD-DINO (DINOv2 ViT-B/14 on chest X-rays) at 518 px; CLS token",
+    licence="MSRLA (Microsoft Research License Agreement, non-commercial)",
+    options=dict(repo="microsoft/rad-dino", pooling="cls", config_class="Dinov2Config",
+                 config=dict(_VIT_B, image_size=518, patch_size=14))))
+register(BackboneSpec(
+    "medsiglip-448", "hf", 448, 3, InputPipeline("pil-uint8", resample="bicubic", crop="none", **_HALF),
+    1152, "google/medsiglip-448", description="MedSigLIP-448 image tower (SigLIP So400m/14, medical); "
+                                              "attention-pooled (MAP head) embedding",
+    licence="Health AI Developer Foundations terms of use (gated: accept on the hub)",
+    options=dict(repo="google/medsiglip-448", pooling="pooler", config_class="SiglipVisionConfig",
+                 vision_tower_class="SiglipVisionModel", cls_token=False,
+                 config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                             num_attention_heads=16, image_size=448, patch_size=14))))
+register(BackboneSpec(
+    "siglip-base", "hf", 224, 3, InputPipeline("pil-uint8", resample="bicubic", crop="none", **_HALF),
+    768, "google/siglip-base-patch16-224", description="SigLIP ViT-B/16 image tower; MAP-head embedding",
+    licence="apache-2.0",
+    options=dict(repo="google/siglip-base-patch16-224", pooling="pooler", config_class="SiglipVisionConfig",
+                 vision_tower_class="SiglipVisionModel", cls_token=False,
+                 config=dict(_VIT_B, image_size=224, patch_size=16))))
+register(BackboneSpec(
+    "dinov2-base", "hf", 224, 3, InputPipeline("pil-uint8", crop="short-side-floor", resize=256, resample="bicubic", **_IMAGENET),
+    768, "facebook/dinov2-base", description="DINOv2 ViT-B/14 (natural images) at 224 px; CLS token",
+    licence="apache-2.0",
+    options=dict(repo="facebook/dinov2-base", pooling="cls", config_class="Dinov2Config",
+                 config=dict(_VIT_B, image_size=518, patch_size=14))))
+register(BackboneSpec(
+    "biomedclip", "open_clip", 224, 3, InputPipeline("pil-uint8", crop="short-side", resize=224, resample="bicubic", **_OPENAI_CLIP),
+    512, "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    description="BiomedCLIP image tower (ViT-B/16, PMC-15M), 512-d projected embedding",
+    licence="mit",
+    options=dict(repo="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", arch="biomedclip",
+                 pooling="pooler", files=["open_clip_pytorch_model.bin"],
+                 model_cfg=dict(embed_dim=512, vision_cfg=dict(
+                     timm_model_name="vit_base_patch16_224", timm_model_pretrained=False, timm_pool="",
+                     timm_proj="linear", image_size=224)))))
+register(BackboneSpec(
+    "chexzero", "open_clip", 224, 3,
+    # CheXzero's zero_shot.py: Resize(224, bicubic) and Normalize(101.48761, 83.43944) on 0-255 pixels
+    InputPipeline("pil-uint8", crop="short-side", resize=224, resample="bicubic", mean=(101.48761 / 255,) * 3, std=(83.43944 / 255,) * 3),
+    512, "best_64_5e-05_original_22000_0.864.pt",
+    description="CheXzero (OpenAI CLIP ViT-B/32 fine-tuned on MIMIC-CXR reports), 512-d image embedding; "
+                "weights: a checkpoint from the CheXzero repository's Google Drive, --weights PATH",
+    licence="see model card (github.com/rajpurkarlab/CheXzero)",
+    options=dict(arch="ViT-B-32", pooling="pooler", files=["best_64_5e-05_original_22000_0.864.pt"],
+                 model_cfg=dict(embed_dim=512, quick_gelu=True,
+                                vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32)))))
+register(BackboneSpec(
+    "convnext-base", "timm", 224, 3, InputPipeline("pil-uint8", crop="short-side", resize=256, resample="bicubic", **_IMAGENET),
+    1024, "timm/convnext_base.fb_in22k_ft_in1k", description="ConvNeXt-Base (timm, IN-22k -> IN-1k); "
+                                                            "head-pooled (avg + LayerNorm) features",
+    licence="apache-2.0", options=dict(arch="convnext_base", pooling="pooler")))
+
+GENERIC_PREFIXES = ("hf:", "timm:", "open_clip:")
 
 
 def list_backbones() -> list[BackboneSpec]:
@@ -74,9 +159,51 @@ def list_backbones() -> list[BackboneSpec]:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown backbone '{name}' (known: {', '.join(REGISTRY)})")
-    return REGISTRY[name]
+    """A registered entry; `<entry>@<pooling>` (cls, mean, pooler) for another pooling of it, which is its
+    own name and so its own embedding set; `hf:<repo>`, `timm:<name>`, `open_clip:<arch>` for generic ones."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    base, at, pooling = name.partition("@")
+    if base in REGISTRY or base.startswith(GENERIC_PREFIXES):
+        from featstore import foundation as F
+
+        spec = REGISTRY[base] if base in REGISTRY else F.generic_spec(base)
+        if at:
+            if spec.family not in F.FAMILIES:
+                raise ValueError(f"backbone '{name}': only foundation-model entries take a pooling (@cls, @mean, @pooler)")
+            if pooling not in F.POOLINGS:
+                raise ValueError(f"backbone '{name}': unknown pooling '{pooling}' (known: {', '.join(F.POOLINGS)})")
+            spec = dataclasses.replace(spec, name=name, options={**spec.options, "pooling": pooling},
+                                       feature_dim=None if pooling != spec.options.get("pooling") else spec.feature_dim)
+        return spec
+    raise ValueError(f"unknown backbone '{name}' (known: {', '.join(REGISTRY)}; or hf:<repo>, timm:<name>, "
+                     f"open_clip:<arch>, and <entry>@<cls|mean|pooler>)")
+
+
+def with_pipeline(weights_identity: str, pipeline: InputPipeline) -> str:
+    """The weights_id an embedding records: the weights' identity, then ';input=' and the input
+    pipeline's identity (none for the version-0 float path, so pixelstats sets keep theirs). A changed
+    pipeline therefore gives a new embedding set: `embed` makes it anew, and readers refuse to mix it
+    with the old one (api.Store._set: several weight sets)."""
+    pid = pipeline.identity
+    return f"{weights_identity};input={pid}" if pid else weights_identity
+
+
+def split_identity(weights_id: str) -> tuple[str, str]:
+    """weights_id -> (weights identity, input pipeline identity or '' when none is recorded)."""
+    w, sep, pid = weights_id.partition(";input=")
+    return w, pid
+
+
+def stale_pipeline(name: str, weights_id: str) -> str | None:
+    """Why an embedding set of backbone `name` was not made by its current input pipeline, or None."""
+    want = get_spec(name).pipeline.identity
+    have = split_identity(weights_id)[1]
+    if have == want:
+        return None
+    return (f"{name} embeddings with weights_id {weights_id} were made by "
+            f"{'an older input pipeline' if not have else 'input pipeline ' + have}; the current one is "
+            f"{want or 'the original float path'}: re-embed (`featstore embed --backbone {name}`)")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -90,7 +217,8 @@ def pick_device(device: str = "auto") -> str:
 
 
 class Backbone:
-    """A frozen feature extractor: float32 (N, C, H, W) -> float32 (N, D) numpy."""
+    """A frozen feature extractor: float32 (N, C, H, W) -> float32 (N, D) numpy. Its inputs are made by
+    featstore.preprocess.to_input with spec.pipeline; weights_id names the weights and that pipeline."""
 
     def __init__(self, spec: BackboneSpec, weights_id: str, fn: Callable[[torch.Tensor], np.ndarray],
                  feature_dim: int, device: str, module: torch.nn.Module | None = None,
@@ -116,17 +244,22 @@ class Backbone:
 
 
 def create_backbone(name: str, weights: str | None = None, weights_dir: str | os.PathLike | None = None,
-                    device: str = "auto", output: str | None = None, seed: int = 0) -> Backbone:
+                    device: str = "auto", output: str | None = None, seed: int = 0,
+                    config_overrides: dict | None = None) -> Backbone:
     """Build a registered backbone.
 
     weights: None for the entry's published weights; "random-init" for seeded random
     initialisation (recorded as such); or a path to a weight file. For the generic
-    `onnx` entry weights is the .onnx path and output the tensor to read.
+    `onnx` entry weights is the .onnx path and output the tensor to read. For foundation-model
+    entries weights may also be a Hugging Face snapshot folder; config_overrides changes their
+    configuration (tests: tiny random models; the registry entries stay full-size).
     """
     spec = get_spec(name)
     dev = pick_device(device)
     wdir = W.weights_dir(weights_dir)
     if spec.family == "pixelstats":
+        if weights:
+            raise ValueError(f"--weights {weights}: {spec.name} has no weights; leave --weights out")
         return _torch_backbone(spec, "none", _PixelStats(), dev)
     if spec.family == "onnx":
         return _onnx_backbone(spec, weights, wdir, output or spec.options.get("output"), dev)
@@ -134,6 +267,21 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
     if random:
         torch.manual_seed(seed)
         wid = f"{W.RANDOM_INIT}:seed{seed}"
+    if spec.family in ("hf", "timm", "open_clip"):
+        from featstore import foundation as F
+
+        pooling = spec.options.get("pooling", "cls")
+        net, fwid, dim = F.BUILDERS[spec.family](spec, weights, wdir, pooling, config_overrides)
+        spec = dataclasses.replace(spec, feature_dim=dim)
+        # the pooling is recorded in every row's weights_id too, not only in the entry name
+        wid = f"{wid if random else fwid};pool={pooling}"
+        if config_overrides:  # a changed configuration is another model: never the entry's embedding set
+            size = int(config_overrides.get("image_size", config_overrides.get("img_size", spec.input_size)))
+            p = spec.pipeline
+            spec = dataclasses.replace(spec, input_size=size, pipeline=p._replace(
+                resize=round(p.resize * size / spec.input_size)) if p.resize else p)
+            wid += ";config=" + hashlib.sha256(repr(sorted(config_overrides.items())).encode()).hexdigest()[:8]
+        return _torch_backbone(spec, wid, net, dev, net)
     if spec.family == "xrv-densenet":
         import torchxrayvision as xrv
 
@@ -177,6 +325,13 @@ def _library_file(spec: BackboneSpec, weights: str | None, wdir: Path | None, ur
         p = Path(weights).expanduser()
         if not p.is_file():
             raise W.WeightsMissingError(f"weights file {p} for {spec.name} not found")
+        if spec.family.startswith("xrv"):  # torchxrayvision loads its file by name from p's folder
+            import torchxrayvision as xrv
+
+            expected = os.path.basename(xrv.models.model_urls[spec.weights]["weights_url"])
+            if p.name != expected:
+                raise ValueError(f"--weights {p}: {spec.name} loads the torchxrayvision file {expected} (by that "
+                                 f"name, from the file's folder); give that file, or put it in --weights-dir")
         return p
     if spec.family.startswith("xrv"):
         import torchxrayvision as xrv
@@ -236,13 +391,19 @@ class _PixelStats(torch.nn.Module):
     thumb = 16
 
     def forward(self, x):
-        x = x[:, :1].clamp(0, 1)
+        x = x[:, :1]
         n = x.shape[0]
+        # NaN survives clamp and casts to a bin index far out of range (and clamp would turn Inf into
+        # a plausible 1.0): bin finite values only, and give an image with any non-finite pixel a NaN
+        # vector, as a network would, for the caller's finiteness check to reject
+        bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).clamp(0, 1)
         idx = (x.flatten(1) * (self.bins - 1e-4)).long()
         hist = torch.zeros(n, self.bins, device=x.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         hist = hist / idx.shape[1]
         thumb = torch.nn.functional.adaptive_avg_pool2d(x, self.thumb).flatten(1)
-        return torch.cat([hist, thumb], dim=1)
+        out = torch.cat([hist, thumb], dim=1)
+        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)  # no sync: CUDA-graph safe
 
 
 class _CudaGraphed:
@@ -300,7 +461,7 @@ def _torch_backbone(spec: BackboneSpec, wid: str, fn: torch.nn.Module, device: s
         with torch.inference_mode():
             return net(batch).float().numpy()
 
-    return Backbone(spec, wid, run, spec.feature_dim, device, module or net,
+    return Backbone(spec, with_pipeline(wid, spec.pipeline), run, spec.feature_dim, device, module or net,
                     torch.bfloat16 if cuda else torch.float32)
 
 
@@ -340,12 +501,11 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
     channels = dims[1] if len(dims) == 4 and dims[1] else spec.channels
     size = dims[2] if len(dims) == 4 and dims[2] else spec.input_size
     if (channels, size) != (spec.channels, spec.input_size):
-        spec = BackboneSpec(spec.name, spec.family, size, channels, spec.norm, spec.feature_dim, spec.weights,
-                            spec.url, spec.description, spec.options)
+        spec = dataclasses.replace(spec, input_size=size, channels=channels)
 
     def run(batch: torch.Tensor) -> np.ndarray:
         out = sess.run([output], {input_name: batch.numpy()})[0]
         return np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)
 
     dim = spec.feature_dim or run(torch.zeros(1, channels, size, size)).shape[1]
-    return Backbone(spec, W.weights_identity(path), run, dim, device)
+    return Backbone(spec, with_pipeline(W.weights_identity(path), spec.pipeline), run, dim, device)

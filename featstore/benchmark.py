@@ -5,10 +5,14 @@ written once at the end, so the sweep never holds DuckDB's single write lock whi
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from featstore import results as R
 from featstore.api import Store
 from featstore.score import binary_metrics, gap_test, multiclass_metrics
 from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
@@ -85,9 +90,59 @@ def run_worker(st: Study, source, storage: str, workers: int = 1, trials: int | 
     return n_studies, n_trials
 
 
+class SweepLocked(StudyError):
+    """Another live sweep runs this study in this working folder."""
+
+
+@contextmanager
+def sweep_lock(workdir: str | Path, study: str):
+    """Hold WORKDIR/optuna/<study>.lock for a sweep's life. Two sweeps of one study in one folder
+    would share the journal (each would fail the other's running trials as interrupted) and race
+    on MLflow's database. flock is released by the kernel when the process dies, so a kill -9
+    never leaves a stale lock. The file stays (removing a lock file races); it names the holder."""
+    path = Path(workdir) / "optuna" / f"{_safe(study)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = {}
+            for _ in range(20):  # the holder writes its name right after locking
+                try:
+                    holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                except ValueError:
+                    holder = {}
+                if holder:
+                    break
+                time.sleep(0.1)
+            who = f"pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+            if holder.get("host") and holder["host"] != socket.gethostname():
+                who += f" on {holder['host']}"
+            raise SweepLocked(f"another sweep ({who}) is running study {study} in this folder "
+                              f"({Path(workdir).resolve()}); wait for it, or give this one another --workdir") \
+                from None
+        me = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                             started=datetime.now(timezone.utc).isoformat(timespec="seconds"))).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # released: no stale name for the next reader
+    finally:
+        os.close(fd)
+
+
 def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = None, workers: int | None = None,
               trials: int | None = None, timeout: float | None = None, progress=None,
               storage: str | None = None) -> SweepReport:
+    """Run the study; one sweep per study and working folder at a time (`sweep_lock`)."""
+    with sweep_lock(workdir, st.study):
+        return _run_study(st, db, workdir, tracking, workers, trials, timeout, progress, storage)
+
+
+def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progress, storage) -> SweepReport:
     t0 = time.time()
     workdir = Path(workdir)
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -96,11 +151,29 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
     rep.phases["load"] = time.time() - t0
     tracker = Tracker(st.study, tracking)
     rep.mlflow_uri = tracker.uri
+    tracker.store = str(db)
     storage = storage or (workdir / "optuna" / f"{_safe(st.study)}.journal").resolve()
-    parent = tracker.run(f"sweep {sweep_id}", params=_config_params(st), tags=dict(
+    stale = tracker.close_stale(sweep_id)
+    if stale:
+        rep.notes.append(f"{len(stale)} MLflow run(s) an interrupted sweep left RUNNING are now KILLED")
+    import os
+    import signal
+    import socket
+    import threading
+
+    started = datetime.now(timezone.utc)
+    parent = tracker.run(f"{st.study} {started:%Y-%m-%d %H:%M}", params=_config_params(st), tags=dict(
         level="sweep", study=st.study, sweep_id=sweep_id, code_version=code_version(), config=str(st.path or ""),
-        optuna_storage=_redact(str(storage))), status=None)
-    rep.parent_run_id = parent
+        optuna_storage=_redact(str(storage)), host=socket.gethostname(), pid=os.getpid()),
+        status=None, start=started, artifacts=[st.path] if st.path else ())
+    tracker.sweep_run = rep.parent_run_id = parent
+    # SIGTERM (a scheduler's kill, `kill`) unwinds like Ctrl-C, so the runs are closed as KILLED
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        def _term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        old_term = signal.signal(signal.SIGTERM, _term)
+    n_done = [0]
     try:
         all_rows, all_preds = [], []
         for bb, pre, data, folds in plans:
@@ -111,6 +184,8 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
 
             def tick(_res):
                 done[0] += 1
+                n_done[0] += 1  # on the sweep run: a live sweep shows its progress in the UI
+                tracker.client.log_metric(parent, "tasks_done", n_done[0], step=n_done[0])
                 if progress:
                     progress(done[0], len(tasks), f"{bb}/{pre}")
             t1 = time.time()
@@ -135,9 +210,12 @@ def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = N
             con.execute("COMMIT")
         finally:
             con.close()
-    except BaseException:
-        tracker.end(parent, "FAILED")
+    except BaseException as e:
+        tracker.close_open("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     rep.rows = all_rows
     rep.seconds = time.time() - t0
     rep.phases["write"] = time.time() - t3
@@ -152,21 +230,31 @@ def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trial
     other data."""
     tasks = []
     for proto, fl in folds.items():
+        # leave-pair-out AUCs move with the selection (validation split, sampler, initialisation):
+        # `selection_repeats` re-runs its selection under that many seeds (mean ± sd in the report)
+        seeds = [st.seed + k for k in range(selection_repeats(st) if proto == "leave-pair-out" else 1)]
         for hc in st.heads:
             for sel in [st.selection] + (["oracle"] if st.oracle else []):
-                for f in fl:
-                    h = hashlib.sha256(json.dumps([sorted(data.image_id[f.train].tolist()), hc.fixed],
-                                                  sort_keys=True, default=str).encode()).hexdigest()[:10]
-                    name = f"{st.study}|{proto}|{hc.name}|{bb}|{pre}|{sel}|{f.name}|seed{st.seed}|{h}"
-                    tasks.append(Task(name, proto, f, hc.name, trials or hc.trials, hc.fixed, sel, st.seed,
-                                      timeout if timeout is not None else st.timeout, len(data.class_names)))
+                for seed in seeds:
+                    for f in fl:
+                        h = hashlib.sha256(json.dumps([sorted(data.image_id[f.train].tolist()), hc.fixed],
+                                                      sort_keys=True, default=str).encode()).hexdigest()[:10]
+                        name = f"{st.study}|{proto}|{hc.name}|{bb}|{pre}|{sel}|{f.name}|seed{seed}|{h}"
+                        tasks.append(Task(name, proto, f, hc.name, trials or hc.trials, hc.fixed, sel, seed,
+                                          timeout if timeout is not None else st.timeout, len(data.class_names),
+                                          attrs=dict(study=st.study, backbone=bb, preprocess=pre)))
     return tasks
+
+
+def selection_repeats(st) -> int:
+    return int(getattr(st, "selection_repeats", 1) or 1)
 
 
 def _connect_when_free(db, workdir: Path, sweep_id: str, rows, preds, wait_s: float | None = None):
     """The sweep's one write: wait while another process holds the store; if it never frees, keep
     the rows in Parquet files beside the journal (nothing computed is lost) and say how to load them."""
     import os
+    import shlex
 
     from featstore.store import StoreBusyError, connect
 
@@ -187,8 +275,8 @@ def _connect_when_free(db, workdir: Path, sweep_id: str, rows, preds, wait_s: fl
             if preds:
                 pl.concat(preds).write_parquet(out / "predictions.parquet")
             raise StoreBusyError(f"{e}\nThe sweep's {len(rows)} result rows are kept in {out}; load them later "
-                                 f"with: featstore sql --write \"INSERT INTO results BY NAME SELECT * FROM "
-                                 f"'{out}/results.parquet'\"") from e
+                                 f"with: featstore sql --write --allow-read {shlex.quote(str(out))} \"INSERT INTO "
+                                 f"results BY NAME SELECT * FROM '{out}/results.parquet'\"") from e
 
 
 def _redact(url: str) -> str:
@@ -211,25 +299,26 @@ def _config_params(st: Study) -> dict:
 
 def _base_row(st, sweep_id, bb, pre, data, task: Task, res: TaskResult) -> dict:
     f = task.fold
-    return dict(study=st.study, sweep_id=sweep_id, protocol=task.protocol, fold=f.name, repeat=f.repeat,
+    return dict(study=st.study, sweep_id=sweep_id, protocol=task.protocol, fold=f.name, repeat=f.repeat, kind="fold",
                 train_sources=list(f.train_sources), test_sources=list(f.test_sources), backbone=bb,
                 weights_id=data.weights_id, preprocess=pre, head=task.head, target=st.target,
-                selection=task.selection, oracle=task.selection == "oracle", params=res.params, seed=st.seed,
+                selection=task.selection, oracle=task.selection == "oracle", params=res.params, seed=task.seed,
                 code_version=code_version(), status="failed" if res.error else "ok", error=res.error,
                 val_score=res.val_score, n_trials=len(res.trials),
                 n_trials_failed=sum(t["state"] == "FAIL" for t in res.trials),
                 n_dropped_shared=f.n_dropped_shared, notes="; ".join(f.notes) or None, bootstrap=st.bootstrap,
-                seconds=res.seconds)
+                seconds=res.seconds, fit_info=res.fit_info or None, **data.state)
 
 
 def _metric_rows(base, test_set, scope, y, P, S, n_classes, st) -> dict:
     m = metrics_for(y, P, n_classes, st.bootstrap, st.seed, S)
     row = dict(base, test_set=test_set, scope=scope, metrics=m)
-    for k in ("n", "n_pos", "n_neg", "auc", "auc_lo", "auc_hi", "auc_se", "accuracy", "sensitivity", "specificity",
-              "ppv", "npv", "f1", "balanced_accuracy", "dor", "brier"):
+    for k in R.METRICS:
         row[k] = m.get(k)
     if n_classes > 2:
         row["balanced_accuracy"] = m.get("mean_class_accuracy")
+    row["uncertainty"] = "image" if row.get("auc_lo") is not None else None
+    row["n_sources"] = len(set(base["test_sources"])) if scope == "all" else 1
     return row
 
 
@@ -238,8 +327,9 @@ def _score_and_track(st, sweep_id, bb, pre, data: StudyData, results: list[TaskR
     rows, preds = [], []
     units: dict[tuple, list[TaskResult]] = {}
     for r in results:
-        units.setdefault((r.task.protocol, r.task.head, r.task.selection), []).append(r)
-    for (proto, head, sel), rs in units.items():
+        units.setdefault((r.task.protocol, r.task.head, r.task.selection, r.task.seed), []).append(r)
+    done: dict[tuple, tuple] = {}
+    for (proto, head, sel, _seed), rs in units.items():
         unit_rows, pooled = [], {}
         trials = {r.task.fold.name: r.trials for r in rs}
         for r in rs:
@@ -253,26 +343,31 @@ def _score_and_track(st, sweep_id, bb, pre, data: StudyData, results: list[TaskR
                 y = meta.y[te]
                 fold_rows.append(_metric_rows(base, test_set, "all", y, P, S, K, st))
                 srcs = meta.source[te]
-                if len(set(srcs)) > 1:
-                    for s in sorted(set(srcs)):
-                        mask = srcs == s
+                # per source: every image that occurs in it (a shared file counts in each of its sources)
+                allowed = set(r.task.fold.test_sources if test_set == "unseen" else r.task.fold.train_sources)
+                occ = [meta.occurs_in[i] & allowed for i in te] if meta.occurs_in else [{x} for x in srcs]
+                in_scope = sorted(set().union(*occ)) if occ else []
+                if len(in_scope) > 1:
+                    for s in in_scope:
+                        mask = np.array([s in o for o in occ])
                         fold_rows.append(_metric_rows(base, test_set, s, y[mask], P[mask],
                                                       None if S is None else S[mask], K, st))
                 key = (test_set, r.task.fold.repeat)
                 pooled.setdefault(key, []).append((te, P, S))
                 preds.append(pl.DataFrame(dict(
                     study=st.study, sweep_id=sweep_id, protocol=proto, fold=r.task.fold.name, test_set=test_set,
-                    backbone=bb, preprocess=pre, head=head, selection=sel, image_id=data.image_id[te],
+                    backbone=bb, preprocess=pre, head=head, selection=sel, seed=r.task.seed,
+                    image_id=data.image_id[te],
                     source=srcs.astype(str), y=y.astype(np.int32),
                     prob=P[:, 1] if K == 2 else P.max(1), score=S if S is not None else P.max(1),
                     probs=[list(map(float, p)) for p in P]), schema_overrides={"probs": pl.List(pl.Float64)}))
             if "seen" in r.task.fold.tests and "unseen" in r.task.fold.tests:
                 g = gap_test(fold_rows[0]["metrics"], next(x for x in fold_rows if x["test_set"] == "unseen"
                                                           and x["scope"] == "all")["metrics"])
-                for x in fold_rows:
+                for x in fold_rows:  # the difference only: its p at image level would overstate (see source-mean)
                     if x["test_set"] == "unseen" and x["scope"] == "all":
-                        x.update(gap=g["gap"], gap_p=g["gap_p"])
-                        x["metrics"] = {**x["metrics"], **g}
+                        x.update(gap=g["gap"])
+                        x["metrics"] = {**x["metrics"], **{f"image_level_{k}": v for k, v in g.items()}}
             unit_rows += fold_rows
         # pooled out-of-fold predictions: every image scored by a model that never saw it (mixed)
         # or never saw its source (loso). Leave-pair-out test sets overlap, so it is not pooled.
@@ -283,63 +378,172 @@ def _score_and_track(st, sweep_id, bb, pre, data: StudyData, results: list[TaskR
                 P = np.concatenate([p[1] for p in parts])
                 S = np.concatenate([p[2] for p in parts]) if K == 2 else None
                 base = _base_row(st, sweep_id, bb, pre, data, ok[0].task, ok[0])
-                base.update(fold="pooled" if proto != "mixed" or _repeats(st) == 1 else f"pooled-r{rep_}",
+                base.update(fold="pooled" if proto != "mixed" or _repeats(st) == 1 else f"pooled-r{rep_}", kind="pooled",
                             repeat=rep_, params=None, val_score=None,
                             n_trials=sum(len(r.trials) for r in ok), n_dropped_shared=None,
                             test_sources=sorted({s for r in ok for s in r.task.fold.test_sources}),
-                            notes="pooled out-of-fold predictions of every fold's own selected model",
+                            notes="pooled out-of-fold predictions of every fold's own selected model", fit_info=None,
                             seconds=sum(r.seconds for r in ok), status="ok", error=None,
                             train_sources=sorted({s for r in ok for s in r.task.fold.train_sources}))
                 unit_rows.append(_metric_rows(base, test_set, "all", meta.y[te], P, S, K, st))
-        _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials)
+        done[(proto, head, sel, _seed)] = (rs, unit_rows, trials)
+    for (proto, head, sel, seed), (rs, unit_rows, trials) in done.items():
+        if K == 2:
+            seen_rs = rs if proto == "seen-unseen" else done.get(("mixed", head, sel, st.seed), (None,))[0]
+            unit_rows += source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs)
+        _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed)
         rows += unit_rows
     return rows, (pl.concat(preds) if preds else pl.DataFrame())
+
+
+def _parts(meta, rs, test_set: str):
+    """(y, score, source, fold) of a unit's predictions on one test set. A file shared by collections
+    counts once in each held-out source it occurs in (split.Meta.members)."""
+    ys, ss, srcs, folds = [], [], [], []
+    for r in rs or ():
+        if r.error or test_set not in r.task.fold.tests or r.scores.get(test_set) is None:
+            continue
+        f = r.task.fold
+        allowed = set(f.test_sources if test_set == "unseen" else f.train_sources)
+        for i, sc in zip(f.tests[test_set], r.scores[test_set]):
+            for s in sorted((meta.occurs_in[i] if meta.occurs_in else {meta.source[i]}) & allowed):
+                ys.append(meta.y[i]), ss.append(sc), srcs.append(s), folds.append(f.name)
+    return np.asarray(ys, int), np.asarray(ss, float), np.asarray(srcs, object), np.asarray(folds, object)
+
+
+def _clip(x, low):
+    """A t interval can pass the scale's ends (AUC in [0, 1], a gap in [-1, 1]): clip it there."""
+    return None if x is None else float(min(1.0, max(low, x)))
+
+
+def source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs) -> list[dict]:
+    """The headline number of a unit: the mean over held-out sources (with both classes) of the
+    per-source AUC, its source-level bootstrap CI (sources resampled, then images within them) and
+    the worst source; with a seen side (seen-unseen's own seen set, else the same head's mixed
+    k-fold), the seen - unseen gap with its source-level CI. Leave-pair-out: mean over pairs and
+    the worst pair, no CI (pairs share sources, so they are not independent clusters)."""
+    from featstore.score import SOURCE_LEVEL, cluster_bootstrap, cluster_bootstrap_gap
+
+    proto = rs[0].task.protocol
+    ok = [r for r in rs if not r.error]
+    if proto == "mixed" or not ok:
+        return []
+    y, sc, src, fold = _parts(data.meta, ok, "unseen")
+    pairs = proto == "leave-pair-out"
+    if pairs:  # a pair is the unit that has both classes
+        src = fold.copy()
+    if not len(y):
+        return []
+    cb = cluster_bootstrap(y, sc, src, unit=fold, n_boot=0 if pairs else st.bootstrap, seed=st.seed)
+    base = _base_row(st, sweep_id, bb, pre, data, ok[0].task, ok[0])
+    worst = cb.get("worst") or {}
+    per = cb.get("per_source") or {}
+    if worst.get("auc") is None and per:
+        w = min(per, key=per.get)
+        worst = dict(source=w, auc=per[w])
+    row = dict(base, kind="source-mean", fold="mean over held-out " + ("pairs" if pairs else "sources"), repeat=0,
+               test_set="unseen", scope="all", params=None, val_score=None, fit_info=None,
+               n_trials=sum(len(r.trials) for r in ok), n_dropped_shared=None, seconds=sum(r.seconds for r in ok),
+               test_sources=sorted({s for r in ok for s in r.task.fold.test_sources}),
+               train_sources=sorted({s for r in ok for s in r.task.fold.train_sources}),
+               n=int(len(y)), n_pos=int(y.sum()), n_neg=int((1 - y).sum()),
+               auc=cb.get("estimate"), auc_lo=_clip(cb.get("lo"), 0), auc_hi=_clip(cb.get("hi"), 0),
+               auc_se=cb.get("se"),
+               n_sources=cb.get("n_sources"), auc_worst=worst.get("auc"), worst_source=worst.get("source"),
+               uncertainty="source" if cb.get("lo") is not None and cb.get("uncertainty") == SOURCE_LEVEL else None,
+               notes=cb.get("note"),
+               metrics=dict(per_source=per, excluded=cb.get("excluded"), ci=cb.get("ci"), p_chance=cb.get("p"),
+                            worst=worst, n_boot=cb.get("n_boot")))
+    for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "dor", "brier"):
+        row[k] = None
+    if seen_rs and pairs:
+        # leave-pair-out meets two new sources at once: a model that learned which source looks like
+        # which label ranks them no better than chance, however high its mixed k-fold AUC
+        from featstore.score import pair_gap
+
+        seen0 = [r for r in seen_rs if r.task.fold.repeat == 0]
+        ys, ss, srcs, _ = _parts(data.meta, seen0, "seen")
+        by_pair = {}
+        for r in ok:
+            y1, s1, so1, _ = _parts(data.meta, [r], "unseen")
+            by_pair[tuple(r.task.fold.test_sources)] = (y1, s1, so1)
+        if len(ys) and by_pair:
+            g = pair_gap(ys, ss, srcs, by_pair, n_boot=st.bootstrap, seed=st.seed)
+            row.update(gap=g.get("estimate"), gap_lo=_clip(g.get("lo"), -1), gap_hi=_clip(g.get("hi"), -1),
+                       gap_p=g.get("p"))
+            row["metrics"]["gap"] = dict(g, seen_from="mixed (pooled)")
+            if g.get("lo") is not None:
+                row["uncertainty"] = "source"
+    if seen_rs and not pairs:
+        ys, ss, srcs, folds = _parts(data.meta, seen_rs, "seen")
+        if len(ys):
+            g = cluster_bootstrap_gap(ys, ss, srcs, y, sc, src, unit_seen=folds, unit_unseen=fold,
+                                      n_boot=st.bootstrap, seed=st.seed)
+            row.update(gap=g.get("estimate"), gap_lo=_clip(g.get("lo"), -1), gap_hi=_clip(g.get("hi"), -1),
+                       gap_p=g.get("p"))
+            row["metrics"]["gap"] = {k: v for k, v in g.items() if k != "replicates"}
+            row["metrics"]["gap"]["seen_from"] = seen_rs[0].task.protocol
+    return [row]
 
 
 def _repeats(st):
     return int(st.protocols.get("mixed", {}).get("repeats", 1))
 
 
-def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials):
-    """Unit run -> fold runs -> trial runs, with artifacts on the unit run."""
+def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed=None):
+    """Unit run -> fold runs -> trial runs, with artifacts on the unit run. Runs carry the times the
+    work happened (trials: Optuna's; folds: their trials' span; units: first trial to scoring)."""
     from featstore import report
 
-    pooled = [x for x in unit_rows if x["fold"].startswith("pooled")]
-    metrics = {}
-    for x in pooled + [x for x in unit_rows if proto == "seen-unseen" and x["scope"] == "all"]:
-        for k in ("auc", "auc_lo", "auc_hi", "balanced_accuracy", "sensitivity", "specificity", "gap", "gap_p"):
-            if x.get(k) is not None:
-                metrics[f"{x['test_set']}_{k}"] = x[k]
-    tags = dict(level="unit", study=st.study, protocol=proto, head=head, backbone=bb, weights_id=data.weights_id,
-                preprocess=pre, selection=sel, oracle=sel == "oracle", seed=st.seed, code_version=code_version())
+    metrics = R.unit_summary(unit_rows)
+    sweep_id = unit_rows[0]["sweep_id"] if unit_rows else None
+    tags = dict(level="unit", study=st.study, sweep_id=sweep_id, protocol=proto, head=head, backbone=bb,
+                weights_id=data.weights_id, preprocess=pre, selection=sel, oracle=sel == "oracle", seed=st.seed,
+                code_version=code_version())
+    fold_times = {}
+    for x in unit_rows:
+        if x["kind"] == "fold" and x["fold"] not in fold_times:
+            ts = [t for t in trials.get(x["fold"], []) if t.get("start")]
+            if ts:  # the span of its trials (a resumed study's include an earlier run's)
+                fold_times[x["fold"]] = (min(t["start"] for t in ts), max(t["end"] or t["start"] for t in ts))
     with tempfile.TemporaryDirectory() as tmp:
         unit_preds = [p for p in preds if p.height and p["protocol"][0] == proto and p["head"][0] == head
-                      and p["selection"][0] == sel]
+                      and p["selection"][0] == sel and (seed is None or p["seed"][0] == seed)]
         arts = report.unit_artifacts(Path(tmp), unit_rows, pl.concat(unit_preds) if unit_preds else None,
                                      data.class_names, f"{proto} / {head} / {bb} / {pre}")
-        uid = tracker.run(f"{proto} / {head} / {bb}/{pre}" + (" (ORACLE)" if sel == "oracle" else ""),
-                          parent=parent, metrics=metrics, tags=tags, artifacts=arts)
+        identity = dict(head=head, backbone=bb, weights_id=data.weights_id, preprocess=pre, protocol=proto,
+                        selection=sel, target=st.target,
+                        held_out=",".join(sorted({s for x in unit_rows for s in x["test_sources"]})) or "-")
+        if seed is not None and seed != st.seed:
+            identity["selection_seed"] = seed
+        uid = tracker.run(f"{proto} · {head} · {bb}/{pre}" + (" (ORACLE)" if sel == "oracle" else "")
+                          + (f" · seed {seed}" if seed is not None and seed != st.seed else ""),
+                          parent=parent, params=identity, metrics=metrics, tags=tags, artifacts=arts,
+                          start=min((a for a, _ in fold_times.values()), default=None),
+                          inputs=[_dataset_input(tracker, st, bb, pre, data)])
     for x in unit_rows:
         x["mlflow_run_id"] = uid
     by_fold: dict[str, list] = {}
     for x in unit_rows:
-        if not x["fold"].startswith("pooled"):
+        if x["kind"] == "fold":
             by_fold.setdefault(x["fold"], []).append(x)
     for fold, xs in by_fold.items():
         m = {}
         for x in xs:
-            pre_ = x["test_set"] if x["scope"] == "all" else f"{x['test_set']}.{x['scope']}"
-            for k in ("auc", "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
-                      "balanced_accuracy", "dor", "brier", "gap", "gap_p"):
-                if x.get(k) is not None:
-                    m[f"{pre_}_{k}"] = x[k]
+            for k in R.METRICS + ("gap", "gap_p"):
+                if x.get(k) is not None and k not in ("n", "n_pos", "n_neg"):
+                    m[R.mlflow_name(k, x["test_set"], x["scope"])] = x[k]
         x0 = xs[0]
         if x0.get("val_score") is not None:
             m["val_score"] = x0["val_score"]
-        fid = tracker.run(f"fold {fold}", parent=uid, params=x0.get("params") or {}, metrics=m,
+        f_start, f_end = fold_times.get(fold, (None, None))
+        fid = tracker.run(f"fold {fold}", parent=uid, metrics=m,
+                          params=dict(identity, held_out=",".join(x0["test_sources"]) or "-", fold=fold,
+                                      **(x0.get("params") or {})),
                           tags=dict(tags, level="fold", fold=fold, train_sources=",".join(x0["train_sources"]),
                                     held_out=",".join(x0["test_sources"]), status=x0["status"],
                                     error=x0.get("error")),
+                          start=f_start, end=f_end,
                           status="FINISHED" if x0["status"] == "ok" else "FAILED")
         for x in xs:
             x["mlflow_run_id"] = fid
@@ -349,3 +553,16 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
                         tags=dict(tags, level="trial", fold=fold, state=t["state"], error=t.get("error")),
                         start=t["start"], end=t["end"] or t["start"],
                         status={"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(t["state"], "FAILED"))
+
+
+def _dataset_input(tracker, st, bb, pre, data):
+    """The embedding set as the run's input dataset: name backbone/preprocess, digest the weights."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = dict(images=int(len(data.image_id)), dim=int(data.X.shape[1]) if data.X.ndim == 2 else None,
+                   per_source_class={f"{s}/{c}": int(n) for (s, c), n in sorted(data.counts.items())})
+    wid = data.weights_id.split(":", 1)[-1] if data.weights_id.startswith("sha256:") else data.weights_id
+    source = dict(store=tracker.store, backbone=bb, preprocess=pre, weights_id=data.weights_id)
+    return DatasetInput(Dataset(name=f"{bb}/{pre}", digest=wid[:36], source_type="featstore",
+                                source=json.dumps(source), profile=json.dumps(profile)),
+                        tags=[InputTag("mlflow.data.context", "embeddings")])

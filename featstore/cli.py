@@ -1,6 +1,7 @@
 """The `featstore` command line: a thin layer that wires the stage modules together."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -8,30 +9,106 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="featstore: a chest X-ray feature store. Ingest once, embed once, query with SQL.")
 err = Console(stderr=True)
 
+def _backbone_names() -> list[str]:
+    from featstore.backbones import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _preprocess_names() -> list[str]:
+    from featstore.preprocess import PREPROCESSINGS
+
+    return list(PREPROCESSINGS)
+
+
+def _mask_methods() -> list[str]:
+    from featstore.masks import METHODS
+
+    return list(METHODS)
+
+
+def _one_of(kind: str, names) -> dict:
+    """typer.Option arguments: the value must be one of names() (a registry, read when needed: the
+    backbone registry imports torch), refused with a 'did you mean'; --help lists them (see _help)."""
+    fixed = None if callable(names) else list(names)
+
+    def parse(value):
+        allowed = fixed or names()
+        if value in allowed:
+            return value
+        from featstore.suggest import unknown
+
+        raise typer.BadParameter(unknown(kind, value, allowed))
+    return dict(parser=parse, metavar="[" + "|".join(fixed) + "]" if fixed else "NAME")
+
+
+def _help(**lazy):
+    """A command class whose --help lists the choices of options whose names come from a registry."""
+    from typer.core import TyperCommand
+
+    class ChoicesHelp(TyperCommand):
+        def format_help(self, ctx, formatter):
+            for p in self.params:
+                if p.name in lazy and p.metavar == "NAME":
+                    names = lazy[p.name]()
+                    if len("|".join(names)) <= 100:
+                        p.metavar = "[" + "|".join(names) + "]"
+                    else:  # too long for the type column: listed below the options, full width
+                        p.metavar = "NAME "
+                        self.epilog = f"--{p.name.replace('_', '-')} is one of: {', '.join(names)}"
+            return super().format_help(ctx, formatter)
+    return ChoicesHelp
+
+
 DbOpt = typer.Option(None, "--db", envvar="FEATSTORE_DB", help="DuckDB file (default ./featstore.duckdb)")
 
 
-def _open(db, read_only=False):
-    from featstore.store import StoreBusyError, connect
+def _open(db, read_only=False, advice=True, must_exist=False):
+    """must_exist: for commands that need ingested images; a missing store is refused, not created empty."""
+    from featstore.store import StoreBusyError, connect, default_db_path
 
+    if must_exist:
+        try:
+            path = Path(db) if db is not None else default_db_path()
+        except FileNotFoundError as e:
+            err.print(f"[red]error:[/] {escape(str(e))}")
+            raise typer.Exit(2)
+        if not path.exists():
+            err.print(f"[red]error:[/] no featstore at {escape(str(path))}: run `featstore ingest` first "
+                      f"(or pass --db / set FEATSTORE_DB to an existing store)", soft_wrap=True)
+            raise typer.Exit(2)
     try:
-        return connect(db, read_only=read_only)
-    except (StoreBusyError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/] {e}")
+        con = connect(db, read_only=read_only)
+    except StoreBusyError as e:
+        tip = ("\nMeanwhile a snapshot taken while the store was free can be read: `featstore export --snapshot "
+               "DIR` (when idle), then --db DIR." if read_only and advice else "")
+        err.print(f"[red]error:[/] {escape(str(e) + tip)}")
         raise typer.Exit(2)
+    except FileNotFoundError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}")
+        raise typer.Exit(2)
+    # closed when the command ends, however it ends: a connection left to the garbage collector keeps
+    # the file open in this process, and the next open with another configuration is refused
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(con.close)
+    return con
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=err, transient=False)
+def _progress(label: str):
+    """The one progress display of long commands: a bar on a terminal, plain 10% lines in logs."""
+    from featstore.progress import Ticker
+
+    return Ticker(label, err)
 
 
 # --- ingest -----------------------------------------------------------------
@@ -48,13 +125,21 @@ def ingest(
     path_col: str = "path", source_col: str = "source", label_col: str = "label", class_col: str = "class3",
     patient_col: str = "patient_id", view_col: str = "view", sex_col: str = "sex", age_col: str = "age",
     mask_col: str = typer.Option("mask_path", help="optional column naming a lung mask file per image"),
-    allow_root: list[Path] = typer.Option([], help="manifest paths may resolve inside this folder too "
-                                          "(default: only inside --root / the manifest's folder); repeatable"),
+    allow_root: list[Path] = typer.Option([], metavar="DIR",
+                                          help="manifest paths (and --folder symlinks) may resolve inside this "
+                                          "folder too (default: only inside --root / the manifest's folder / "
+                                          "the --folder root); repeatable"),
+    encoding: Optional[str] = typer.Option(None, help="the CSV manifest's text encoding, e.g. cp1252 "
+                                           "(default: UTF-8, or UTF-16 with a BOM; anything else is refused)"),
+    max_bytes: int = typer.Option(512 * 1024 * 1024, envvar="FEATSTORE_MAX_BYTES", min=1,
+                                  help="files larger than this many bytes are refused unread"),
     labels: str = typer.Option("covid,non_covid", help="allowed labels, comma-separated; '*' allows any"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="processes that hash and decode files"),
     db: Optional[Path] = DbOpt,
 ):
     """Ingest images: every file hashed, decoded once to check it, recorded with its metadata."""
+    from rich.markup import escape
+
     from featstore import ingest as I
 
     chosen = [x for x in (manifest, folder, dataset) if x]
@@ -70,10 +155,10 @@ def ingest(
             cols = I.ColumnMap(path_col, source_col, label_col, class_col, patient_col, view_col, sex_col, age_col,
                                mask_col)
             roots = [root or manifest.parent, *allow_root] if allow_root else None
-            rows, pre = I.manifest_rows(manifest, cols, root, source, roots)
+            rows, pre = I.manifest_rows(manifest, cols, root, source, roots, encoding, max_bytes)
         elif folder:
             origin = str(folder.resolve())
-            rows, pre = I.folder_rows(folder)
+            rows, pre = I.folder_rows(folder, [folder, *allow_root] if allow_root else None)
         else:
             from featstore.adapters import adapter_rows
 
@@ -87,17 +172,58 @@ def ingest(
     except ValueError as e:
         what = str(manifest or folder or imgpath)
         I.record_failure(con, what, source or "", str(e), what)
-        err.print(f"[red]error:[/] {what}: {e} (recorded in ingest_errors)")
+        con.close()
+        err.print(f"[red]error:[/] {escape(what)}: {escape(str(e))} (recorded in ingest_errors)", soft_wrap=True)
         raise typer.Exit(1)
-    with _progress() as prog:
-        task = prog.add_task("ingest", total=len(rows), rate="")
-        rep = I.ingest_rows(con, rows, origin, allowed, pre, workers, lambda n: prog.advance(task, n))
+    import duckdb
+
+    before = _stored(con)
+    try:
+        with _progress("ingest") as prog:
+            prog.update(0, len(rows))
+            try:
+                rep = I.ingest_rows(con, rows, origin, allowed, pre, workers, prog.advance, max_bytes)
+            except I.StoreFullError as e:
+                prog.stop()
+                err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+                raise typer.Exit(1)
+    except (KeyboardInterrupt, duckdb.InterruptException):
+        _interrupted_ingest(con, before)
+    finally:  # never leave the file open in this process: the next open (read-only) would be refused
+        con.close()
     _print_ingest(rep, note)
     raise typer.Exit(0 if rep.ok else 1)
 
 
+def _stored(con) -> tuple[int, int]:
+    return con.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences)").fetchall()[0]
+
+
+def _interrupted_ingest(con, before):
+    """Ctrl-C: say what this run stored (committed work only) and exit 130."""
+    import duckdb
+
+    try:
+        try:
+            con.rollback()  # an insert cut short is not kept; committed batches are
+        except duckdb.Error:
+            pass
+        images, occ = _stored(con)
+        got = (f"this run stored {images - before[0]} new images and {occ - before[1]} manifest rows "
+               f"(the store holds {images} images, {occ} rows)")
+    except duckdb.Error as e:
+        got = f"what this run stored could not be counted ({e})"
+    finally:
+        con.close()
+    err.print(f"[yellow]interrupted:[/] {escape(got)}; run the same command to resume: rows already in the "
+              f"store are skipped")
+    raise typer.Exit(130)
+
+
 def _print_ingest(rep, note=""):
     from collections import Counter
+
+    from rich.markup import escape
 
     t = Table(title="ingest", show_header=False)
     for k, v in [("rows read", rep.n_rows), ("new images", rep.n_new_images),
@@ -109,14 +235,14 @@ def _print_ingest(rep, note=""):
                  ("  of which disagree on label", rep.n_label_conflicts)]:
         t.add_row(k, str(v))
     err.print(t)
-    if note:
-        err.print(f"note: {note}")
+    for n in ([note] if note else []) + rep.notes():
+        err.print(f"note: {escape(n)}")
     if rep.errors:
         err.print(f"[yellow]{len(rep.errors)} rejected[/] (featstore sql \"SELECT * FROM open_ingest_errors\"):")
         for reason, n in Counter(_reason_kind(e.reason) for e in rep.errors).most_common():
-            err.print(f"  {n:6d}  {reason}")
+            err.print(f"  {n:6d}  {escape(reason)}")
         for e in rep.errors[:10]:
-            err.print(f"    {e.file}: {e.reason}")
+            err.print(f"    {escape(e.file)}: {escape(e.reason)}")  # names are data, not markup
 
 
 def _reason_kind(reason: str) -> str:
@@ -125,47 +251,59 @@ def _reason_kind(reason: str) -> str:
 
 # --- embed --------------------------------------------------------------------
 
-@app.command()
+@app.command(cls=_help(backbone=_backbone_names, preprocess=_preprocess_names, masks=_mask_methods))
 def embed(
-    backbone: str = typer.Option(..., help="registry name (featstore backbones)"),
-    preprocess: str = typer.Option("original", help="original, histeq, clahe, or a lung variant: lungs-isolated, "
-                                   "lungs-removed, lungs-framed, lungs-boxed-out, lung-crop"),
-    masks: str = typer.Option("auto", help="lung variants: how missing lung masks are made "
-                              "(auto, manifest, xrv-pspnet, classical-v1; see `featstore masks`)"),
+    backbone: str = typer.Option(..., **_one_of("backbone", _backbone_names),
+                                 help="from the registry (listed below; `featstore backbones` describes them)"),
+    preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names),
+                                   help="as decoded, histogram-equalised, CLAHE, or a lung variant (needs masks)"),
+    masks: str = typer.Option("auto", **_one_of("mask method", _mask_methods),
+                              help="lung variants: how missing lung masks are made (see `featstore masks`)"),
     weights: Optional[str] = typer.Option(None, help="weight file, or 'random-init' (recorded as such)"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR", help="look for weight files here first"),
     onnx_output: Optional[str] = typer.Option(None, help="generic onnx backbone: tensor to read"),
-    batch_size: int = 32,
-    workers: Optional[int] = typer.Option(None, help="DataLoader decode processes (default: cores, at most 4)"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-    limit: Optional[int] = typer.Option(None, help="embed at most N images this run"),
-    engine: str = typer.Option("local", help="local (DataLoader on this machine) or ray (Ray Data: every "
-                               "CPU/GPU of a cluster)"),
+    batch_size: int = typer.Option(32, min=1),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader decode processes (default: cores, at most 4)"),
+    device: str = typer.Option("auto", **_one_of("device", ["auto", "cpu", "cuda"])),
+    limit: Optional[int] = typer.Option(None, min=1, help="embed at most N images this run (N >= 1; leave it out "
+                                        "for all)"),
+    engine: str = typer.Option("local", **_one_of("engine", ["local", "ray"]),
+                               help="local (DataLoader on this machine) or ray (Ray Data: every CPU/GPU of a cluster)"),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="ray: a cluster to join "
                                                "(auto, ray://head:10001); default: start Ray on this machine"),
     shards: Path = typer.Option(Path("featstore-shards"), help="ray: Parquet shards land here before the import"),
-    actors: Optional[int] = typer.Option(None, help="ray: backbone replicas (default: one per GPU, else 1)"),
+    actors: Optional[int] = typer.Option(None, min=1, help="ray: backbone replicas (default: one per GPU, else 1)"),
     db: Optional[Path] = DbOpt,
 ):
     """Embed every image that has no embedding yet for (backbone, weights, preprocessing)."""
     from featstore.backbones import create_backbone
+    from featstore.embed import DiskFullError, is_disk_full
     from featstore.embed import embed as run_embed
     from featstore.weights import WeightsMissingError
 
-    con = _open(db)
+    try:
+        con = _open(db, must_exist=True)
+    except Exception as e:  # opening writes too (schema views): a store on a full disk fails here
+        if not is_disk_full(e):
+            raise
+        err.print(f"error: {DiskFullError.opening(e, db)}", soft_wrap=True, markup=False, highlight=False)
+        raise typer.Exit(3)
     try:
         bb = create_backbone(backbone, weights=weights, weights_dir=weights_dir, device=device, output=onnx_output)
     except (WeightsMissingError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
+        raise typer.Exit(2)
+    except Exception as e:  # noqa: BLE001 - a file that is not what the backbone loads: one line, not a traceback
+        if not weights or weights == "random-init":
+            raise
+        err.print(f"[red]error:[/] --weights {escape(weights)}: not usable as weights for {escape(backbone)} "
+                  f"(expected {_expected_weights(backbone)}): {type(e).__name__}: {escape(str(e)[:300])}")
         raise typer.Exit(2)
     err.print(f"{bb.name}: weights {bb.weights_id}, {bb.feature_dim}-d, {bb.spec.input_size}px, device {bb.device}")
     rep = None
-    with _progress() as prog:
-        task = prog.add_task("embed", total=None, rate="")
-
+    with _progress("embed") as prog:
         def tick(done, total):
-            el = prog.tasks[0].elapsed or 1e-9
-            prog.update(task, completed=done, total=total, rate=f"{done / el:.1f} img/s")
+            prog.update(done, total, rate=f"{done / max(prog.elapsed(), 1e-9):.1f} img/s")
         try:
             if engine == "ray":
                 from featstore.embed_ray import embed_ray
@@ -185,6 +323,9 @@ def embed(
         except (ValueError, WeightsMissingError) as e:
             err.print(f"[red]error:[/] {e}")
             raise typer.Exit(2)
+        except DiskFullError as e:
+            err.print(f"error: {e}", soft_wrap=True, markup=False, highlight=False)  # one line, paths verbatim
+            raise typer.Exit(3)
     err.print(f"embedded {rep.n_embedded} of {rep.n_todo} missing images in {rep.seconds:.1f}s "
               f"({rep.images_per_s:.1f} img/s); {len(rep.failed)} failed (listed in embed_errors)")
     if rep.torn_shards:
@@ -195,27 +336,35 @@ def embed(
     raise typer.Exit(1 if rep.failed else 0)
 
 
-@app.command()
+def _expected_weights(backbone: str) -> str:
+    from featstore.backbones import get_spec
+
+    family = get_spec(backbone).family
+    return {"onnx": "an ONNX model file (.onnx)",
+            "tv-densenet": "a torchvision DenseNet121 state dict (.pth)",
+            "tv-resnet": "a torchvision ResNet50 state dict (.pth)"}.get(family, f"the {family} weight file")
+
+
+@app.command(cls=_help(method=_mask_methods))
 def masks(
-    method: str = typer.Option("auto", help="auto (manifest mask, else torchxrayvision PSPNet when its weights are "
+    method: str = typer.Option("auto", **_one_of("mask method", _mask_methods),
+                               help="auto (manifest mask, else torchxrayvision PSPNet when its weights are "
                                "present, else classical-v1), manifest, xrv-pspnet or classical-v1"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR",
                                                help=f"where {'pspnet_chestxray_best_model_4.pth'} is looked for"),
     redo: bool = typer.Option(False, help="re-make existing masks (their lung-variant embeddings are deleted)"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), help="processes for manifest and classical masks"),
-    device: str = typer.Option("cpu", help="cpu or cuda (PSPNet)"),
+    device: str = typer.Option("cpu", **_one_of("device", ["cpu", "cuda"]), help="for PSPNet"),
     db: Optional[Path] = DbOpt,
 ):
     """Make the lung masks the lung-ROI variants use, once per image, recording how each was made."""
     from featstore.masks import ensure_masks
     from featstore.weights import WeightsMissingError
 
-    con = _open(db)
-    with _progress() as prog:
-        task = prog.add_task("masks", total=None, rate="")
+    con = _open(db, must_exist=True)
+    with _progress("masks") as prog:
         try:
-            rep = ensure_masks(con, None, method, weights_dir, workers, redo, device,
-                               lambda d, t: prog.update(task, completed=d, total=t))
+            rep = ensure_masks(con, None, method, weights_dir, workers, redo, device, prog.update)
         except (ValueError, WeightsMissingError) as e:
             err.print(f"[red]error:[/] {e}")
             raise typer.Exit(2)
@@ -234,10 +383,10 @@ def backbones():
     """List the backbone registry."""
     from featstore.backbones import list_backbones
 
-    t = Table("name", "input", "ch", "dim", "weights", "what")
+    t = Table("name", "input", "ch", "dim", "weights", "licence", "what")
     for s in list_backbones():
         t.add_row(s.name, str(s.input_size), str(s.channels), str(s.feature_dim or "?"), s.weights or "none",
-                  s.description)
+                  s.licence or "-", s.description)
     Console(width=200).print(t)
 
 
@@ -247,19 +396,31 @@ def backbones():
 def sql(
     query: Optional[str] = typer.Argument(None, help="SQL text"),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="run the SQL in this file"),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json"),
+    fmt: str = typer.Option("table", "--format", **_one_of("format", ["table", "csv", "json"])),
     out: Optional[Path] = typer.Option(None, help="write the answer to .csv, .parquet or .json"),
-    var: list[str] = typer.Option([], help="NAME=VALUE, read in SQL as getvariable('NAME')"),
-    write: bool = typer.Option(False, help="open the store read-write (default read-only)"),
+    var: list[str] = typer.Option([], metavar="NAME=VALUE", help="NAME=VALUE, read in SQL as getvariable('NAME')"),
+    write: bool = typer.Option(False, help="let the SQL change the store (INSERT, UPDATE, CREATE, ...); "
+                               "default: the store is opened read-only"),
+    allow_read: list[Path] = typer.Option([], metavar="PATH",
+                                          help="let the SQL read this file, or the files under this folder "
+                                          "(read_csv, read_parquet, ...); repeatable. Nothing else outside the "
+                                          "store is readable"),
     db: Optional[Path] = DbOpt,
 ):
-    """Run SQL against the store and print the answer."""
+    """Run SQL against the store and print the answer.
+
+    The SQL runs sandboxed: it reads the store and nothing else (unless --allow-read), writes no file
+    (COPY, EXPORT are refused; --out writes the answer), attaches no other database, installs or loads
+    no extension, and cannot change DuckDB's settings. It changes the store only with --write."""
     import duckdb
 
-    from featstore.query import render, run_sql, write as write_out
+    from featstore.query import OUT_SUFFIXES, render, run_user_sql, write as write_out
 
     if (query is None) == (file is None):
         err.print("[red]error:[/] give a QUERY or -f FILE")
+        raise typer.Exit(2)
+    if out and out.suffix.lower() not in OUT_SUFFIXES:  # before the SQL runs (it may --write)
+        err.print(f"[red]error:[/] --out {escape(str(out))}: use a .csv, .parquet or .json file name")
         raise typer.Exit(2)
     text = file.read_text() if file else query
     variables = {}
@@ -271,12 +432,21 @@ def sql(
         variables[k] = val
     con = _open(db, read_only=not write)
     try:
-        table = run_sql(con, text, variables)
+        table = run_user_sql(con, text, variables, allow_read)
+    except FileNotFoundError as e:  # an --allow-read path
+        err.print(f"[red]error:[/] {escape(str(e))}")
+        raise typer.Exit(2)
     except (duckdb.Error, ValueError) as e:
-        err.print(f"[red]SQL error:[/] {e}")
+        err.print(f"[red]SQL error:[/] {escape(str(e))}")
         raise typer.Exit(1)
+    finally:  # the sandbox holds for the database, not the connection: let it go with it
+        con.close()
     if out:
-        write_out(table, out)
+        try:
+            write_out(table, out)
+        except (ValueError, OSError) as e:
+            err.print(f"[red]error:[/] --out {escape(str(out))}: {escape(str(e))}")
+            raise typer.Exit(2)
         err.print(f"wrote {table.num_rows} rows to {out}")
     else:
         try:
@@ -287,22 +457,30 @@ def sql(
 
 
 @app.command()
-def export(parquet: Optional[Path] = typer.Option(None, help="output folder: Hive-partitioned Parquet by source"),
+def export(parquet: Optional[Path] = typer.Option(None, help="new or empty output folder: Hive-partitioned "
+                                                  "Parquet by source"),
+           overwrite: bool = typer.Option(False, help="--parquet DIR may hold a previous featstore export: its "
+                                          "files (listed in DIR/featstore-export.json) are replaced; nothing else "
+                                          "is removed, and any other file where the export goes stops it"),
            snapshot: Optional[Path] = typer.Option(None, help="new folder: the whole store (DuckDB EXPORT DATABASE, "
                                                    "Parquet); sweep workers read it with --db DIR"),
            db: Optional[Path] = DbOpt):
     """Write metadata and embeddings as Parquet partitioned by source (readable without featstore),
-    or a snapshot of the whole store for sweep workers."""
+    or a snapshot of the whole store for sweep workers. Never deletes what it did not write."""
     from featstore.export import export_parquet
     from featstore.store import export_snapshot
 
     if not parquet and not snapshot:
         err.print("[red]error:[/] give --parquet DIR and/or --snapshot DIR")
         raise typer.Exit(2)
-    con = _open(db, read_only=True)
+    con = _open(db, read_only=True, advice=False)
     if parquet:
-        counts = export_parquet(con, parquet)
-        err.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {parquet}")
+        try:
+            counts = export_parquet(con, parquet, overwrite=overwrite)
+        except FileExistsError as e:
+            err.print(f"[red]error:[/] {escape(str(e))}")
+            raise typer.Exit(2)
+        err.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {escape(str(parquet))}")
     if snapshot:
         try:
             export_snapshot(con, snapshot)
@@ -317,9 +495,9 @@ def export(parquet: Optional[Path] = typer.Option(None, help="output folder: Hiv
 @app.command()
 def sweep(
     config: Path = typer.Argument(..., help="study config (YAML or TOML), e.g. benchmarks/cxr_shortcut.yaml"),
-    trials: Optional[int] = typer.Option(None, help="trials per Optuna study (overrides the config's per head)"),
+    trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (overrides the config's per head)"),
     timeout: Optional[float] = typer.Option(None, help="seconds per Optuna study"),
-    workers: Optional[int] = typer.Option(None, help="worker processes (default: the config's, else 1)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: the config's, else 1)"),
     workdir: Path = typer.Option(Path("."), help="Optuna journal goes to WORKDIR/optuna/<study>.journal"),
     storage: Optional[str] = typer.Option(None, envvar="FEATSTORE_OPTUNA_STORAGE",
                                           help="Optuna storage shared with `featstore sweep-worker` processes, "
@@ -353,9 +531,9 @@ def sweep(
 def sweep_worker(
     config: Path = typer.Argument(..., help="the same study config the coordinator runs"),
     storage: str = typer.Option(..., envvar="FEATSTORE_OPTUNA_STORAGE", help="the shared Optuna storage URL"),
-    trials: Optional[int] = typer.Option(None, help="as given to the coordinator"),
+    trials: Optional[int] = typer.Option(None, min=1, help="as given to the coordinator"),
     timeout: Optional[float] = typer.Option(None, help="as given to the coordinator"),
-    workers: int = typer.Option(1, help="processes on this machine"),
+    workers: int = typer.Option(1, min=1, help="processes on this machine"),
     db: Optional[Path] = typer.Option(None, envvar="FEATSTORE_DB",
                                       help="a snapshot folder (`featstore export --snapshot`) or the store"),
 ):
@@ -377,14 +555,14 @@ def _with_study(config, db, label, on_interrupt, call):
     try:
         st = load_study(config)
         db = db or (Path(st.db) if st.db else None)
-        with _progress() as prog:
-            task = prog.add_task(label, total=None, rate="")
-
+        with _progress(label) as prog:
             def tick(done, total, what):
-                prog.update(task, completed=done, total=total, description=f"{label} {what}", rate="studies")
+                prog.update(done, total, what, rate="studies")
             return call(st, db, tick)
     except (StudyError, FileNotFoundError, StoreBusyError) as e:
-        err.print(f"[red]error:[/] {e}")
+        from rich.markup import escape  # the message quotes config values: never markup
+
+        err.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2)
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted:[/] {on_interrupt}")
@@ -416,29 +594,138 @@ def report(out: Path = typer.Option(Path("report"), help="output folder"),
         raise typer.Exit(2)
     _print_headline(r["headline"])
     err.print(f"report for {r['study']} (sweep {r['sweep_id']}): {out / 'report.md'}, {out / 'report.html'}")
+    _attach_report(r, out)
+
+
+def _attach_report(r: dict, out: Path) -> None:
+    """The report as artifacts of its sweep's MLflow run; a tracking problem never fails the report."""
+    from featstore.track import attach_report
+
+    try:
+        rid = attach_report(r["study"], r["sweep_id"], [out / "report.md", out / "report.html"])
+    except Exception as e:  # noqa: BLE001
+        err.print(f"[yellow]warning:[/] the report was not attached to the MLflow sweep run: {escape(str(e))}")
+        return
+    if rid:
+        err.print(f"attached to MLflow run {rid} (artifacts: report/)")
 
 
 @app.command()
-def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps it on this machine)"),
-       port: int = 5000,
+def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps it on this machine); any other "
+                                "address needs --expose"),
+       port: int = typer.Option(5000, min=1, max=65535),
+       expose: bool = typer.Option(False, help="allow a --host other than loopback: the MLflow UI has NO login, so "
+                                   "anyone who reaches HOST:PORT can read and change every run (prefer an SSH "
+                                   "tunnel: ssh -L 5000:127.0.0.1:5000 server)"),
        tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
                                                   help="default: sqlite:///./mlflow.db")):
-    """Start the MLflow UI on the sweeps' tracking store."""
+    """Start the MLflow UI on the sweeps' tracking store (on this machine only, unless --expose)."""
+    import socket
     import subprocess
 
     from featstore.track import tracking_uri as default_uri
 
     uri = tracking_uri or default_uri()
-    err.print(f"MLflow UI for {uri} at http://{host}:{port}")
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                      "--host", host, "--port", str(port)]))
+    if not _loopback(host):
+        if not expose:
+            err.print(f"[red]error:[/] --host {escape(host)} would serve the MLflow UI, which has no login, to the "
+                      f"network; add --expose to do that anyway, or use an SSH tunnel to 127.0.0.1")
+            raise typer.Exit(2)
+        err.print(f"[bold red]WARNING:[/] the MLflow UI has no authentication: anyone who can reach "
+                  f"{escape(host)}:{port} can read and change every run and artifact")
+    try:  # fail now, clearly, rather than print a URL and let MLflow exit 0 on a busy port
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+            s.bind((host, port))
+    except OSError as e:
+        err.print(f"[red]error:[/] cannot serve on {escape(host)}:{port}: {escape(e.strerror or str(e))}"
+                  + (" (another server, perhaps an MLflow UI, uses it; pick another --port)"
+                     if e.errno == errno.EADDRINUSE else ""))
+        raise typer.Exit(2)
+    child = subprocess.Popen(_mlflow_ui_argv(uri, host, port), preexec_fn=_die_with_parent)
+    probe = "::1" if host in ("::", "::0") else "127.0.0.1" if host == "0.0.0.0" else host
+    try:
+        ready = False
+        while not ready and child.poll() is None:  # the URL is printed once the server answers, not before
+            try:
+                socket.create_connection((probe, port), timeout=1).close()
+                ready = True
+            except OSError:
+                try:
+                    child.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+        if ready:
+            from featstore.track import ui_url
+
+            shown = f"[{host}]" if ":" in host else host
+            base = f"http://{shown}:{port}"
+            err.print(f"MLflow UI for {escape(uri)} at {escape(ui_url(base))} (Ctrl-C stops it)")
+            for name, exp_id in _studies(uri):
+                err.print(f"  {escape(name)}: {escape(ui_url(base, exp_id))}")
+            child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        raise typer.Exit(130)
+    err.print(f"[red]error:[/] the MLflow UI stopped (exit code {child.returncode}); its messages are above")
+    raise typer.Exit(child.returncode if child.returncode > 0 else 1)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def _studies(uri: str, n: int = 10) -> list[tuple[str, str]]:
+    """(name, id) of the newest featstore experiments, for direct links to their runs."""
+    from featstore.track import EXPERIMENT_KIND, sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []
+    try:
+        from mlflow import MlflowClient
+
+        (k, v), = EXPERIMENT_KIND.items()
+        exps = MlflowClient(uri).search_experiments(filter_string=f"tags.`{k}` = '{v}'", max_results=n,
+                                                   order_by=["last_update_time DESC"])
+        return [(e.name, e.experiment_id) for e in exps]
+    except Exception:  # noqa: BLE001 - links are a convenience; the UI is up
+        return []
+
+
+def _mlflow_ui_argv(uri: str, host: str, port: int) -> list[str]:
+    from featstore.track import artifacts_destination
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    dest = artifacts_destination(uri)  # SQLite: runs' mlflow-artifacts: locations resolve beside the database
+    return argv + (["--artifacts-destination", str(dest)] if dest else [])
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM when featstore dies, even by kill -9 (Linux; MLflow passes
+    it on to its server processes)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # --- shortcut forensics ---------------------------------------------------------------
 
-@app.command()
-def probe(backbone: str = typer.Option(..., help="embedding set to probe"),
-          preprocess: str = typer.Option("original"),
+@app.command(cls=_help(preprocess=_preprocess_names))
+def probe(backbone: str = typer.Option(..., help="embedding set to probe (a backbone with embeddings in the store)"),
+          preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
           positive: str = typer.Option("covid", help="the positive label (the GRL head's class target)"),
           grl: bool = typer.Option(True, help="also probe a cross-fitted GRL head's representation"),
           folds: int = 5, seed: int = 0, bootstrap: int = 500,
@@ -450,9 +737,11 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe"),
     from featstore.probe import run_probe
 
     try:
-        rows, sweep_id, run_id = run_probe(db, backbone, preprocess, positive, grl, maps, folds, seed, bootstrap)
+        with _progress("probe") as prog:
+            rows, sweep_id, run_id = run_probe(db, backbone, preprocess, positive, grl, maps, folds, seed, bootstrap,
+                                               prog.update)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/] {e}")
+        err.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2)
     df = pl.DataFrame(rows, infer_schema_length=None)
     t = Table("representation", "images", "sources", "macro AUC [95% CI]", "per source", title=(
@@ -468,10 +757,11 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe"),
     err.print(f"{len(rows)} rows in `results` (study 'domain-probe', sweep {sweep_id}); MLflow run {run_id}")
 
 
-@app.command()
+@app.command(cls=_help(preprocess=_preprocess_names))
 def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a unique prefix) or a file path"),
               backbone: Optional[str] = typer.Option(None, help="default: the largest embedding set"),
-              preprocess: str = "original", k: int = 10,
+              preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
+              k: int = 10,
               summary: bool = typer.Option(False, help="per source: share of k-NN sharing the source vs the label"),
               db: Optional[Path] = DbOpt):
     """The k most similar images (DuckDB, cosine), or the store-wide source-vs-label neighbour summary."""
@@ -486,6 +776,14 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
             err.print("[red]error:[/] no embeddings in the store (run `featstore embed`)")
             raise typer.Exit(2)
         backbone = row[0][0]
+    have = [b for (b,) in con.execute("SELECT DISTINCT backbone FROM embedding_sets WHERE preprocess = ? "
+                                      "ORDER BY 1", [preprocess]).fetchall()]
+    if backbone not in have:
+        from featstore.suggest import unknown
+
+        err.print(f"[red]error:[/] {escape(unknown(f'embedding set for --preprocess {preprocess}', backbone, have))}",
+                  soft_wrap=True)
+        raise typer.Exit(2)
     if summary:
         from featstore.api import Store
         from featstore.neighbors import neighbour_summary
@@ -509,21 +807,29 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
     sys.stdout.write(render(tbl, "table"))
 
 
-@app.command()
+@app.command(cls=_help(preprocess=_preprocess_names))
 def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare embeddings of this set (cosine)"),
-               preprocess: str = "original",
+               preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
                cosine_min: float = typer.Option(0.98, help="embedding rule: cosine similarity at least this"),
                phash_max: int = typer.Option(10, help="perceptual rule: dHash Hamming distance at most this (of 256)"),
                sheet: Path = typer.Option(Path("near_duplicates.png"), help="contact sheet of the pairs"),
                workers: int = typer.Option(2, help="processes that hash images"),
+               accept_implausible: bool = typer.Option(False, help="link the pairs even when they are implausibly "
+                                                       "many or form a giant group"),
                db: Optional[Path] = DbOpt):
     """Exact and near-duplicate images within and across sources -> `near_duplicates` + a contact sheet."""
-    from featstore.duplicates import contact_sheet, find
+    from featstore.duplicates import ImplausibleDuplicates, contact_sheet, find
     from featstore.query import render
 
-    con = _open(db)
+    con = _open(db, must_exist=True)
     try:
-        pairs = find(con, backbone, preprocess, cosine_min, phash_max, workers=workers)
+        try:
+            with _progress("duplicates") as prog:
+                pairs = find(con, backbone, preprocess, cosine_min, phash_max, workers=workers,
+                             accept_implausible=accept_implausible, progress=prog.update)
+        except (ImplausibleDuplicates, ValueError) as e:
+            err.print(f"[red]error:[/] {escape(str(e))}")
+            raise typer.Exit(2)
         exact = con.sql("SELECT count(*) FILTER (WHERE cross_source) AS across, count(*) AS all_groups "
                         "FROM duplicate_groups").fetchall()[0]
         by = con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()

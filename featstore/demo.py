@@ -113,6 +113,9 @@ def _benchmark(folder: Path, db: Path, embedded: list[str]) -> int:
 
     with duckdb.connect(str(db), read_only=True) as con:
         write_report(con, folder / "report", st.study, rep.sweep_id)
+    from featstore.track import attach_report
+
+    attach_report(st.study, rep.sweep_id, [folder / "report" / "report.md", folder / "report" / "report.html"], uri)
     out.print(f"{rep.n_tasks} Optuna studies, {rep.n_trials} trials in {rep.seconds:.0f}s; "
               f"{len(rep.rows)} rows in the store's `results` table; MLflow: {uri}")
     out.print("Read it: 'mixed' mixes every source into train and test, so the source fingerprint predicts the "

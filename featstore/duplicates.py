@@ -14,7 +14,7 @@ Pairs go to `near_duplicates` with both measures; a contact sheet shows them sid
 """
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from datetime import datetime
 
 import numpy as np
@@ -23,11 +23,55 @@ from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
 from featstore.neighbors import knn_indices
+from featstore.procs import process_pool  # workers die with this process
 from featstore.store import insert_frame
 
 PHASH_MAX = 10
 COSINE_MIN = 0.98
 HASH_SIDE = 16  # 16 x 16 = 256 bits
+# Real near copies come in small groups (2-5 images; on ../shared/cxr 124 pairs among 4,074 images).
+# More pairs than half the images, or one group joining more than this share of them, means the
+# thresholds are too loose for the data: linking them would fuse whole sources into one group.
+MAX_PAIRS_PER_IMAGE = 0.5
+MAX_GROUP_SHARE = 0.02
+MIN_GROUP_LIMIT = 10
+
+
+class ImplausibleDuplicates(ValueError):
+    """Too many pairs, or one giant group: nothing is linked."""
+
+
+def components(pairs) -> list[int]:
+    """Sizes of the groups near-duplicate pairs join (union-find), largest first."""
+    parent: dict = {}
+
+    def root(a):
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+    for a, b in pairs:
+        parent[root(a)] = root(b)
+    sizes: dict = {}
+    for a in list(parent):
+        r = root(a)
+        sizes[r] = sizes.get(r, 0) + 1
+    return sorted(sizes.values(), reverse=True)
+
+
+def check_plausible(pairs, n_images: int, phash_max: int, cosine_min: float) -> None:
+    sizes = components(pairs)
+    limit = max(MIN_GROUP_LIMIT, int(MAX_GROUP_SHARE * n_images))
+    n = len(pairs)
+    if n > MAX_PAIRS_PER_IMAGE * max(n_images, 1) or (sizes and sizes[0] > limit):
+        raise ImplausibleDuplicates(
+            f"{n:,} near-duplicate pairs among {n_images:,} images, and the largest group joins {sizes[0]:,} images "
+            f"(plausible: at most {int(MAX_PAIRS_PER_IMAGE * n_images):,} pairs and groups of {limit}). "
+            f"The thresholds (dHash <= {phash_max} bits, cosine >= {cosine_min}) are too loose for these images "
+            "(synthetic or very uniform images all look alike); linking them would fuse sources into one group "
+            "and break every grouped split. Nothing was linked and the previous pairs are kept. Tighten "
+            "--phash-max / --cosine-min, or pass --accept-implausible to link them anyway.")
 
 
 def dhash(x: np.ndarray) -> bytes:
@@ -45,18 +89,19 @@ def _hash_one(path: str) -> bytes | None:
         return None
 
 
-def ensure_hashes(con, workers: int = 2) -> int:
-    """dHash every image that has none yet; returns how many were added."""
+def ensure_hashes(con, workers: int = 2, progress=None) -> int:
+    """dHash every image that has none yet; returns how many were added. progress(done, total, "hashing")."""
     todo = con.execute("SELECT image_id, path FROM images WHERE image_id NOT IN "
                        "(SELECT image_id FROM image_hashes) ORDER BY image_id").fetchall()
     if not todo:
         return 0
     paths = [p for _, p in todo]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as ex:
-            hashes = list(ex.map(_hash_one, paths, chunksize=64))
-    else:
-        hashes = [_hash_one(p) for p in paths]
+    hashes = []
+    with process_pool(workers) if workers > 1 else nullcontext() as ex:  # workers die with this process
+        for h in (ex.map(_hash_one, paths, chunksize=64) if ex else map(_hash_one, paths)):
+            hashes.append(h)
+            if progress and (len(hashes) % 64 == 0 or len(hashes) == len(paths)):
+                progress(len(hashes), len(paths), "hashing")
     df = pl.DataFrame({"image_id": [i for (i, _), h in zip(todo, hashes) if h is not None],
                        "dhash": [h for h in hashes if h is not None]}, schema={"image_id": pl.Utf8,
                                                                                "dhash": pl.Binary})
@@ -70,29 +115,34 @@ def bits(hashes) -> np.ndarray:
         .astype(np.float32)
 
 
-def hamming_pairs(ids, hashes, max_dist: int, block: int = 1024) -> dict[tuple, int]:
+def hamming_pairs(ids, hashes, max_dist: int, block: int = 1024, progress=None) -> dict[tuple, int]:
     B = bits(hashes)
     out = {}
     for start in range(0, len(B), block):
+        if progress:
+            progress(start, len(B), "comparing hashes")
         b = B[start:start + block]
         d = np.rint(b @ (1 - B).T + (1 - b) @ B.T).astype(int)  # Hamming distance as two matmuls
         ii, jj = np.nonzero(d <= max_dist)
         for i, j in zip(ii + start, jj):
             if i < j:
                 out[(ids[i], ids[j])] = int(d[i - start, j])
+    if progress:
+        progress(len(B), len(B), "comparing hashes")
     return out
 
 
 def find(con, backbone: str | None = None, preprocess: str = "original", cosine_min: float = COSINE_MIN,
-         phash_max: int = PHASH_MAX, k: int = 10, workers: int = 2) -> pl.DataFrame:
-    """Find near-duplicate pairs, replace the table's rows, return them."""
-    ensure_hashes(con, workers)
+         phash_max: int = PHASH_MAX, k: int = 10, workers: int = 2, accept_implausible: bool = False,
+         progress=None) -> pl.DataFrame:
+    """Find near-duplicate pairs, replace the table's rows, return them. progress(done, total, phase)."""
+    ensure_hashes(con, workers, progress)
     meta = pl.from_arrow(con.sql("SELECT i.image_id, i.source, i.label, h.dhash FROM images i "
                                  "JOIN image_hashes h USING (image_id) ORDER BY i.image_id").to_arrow_table())
     ids = meta["image_id"].to_numpy()
     pos = {v: i for i, v in enumerate(ids)}
     pairs = {key: dict(phash_distance=d, cosine=None, method="phash")
-             for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max).items()}
+             for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max, progress=progress).items()}
     Xn = None
     if backbone:
         from featstore.api import Store
@@ -100,7 +150,11 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
         X, m = Store.over(con).arrays(backbone, preprocess)
         Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         eids = m["image_id"].to_numpy()
+        if progress:
+            progress(0, 1, "embedding neighbours")
         nn = knn_indices(X, k)
+        if progress:
+            progress(1, 1, "embedding neighbours")
         for i, row in enumerate(nn):
             for j in row:
                 c = float(Xn[i] @ Xn[j])
@@ -129,6 +183,8 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
                                   label_a=pl.Utf8, label_b=pl.Utf8, cosine=pl.Float64, phash_distance=pl.Int32,
                                   method=pl.Utf8, backbone=pl.Utf8, preprocess=pl.Utf8, cosine_min=pl.Float64,
                                   phash_max=pl.Int32, found_at=pl.Datetime))
+    if not accept_implausible:
+        check_plausible(list(pairs), len(ids), phash_max, cosine_min)
     con.execute("BEGIN")
     con.execute("DELETE FROM near_duplicates")
     if df.height:
@@ -137,27 +193,49 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
     return df
 
 
-def contact_sheet(con, out, pairs: pl.DataFrame, n: int = 60, thumb: int = 128) -> None:
-    """Pairs side by side, captioned with source, label and both measures, for a person to check."""
-    from PIL import ImageDraw
+def sheet_order(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Pairs across sources first (they can leak between train and test), then the strongest:
+    found by both rules, highest cosine, smallest dHash distance."""
+    return pairs.with_columns(
+        _cross=(pl.col("source_a") != pl.col("source_b")),
+        _both=(pl.col("method") == "both")).sort(
+        ["_cross", "_both", "cosine", "phash_distance"], descending=[True, True, True, False],
+        nulls_last=True, maintain_order=True).drop("_cross", "_both")
 
-    # the pairs a person should check come first: one rule only, weakest similarity first
-    order = pl.col("method").replace_strict({"embedding": 0, "phash": 1, "both": 2}, default=3)
-    pairs = pairs.sort([order, "cosine"], nulls_last=True).head(n)
+
+def contact_sheet(con, out, pairs: pl.DataFrame, n: int = 60, thumb: int = 128, columns: int = 4) -> None:
+    """Pairs side by side in a grid, each captioned with short ids, source, label and both measures,
+    for a person to check; cross-source and strongest pairs first (sheet_order)."""
+    from PIL import ImageDraw, ImageFont
+
+    pairs = sheet_order(pairs).head(n)
     path = dict(con.execute("SELECT image_id, path FROM images").fetchall())
-    rows = max(1, pairs.height)
-    sheet = Image.new("L", (2 * thumb + 260, rows * (thumb + 4)), 255)
+    cols = max(1, min(columns, pairs.height))
+    rows = max(1, -(-pairs.height // cols))
+    cap_h, pad = 74, 10
+    cell_w, cell_h = 2 * thumb + 4, thumb + cap_h
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for r, p in enumerate(pairs.iter_rows(named=True)):
-        y = r * (thumb + 4)
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:  # Pillow without scalable default font
+        font = ImageFont.load_default()
+    for k, p in enumerate(pairs.iter_rows(named=True)):
+        x0 = pad + (k % cols) * (cell_w + pad)
+        y0 = pad + (k // cols) * (cell_h + pad)
+        cross = p["source_a"] != p["source_b"]
+        draw.rectangle([x0 - 3, y0 - 3, x0 + cell_w + 2, y0 + cell_h + 2], outline=(192, 57, 43) if cross
+                       else (170, 170, 170), width=2 if cross else 1)
         for c, iid in enumerate((p["image_a"], p["image_b"])):
             try:
                 px = decode_file(path[iid], draft=thumb).pixels
                 im = Image.fromarray((np.clip(px, 0, 1) * 255).astype(np.uint8)).resize((thumb, thumb))
-            except (DecodeError, OSError):
+            except (DecodeError, OSError, KeyError):
                 im = Image.new("L", (thumb, thumb), 128)
-            sheet.paste(im, (c * thumb, y))
-        cos = "—" if p["cosine"] is None else f"{p['cosine']:.3f}"
-        draw.text((2 * thumb + 8, y + 8), f"{p['source_a']} / {p['label_a']}\n{p['source_b']} / {p['label_b']}\n"
-                                         f"cosine {cos}\ndHash distance {p['phash_distance']}\n{p['method']}", fill=0)
+            sheet.paste(im.convert("RGB"), (x0 + c * (thumb + 4), y0))
+        cos = "n/a" if p["cosine"] is None else f"{p['cosine']:.3f}"
+        text = (f"{str(p['image_a'])[:10]}  {p['source_a']} / {p['label_a']}\n"
+                f"{str(p['image_b'])[:10]}  {p['source_b']} / {p['label_b']}\n"
+                f"cos {cos} · dHash {p['phash_distance']} · {p['method']}" + ("  · ACROSS" if cross else ""))
+        draw.multiline_text((x0, y0 + thumb + 4), text, fill=(0, 0, 0), font=font, spacing=3)
     sheet.save(out)

@@ -6,8 +6,11 @@ only and the next run picks up exactly the images still missing.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featstore.backbones import Backbone
-from featstore.decode import DecodeError, decode_file
+from featstore.decode import DecodeError, decode_bytes, read_file
 from featstore.lungs import MaskError
 from featstore.preprocess import NEEDS_MASK, get_preprocess, to_input
-from featstore.store import ensure_embedding_table
+from featstore.store import embedding_table, ensure_embedding_table
 
 
 @dataclass
@@ -60,7 +63,14 @@ class ImageDataset(Dataset):
     def __getitem__(self, i):
         image_id, path, *mask = self.items[i]
         try:
-            d = decode_file(path, draft=self.size)
+            data = read_file(path)
+            # the bytes decoded are the bytes hashed: a file replaced since ingest is never stored
+            # under the old content's id (sha256 costs little next to decoding)
+            if hashlib.sha256(data).hexdigest() != image_id:
+                return image_id, path, None, CHANGED
+            d = decode_bytes(data, str(path), draft=self.size)
+            if reason := _non_finite(d.pixels, "pixel values"):
+                return image_id, path, None, reason
             if mask:
                 from featstore.masks import decode as decode_mask
 
@@ -68,6 +78,8 @@ class ImageDataset(Dataset):
             else:
                 x = self.fn(d.pixels)
             x = to_input(x, self.size, self.channels, self.norm)
+            if reason := _non_finite(x, f"pixel values after preprocessing '{self.preprocess_name}'"):
+                return image_id, path, None, reason
             return image_id, path, torch.from_numpy(x).to(self.dtype), None
         except (DecodeError, MaskError) as e:
             return image_id, path, None, str(e)
@@ -75,12 +87,35 @@ class ImageDataset(Dataset):
             return image_id, path, None, f"unexpected {type(e).__name__}: {e}"
 
 
+CHANGED = "file changed since ingest (its bytes no longer hash to the image id; ingest it again)"
+NON_FINITE_EMBEDDING = "non-finite embedding"
+
+
+def _non_finite(a: np.ndarray, what: str) -> str | None:
+    """A reason if `a` holds NaN or Inf (a NaN image would top every neighbour list), else None."""
+    a = np.asarray(a)
+    if np.isfinite(a).all():
+        return None
+    n_nan = int(np.isnan(a).sum())
+    return f"non-finite {what} ({n_nan} NaN, {int(np.isinf(a).sum())} Inf of {a.size})"
+
+
+def finite_rows(ids: list, paths: list, feats: np.ndarray) -> tuple[list, np.ndarray, list]:
+    """Split a batch of vectors: (ids, feats) that are finite everywhere, and (id, path, reason) for
+    the others. Every batch passes here before it is stored."""
+    ok = np.isfinite(feats).all(axis=1) if len(feats) else np.ones(0, bool)
+    if ok.all():
+        return ids, feats, []
+    bad = [(i, p, NON_FINITE_EMBEDDING) for i, p, good in zip(ids, paths, ok) if not good]
+    return [i for i, good in zip(ids, ok) if good], feats[ok], bad
+
+
 def collate(samples):
     ok = [s for s in samples if s[2] is not None]
     bad = [(s[0], s[1], s[3]) for s in samples if s[2] is None]
-    ids = [s[0] for s in ok]
+    ids, paths = [s[0] for s in ok], [s[1] for s in ok]
     x = torch.stack([s[2] for s in ok]) if ok else None
-    return ids, x, bad
+    return ids, paths, x, bad
 
 
 def _worker_init(_):
@@ -131,18 +166,22 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
     `masks` and `weights_dir` choose how missing ones are made)."""
     get_preprocess(preprocess)  # unknown names fail before any work
     workers = default_workers() if workers is None else workers
-    table = ensure_embedding_table(con, backbone.feature_dim)
-    # a 'running' run found now belongs to a process that died (DuckDB has one writer)
-    con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
-    items = todo(con, backbone, preprocess, limit)
-    run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
-    rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, backbone.device, n_todo=len(items))
-    started = datetime.now()
-    con.execute(
-        "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, n_todo, "
-        "status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-        [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, backbone.device,
-         batch_size, workers, len(items), started])
+    try:  # a rerun on a disk still full fails here, with the same one-line error
+        table = ensure_embedding_table(con, backbone.feature_dim)
+        # a 'running' run found now belongs to a process that died (DuckDB has one writer)
+        con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
+        items = todo(con, backbone, preprocess, limit)
+        run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
+        rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, backbone.device,
+                          n_todo=len(items))
+        con.execute(
+            "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
+            "n_todo, status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+            [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, backbone.device,
+             batch_size, workers, len(items), datetime.now()])
+    except Exception as e:
+        raise_if_disk_full(con, e, backbone, preprocess)
+        raise
     t0 = time.perf_counter()
     try:
         if items and preprocess in NEEDS_MASK:
@@ -166,20 +205,110 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
 
             done = len(rep.failed)
             with _Writer(write) as writer:  # batch b is written while batch b+1 runs through the model
-                for b, (ids, x, bad) in enumerate(loader):
+                for b, (ids, paths, x, bad) in enumerate(loader):
                     feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
-                    writer.put(b, ids, feats, bad)
-                    done += len(ids) + len(bad)
+                    n = len(ids) + len(bad)
+                    ids, feats, nonfinite = finite_rows(ids, paths, feats)
+                    writer.put(b, ids, feats, bad + nonfinite)
+                    done += n
                     if progress:
                         progress(done, rep.n_todo)
         rep.status = "completed"
     except KeyboardInterrupt:
         rep.status = "interrupted"
         raise
+    except Exception as e:
+        raise_if_disk_full(con, e, backbone, preprocess, run_id)
+        raise
     finally:
         rep.seconds = time.perf_counter() - t0
-        finish_run(con, rep)
+        close_run(con, rep)
     return rep
+
+
+class DiskFullError(RuntimeError):
+    """The disk under the store (or the shards) filled during embed; the message is one line saying
+    what filled, what is stored and what to do."""
+
+    @classmethod
+    def opening(cls, e: BaseException, db) -> DiskFullError:
+        from featstore.store import default_db_path
+
+        what = _full_file(e) or str(db or default_db_path())
+        return cls(f"disk full: no space left writing {what}, so the store cannot even be opened for writing; "
+                   f"it is intact and nothing was embedded by this run. Free space on that disk (or move the store "
+                   f"to a larger one and pass --db) and run the same command to resume.")
+
+
+def _full_file(e: BaseException) -> str | None:
+    m = re.search(r'(?:file|path) "([^"]+)"', str(e))  # DuckDB names the file it could not write
+    return m.group(1) if m else None
+
+
+_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "No space left on device", "Disk quota exceeded")
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain; DuckDB and Ray report them only as text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(e) for m in _FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def raise_if_disk_full(con, e: BaseException, backbone, preprocess: str, run_id: int | None = None,
+                       what: str | None = None, extra: str = "") -> None:
+    """If `e` is a full disk, raise DiskFullError: what filled, what the store holds (counted in the
+    store: reads still work after a failed commit), what to do."""
+    if not is_disk_full(e):
+        return
+    import duckdb
+
+    what = what or _full_file(e) or _store_path(con) or "the store"
+    try:
+        n_img = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        try:
+            n_run, n_set = con.execute(
+                f"""SELECT count(*) FILTER (WHERE embed_run = ?), count(*)
+                    FROM {embedding_table(backbone.feature_dim)}
+                    WHERE backbone = ? AND weights_id = ? AND preprocess = ?""",
+                [run_id, backbone.name, backbone.weights_id, preprocess]).fetchone()
+        except duckdb.CatalogException:  # the disk filled before the table could be made
+            n_run = n_set = 0
+        stored = (f"{n_run} embeddings committed by this run, in whole batches; {n_set} of {n_img} images have "
+                  f"{backbone.name}/{preprocess} embeddings")
+    except Exception:  # noqa: BLE001 - the store could not even be read; say so rather than guess
+        stored = "the store could not be read to count what is stored"
+    raise DiskFullError(
+        f"disk full: no space left writing {what}. Stored: {stored}; only whole batches are kept and the store "
+        f"is intact{extra}. Free space on that disk (or move the store to a larger one and pass --db) and run "
+        f"the same command to resume.") from e
+
+
+def _store_path(con) -> str | None:
+    try:
+        return con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+                           ).fetchone()[0]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def close_run(con, rep: EmbedReport) -> None:
+    """finish_run, except that on a failing run a store that cannot take even this row (disk full)
+    must not replace the run's own error: the row stays 'running' and the next run marks it
+    'interrupted'."""
+    if rep.status == "completed":
+        finish_run(con, rep)
+        return
+    try:
+        finish_run(con, rep)
+    except Exception:  # noqa: BLE001 - the error in flight is the one to report
+        pass
 
 
 def finish_run(con, rep: EmbedReport) -> None:
@@ -253,7 +382,25 @@ def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, b
                 [image_id, path, backbone.name, preprocess, reason, run_id, now])
         if before_commit:
             before_commit(b)
-        con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback(con)
         raise
+    commit(con)
+
+
+def commit(con) -> None:
+    """COMMIT outside the caller's try: a COMMIT that fails (disk full writing the WAL) has already
+    ended the transaction in DuckDB, and a ROLLBACK after it only raised "cannot rollback - no
+    transaction is active" over the real error."""
+    con.execute("COMMIT")
+
+
+def rollback(con) -> None:
+    """Roll back the open transaction; if DuckDB already ended it (a fatal I/O error), the error being
+    handled is the one to report, not this one."""
+    import duckdb
+
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featstore.embed import EmbedReport, ImageDataset, _with_masks, finish_run, todo
+from featstore.embed import (NON_FINITE_EMBEDDING, EmbedReport, ImageDataset, _with_masks, close_run, commit,
+                             raise_if_disk_full, rollback, todo)
 from featstore.preprocess import NEEDS_MASK, get_preprocess
 from featstore.store import ensure_embedding_table
 
@@ -98,11 +99,16 @@ def import_shards(con, shards: Path, backbone, preprocess: str, run_id: int) -> 
     names = [str(f) for f in files]
     con.execute("BEGIN")
     try:
-        # one row per image (a retried block can appear twice): a success over a failure
+        # one row per image (a retried block can appear twice): a success over a failure. A vector with
+        # NaN or Inf is no success: it becomes an embed_errors row, here where every shard is stored
         con.execute("""CREATE TEMP TABLE _shard AS
-            SELECT * FROM read_parquet(?, hive_partitioning = true, filename = true) WHERE weights_id = ?
+            SELECT * FROM (
+              SELECT * REPLACE (CASE WHEN error = ''
+                                     AND NOT list_bool_and(list_transform(vector, lambda v: isfinite(v)))
+                                THEN ? ELSE error END AS error)
+              FROM read_parquet(?, hive_partitioning = true, filename = true) WHERE weights_id = ?)
             QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY error <> '', filename) = 1""",
-                    [names, backbone.weights_id])
+                    [NON_FINITE_EMBEDDING, names, backbone.weights_id])
         n_ok = con.execute(f"""INSERT INTO {table}
             SELECT s.image_id, s.backbone, s.weights_id, s.preprocess, {d}, s.vector::FLOAT[{d}], ?, now()::TIMESTAMP
             FROM _shard s WHERE s.error = '' AND NOT EXISTS (
@@ -113,10 +119,10 @@ def import_shards(con, shards: Path, backbone, preprocess: str, run_id: int) -> 
             ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
               embed_run = excluded.embed_run, time = excluded.time""", [run_id]).fetchone()[0]
         con.execute("DROP TABLE _shard")
-        con.execute("COMMIT")
     except BaseException:
-        con.execute("ROLLBACK")
+        rollback(con)
         raise
+    commit(con)  # outside the try: a failed COMMIT has already ended the transaction (see embed.commit)
     for f in files:  # stored now; a kill before this line only means a no-op import next time
         f.unlink(missing_ok=True)
     return n_ok, n_bad, torn
@@ -133,15 +139,21 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
 
     get_preprocess(preprocess)
     shards = Path(shards).resolve()
-    con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
-    run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
-    t0 = time.perf_counter()
-    rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, f"ray:{backbone.device}")
-    con.execute(
-        "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, n_todo, "
-        "status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 'running', ?)",
-        [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, rep.device, batch_size,
-         actors or 0, datetime.now()])
+    try:  # a rerun on a disk still full fails here, with the same one-line error
+        table = ensure_embedding_table(con, backbone.feature_dim)
+        con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
+        run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
+        t0 = time.perf_counter()
+        rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, f"ray:{backbone.device}")
+        con.execute(
+            "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
+            "n_todo, status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 'running', ?)",
+            [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, rep.device, batch_size,
+             actors or 0, datetime.now()])
+    except Exception as e:
+        raise_if_disk_full(con, e, backbone, preprocess)
+        raise
+    writing = None  # None: the store; else the shards folder
     try:
         ok, bad, torn = import_shards(con, shards, backbone, preprocess, run_id)  # a killed run's work
         rep.n_embedded += ok
@@ -152,17 +164,19 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
             items, refused = _with_masks(con, items, masks, weights_dir, 1, "cpu")
             from featstore.embed import _write_batch
 
-            _write_batch(con, ensure_embedding_table(con, backbone.feature_dim), backbone, preprocess, run_id, [],
-                         np.zeros((0, backbone.feature_dim)), refused, -1, None)
+            _write_batch(con, table, backbone, preprocess, run_id, [], np.zeros((0, backbone.feature_dim)), refused,
+                         -1, None)
             rep.failed.extend(refused)
         if items:
             ids = [i[0] for i in items]
             src = dict(con.execute("SELECT image_id, source FROM images WHERE image_id IN (SELECT unnest(?))",
                                    [ids]).fetchall())
-            table = pa.table({"image_id": ids, "path": [i[1] for i in items],
-                              "source": [src[i] for i in ids],
-                              "mask": [i[2] if len(i) > 2 else b"" for i in items]})
-            _run_ray(ray, table, backbone, create_args, preprocess, batch_size, shards, address, actors)
+            todo_table = pa.table({"image_id": ids, "path": [i[1] for i in items],
+                                   "source": [src[i] for i in ids],
+                                   "mask": [i[2] if len(i) > 2 else b"" for i in items]})
+            writing = f"the shards folder {shards}"
+            _run_ray(ray, todo_table, backbone, create_args, preprocess, batch_size, shards, address, actors)
+            writing = None
             ok, bad, torn = import_shards(con, shards, backbone, preprocess, run_id)
             rep.n_embedded += ok
             rep.torn_shards += torn
@@ -173,9 +187,13 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
     except KeyboardInterrupt:
         rep.status = "interrupted"
         raise
+    except Exception as e:
+        raise_if_disk_full(con, e, backbone, preprocess, run_id, what=writing,
+                           extra=f"; shards already written in {shards} are kept and imported by the next run")
+        raise
     finally:
         rep.seconds = time.perf_counter() - t0
-        finish_run(con, rep)
+        close_run(con, rep)
     return rep
 
 

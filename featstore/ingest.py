@@ -3,14 +3,23 @@
 Each image is identified by the sha256 of its bytes, so re-ingesting is a no-op and
 the same file listed under two sources is one image with two occurrences. A bad row
 never stops the run: it is written to ingest_errors with the file and the reason.
+Only regular files under a size cap are opened; a file whose size or mtime changed since
+it was ingested is hashed again, and new content becomes a new image (`ingest_changes`).
 """
 from __future__ import annotations
 
+import codecs
+import csv
+import errno
 import hashlib
+import io
 import json
-import math
+import os
+import re
+import stat
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
+from typing import NamedTuple
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +27,7 @@ from typing import Callable, Iterable
 
 import polars as pl
 
-from featstore.decode import DecodeError, decode_bytes, read_file
+from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
 from featstore.store import insert_frame as _insert
 
 DEFAULT_LABELS = ("covid", "non_covid")
@@ -61,6 +70,7 @@ class Row:
     sex: str | None = None
     age: float | None = None
     extra: dict | None = None
+    age_raw: str | None = None   # the age cell as written, kept whatever it parsed to
 
 
 @dataclass
@@ -79,6 +89,8 @@ class IngestReport:
     n_new_images: int = 0
     n_new_occurrences: int = 0
     n_already: int = 0
+    n_changed: int = 0          # known (source, path) whose file now holds other bytes: re-ingested
+    n_age_unparsed: int = 0     # age cells that were not a plain number of years: age NULL, text kept
     errors: list[Rejection] = field(default_factory=list)
     seconds: float = 0.0
     # store-wide facts after this ingest
@@ -92,6 +104,21 @@ class IngestReport:
     def ok(self) -> bool:
         return not self.errors
 
+    def notes(self) -> list[str]:
+        """One line per thing the user should know beyond the counts."""
+        out = []
+        if self.n_changed:
+            out.append(f"{self.n_changed} file(s) changed since they were ingested: new content stored as new "
+                       "image(s), the old images kept (SELECT * FROM ingest_changes)")
+        if self.n_age_unparsed:
+            out.append(f"{self.n_age_unparsed} age value(s) are not a number of years: age left NULL, the text "
+                       "kept in occurrences.age_raw")
+        return out
+
+
+class StoreFullError(RuntimeError):
+    """The disk holding the store filled up while this ingest wrote; nothing of it was stored."""
+
 
 def _clean(v) -> str | None:
     if v is None:
@@ -100,16 +127,36 @@ def _clean(v) -> str | None:
     return s or None
 
 
+# A number of years, optionally followed by a years unit: 65, 65.5, 65 y, 65Y, 065Y (DICOM AgeString),
+# 65 years. Anything else (65-70, -5, 3 months, 003M, abc, 6,5) is not an age in years: NULL, text kept.
+_AGE = re.compile(r"(\d{1,3}(?:\.\d+)?)\s*(?:y|yr|yrs|year|years)?", re.IGNORECASE)
+MAX_AGE = 130.0
+
+
 def _age(v) -> float | None:
     s = _clean(v)
     if s is None:
         return None
-    digits = "".join(ch for ch in s if ch.isdigit() or ch == ".")
-    try:
-        a = float(digits)
-    except ValueError:
+    m = _AGE.fullmatch(s)
+    if not m:
         return None
-    return a if math.isfinite(a) else None
+    a = float(m.group(1))
+    return a if a <= MAX_AGE else None
+
+
+def _utf8(*texts: str | None) -> bool:
+    try:
+        for t in texts:
+            if t:
+                t.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a non-UTF-8 file name reaches Python as lone surrogates
+        return False
+
+
+def _printable(t: str | None) -> str | None:
+    """t as valid UTF-8 for the store: undecodable name bytes shown as \\udcXX escapes."""
+    return None if t is None else t.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def normalise_label(v) -> str | None:
@@ -119,16 +166,62 @@ def normalise_label(v) -> str | None:
 
 # --- sources of rows ---------------------------------------------------------
 
-def read_manifest(path: str | Path) -> pl.DataFrame:
+def manifest_text(data: bytes, encoding: str | None = None) -> str:
+    """Decode a CSV manifest strictly, never lossily: a wrong guess would silently merge sources
+    (cp1252 `Clinique-Zé` and `Clinique-Zè` both read as `Clinique-Z\ufffd`). Without `encoding`:
+    UTF-8 (a BOM is dropped), or UTF-16 when it starts with a UTF-16 BOM; anything else is refused."""
+    if encoding:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} given with --encoding") from None
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"manifest is not valid {encoding} ({_where(data, e)}); "
+                             "give its real encoding with --encoding") from None
+        return text.removeprefix("\ufeff")
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        codec, body = "utf-16", data
+    else:
+        codec, body = "utf-8", data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode(codec)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"manifest is not {codec.upper()} ({_where(body, e)}); give its encoding with "
+                         "--encoding, e.g. --encoding cp1252 for a Windows/Excel export") from None
+
+
+def _where(data: bytes, e: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, e.start) + 1
+    return f"byte 0x{data[e.start]:02x} on line {line}"
+
+
+def _duplicate_columns(header: list[str]) -> list[str]:
+    return [f"'{n}' (columns {', '.join(str(i + 1) for i, h in enumerate(header) if h == n)})"
+            for n, c in Counter(header).items() if c > 1 and n.strip()]
+
+
+def read_manifest(path: str | Path, encoding: str | None = None, max_bytes: int | None = None) -> pl.DataFrame:
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise ValueError("manifest not found")
     try:
+        data, _ = read_regular(p, max_bytes)  # a FIFO or /dev/zero given as --manifest is refused, not read
+    except DecodeError as e:
+        raise ValueError(f"unreadable manifest: {e}") from e
+    try:
         if p.suffix.lower() in (".parquet", ".pq"):
-            df = pl.read_parquet(p)
+            df = pl.read_parquet(io.BytesIO(data))
             return df.with_columns(pl.all().cast(pl.Utf8))
-        return pl.read_csv(p, infer_schema=False, encoding="utf8-lossy", truncate_ragged_lines=False)
-    except Exception as e:  # polars raises ComputeError, NoDataError, ... for unreadable input
+        text = manifest_text(data, encoding)
+        dups = _duplicate_columns(next(csv.reader(io.StringIO(text)), []))
+        if dups:  # polars would rename the second one and the first would be used without a word
+            raise ValueError(f"manifest has duplicate column name(s): {'; '.join(dups)}; rename or remove one")
+        return pl.read_csv(io.BytesIO(text.encode("utf-8")), infer_schema=False, truncate_ragged_lines=False)
+    except ValueError:
+        raise
+    except Exception as e:  # polars raises ComputeError, NoDataError, ... for unreadable input; csv.Error
         raise ValueError(f"unreadable manifest: {type(e).__name__}: {e}") from e
 
 
@@ -136,18 +229,34 @@ def _inside(p: Path, roots: list[Path]) -> bool:
     return any(p == r or p.is_relative_to(r) for r in roots)
 
 
+def _resolve(p: Path) -> Path:
+    """p with symlinks followed; ValueError naming the problem (a loop, a NUL byte, a name too long)."""
+    try:
+        return p.resolve()
+    except RuntimeError as e:  # Python 3.11 raises RuntimeError("Symlink loop from ...")
+        raise ValueError("symlink loop") from e
+    except OSError as e:
+        raise ValueError(stat_error(p, e)) from e
+
+
+def _dangling(link: Path, real: Path) -> bool:
+    return os.path.islink(link) and not os.path.lexists(real)
+
+
 def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str | Path | None = None,
-                  source: str | None = None, allowed_roots: list[str | Path] | None = None
+                  source: str | None = None, allowed_roots: list[str | Path] | None = None,
+                  encoding: str | None = None, max_bytes: int | None = None
                   ) -> tuple[list[Row], list[Rejection]]:
     """Rows of a CSV/Parquet manifest. Paths are relative to the manifest's folder unless `root`.
 
     A path that resolves (symlinks followed) outside the allowed roots - by default the folder paths
     are relative to - is refused and recorded, never read: a manifest must not make featstore open
-    `../../etc/passwd`. `allowed_roots` (CLI --allow-root) widens that on purpose."""
+    `../../etc/passwd`. `allowed_roots` (CLI --allow-root) widens that on purpose. The CSV is read as
+    UTF-8 unless `encoding` names another (see manifest_text)."""
     cols = cols or ColumnMap()
     manifest = Path(manifest)
     origin = str(manifest.resolve())
-    df = read_manifest(manifest)
+    df = read_manifest(manifest, encoding, max_bytes)
     names = cols.columns()
     missing = [names[k] for k in ("path", "label") if names[k] not in df.columns]
     if source is None and names["source"] not in df.columns:
@@ -155,7 +264,7 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
     if missing:
         raise ValueError(f"manifest lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
     base = Path(root) if root else manifest.parent
-    allowed = [Path(r).resolve() for r in (allowed_roots or [base])]
+    allowed = list(dict.fromkeys(Path(r).resolve() for r in (allowed_roots or [base])))
     mapped = {v for k, v in names.items() if v in df.columns}
     rows: list[Row] = []
     refused: list[Rejection] = []
@@ -165,20 +274,25 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
         p = (base / raw_path) if raw_path else None
         if p is not None:
             try:
-                p = p.resolve()
-            except (OSError, ValueError) as e:  # NUL bytes, names too long for the OS
-                refused.append(Rejection(repr(raw_path)[:300], src, f"unusable path: {e}", i))
+                p = _resolve(p)
+            except ValueError as e:  # symlink loops, NUL bytes, names too long for the OS
+                why = str(e) if str(e) in ("symlink loop", "file name too long") else f"unusable path: {e}"
+                refused.append(Rejection(raw_path[:300] if why == "symlink loop" else repr(raw_path)[:300],
+                                         src, why, i))
                 continue
             if not _inside(p, allowed):
                 refused.append(Rejection(raw_path[:300], src, "path outside the allowed root "
                                          f"({', '.join(map(str, allowed))}): refused; --allow-root DIR permits it", i))
                 continue
+            if _dangling(base / raw_path, p):
+                refused.append(Rejection(raw_path[:300], src, f"broken symlink (its target {p} does not exist)", i))
+                continue
         extra = {k: v for k, v in rec.items() if k not in mapped and v not in (None, "")}
         mask = _clean(rec.get(names["mask"]))
         if mask:  # resolved and fenced like the image path, so masks are found from any working directory
             try:
-                mp = (base / mask).resolve()
-            except (OSError, ValueError) as e:
+                mp = _resolve(base / mask)
+            except ValueError as e:
                 refused.append(Rejection(repr(mask)[:300], src, f"unusable mask path: {e}", i))
                 continue
             if not _inside(mp, allowed):
@@ -190,45 +304,114 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
             label=rec.get(names["label"]), origin=origin, row_number=i,
             klass=normalise_label(rec.get(names["class"])), patient_id=_clean(rec.get(names["patient_id"])),
             view=_clean(rec.get(names["view"])), sex=_clean(rec.get(names["sex"])),
-            age=_age(rec.get(names["age"])), extra=extra or None,
+            age=_age(rec.get(names["age"])), age_raw=_clean(rec.get(names["age"])), extra=extra or None,
         ))
     return rows, refused
 
 
-def folder_rows(root: str | Path) -> tuple[list[Row], list[Rejection]]:
-    """ROOT/<source>/<label>/**/file. Files directly under ROOT or ROOT/<source> are rejected."""
+def _check_depth(root: Path, entries: list[Path]) -> None:
+    """A root one level off (a source's folder, or a folder of images) would reject every file one by
+    one; say it once, up front, with the layout expected and what is there."""
+    depths = sorted({len(f.relative_to(root).parts) for f in entries})
+    if not entries or depths[-1] >= 3:
+        return
+    shallow = sorted(entries)[:3]
+    found = ", ".join(str(f.relative_to(root)) for f in shallow) + (", ..." if len(entries) > 3 else "")
+    hint = ("it looks like one source's folder: give its parent as --folder (ROOT holds one folder per source)"
+            if depths == [2] else "put the images in ROOT/<source>/<label>/ folders")
+    raise ValueError(f"expected the layout ROOT/<source>/<label>/<image> (e.g. ROOT/nih/covid/0001.png), but no "
+                     f"file under {root} is that deep: found {len(entries)} entries like {found}; {hint}")
+
+
+def folder_rows(root: str | Path, allowed_roots: list[str | Path] | None = None
+                ) -> tuple[list[Row], list[Rejection]]:
+    """ROOT/<source>/<label>/**/file. Files directly under ROOT or ROOT/<source> are rejected.
+
+    Fenced like a manifest: a symlink that resolves outside ROOT (or the `allowed_roots`, CLI
+    --allow-root) is refused and recorded, never read. Symlinked folders are not walked into.
+    Every non-folder entry becomes a row, so FIFOs, device nodes, broken links and loops are
+    recorded with their reason at read time instead of vanishing."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError("folder not found")
-    origin = str(root.resolve())
+    real_root = root.resolve()
+    origin = str(real_root)
+    allowed = [Path(r).resolve() for r in (allowed_roots or [root])]
+    if real_root not in allowed:
+        allowed.insert(0, real_root)
     rows, bad = [], []
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+
+    def unlistable(e: OSError):
+        bad.append(Rejection(str(e.filename or root), "", f"cannot list folder: {e.strerror or e}"))
+
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlistable):
+        entries += [Path(dirpath) / n for n in filenames if not n.startswith(".")]
+        entries += [Path(dirpath) / n for n in dirnames if not n.startswith(".") and os.path.islink(Path(dirpath) / n)]
+    _check_depth(root, entries)
+    for f in sorted(entries):
         rel = f.relative_to(root)
-        if len(rel.parts) < 3:
-            bad.append(Rejection(str(f), rel.parts[0] if len(rel.parts) > 1 else "",
-                                 "not in a ROOT/<source>/<label>/ folder"))
+        src = rel.parts[0] if len(rel.parts) > 1 else ""
+        try:
+            real = _resolve(f)
+        except ValueError as e:
+            bad.append(Rejection(str(f), src, str(e)))
             continue
-        rows.append(Row(path=str(f.resolve()), display=str(rel), source=rel.parts[0],
-                        label=rel.parts[1], origin=origin))
+        if not _inside(real, allowed):
+            bad.append(Rejection(str(f), src, f"symlink to a path outside the folder root ({real}): refused; "
+                                              "--allow-root DIR permits it"))
+            continue
+        if _dangling(f, real):
+            bad.append(Rejection(str(f), src, f"broken symlink (its target {real} does not exist)"))
+            continue
+        if f.is_symlink() and real.is_dir():
+            bad.append(Rejection(str(f), src, "symlink to a folder: not followed (folder mode walks real folders)"))
+            continue
+        if len(rel.parts) < 3:
+            bad.append(Rejection(str(f), src, "not in a ROOT/<source>/<label>/ folder"))
+            continue
+        rows.append(Row(path=str(real), display=str(rel), source=rel.parts[0], label=rel.parts[1], origin=origin))
     return rows, bad
 
 
 # --- reading files (in worker processes) --------------------------------------
 
-def probe_file(path: str) -> tuple:
-    """(image_id, width, height, bit_depth, format, n_bytes) or ('error', reason)."""
+class ProbeJob(NamedTuple):
+    path: str
+    max_bytes: int | None = None   # None: decode's default cap
+    expect: str | None = None      # the image id stored for this path: bytes that still hash to it are not decoded
+
+
+class Probe(NamedTuple):
+    image_id: str | None = None    # None when `error`
+    width: int = 0
+    height: int = 0
+    bit_depth: int = 0
+    format: str = ""
+    n_bytes: int = 0
+    mtime_ns: int | None = None    # of the bytes hashed (fstat of the open file)
+    error: str | None = None
+    same: bool = False             # hashed to ProbeJob.expect: unchanged, not decoded
+
+
+def probe_file(job: ProbeJob | str) -> Probe:
+    """Hash and decode one file (a path or a ProbeJob); never raises."""
+    if isinstance(job, str):
+        job = ProbeJob(job)
     try:
-        data = read_file(path)
+        data, st = read_regular(job.path, job.max_bytes)
         digest = hashlib.sha256(data).hexdigest()
-        d = decode_bytes(data, path)
-        return (digest, d.width, d.height, d.bit_depth, d.format, len(data))
+        if job.expect is not None and digest == job.expect:
+            return Probe(digest, n_bytes=len(data), mtime_ns=st.st_mtime_ns, same=True)
+        d = decode_bytes(data, job.path)
+        return Probe(digest, d.width, d.height, d.bit_depth, d.format, len(data), st.st_mtime_ns)
     except DecodeError as e:
-        return ("error", str(e))
+        return Probe(error=str(e))
     except Exception as e:  # a decoder bug must not kill the run; record it
-        return ("error", f"unexpected {type(e).__name__}: {e}")
+        return Probe(error=f"unexpected {type(e).__name__}: {e}")
 
 
-def _probe_all(paths: list[str], workers: int, progress: Callable[[int], None] | None) -> list[tuple]:
+def _probe_all(paths: list[ProbeJob], workers: int, progress: Callable[[int], None] | None) -> list[Probe]:
     if workers <= 1 or len(paths) < 64:
         out = []
         for p in paths:
@@ -238,7 +421,9 @@ def _probe_all(paths: list[str], workers: int, progress: Callable[[int], None] |
         return out
     out = []
     chunk = max(8, min(256, len(paths) // (workers * 8) or 1))
-    with ProcessPoolExecutor(max_workers=workers) as ex:
+    from featstore.procs import process_pool
+
+    with process_pool(workers) as ex:  # workers die with this process, kill -9 included
         for r in ex.map(probe_file, paths, chunksize=chunk):
             out.append(r)
             if progress:
@@ -246,26 +431,65 @@ def _probe_all(paths: list[str], workers: int, progress: Callable[[int], None] |
     return out
 
 
+def _unchanged(path: str, size: int | None, mtime_ns: int | None) -> bool:
+    """Same size and mtime as when ingested: not read again. Unknown (rows ingested before schema 5)
+    or different: hashed again. stat only, so a FIFO or device here is never opened."""
+    if size is None or mtime_ns is None:
+        return False
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):  # DuckDB: text only
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _db_file(con) -> str:
+    try:
+        return con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+                           ).fetchall()[0][0] or "the store"
+    except Exception:
+        return "the store"
+
+
 # --- the ingest itself --------------------------------------------------------
 
 def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | str = DEFAULT_LABELS,
                 pre_rejected: Iterable[Rejection] = (), workers: int = 2,
-                progress: Callable[[int], None] | None = None) -> IngestReport:
+                progress: Callable[[int], None] | None = None, max_bytes: int | None = None) -> IngestReport:
+    """Ingest rows in one transaction. Files above `max_bytes` (default FEATSTORE_MAX_BYTES or 512 MiB)
+    and anything that is not a regular file are recorded, never read. Raises StoreFullError (one line
+    to show) when the disk fills: then nothing of this ingest is stored."""
     t0 = time.perf_counter()
+    origin = _printable(origin)
     rows, pre_rejected = list(rows), list(pre_rejected)
     allowed = None if labels == ANY_LABEL else {normalise_label(x) for x in labels}
     report = IngestReport(origin=origin, n_rows=len(rows) + len(pre_rejected))
+    report.n_age_unparsed = sum(1 for r in rows if r.age_raw and r.age is None)
     started = datetime.now()
-    run_id = con.execute("SELECT nextval('ingest_run_seq')").fetchone()[0]
-    report.run_id = run_id
     errors: list[Rejection] = pre_rejected
 
     seen: dict[tuple[str, str], int | None] = {}
     todo: list[Row] = []
-    existing = {(s, p) for s, p in con.execute("SELECT source, path FROM occurrences").fetchall()}
+    jobs: list[ProbeJob] = []
+    existing = {(s, p): (i, n, m) for s, p, i, n, m in con.execute(
+        "SELECT source, path, image_id, size_bytes, mtime_ns FROM occurrences").fetchall()}
     for r in rows:
         shown = r.path or r.display
         r.label = normalise_label(r.label)
+        if not _utf8(r.path, r.source, r.label):  # the store holds UTF-8 only; a lossy path would not reopen
+            errors.append(Rejection(_printable(shown), _printable(r.source) or "",
+                                    "file name is not valid UTF-8 (a Latin-1 name?): cannot be stored; "
+                                    "rename it to UTF-8 (e.g. convmv -f latin1 -t utf8)", r.row_number))
+            continue
         if not r.path:
             errors.append(Rejection(shown or f"<row {r.row_number}>", r.source, "empty path", r.row_number))
             continue
@@ -286,46 +510,87 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
             errors.append(Rejection(shown, r.source, f"duplicate manifest row (same source and path{where})", r.row_number))
             continue
         seen[key] = r.row_number
+        expect = None
         if key in existing:
-            report.n_already += 1
-            continue
+            expect, size, mtime = existing[key]
+            if _unchanged(r.path, size, mtime):
+                report.n_already += 1
+                continue
         todo.append(r)
+        jobs.append(ProbeJob(r.path, max_bytes, expect))
 
-    probes = _probe_all([r.path for r in todo], workers, progress)
+    if progress and len(rows) > len(todo):  # rows refused or known unchanged are done already
+        progress(len(rows) - len(todo))
+    probes = _probe_all(jobs, workers, progress)
     now = datetime.now()
     known = set()
-    if todo:
-        ids = list({p[0] for p in probes if p[0] != "error"})
-        if ids:
-            con.register("_ids", pl.DataFrame({"image_id": ids}).to_arrow())
-            known = {x for (x,) in con.execute("SELECT image_id FROM images JOIN _ids USING (image_id)").fetchall()}
-            con.unregister("_ids")
-    new_images, new_occ = {}, []
-    for r, p in zip(todo, probes):
-        if p[0] == "error":
-            errors.append(Rejection(r.path, r.source, p[1], r.row_number))
+    ids = list({p.image_id for p in probes if p.image_id and not p.same})
+    if ids:
+        con.register("_ids", pl.DataFrame({"image_id": ids}).to_arrow())
+        known = {x for (x,) in con.execute("SELECT image_id FROM images JOIN _ids USING (image_id)").fetchall()}
+        con.unregister("_ids")
+    new_images, new_occ, same, changed = {}, [], [], []
+    for r, job, p in zip(todo, jobs, probes):
+        if p.error:
+            reason = p.error
+            if job.expect is not None:  # it was ingested before: say that its rows stay as they were
+                reason += " (ingested before; its stored rows are kept)"
+            errors.append(Rejection(r.path, r.source, reason, r.row_number))
             continue
-        image_id, w, h, bits, fmt, n = p
-        occ = dict(image_id=image_id, source=r.source, path=r.path, label=r.label, **{"class": r.klass},
-                   patient_id=r.patient_id, view=r.view, sex=r.sex, age=r.age, origin=r.origin,
-                   extra=json.dumps(r.extra) if r.extra else None, ingest_run=run_id, ingested_at=now)
+        if p.same:  # re-hashed, same bytes (touched, copied, or ingested before size/mtime were kept)
+            report.n_already += 1
+            same.append({"source": r.source, "path": r.path, "size_bytes": p.n_bytes, "mtime_ns": p.mtime_ns})
+            continue
+        if job.expect is not None:
+            changed.append({"source": r.source, "path": r.path, "old_image_id": job.expect,
+                            "new_image_id": p.image_id, "size_bytes": p.n_bytes, "mtime_ns": p.mtime_ns})
+        occ = dict(image_id=p.image_id, source=r.source, path=r.path, label=r.label, **{"class": r.klass},
+                   patient_id=r.patient_id, view=r.view, sex=r.sex, age=r.age, age_raw=r.age_raw,
+                   origin=_printable(r.origin), extra=json.dumps(r.extra) if r.extra else None,
+                   size_bytes=p.n_bytes, mtime_ns=p.mtime_ns, ingested_at=now)
         new_occ.append(occ)
-        if image_id not in known and image_id not in new_images:
-            img = {k: occ[k] for k in ("image_id", "source", "label", "class", "patient_id", "view", "sex", "age")}
-            img.update(width=w, height=h, bit_depth=bits, format=fmt, n_bytes=n, path=r.path, ingested_at=now)
-            new_images[image_id] = img
+        if p.image_id not in known and p.image_id not in new_images:
+            img = {k: occ[k] for k in ("image_id", "source", "label", "class", "patient_id", "view", "sex", "age",
+                                       "age_raw")}
+            img.update(width=p.width, height=p.height, bit_depth=p.bit_depth, format=p.format, n_bytes=p.n_bytes,
+                       path=r.path, ingested_at=now)
+            new_images[p.image_id] = img
+    report.n_changed = len(changed)
+    # names from the disk may hold undecodable bytes: stored and printed as escapes, never as a crash
+    errors = [Rejection(_printable(e.file), _printable(e.source) or "", _printable(e.reason), e.row_number)
+              for e in errors]
 
-    con.execute("BEGIN")
+    n_before = con.execute("SELECT count(*) FROM images").fetchall()[0][0]
+    db_file = _db_file(con)
     try:
+        con.execute("BEGIN")
+        run_id = con.execute("SELECT nextval('ingest_run_seq')").fetchall()[0][0]
+        report.run_id = run_id
+        for o in new_occ:
+            o["ingest_run"] = run_id
+        if changed:  # the path now holds other bytes: its occurrence moves to the new image; the old image stays
+            ch = pl.DataFrame(changed, schema=_CHANGE_SCHEMA).with_columns(
+                ingest_run=pl.lit(run_id, pl.Int32), changed_at=pl.lit(now, pl.Datetime("us")))
+            _insert(con, "ingest_changes", ch)
+            con.register("_changed", ch.select("source", "path").to_arrow())
+            con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
+            con.unregister("_changed")
         if new_images:
             _insert(con, "images", pl.DataFrame(list(new_images.values()), schema=_IMAGE_SCHEMA))
         if new_occ:
             _insert(con, "occurrences", pl.DataFrame(new_occ, schema=_OCC_SCHEMA))
-            # files that failed before and are now in: mark their errors resolved
+            canonical_images(con)
+        if same:  # remember size and mtime, so the next ingest need not read them
+            con.register("_same", pl.DataFrame(same, schema=_IDENT_SCHEMA).to_arrow())
+            con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
+                           FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
+            con.unregister("_same")
+        ok = [(o["source"], o["path"]) for o in new_occ] + [(o["source"], o["path"]) for o in same]
+        if ok:  # files that failed before and are now in: mark their errors resolved
+            con.register("_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row").to_arrow())
             con.execute("""UPDATE ingest_errors SET resolved = true
-                           WHERE NOT resolved AND EXISTS (SELECT 1 FROM occurrences o
-                                 WHERE o.ingest_run = ? AND o.source = ingest_errors.source
-                                   AND (o.path = ingest_errors.file))""", [run_id])
+                           WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
+            con.unregister("_ok")
         for e in errors:
             con.execute(
                 """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
@@ -345,11 +610,32 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
              len(errors), report.seconds, started, datetime.now()],
         )
         con.execute("COMMIT")
-    except Exception:
-        con.execute("ROLLBACK")
+    except Exception as e:
+        try:
+            con.execute("ROLLBACK")
+        except Exception:  # a failed COMMIT has already ended (rolled back) the transaction
+            pass
+        if _disk_full(e):
+            raise StoreFullError(
+                f"disk full while writing the store {db_file}: nothing of this ingest was stored, the store "
+                f"holds what it held before ({n_before} images); free space on that disk (or use --db on "
+                f"another one) and run the same command again") from e
         raise
     _store_facts(con, report)
     return report
+
+
+def canonical_images(con) -> None:
+    """An image's own row (source, label, patient, ...) is that of its occurrence with the smallest
+    (source, path), whatever order the files were ingested in: the same data in any order gives the
+    same store, the same splits and the same results. Protocols treat a file shared by collections as
+    belonging to all of them (`occurrences`)."""
+    con.execute("""
+        UPDATE images SET source = o.source, label = o.label, class = o.class, patient_id = o.patient_id,
+                          view = o.view, sex = o.sex, age = o.age, path = o.path
+        FROM (SELECT DISTINCT ON (image_id) image_id, source, path, label, class, patient_id, view, sex, age
+              FROM occurrences ORDER BY image_id, source, path) o
+        WHERE images.image_id = o.image_id AND (images.source <> o.source OR images.path <> o.path)""")
 
 
 def _store_facts(con, report: IngestReport) -> None:
@@ -372,9 +658,12 @@ def record_failure(con, file: str, source: str, reason: str, origin: str) -> Non
 
 _STR = pl.Utf8
 _IMAGE_SCHEMA = {"image_id": _STR, "source": _STR, "label": _STR, "class": _STR, "patient_id": _STR,
-                 "view": _STR, "sex": _STR, "age": pl.Float64, "width": pl.Int32, "height": pl.Int32,
+                 "view": _STR, "sex": _STR, "age": pl.Float64, "age_raw": _STR, "width": pl.Int32, "height": pl.Int32,
                  "bit_depth": pl.Int32, "format": _STR, "n_bytes": pl.Int64, "path": _STR,
                  "ingested_at": pl.Datetime("us")}
 _OCC_SCHEMA = {"image_id": _STR, "source": _STR, "path": _STR, "label": _STR, "class": _STR, "patient_id": _STR,
-               "view": _STR, "sex": _STR, "age": pl.Float64, "origin": _STR, "extra": _STR,
-               "ingest_run": pl.Int32, "ingested_at": pl.Datetime("us")}
+               "view": _STR, "sex": _STR, "age": pl.Float64, "age_raw": _STR, "origin": _STR, "extra": _STR,
+               "size_bytes": pl.Int64, "mtime_ns": pl.Int64, "ingest_run": pl.Int32, "ingested_at": pl.Datetime("us")}
+_IDENT_SCHEMA = {"source": _STR, "path": _STR, "size_bytes": pl.Int64, "mtime_ns": pl.Int64}
+_CHANGE_SCHEMA = {"source": _STR, "path": _STR, "old_image_id": _STR, "new_image_id": _STR,
+                  "size_bytes": pl.Int64, "mtime_ns": pl.Int64}

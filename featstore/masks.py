@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
 from featstore.lungs import VARIANTS, WORK, LungMask, MaskError, check, classical_mask
+from featstore.procs import process_pool  # workers die with this process
 from featstore.store import embedding_tables, insert_frame
 
 METHODS = ("auto", "manifest", "xrv-pspnet", "classical-v1")
@@ -256,7 +256,7 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
 
 def _map(fn, items, workers):
     if workers > 1 and len(items) > 32:
-        with ProcessPoolExecutor(workers) as ex:
+        with process_pool(workers) as ex:
             return list(ex.map(fn, items, chunksize=16))
     return [fn(x) for x in items]
 

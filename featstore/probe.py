@@ -98,9 +98,10 @@ def probe_rows(X, meta, backbone: str, preprocess: str, weights_id: str, Z_grl: 
 
 
 def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "covid", grl: bool = True,
-              maps: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500) -> tuple[list[dict], str, str]:
+              maps: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500,
+              progress=None) -> tuple[list[dict], str, str]:
     """`featstore probe`: probe rows -> MLflow (with the bar chart and t-SNE maps) and `results`.
-    Returns (rows, sweep_id, MLflow run id)."""
+    Returns (rows, sweep_id, MLflow run id). progress(done, total, step) after each step."""
     import tempfile
     from datetime import datetime, timezone
     from pathlib import Path
@@ -110,11 +111,24 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     from featstore.store import connect
     from featstore.track import Tracker, code_version, write_results
 
+    steps = (["loading embeddings"] + ["GRL head"] * grl + ["probing"] + ["t-SNE maps"] * maps
+             + ["MLflow", "saving results"])
+    done = [0]
+
+    def step(name):  # announce the step about to run
+        if progress:
+            progress(done[0], len(steps), name)
+        done[0] += 1
+
+    step("loading embeddings")
     with Store(db, read_only=True) as fs:
         wid, _ = fs._set(backbone, preprocess, None)
         X, meta = fs.arrays(backbone, preprocess)
     src = meta["source"].to_numpy()
+    if grl:
+        step("GRL head")
     Z = grl_representation(X, (meta["label"].to_numpy() == positive).astype(int), src, seed) if grl else None
+    step("probing")
     rows = probe_rows(X, meta, backbone, preprocess, wid, Z, folds, seed, n_boot)
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
@@ -124,17 +138,20 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     with tempfile.TemporaryDirectory() as tmp:
         arts = [domain_auc_bars(rows, f"domain AUC per source: {backbone}/{preprocess}", Path(tmp) / "domain_auc.png")]
         if maps:
+            step("t-SNE maps")
             colours = dict(source=src, label=meta["label"].to_numpy())
             arts.append(embedding_map(X, colours, f"t-SNE of {backbone}/{preprocess} embeddings",
                                       Path(tmp) / "map_raw.png", seed))
             if Z is not None:
                 arts.append(embedding_map(Z, colours, f"t-SNE of the GRL representation ({backbone}/{preprocess})",
                                           Path(tmp) / "map_grl.png", seed))
+        step("MLflow")
         run_id = Tracker("domain-probe").run(
             f"probe {backbone}/{preprocess}", metrics={**summary, **per},
             params=dict(backbone=backbone, preprocess=preprocess, folds=folds, seed=seed, grl=grl),
             tags=dict(level="probe", backbone=backbone, weights_id=wid, preprocess=preprocess,
                       code_version=code_version()), artifacts=arts)
+    step("saving results")
     for r in rows:
         r.update(study="domain-probe", sweep_id=sweep_id, code_version=code_version(), mlflow_run_id=run_id)
     con = connect(db)
@@ -142,4 +159,6 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
         write_results(con, rows)
     finally:
         con.close()
+    if progress:
+        progress(len(steps), len(steps), "done")
     return rows, sweep_id, run_id

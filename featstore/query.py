@@ -1,11 +1,91 @@
-"""Run SQL against the store and render the answer as a table, CSV, JSON or a file."""
+"""Run SQL against the store and render the answer as a table, CSV, JSON or a file.
+
+User SQL (`featstore sql`) runs sandboxed: DuckDB touches no file but the store (and folders or
+files given with --allow-read), installs and loads no extension, and its configuration is locked;
+statements that write files or reach other databases (COPY, EXPORT, ATTACH, ...) are refused before
+anything runs, because DuckDB's own fence still lets COPY ... (USE_TMP_FILE false) overwrite the
+store file itself, and lets COPY/EXPORT write inside allowed folders.
+"""
 from __future__ import annotations
 
 import io
+import os
+import re
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pyarrow as pa
+
+
+class SandboxError(ValueError):
+    """A statement featstore's SQL sandbox does not run."""
+
+
+# statement types that only read, or write into the store itself (a read-only connection refuses those)
+_ALLOWED = {"SELECT", "SET", "VARIABLE_SET", "CALL", "TRANSACTION", "MULTI", "INSERT", "UPDATE", "DELETE",
+            "CREATE", "DROP", "ALTER", "MERGE_INTO", "VACUUM", "ANALYZE", "CREATE_FUNC"}
+_WHY = {"COPY": "COPY writes or reads files; write an answer with --out FILE, read a file with "
+                "read_csv/read_parquet and --allow-read PATH",
+        "EXPORT": "EXPORT DATABASE writes files; use `featstore export`",
+        "ATTACH": "ATTACH opens other databases", "DETACH": "DETACH is not needed here",
+        "LOAD": "INSTALL/LOAD of extensions is off (no network, no foreign code)",
+        "PREPARE": "PREPARE/EXECUTE could hide a refused statement", "EXECUTE": "PREPARE/EXECUTE is off"}
+
+
+def check_statements(text: str) -> None:
+    """Refuse, before anything runs, any statement the sandbox does not allow."""
+    for st in duckdb.extract_statements(text):
+        q = st.query.strip()
+        try:
+            kind = st.type.name
+        except ValueError:  # e.g. UPDATE EXTENSIONS: a statement type the Python API cannot name
+            kind = "?"
+        ok = kind in _ALLOWED
+        if kind == "PRAGMA":  # IMPORT DATABASE and COPY FROM DATABASE parse as PRAGMA too
+            ok = re.match(r"pragma\b", q, re.I) is not None
+        elif kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: check that one too
+            m = re.match(r"explain\s+(?:analy[sz]e\s+)?", q, re.I)
+            if m:
+                try:
+                    check_statements(q[m.end():])
+                    ok = True
+                except duckdb.Error:  # e.g. a comment between EXPLAIN and ANALYZE: refuse, do not guess
+                    pass
+        if not ok:
+            short = " ".join(q.split())[:80]
+            why = _WHY.get(kind, f"{kind if kind != '?' else 'this kind of'} statement is not run by featstore sql")
+            raise SandboxError(f"not allowed in featstore sql: {short} ({why})")
+
+
+def sandbox(con, allow_read=()) -> None:
+    """Lock this DuckDB database down for user SQL: no file access except the store and allow_read
+    (files or folders), no extension install/load/autoload, configuration locked. It holds for every
+    connection to the same database in this process, and cannot be undone."""
+    dirs, files = [], []
+    for p in allow_read:
+        p = Path(p).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"--allow-read {p}: no such file or folder")
+        p = p.resolve()
+        if p.is_dir():  # DuckDB matches folders as prefixes: end with / so that DIR does not allow DIR2
+            dirs.append(str(p).rstrip(os.sep) + os.sep)
+        else:
+            files.append(str(p))
+    con.execute("SET allowed_directories = ?", [dirs])
+    con.execute("SET allowed_paths = ?", [files])
+    for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions",
+                    "allow_community_extensions"):
+        con.execute(f"SET {setting} = false")
+    con.execute("SET allow_extension_repositories = 'forbidden'")
+    con.execute("SET lock_configuration = true")
+
+
+def run_user_sql(con, query: str, variables: dict[str, str] | None = None, allow_read=()) -> pa.Table:
+    """run_sql for SQL from a user: the statements are checked, then the database is sandboxed."""
+    check_statements(query)
+    sandbox(con, allow_read)
+    return run_sql(con, query, variables)
 
 
 def run_sql(con, query: str, variables: dict[str, str] | None = None) -> pa.Table:
@@ -19,6 +99,19 @@ def run_sql(con, query: str, variables: dict[str, str] | None = None) -> pa.Tabl
     if rel is None:  # the last statement returned nothing (DDL, SET, ...)
         return pa.table({})
     return rel.to_arrow_table()
+
+
+_FORMULA = r"^[=+\-@\t\r]"
+_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+
+
+def csv_safe(df: pl.DataFrame) -> pl.DataFrame:
+    """Text cells a spreadsheet would run as a formula (=, +, -, @, tab, CR first; OWASP) get a
+    leading single quote; numbers, and text that is just a number such as "-5", stay as they are."""
+    text = [n for n, t in df.schema.items() if t in (pl.Utf8, pl.Categorical, pl.Enum)]
+    return df.with_columns(
+        pl.when(pl.col(n).cast(pl.Utf8).str.contains(_FORMULA) & ~pl.col(n).cast(pl.Utf8).str.contains(_NUMBER))
+        .then(pl.lit("'") + pl.col(n).cast(pl.Utf8)).otherwise(pl.col(n).cast(pl.Utf8)).alias(n) for n in text)
 
 
 def _flat(df: pl.DataFrame, width: int | None = None) -> pl.DataFrame:
@@ -45,7 +138,7 @@ def render(table: pa.Table, fmt: str = "table") -> str:
     if isinstance(df, pl.Series):
         df = df.to_frame()
     if fmt == "csv":
-        return _flat(df).write_csv()
+        return csv_safe(_flat(df)).write_csv()
     if fmt == "json":
         return df.write_json()
     if fmt != "table":
@@ -64,6 +157,9 @@ def render(table: pa.Table, fmt: str = "table") -> str:
     return buf.getvalue()
 
 
+OUT_SUFFIXES = (".parquet", ".pq", ".csv", ".json", ".ndjson", ".jsonl")
+
+
 def write(table: pa.Table, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +168,7 @@ def write(table: pa.Table, out: str | Path) -> Path:
     if suffix in (".parquet", ".pq"):
         df.write_parquet(out)
     elif suffix == ".csv":
-        _flat(df).write_csv(out)
+        csv_safe(_flat(df)).write_csv(out)
     elif suffix in (".json", ".ndjson", ".jsonl"):
         (df.write_ndjson if suffix != ".json" else df.write_json)(out)
     else:

@@ -1,4 +1,9 @@
-"""Report: Markdown + HTML + figures from the store's `results` and `predictions` rows only.
+"""Report: one self-contained HTML file, Markdown and figures from the store's rows only (a leaf: it
+reads `results`, `predictions`, `images` and embeddings, and writes nothing to the store).
+
+Rendered from Jinja2 templates (featstore/templates). The HTML opens on the verdict per model and two
+figures (per-source unseen AUC as a forest plot, seen vs unseen per model as a dumbbell plot); its
+figures are base64 PNGs, its interactive t-SNE map a canvas with a small inline script.
 
 The headline table puts, per head and embedding set, the AUC on images of sources the model saw
 (mixed k-fold, pooled out-of-fold) beside the AUC on sources it never saw (leave-one-source-out
@@ -8,7 +13,10 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import polars as pl
@@ -56,8 +64,10 @@ def roc_figure(preds: pl.DataFrame, title: str, path: Path) -> Path | None:
         plt.close(fig)
         return None
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
-    ax.title.set_fontsize(8)
+    import textwrap
+
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity")
+    ax.set_title("\n".join(textwrap.wrap(title, 55)), fontsize=8)  # wrapped: a long title is not clipped
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -96,7 +106,9 @@ def unit_artifacts(folder: Path, unit_rows: list[dict], preds: pl.DataFrame | No
     out = []
     cols = ["fold", "test_set", "scope", "n", "n_pos", "n_neg", "auc", "auc_lo", "auc_hi", "accuracy",
             "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "dor", "brier", "status", "error"]
-    pl.DataFrame([{c: r.get(c) for c in cols} for r in unit_rows], infer_schema_length=None).write_csv(
+    from featstore.query import csv_safe
+
+    csv_safe(pl.DataFrame([{c: r.get(c) for c in cols} for r in unit_rows], infer_schema_length=None)).write_csv(
         folder / "per_source.csv")
     out.append(folder / "per_source.csv")
     if preds is not None and preds.height:
@@ -116,7 +128,10 @@ def _dedupe_pooled(preds: pl.DataFrame) -> pl.DataFrame:
 # --- the study report -------------------------------------------------------------------------
 
 def latest_sweep(con, study: str | None) -> tuple[str, str]:
-    q = "SELECT study, max(sweep_id) FROM results" + (" WHERE study = ?" if study else "") + \
+    """The named study's latest sweep; without a name, the latest benchmark sweep (never the domain
+    probe's rows, which have no seen/unseen tables)."""
+    q = "SELECT study, max(sweep_id) FROM results" + \
+        (" WHERE study = ?" if study else " WHERE protocol <> 'domain-probe'") + \
         " GROUP BY study ORDER BY max(sweep_id) DESC LIMIT 1"
     rows = con.execute(q, [study] if study else []).fetchall()  # fetchall: DuckDB 2 refuses work beside an open result
     row = rows[0] if rows else None
@@ -127,54 +142,144 @@ def latest_sweep(con, study: str | None) -> tuple[str, str]:
     return row[0], row[1]
 
 
-def headline(res: pl.DataFrame) -> pl.DataFrame:
-    """One row per backbone x preprocessing x head x selection: seen vs unseen AUC with CIs."""
-    out = []
-    keys = ["backbone", "preprocess", "head", "selection"]
-    for key, g in res.filter(pl.col("status") == "ok").group_by(keys, maintain_order=True):
-        row = dict(zip(keys, key))
-        all_ = g.filter(pl.col("scope") == "all")
+MODEL = ["backbone", "preprocess", "head", "selection"]
 
-        def one(proto, fold_prefix, ts):
-            d = all_.filter((pl.col("protocol") == proto) & pl.col("fold").str.starts_with(fold_prefix)
-                            & (pl.col("test_set") == ts))
-            return d.row(0, named=True) if d.height else None
-        reps = all_.filter((pl.col("protocol") == "mixed") & pl.col("fold").str.starts_with("pooled-r"))
-        m = one("mixed", "pooled", "seen")
-        if reps.height > 1:  # repeated k-fold: mean +- sd of the per-repeat pooled AUCs
-            row["mixed AUC (seen sources)"] = (f"{reps['auc'].mean():.3f} ± {reps['auc'].std():.3f} "
-                                               f"over {reps.height} repeats")
+
+def _ci(x, lo, hi, d=3) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{d}f}" if lo is None else f"{x:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
+
+
+def _flag(auc) -> str:
+    return " ⚠ below chance" if auc is not None and auc < 0.5 else ""
+
+
+def _sm(g: pl.DataFrame, proto: str) -> dict | None:
+    d = g.filter((pl.col("protocol") == proto) & (pl.col("kind") == "source-mean"))
+    if not d.height:
+        return None
+    r = d.row(0, named=True)
+    if isinstance(r.get("metrics"), str):
+        r["metrics"] = json.loads(r["metrics"])
+    return r
+
+
+def headline(res: pl.DataFrame, probe: dict | None = None) -> pl.DataFrame:
+    """One row per model (backbone x preprocessing x head x selection), sorted by the mean over held-out
+    sources of per-source AUC: a number prevalence differences between sources cannot lift. Pooled LOSO
+    is not here (see `pooled_table`). `probe`: (backbone, preprocess) -> domain-probe AUC, if run."""
+    from featstore.score import format_p, summarise_over_seeds
+    from featstore.verdict import judge
+
+    out = []
+    for key, g in res.filter(pl.col("status") == "ok").group_by(MODEL, maintain_order=True):
+        row = dict(zip(MODEL, key))
+        all_ = g.filter(pl.col("scope") == "all")
+        m = all_.filter((pl.col("protocol") == "mixed") & (pl.col("kind") == "pooled"))
+        if m.height > 1:  # repeated k-fold: mean +- sd of the per-repeat pooled AUCs
+            row["mixed AUC (seen sources)"] = f"{m['auc'].mean():.3f} ± {m['auc'].std():.3f} ({m.height} repeats)"
+        elif m.height:
+            r = m.row(0, named=True)
+            row["mixed AUC (seen sources)"] = _ci(r["auc"], r["auc_lo"], r["auc_hi"])
         else:
-            row["mixed AUC (seen sources)"] = fmt_auc(m["auc"], m["auc_lo"], m["auc_hi"]) if m else "—"
-        lo = one("loso", "pooled", "unseen")
-        row["LOSO AUC (unseen, pooled)"] = fmt_auc(lo["auc"], lo["auc_lo"], lo["auc_hi"]) if lo else "—"
-        per = all_.filter((pl.col("protocol") == "loso") & ~pl.col("fold").str.starts_with("pooled")
-                          & pl.col("auc").is_not_null()).sort("auc")
-        row["LOSO worst source AUC"] = (f"{per['auc'][0]:.3f} ({per['fold'][0].removeprefix('heldout=')}; "
-                                        f"{per.height} of {all_.filter((pl.col('protocol') == 'loso') & ~pl.col('fold').str.starts_with('pooled')).height} "
-                                        "sources have both classes)") if per.height else "—"
-        lpo = all_.filter((pl.col("protocol") == "leave-pair-out") & (pl.col("test_set") == "unseen"))
-        if lpo.height:
-            a = lpo["auc"].drop_nulls()
-            worst = lpo.sort("auc").row(0, named=True)
-            row["leave-pair-out AUC mean ± sd (worst)"] = (f"{a.mean():.3f} ± {a.std() or 0:.3f} "
-                                                          f"({worst['auc']:.3f}, {worst['fold']})")
+            row["mixed AUC (seen sources)"] = "—"
+        lo = _sm(g, "loso")
+        su = _sm(g, "seen-unseen")
+        main = lo or su
+        row["LOSO mean per-source AUC (unseen)"] = (
+            _ci(lo["auc"], lo["auc_lo"], lo["auc_hi"]) + f" ({lo['n_sources']} sources)" + _flag(lo["auc"])
+            if lo else "—")
+        row["LOSO worst source"] = (f"{lo['auc_worst']:.3f} ({lo['worst_source']}){_flag(lo['auc_worst'])}"
+                                    if lo and lo.get("auc_worst") is not None else "—")
+        lpo = _sm(g.sort("seed"), "leave-pair-out")
+        seeds = g.filter((pl.col("protocol") == "leave-pair-out") & (pl.col("kind") == "source-mean"))
+        if lpo and lpo.get("auc") is not None:
+            txt = f"{lpo['auc']:.3f}"
+            if seeds.height > 1:  # selection repeats: the spread that re-selecting alone causes
+                txt = summarise_over_seeds(seeds["auc"].to_list())["text"].replace("(n=", "(seeds n=")
+            row["leave-pair-out mean (worst pair)"] = (f"{txt} ({lpo['auc_worst']:.3f}, {lpo['worst_source']})"
+                                                       f"{_flag(lpo['auc_worst'])}")
         else:
-            row["leave-pair-out AUC mean ± sd (worst)"] = "—"
-        su = all_.filter(pl.col("protocol") == "seen-unseen")
-        if su.height:
-            s = su.filter(pl.col("test_set") == "seen").row(0, named=True)
-            u = su.filter(pl.col("test_set") == "unseen").row(0, named=True)
-            row["seen-unseen: seen AUC"] = fmt_auc(s["auc"], s["auc_lo"], s["auc_hi"])
-            row["seen-unseen: unseen AUC"] = fmt_auc(u["auc"], u["auc_lo"], u["auc_hi"])
-            row["gap (p)"] = "—" if u["gap"] is None else f"{u['gap']:+.3f} (p={u['gap_p']:.2g})"
+            row["leave-pair-out mean (worst pair)"] = "—"
+        if su:
+            seen = (su["metrics"].get("gap") or {}).get("seen")
+            row["seen-unseen: seen / unseen mean"] = (f"{seen:.3f} / " if seen is not None else "— / ") + \
+                _ci(su["auc"], su["auc_lo"], su["auc_hi"]) + _flag(su["auc"])
+        else:
+            row["seen-unseen: seen / unseen mean"] = "—"
+        if main and main.get("gap") is not None:
+            gi = main["metrics"].get("gap") or {}
+            row["gap seen − unseen [CI], p"] = (_ci(main["gap"], main.get("gap_lo"), main.get("gap_hi"))
+                                                + f", p {format_p(main.get('gap_p'))}"
+                                                + f" (seen: {gi.get('seen_from', '?')})")
+        else:
+            row["gap seen − unseen [CI], p"] = "—"
+        pa = (probe or {}).get((key[0], key[1]))
+        v = judge(main, lpo, pa)
+        row["verdict"] = v.verdict
+        row["why"] = v.reason
+        row["_rank"] = main["auc"] if main and main.get("auc") is not None else -1.0
         out.append(row)
+    if not out:
+        return pl.DataFrame()
+    return pl.DataFrame(out).sort("_rank", descending=True, maintain_order=True).drop("_rank")
+
+
+def probe_aucs(con) -> dict:
+    """(backbone, preprocess) -> the latest domain probe's macro AUC on all images, where one was run."""
+    rows = con.execute("SELECT backbone, preprocess, arg_max(auc, sweep_id) FROM results WHERE study = 'domain-probe' "
+                       "AND head = 'raw' AND test_set = 'all images' AND scope = 'all' GROUP BY ALL").fetchall()
+    return {(b, p): a for b, p, a in rows}
+
+
+def compare_models(res: pl.DataFrame, preds: pl.DataFrame) -> pl.DataFrame:
+    """Paired, source-level comparison of every model with the best one (by LOSO mean per-source AUC)
+    on the same LOSO test images (binary targets)."""
+    from featstore.score import format_p, paired_bootstrap_auc_diff
+
+    sm = res.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso") & (pl.col("status") == "ok")
+                    & pl.col("auc").is_not_null()).sort("auc", descending=True, maintain_order=True)
+    if sm.height < 2 or not preds.height:
+        return pl.DataFrame()
+    p = preds.filter(pl.col("protocol") == "loso")
+    best = sm.row(0, named=True)
+
+    def scores(r):
+        return p.filter((pl.col("backbone") == r["backbone"]) & (pl.col("preprocess") == r["preprocess"])
+                        & (pl.col("head") == r["head"]) & (pl.col("selection") == r["selection"])).select(
+            "fold", "image_id", "y", "score", pl.col("fold").str.strip_prefix("heldout=").alias("src"))
+    a = scores(best)
+    out = []
+    for r in sm.iter_rows(named=True):
+        if r is best or (r["backbone"], r["preprocess"], r["head"], r["selection"]) == \
+                (best["backbone"], best["preprocess"], best["head"], best["selection"]):
+            continue
+        j = a.join(scores(r), on=["fold", "image_id"], suffix="_b")
+        if not j.height:
+            continue
+        d = paired_bootstrap_auc_diff(j["y"].to_numpy(), j["score"].to_numpy(), j["score_b"].to_numpy(),
+                                      j["src"].to_numpy(), n_boot=int(best.get("bootstrap") or 0) or 0,
+                                      seed=int(best["seed"]))
+        out.append({"best": f"{best['head']} {best['backbone']}/{best['preprocess']}",
+                    "vs": f"{r['head']} {r['backbone']}/{r['preprocess']}",
+                    "difference [CI]": _ci(d.get("estimate"), d.get("lo"), d.get("hi")),
+                    "p": format_p(d.get("p")), "sources": d.get("n_sources"), "uncertainty": d.get("uncertainty")})
     return pl.DataFrame(out)
+
+
+def pooled_table(res: pl.DataFrame) -> pl.DataFrame:
+    """Secondary: pooled out-of-fold LOSO AUC. It mixes held-out sources whose positive rates differ,
+    so a model that only recognises the source can score well here."""
+    d = res.filter((pl.col("status") == "ok") & (pl.col("kind") == "pooled") & (pl.col("protocol") == "loso")
+                   & (pl.col("scope") == "all"))
+    return d.select(*MODEL, pl.struct("auc", "auc_lo", "auc_hi").map_elements(
+        lambda s: _ci(s["auc"], s["auc_lo"], s["auc_hi"]), return_dtype=pl.Utf8).alias("pooled LOSO AUC [image CI]"))
 
 
 def per_source(res: pl.DataFrame) -> pl.DataFrame:
     d = res.filter((pl.col("status") == "ok") & (pl.col("protocol") == "loso") & (pl.col("scope") == "all")
-                   & ~pl.col("fold").str.starts_with("pooled"))
+                   & (pl.col("kind") == "fold"))
     return d.select("backbone", "preprocess", "head", "selection", "fold", "n", "n_pos", "n_neg",
                     pl.struct("auc", "auc_lo", "auc_hi").map_elements(
                         lambda s: fmt_auc(s["auc"], s["auc_lo"], s["auc_hi"]), return_dtype=pl.Utf8).alias("AUC"),
@@ -189,121 +294,483 @@ def pairs(res: pl.DataFrame) -> pl.DataFrame:
                     "balanced_accuracy", "dor").sort("backbone", "preprocess", "head", "fold")
 
 
+def _md(text) -> str:
+    """Text from the store (source names, labels, errors) as inert Markdown: raw HTML would pass
+    through a Markdown renderer, | and line breaks would break a table."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def markdown_table(df: pl.DataFrame) -> str:
     if df.height == 0:
         return "_(none)_\n"
     cols = df.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(_md(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in df.iter_rows():
-        lines.append("| " + " | ".join(_f(v) for v in r) + " |")
+        lines.append("| " + " | ".join(_md(_f(v)) for v in r) + " |")
     return "\n".join(lines) + "\n"
 
 
+# --- figures of the study report ----------------------------------------------------------------
+
+VERDICT_CLASS = {"shortcut likely": "v-shortcut", "generalises": "v-generalises", "inconclusive": "v-inconclusive"}
+VERDICT_COLOUR = {"shortcut likely": "#c0392b", "generalises": "#1e8449", "inconclusive": "#7f8c8d"}
+MAP_POINTS = 1500   # the interactive map's cap: a seeded subsample beyond it
+_NUM = re.compile(r"^\s*(-?\d+\.\d+)")
+
+
+def _model_name(r: dict) -> str:
+    sel = "" if r.get("selection") in (None, "train-val") else f" ({r['selection']})"
+    return f"{r['head']} · {r['backbone']}/{r['preprocess']}{sel}"
+
+
+def _main_rows(res: pl.DataFrame) -> list[dict]:
+    """Each model's headline evidence: its LOSO source-mean row, else its seen-unseen one (as `headline`)."""
+    out = []
+    ok = res.filter((pl.col("status") == "ok") & (pl.col("kind") == "source-mean"))
+    for _, g in ok.group_by(MODEL, maintain_order=True):
+        r = _sm(g, "loso") or _sm(g, "seen-unseen")
+        if r and r.get("auc") is not None:
+            out.append(r)
+    return sorted(out, key=lambda r: -r["auc"])
+
+
+def _per_source_ci(res: pl.DataFrame, sm: dict) -> list[tuple[str, float, float | None, float | None, int | None]]:
+    """(source, AUC, image-level CI low, high, n) for each held-out source behind a source-mean row."""
+    per = (sm.get("metrics") or {}).get("per_source") or {}
+    folds = res.filter((pl.col("status") == "ok") & (pl.col("kind") == "fold") & (pl.col("test_set") == "unseen")
+                       & (pl.col("protocol") == sm["protocol"]) & (pl.col("seed") == sm["seed"])
+                       & pl.all_horizontal(*[pl.col(c) == sm[c] for c in MODEL]))
+    out = []
+    for s, auc in sorted(per.items()):
+        d = folds.filter(pl.col("scope") == s)
+        if not d.height:
+            d = folds.filter((pl.col("scope") == "all") & (pl.col("test_sources").list.len() == 1)
+                             & (pl.col("test_sources").list.first() == s))
+        r = d.row(0, named=True) if d.height else {}
+        out.append((s, float(auc), r.get("auc_lo"), r.get("auc_hi"), r.get("n")))
+    return out
+
+
+def forest_figure(res: pl.DataFrame, path: Path) -> Path | None:
+    """Per held-out source AUC with its image-level 95% CI, one row per source per model; each model's
+    mean over sources with its source-level 95% CI as a diamond."""
+    plt = _plt()
+    mains = _main_rows(res)
+    rows = []  # (label, auc, lo, hi, kind, colour)
+    colours = plt.get_cmap("tab10")
+    for k, sm in enumerate(mains):
+        c = colours(k % 10)
+        rows.append((f"{_model_name(sm)} — mean of {sm.get('n_sources')} ({sm['protocol']})", sm["auc"],
+                     sm.get("auc_lo"), sm.get("auc_hi"), "mean", c))
+        for s, auc, lo, hi, n in _per_source_ci(res, sm):
+            rows.append((f"   {s}" + (f" (n={n})" if n else ""), auc, lo, hi, "source", c))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.34 * len(rows) + 1.3))
+    for i, (label, auc, lo, hi, kind, c) in enumerate(rows):
+        y = len(rows) - 1 - i
+        if lo is not None and hi is not None:
+            ax.plot([lo, hi], [y, y], c=c, lw=1.6 if kind == "source" else 0)
+        if kind == "mean":
+            lo_, hi_ = (lo, hi) if lo is not None else (auc, auc)
+            ax.fill([lo_, auc, hi_, auc], [y, y + 0.32, y, y - 0.32], color=c, alpha=0.85)
+            ax.plot([auc], [y], "D", c=c, ms=6)
+        else:
+            ax.plot([auc], [y], "s", c=c, ms=5)
+    ax.axvline(0.5, ls=":", c="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows][::-1], fontsize=8)
+    for t, r in zip(ax.get_yticklabels(), rows[::-1]):
+        if r[4] == "mean":
+            t.set_fontweight("bold")
+    lows = [r[2] if r[2] is not None else r[1] for r in rows]
+    highs = [r[3] if r[3] is not None else r[1] for r in rows]
+    ax.set_xlim(min(0.3, min(lows) - 0.02), max(1.0, max(highs)) + 0.02)
+    ax.set_xlabel("AUC on the held-out (unseen) source  ·  dotted: chance (0.5)", fontsize=9)
+    fig.suptitle("Unseen sources: per-source AUC (image-level 95% CI);\nthe mean over sources as a diamond "
+                 "(source-level 95% CI)", fontsize=10, x=0.01, ha="left")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _seen_auc(res: pl.DataFrame, sm: dict) -> float | None:
+    gi = (sm.get("metrics") or {}).get("gap") or {}
+    if gi.get("seen") is not None:
+        return float(gi["seen"])
+    m = res.filter((pl.col("status") == "ok") & (pl.col("protocol") == "mixed") & (pl.col("kind") == "pooled")
+                   & (pl.col("scope") == "all") & pl.all_horizontal(*[pl.col(c) == sm[c] for c in MODEL]))
+    vals = [v for v in m["auc"].to_list() if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def dumbbell_figure(res: pl.DataFrame, path: Path) -> Path | None:
+    """Seen (mixed k-fold or seen-unseen's seen set) vs unseen mean per-source AUC, one line per model."""
+    plt = _plt()
+    pts = [(_model_name(sm), _seen_auc(res, sm), sm["auc"], sm.get("auc_lo"), sm.get("auc_hi"))
+           for sm in _main_rows(res)]
+    pts = [p for p in pts if p[1] is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(pts) + 1.8))
+    for i, (name, seen, unseen, lo, hi) in enumerate(pts):
+        y = len(pts) - 1 - i
+        ax.plot([unseen, seen], [y, y], c="#bbb", lw=3, zorder=1)
+        if lo is not None:
+            ax.plot([lo, hi], [y - 0.18, y - 0.18], c="#d35400", lw=1)
+        ax.scatter([seen], [y], s=60, c="#2471a3", zorder=2, label="seen sources" if i == 0 else None)
+        ax.scatter([unseen], [y], s=60, c="#d35400", marker="D", zorder=2,
+                   label="unseen sources (mean, source-level CI)" if i == 0 else None)
+        ax.annotate(f"gap {seen - unseen:+.3f}", (max(seen, unseen), y), xytext=(8, -3), textcoords="offset points",
+                    fontsize=8)
+    ax.axvline(0.5, ls=":", c="grey", lw=1)
+    ax.set_yticks(range(len(pts)), [p[0] for p in pts][::-1], fontsize=8)
+    ax.set_xlim(min(0.45, min(min(p[1], p[2], p[3] if p[3] is not None else 1) for p in pts) - 0.03),
+                max(1.0, max(p[4] or 0 for p in pts)) + 0.1)
+    ax.set_ylim(-0.7, len(pts) - 0.3)
+    ax.set_xlabel("AUC", fontsize=9)
+    fig.suptitle("Seen vs unseen sources per model\n(a long bar: the model does better on the sources it trained on)",
+                 fontsize=10, x=0.01, ha="left")
+    fig.legend(fontsize=8, loc="upper right", frameon=False, ncol=1)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def roc_per_source_figure(preds: pl.DataFrame, title: str, path: Path) -> Path | None:
+    """One ROC per held-out source (LOSO) and the seen one (pooled mixed k-fold), one model."""
+    import textwrap
+
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    drawn = 0
+    seen = preds.filter(pl.col("protocol") == "mixed")
+    curves = [("seen (mixed k-fold, pooled)", seen, dict(c="black", lw=2, ls="--"))]
+    unseen = preds.filter(pl.col("protocol") == "loso")
+    for s in sorted(set(unseen["source"].to_list())):
+        curves.append((f"unseen: {s}", unseen.filter(pl.col("source") == s), dict(lw=1.4)))
+    for name, d, kw in curves:
+        y, p = d["y"].to_numpy(), d["score"].to_numpy()
+        if d.height == 0 or len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f}, n={len(y)})", **kw)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity")
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _palettes(sources, labels) -> tuple[dict, dict]:
+    """Two palettes that share no colour: qualitative tab10 for sources, a dark-to-light viridis ramp
+    for labels, so a map coloured by source is never read as one coloured by label."""
+    plt = _plt()
+    import matplotlib.colors as mc
+
+    tab = plt.get_cmap("tab10")
+    src = {s: mc.to_hex(tab(i % 10)) for i, s in enumerate(sorted(set(sources)))}
+    labs = sorted(set(labels))
+    vir = plt.get_cmap("viridis")
+    lab = {v: mc.to_hex(vir(0.05 + 0.85 * i / max(1, len(labs) - 1))) for i, v in enumerate(labs)}
+    return src, lab
+
+
+def _tsne(Z, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    Z = np.asarray(Z, dtype=np.float64)
+    if Z.shape[1] > 50 and len(Z) > 50:
+        Z = PCA(50, random_state=seed).fit_transform(Z)
+    return TSNE(2, perplexity=float(min(30, max(5, (len(Z) - 1) // 4))), init="pca",
+                random_state=seed).fit_transform(Z)
+
+
+def _map_png(xy, colour_by: dict, title: str, path: Path) -> Path:
+    """One large panel per colouring; sources and labels get palettes that share no colour (_palettes)."""
+    plt = _plt()
+    values = {k: np.asarray(v).astype(str) for k, v in colour_by.items()}
+    src_pal, lab_pal = _palettes(values.get("source", []), values.get("label", []))
+    fig, axes = plt.subplots(1, len(values), figsize=(7.5 * len(values), 7.2), squeeze=False)
+    for ax, (name, vals) in zip(axes[0], values.items()):
+        pal = lab_pal if name == "label" else src_pal if name == "source" else _palettes(vals, [])[0]
+        for v in sorted(set(vals)):
+            m = vals == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=12, alpha=0.75, c=pal[v], label=f"{v} ({m.sum()})", linewidths=0)
+        ax.set(xticks=[], yticks=[])
+        ax.set_title(f"coloured by {name}", fontsize=11)
+        ax.legend(fontsize=9, markerscale=2.2, loc="upper center", bbox_to_anchor=(0.5, -0.01),
+                  ncol=min(4, len(set(vals))), frameon=False)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _thumb_b64(path: str | None, side: int = 64) -> str | None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from featstore.decode import decode_file
+
+    if not path:
+        return None
+    try:
+        px = decode_file(path, draft=side * 2).pixels
+    except Exception:  # noqa: BLE001 - a moved or unreadable file: that point has no thumbnail
+        return None
+    im = Image.fromarray((np.clip(px, 0, 1) * 255).astype(np.uint8))
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.convert("L").save(buf, "JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def embedding_maps(con, backbone: str, preprocess: str, out: Path, seed: int = 0, cap: int = MAP_POINTS) -> dict:
+    """t-SNE (PCA to 50 dims first) of a seeded subsample of at most `cap` embeddings, computed here
+    from the store: a large static map (PNG, two palettes) and the interactive map's points."""
+    from featstore.api import Store
+
+    X, meta = Store.over(con).arrays(backbone, preprocess)
+    n = len(X)
+    if n < 10:
+        return {}
+    idx = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
+    X, meta = X[idx], meta[idx.tolist()]
+    xy = _tsne(X, seed)
+    src, lab = meta["source"].cast(pl.Utf8).to_list(), meta["label"].cast(pl.Utf8).to_list()
+    name = f"map_{_safe(backbone)}_{_safe(preprocess)}.png"
+    _map_png(xy, dict(source=src, label=lab), f"t-SNE of {backbone}/{preprocess} embeddings ({len(idx)} of {n} images)",
+             out / name)
+    paths = dict(con.execute("SELECT image_id, path FROM images").fetchall())
+    lo, hi = xy.min(0), xy.max(0)
+    norm = (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
+    ps, pal_l = _palettes(src, lab)
+    pts = [dict(x=round(float(a), 4), y=round(float(b), 4), id=i, source=s, label=l, thumb=_thumb_b64(paths.get(i)))
+           for (a, b), i, s, l in zip(norm, meta["image_id"].to_list(), src, lab)]
+    return dict(png=name, n=len(idx), total=n, points=pts, palettes=dict(source=ps, label=pal_l))
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", str(s))
+
+
+# --- tables as HTML: coloured cells, inline Markdown in notes --------------------------------------
+
+def auc_colour(v: float | None) -> str | None:
+    """Diverging red-white-blue centred at 0.5 (chance): red below, blue above, pale near chance."""
+    if v is None or not np.isfinite(v):
+        return None
+    import matplotlib.colors as mc
+
+    t = float(np.clip((v - 0.5) / 0.5, -1, 1))
+    r, g, b, _ = _plt().get_cmap("RdBu")((t + 1) / 2)
+    w = 0.6  # blend with white so the text stays readable
+    return mc.to_hex((r * (1 - w) + w, g * (1 - w) + w, b * (1 - w) + w))
+
+
+def inline_md(text: str) -> str:
+    """A note's `code`, **bold** and *emphasis* as HTML; everything else escaped."""
+    t = html.escape(str(text), quote=False)
+    t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", t)
+
+
 def html_table(df: pl.DataFrame) -> str:
+    """Cells of AUC columns coloured on a scale centred at 0.5, verdict cells by verdict."""
     if df.height == 0:
         return "<p><em>(none)</em></p>"
+    auc_cols = {c for c in df.columns
+                if "auc" in c.lower() and "gap" not in c.lower() and "difference" not in c.lower()}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_f(v))}</td>" for v in r) + "</tr>" for r in df.iter_rows())
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    rows = []
+    for r in df.iter_rows(named=True):
+        cells = []
+        for c, v in r.items():
+            text = html.escape(_f(v))
+            if c == "verdict":
+                cells.append(f'<td class="verdict {VERDICT_CLASS.get(str(v), "")}">{text}</td>')
+                continue
+            colour = None
+            if c in auc_cols:
+                m = _NUM.match(str(v)) if v is not None else None
+                colour = auc_colour(float(m.group(1)) if m else (v if isinstance(v, float) else None))
+            cells.append(f'<td style="background:{colour}">{text}</td>' if colour else f"<td>{text}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
+
+# --- the report: render into a fresh folder, move in ----------------------------------------------
 
 def write_report(con, out: str | Path, study: str | None = None, sweep_id: str | None = None) -> dict:
+    """Render into a fresh folder beside `out`, then move the files in: a report that fails writes
+    nothing, and only the report's own files are replaced in `out`."""
+    import shutil
+    import tempfile
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        r = _write_report(con, tmp, study, sweep_id)
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            dest = out / f.name
+            if dest.is_dir() and not dest.is_symlink():
+                raise FileExistsError(f"{dest} is a folder; the report would replace it with a file")
+            os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    r["files"] = [out / Path(f).name for f in r["files"]]
+    return r
+
+
+def _template(name: str):
+    from importlib.resources import files
+
+    import jinja2
+
+    env = jinja2.Environment(autoescape=name.endswith(".html.j2"), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["md"] = _md
+    env.filters["inline_md"] = lambda t: __import__("markupsafe").Markup(inline_md(t))
+    return env.from_string((files("featstore") / "templates" / name).read_text(encoding="utf-8"))
+
+
+def _data_uri(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _script_json(obj) -> str:
+    """JSON safe inside <script>: no '<', '>' or '&' can end the element or open a comment."""
+    return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e") \
+        .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> dict:
+    from markupsafe import Markup
+
     if sweep_id is None:
         study, sweep_id = latest_sweep(con, study)
     res = pl.from_arrow(con.sql("SELECT * FROM results WHERE study = ? AND sweep_id = ? ORDER BY ALL",
                                 params=[study, sweep_id]).to_arrow_table())
+    if not res.height:
+        raise ValueError(f"no results for study '{study}', sweep '{sweep_id}' in the store")
     preds = pl.from_arrow(con.sql("SELECT * FROM predictions WHERE study = ? AND sweep_id = ?",
                                   params=[study, sweep_id]).to_arrow_table())
     honest = res.filter(~pl.col("oracle"))
     oracle = res.filter(pl.col("oracle"))
-    head = headline(honest)
-    figs = []
+    head = headline(honest, probe_aucs(con))
+    meta = res.row(0, named=True)
+    seed = int(meta.get("seed") or 0)
+
+    def fig(path, title, caption=""):
+        return dict(file=path.name, title=title, caption=caption, uri=_data_uri(path))
+
+    top = []
+    f = forest_figure(honest, out / "forest_unseen_auc.png")
+    if f:
+        top.append(fig(f, "Per-source unseen AUC",
+                       "Each held-out source: AUC of the model fitted without it, with its image-level bootstrap 95% "
+                       "CI. Diamond: the mean over held-out sources with its source-level 95% CI (what the verdict "
+                       "and the ranking use)."))
+    f = dumbbell_figure(honest, out / "dumbbell_seen_unseen.png")
+    if f:
+        top.append(fig(f, "Seen vs unseen sources",
+                       "Circle: AUC on held-out images of sources the model trained on; diamond: mean per-source AUC "
+                       "on sources it never saw. The gap's CI and p are in the table below."))
+    rocs = []
+    binary = meta.get("target") != "3class"
     for (bb, pre, hd), g in preds.filter(pl.col("selection") != "oracle").group_by(
             ["backbone", "preprocess", "head"], maintain_order=True):
-        both = pl.concat([g.filter(pl.col("protocol") == "mixed").with_columns(test_set=pl.lit("seen")),
-                          g.filter(pl.col("protocol") == "loso")])
-        f = roc_figure(both, f"{hd} on {bb}/{pre}: mixed (seen) vs LOSO (unseen)", out / f"roc_{hd}_{bb}_{pre}.png")
+        if not binary:
+            break
+        f = roc_per_source_figure(_dedupe_pooled(g), f"{hd} on {bb}/{pre}: seen (mixed k-fold) vs each unseen "
+                                  "source (LOSO)", out / f"roc_{_safe(hd)}_{_safe(bb)}_{_safe(pre)}.png")
         if f:
-            figs.append(f.name)
+            rocs.append(fig(f, f"{hd} on {bb}/{pre}"))
     failed = res.filter(pl.col("status") != "ok")
-    meta = res.row(0, named=True) if res.height else {}
+    sels = ", ".join(sorted(set(honest["selection"].to_list())))
     sections = [
-        ("Seen vs unseen sources", head,
-         "AUC with stratified bootstrap 95% CI "
-         f"({meta.get('bootstrap')} resamples). *mixed* = patient-grouped stratified k-fold ignoring source, "
-         "pooled out-of-fold; *LOSO* = leave one source out, pooled over held-out sources (every image scored "
-         "by a model that never saw its source); *leave-pair-out* = one mostly-positive and one mostly-negative "
-         "source held out together, mean ± sd over pairs; *seen-unseen* = trained on named sources, tested on "
-         "their held-out images (seen) and on every other source (unseen); gap p from a two-sided z-test with "
-         "bootstrap SEs. Hyperparameters chosen on training sources only "
-         f"(selection: {', '.join(sorted(set(honest['selection'].to_list())))})."),
+        ("Headline: seen vs unseen sources", head,
+         "Models sorted by the mean over held-out sources (with both classes) of the per-source AUC, which a "
+         "difference in positive rates between sources cannot lift. Uncertainty: *mixed* shows an image-level "
+         "bootstrap 95% CI; *LOSO mean* and *gap* show **source-level** 95% CIs (held-out sources resampled, "
+         f"then images within them; {meta.get('bootstrap')} resamples); leave-pair-out shows the mean and the worst "
+         "pair without a CI (pairs share sources), or with `selection_repeats`, mean ± sd over selection seeds "
+         "(selection-level). *gap* = seen − unseen mean per-source AUC, seen from the same "
+         "head's mixed k-fold (or seen-unseen's own seen images). ⚠ marks an AUC below chance. AUC cells: red "
+         "below chance, white at 0.5, blue above. Verdict rules: featstore/verdict.py. Hyperparameters chosen on "
+         f"training sources only (selection: {sels})."),
+        ("Head comparisons on the same held-out sources (paired)", compare_models(honest, preds),
+         "Each model against the top one on identical LOSO test images: difference of mean per-source AUC, "
+         "source-level paired bootstrap 95% CI and p (the same resample applied to both models)."),
+        ("Pooled LOSO (secondary: prevalence-sensitive)", pooled_table(honest),
+         "Warning: pooling held-out sources whose positive rates differ rewards recognising the source; "
+         "read the per-source means above. Uncertainty: image-level bootstrap 95% CI."),
         ("Leave-one-source-out, per held-out source", per_source(honest),
-         "AUC is undefined where the held-out source has one class; its sensitivity or specificity is shown."),
-        ("Leave-pair-out, per pair", pairs(honest), ""),
+         "AUC is undefined where the held-out source has one class; its sensitivity or specificity is shown. "
+         "Uncertainty: image-level bootstrap 95% CI within the source."),
+        ("Leave-pair-out, per pair", pairs(honest), "Uncertainty: image-level bootstrap 95% CI within the pair."),
     ]
     if oracle.height:
         sections.append(("ORACLE upper bound (selected on the test set; not a result)", headline(oracle),
                          "Hyperparameters chosen on the held-out data itself: how much selection alone could gain."))
     if failed.height:
         sections.append(("Failed", failed.select("protocol", "head", "fold", "error"), ""))
+    sections = [dict(name=n, note=note, md=markdown_table(df), html=Markup(html_table(df))) for n, df, note in sections]
+    verdicts = [dict(model=f"{r['head']} · {r['backbone']}/{r['preprocess']}"
+                     + ("" if r["selection"] == "train-val" else f" ({r['selection']})"),
+                     verdict=r["verdict"], why=r["why"], cls=VERDICT_CLASS.get(r["verdict"], ""),
+                     unseen=r["LOSO mean per-source AUC (unseen)"] if r["LOSO mean per-source AUC (unseen)"] != "—"
+                     else r["seen-unseen: seen / unseen mean"]) for r in head.iter_rows(named=True)] \
+        if head.height else []
     dropped = res.filter(pl.col("n_dropped_shared") > 0).select("protocol", "fold", "n_dropped_shared").unique()
-    title = f"featstore report — {study}"
-    md = [f"# {title}\n", f"sweep `{sweep_id}`, {res.height} result rows, code {meta.get('code_version')}, "
-          f"seed {meta.get('seed')}, target {meta.get('target')}.\n"]
-    htm = [f"<h1>{html.escape(title)}</h1><p>sweep <code>{html.escape(sweep_id)}</code>, {res.height} result rows, "
-           f"code {html.escape(str(meta.get('code_version')))}, seed {meta.get('seed')}.</p>"]
-    for name, df, note in sections:
-        md += [f"## {name}\n", (note + "\n") if note else "", markdown_table(df)]
-        htm += [f"<h2>{html.escape(name)}</h2>", f"<p>{html.escape(note)}</p>" if note else "", html_table(df)]
-    sets = sorted({(r["backbone"], r["preprocess"]) for r in res.select("backbone", "preprocess").unique()
-                   .iter_rows(named=True)})
-    ev_md, ev_htm = shortcut_evidence(con, sets, out)
     shared_note = ("Images that also occur in a test source (the same file in two collections) were dropped "
                    "from training: " + ", ".join(f"{r[0]} {r[1]}: {r[2]}" for r in dropped.iter_rows())
                    if dropped.height else "No training image also occurred in a test source.")
-    md += ["## Shared images\n", shared_note + "\n"]
-    htm += ["<h2>Shared images</h2>", f"<p>{html.escape(shared_note)}</p>"]
-    if figs:
-        md += ["## ROC curves\n"] + [f"![{f}]({f})\n" for f in figs]
-        htm += ["<h2>ROC curves</h2>"] + [f'<img src="{html.escape(f)}" width="420">' for f in figs]
-    md += ev_md
-    htm += ev_htm
-    (out / "report.md").write_text("\n".join(md))
-    css = "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;" \
-          "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}"
-    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                     f"</title><style>{css}</style></head><body>{''.join(htm)}</body></html>")
+    sets = sorted({(r["backbone"], r["preprocess"]) for r in res.select("backbone", "preprocess").unique()
+                   .iter_rows(named=True)})
+    evidence = shortcut_evidence(con, sets, out, seed)
+    ctx = dict(title=f"featstore report — {study}", study=study, sweep_id=sweep_id, n_rows=res.height,
+               code_version=str(meta.get("code_version")), seed=meta.get("seed"), target=meta.get("target"),
+               verdicts=verdicts, top=top, sections=sections, shared_note=shared_note, rocs=rocs,
+               evidence=evidence, map_cap=MAP_POINTS)
+    (out / "report.md").write_text(_template("report.md.j2").render(**ctx), encoding="utf-8")
+    for ev in evidence["sets"]:
+        if ev.get("map"):
+            ev["map"]["json"] = Markup(_script_json(dict(points=ev["map"]["points"], palettes=ev["map"]["palettes"])))
+    (out / "report.html").write_text(_template("report.html.j2").render(**ctx), encoding="utf-8")
     (out / "headline.json").write_text(json.dumps(head.to_dicts(), indent=1))
-    return dict(study=study, sweep_id=sweep_id, headline=head, files=[out / "report.md", out / "report.html", *figs])
+    files = [out / "report.md", out / "report.html", out / "headline.json"] + \
+        [p for p in sorted(out.iterdir()) if p.suffix == ".png"]
+    return dict(study=study, sweep_id=sweep_id, headline=head, files=files)
 
 
 # --- shortcut evidence (issue 4): pictures from the probe, tables from the store ----------------
 
 def embedding_map(Z, colour_by: dict[str, np.ndarray], title: str, path: Path, seed: int = 0) -> Path:
-    """t-SNE (after PCA to 50 dims) of a representation, one panel per colouring (papers 002, 003)."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-
-    plt = _plt()
-    Z = np.asarray(Z, dtype=np.float64)
-    if Z.shape[1] > 50:
-        Z = PCA(50, random_state=seed).fit_transform(Z)
-    xy = TSNE(2, perplexity=min(30, max(5, len(Z) // 50)), init="pca", random_state=seed).fit_transform(Z)
-    fig, axes = plt.subplots(1, len(colour_by), figsize=(5.2 * len(colour_by), 4.6), squeeze=False)
-    for ax, (name, values) in zip(axes[0], colour_by.items()):
-        values = np.asarray(values).astype(str)
-        for v in sorted(set(values)):
-            m = values == v
-            ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.6, label=f"{v} ({m.sum()})")
-        ax.set(title=f"by {name}", xticks=[], yticks=[])
-        ax.legend(fontsize=6, markerscale=3, loc="best")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """t-SNE (after PCA to 50 dims) of a representation, one large panel per colouring (papers 002, 003)."""
+    return _map_png(_tsne(Z, seed), colour_by, title, path)
 
 
 def domain_auc_bars(rows: list[dict], title: str, path: Path) -> Path:
@@ -328,69 +795,81 @@ def domain_auc_bars(rows: list[dict], title: str, path: Path) -> Path:
     return path
 
 
-def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path) -> tuple[list[str], list[str]]:
-    """Markdown and HTML parts: the latest domain probe of each embedding set (table, bar chart and
-    maps fetched from its MLflow run), near duplicates per source pair, neighbour summary."""
-    md, htm = ["## Shortcut evidence\n"], ["<h2>Shortcut evidence</h2>"]
+def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path, seed: int = 0) -> dict:
+    """The latest domain probe of each embedding set (table, bar chart and maps fetched from its MLflow
+    run), a t-SNE map computed here (static and interactive), the neighbour summary, and near
+    duplicates per source pair with their contact sheet."""
+    from markupsafe import Markup
+
+    from featstore.api import Store
+    from featstore.neighbors import neighbour_summary
+
+    sets = []
     for bb, pre in backbones:
+        ev = dict(backbone=bb, preprocess=pre, probe=None, figs=[], map=None)
         probe = pl.from_arrow(con.sql(
             "SELECT * FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ? AND sweep_id = "
             "(SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ?)",
             params=[bb, pre, bb, pre]).to_arrow_table())
-        md.append(f"### {bb} / {pre}\n")
-        htm.append(f"<h3>{html.escape(bb)} / {html.escape(pre)}</h3>")
         if probe.height == 0:
-            note = f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}`."
-            md.append(note + "\n")
-            htm.append(f"<p>{html.escape(note)}</p>")
+            ev["probe_note"] = f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}`."
         else:
             tab = probe.filter(pl.col("scope") == "all").select(
                 pl.col("head").alias("representation"), pl.col("test_set").alias("images"),
                 pl.struct("auc", "auc_lo", "auc_hi").map_elements(lambda s: fmt_auc(s["auc"], s["auc_lo"], s["auc_hi"]),
                                                                   return_dtype=pl.Utf8).alias("domain AUC (macro OvR)"))
-            note = ("How well logistic regression recovers the SOURCE from the representation (0.5 = not at all; "
-                    "paper 003 found 0.94-0.97 on pretrained embeddings).")
-            md += [note + "\n", markdown_table(tab)]
-            htm += [f"<p>{html.escape(note)}</p>", html_table(tab)]
-            figs = _fetch_artifacts(probe["mlflow_run_id"][0], out, f"{bb}_{pre}")
-            md += [f"![{f}]({f})\n" for f in figs]
-            htm += [f'<img src="{html.escape(f)}" width="640">' for f in figs]
-        from featstore.api import Store
-        from featstore.neighbors import neighbour_summary
-
+            ev["probe_note"] = ("How well logistic regression recovers the SOURCE from the representation (0.5 = not "
+                                "at all; paper 003 found 0.94-0.97 on pretrained embeddings).")
+            ev["probe"] = dict(md=markdown_table(tab), html=Markup(html_table(tab)))
+            ev["figs"] = [dict(file=f, title=f, uri=_data_uri(out / f))
+                          for f in _fetch_artifacts(probe["mlflow_run_id"][0], out, f"{_safe(bb)}_{_safe(pre)}")]
+        ev["map"] = embedding_maps(con, bb, pre, out, seed) or None
+        if ev["map"]:  # the map computed here (large, two palettes) supersedes the probe's raw-embedding one
+            ev["figs"] = [f for f in ev["figs"] if not f["file"].endswith("_map_raw.png")]
+            (out / f"{_safe(bb)}_{_safe(pre)}_map_raw.png").unlink(missing_ok=True)
+        if ev["map"]:
+            ev["map"]["uri"] = _data_uri(out / ev["map"]["png"])
         X, meta = Store.over(con).arrays(bb, pre)
         nb = neighbour_summary(X, meta["source"], meta["label"], k=10).with_columns(
             pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
-        note = ("Each image's 10 nearest neighbours (cosine): the share from its own source and with its own label, "
-                "beside chance. Sharing the source far above chance = the embedding encodes where images came from.")
-        md += [note + "\n", markdown_table(nb)]
-        htm += [f"<p>{html.escape(note)}</p>", html_table(nb)]
+        ev["nb_note"] = ("Each image's 10 nearest neighbours (cosine): the share from its own source and with its own "
+                         "label, beside chance. Sharing the source far above chance = the embedding encodes where "
+                         "images came from.")
+        ev["nb"] = dict(md=markdown_table(nb), html=Markup(html_table(nb)))
+        sets.append(ev)
+    nd = None
     has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
     if has_nd:
-        nd = pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table())
-        note = ("Near duplicates (same picture, different bytes) per source pair, from `featstore duplicates`; "
-                "exact copies are counted in `duplicate_groups`.")
-        md += ["### Near duplicates\n", note + "\n", markdown_table(nd)]
-        htm += ["<h3>Near duplicates</h3>", f"<p>{html.escape(note)}</p>", html_table(nd)]
-    return md, htm
+        tab = pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table())
+        nd = dict(note="Near duplicates (same picture, different bytes) per source pair, from `featstore duplicates`; "
+                       "exact copies are counted in `duplicate_groups`.",
+                  md=markdown_table(tab), html=Markup(html_table(tab)), sheet=None)
+        pairs_ = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
+        if pairs_.height:
+            from featstore.duplicates import contact_sheet
+
+            contact_sheet(con, out / "near_duplicates.png", pairs_, n=24)
+            nd["sheet"] = dict(file="near_duplicates.png", uri=_data_uri(out / "near_duplicates.png"),
+                               n=min(24, pairs_.height), total=pairs_.height)
+    return dict(sets=sets, neardup=nd)
 
 
 def _fetch_artifacts(run_id: str | None, out: Path, prefix: str) -> list[str]:
     if not run_id:
         return []
     try:
-        from mlflow import MlflowClient
+        import shutil
+        import tempfile
 
-        from featstore.track import tracking_uri
+        from featstore.track import Tracker
 
-        c = MlflowClient(tracking_uri())
         names = []
-        for a in c.list_artifacts(run_id):
-            if a.path.endswith(".png"):
-                local = Path(c.download_artifacts(run_id, a.path, str(out)))
-                target = out / f"{prefix}_{local.name}"
-                local.replace(target)
-                names.append(target.name)
+        with tempfile.TemporaryDirectory() as tmp:  # a run's artifacts as files, whatever store holds them
+            for local in Tracker.for_run(run_id).artifact_files(run_id, Path(tmp)):
+                if local.suffix == ".png":
+                    target = out / f"{prefix}_{local.name}"
+                    shutil.move(local, target)
+                    names.append(target.name)
         return names
     except Exception:  # noqa: BLE001 - a report without pictures beats no report; the table is there
         return []

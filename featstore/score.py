@@ -3,6 +3,14 @@
 AUC confidence intervals are stratified percentile bootstraps (SciPy `bootstrap` resamples the
 positives and the negatives independently, so every resample has both classes). Undefined
 metrics (AUC on a one-class set, PPV with no positive calls, ...) are None, never dropped.
+
+Every interval says which uncertainty it shows (the `uncertainty` key of the dicts below):
+- image-level: images resampled, sources fixed (`auc_ci`, `delong`, `paired_bootstrap_auc_diff` without
+  sources, `cluster_bootstrap(..., resample_sources=False)`): what another sample of images from *these*
+  sources would give;
+- source-level: held-out sources resampled, then images within them (`cluster_bootstrap`,
+  `cluster_bootstrap_gap`, `paired_bootstrap_auc_diff` with sources): what another set of sources would give;
+- selection-level: the spread over hyperparameter-selection seeds (`summarise_over_seeds`).
 """
 from __future__ import annotations
 
@@ -115,3 +123,509 @@ def mcnemar_p(y, pred_a, pred_b) -> float:
     ca, cb = np.asarray(pred_a) == np.asarray(y), np.asarray(pred_b) == np.asarray(y)
     table = [[int((ca & cb).sum()), int((ca & ~cb).sum())], [int((~ca & cb).sum()), int((~ca & ~cb).sum())]]
     return float(mcnemar(table, exact=True).pvalue)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Uncertainty at the level of sources, paired comparisons, selection repeats (issue 12)
+# ---------------------------------------------------------------------------------------------------------
+
+IMAGE_LEVEL, SOURCE_LEVEL, SELECTION_LEVEL = "image-level", "source-level", "selection-level"
+_CHUNK = 1 << 21  # resample counts held in memory at once (elements), ~16 MB
+
+
+def _exp_text(x: float) -> str:
+    m, e = f"{x:.1e}".split("e")
+    m = m.rstrip("0").rstrip(".")
+    return f"{m}e{int(e)}"
+
+
+def _sig2(x: float) -> str:
+    if x != 0 and abs(x) < 1e-4:
+        m, e = f"{x:.1e}".split("e")
+        return f"{m}e{int(e)}"
+    return f"{x:#.2g}".rstrip(".")
+
+
+def format_p(p, floor: float = 1e-6, n_boot: int | None = None) -> str:
+    """A p-value as text: 2 significant figures, "< 1e-6" below `floor`. A bootstrap p (`n_boot` = B
+    resamples) cannot resolve below 2/(B+1) two-sided: at that value it reads "< 2/B" (e.g. "< 0.001" for
+    B = 2000), never 0. None or NaN reads "n/a"."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "n/a"
+    p = float(p)
+    if n_boot:
+        res = 2.0 / n_boot
+        if p <= 2.0 / (n_boot + 1) * (1 + 1e-9) and res >= floor:
+            return f"< {f'{res:.2g}' if res >= 1e-4 else _exp_text(res)}"
+    if p < floor:
+        return f"< {_exp_text(floor)}"
+    return _sig2(min(p, 1.0))
+
+
+def bootstrap_p(replicates, null: float = 0.0) -> float:
+    """Two-sided p for `statistic == null` from a bootstrap distribution: twice the smaller tail beyond the
+    null, counted (c + 1) / (B + 1) so it is never 0 (its floor is 2 / (B + 1)). Same level as the replicates."""
+    r = np.asarray(replicates, dtype=float)
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return float("nan")
+    c = min(int((r <= null).sum()), int((r >= null).sum()))
+    return float(min(1.0, 2.0 * (c + 1) / (len(r) + 1)))
+
+
+class _Cell:
+    """One AUC unit (a source, or a source under one fold's model): k models' scores on its positives and
+    negatives, with the sort positions the resampled AUC needs, computed once."""
+
+    def __init__(self, pos, neg):
+        self.pos, self.neg = pos, neg  # (k, m), (k, n)
+        self.m, self.n = pos.shape[1], neg.shape[1]
+        self.order = np.argsort(neg, axis=1, kind="stable")
+        srt = np.take_along_axis(neg, self.order, 1)
+        self.lo = np.stack([np.searchsorted(srt[r], pos[r], "left") for r in range(len(pos))])
+        self.hi = np.stack([np.searchsorted(srt[r], pos[r], "right") for r in range(len(pos))])
+        # Mann-Whitney with ties counted one half: identical to roc_auc_score
+        self.auc = (self.lo + self.hi).sum(1) / (2.0 * self.m * self.n)
+
+    def boot(self, reps: int, rng) -> np.ndarray:
+        """(reps, k) AUCs of stratified resamples (positives and negatives resampled apart, so both classes
+        stay); one resample of the images applies to all k models (paired)."""
+        m, n, k = self.m, self.n, len(self.pos)
+        out = np.empty((reps, k))
+        step = max(1, _CHUNK // (m + n))
+        for a in range(0, reps, step):
+            r = min(step, reps - a)
+            off = np.arange(r)[:, None]
+            I = rng.integers(0, m, (r, m))  # the resampled positives, drawn directly
+            V = np.bincount((rng.integers(0, n, (r, n)) + off * n).ravel(), minlength=r * n).reshape(r, n)
+            V = V.astype(np.int32)
+            C = np.zeros((r, n + 1), dtype=np.int32)
+            for j in range(k):
+                np.cumsum(V[:, self.order[j]], axis=1, out=C[:, 1:])
+                # resampled negatives below each resampled positive, ties one half (counted twice, halved)
+                G = np.take_along_axis(C, self.lo[j][I], 1).sum(1, dtype=np.int64) + \
+                    np.take_along_axis(C, self.hi[j][I], 1).sum(1, dtype=np.int64)
+                out[a:a + r, j] = G / (2.0 * m * n)
+        return out
+
+
+def _cells(y, scores, source, unit, what: str):
+    """{source: [_Cell, ...]} for the cells with both classes, and the names of those without."""
+    y = np.asarray(y)
+    S = np.asarray(scores, dtype=float)
+    S = S[None, :] if S.ndim == 1 else S
+    src = np.asarray(source, dtype=object) if source is not None else np.full(len(y), "all", dtype=object)
+    n = len(y)
+    if S.shape[1] != n or len(src) != n or (unit is not None and len(unit) != n):
+        raise ValueError(f"{what}: y, scores, source and unit must have the same length "
+                         f"({n}, {S.shape[1]}, {len(src)}, {None if unit is None else len(unit)})")
+    if n and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{what}: y must be 0/1, got values {sorted(set(np.unique(y).tolist()) - {0, 1})[:5]}")
+    if not np.isfinite(S).all():
+        raise ValueError(f"{what}: {int((~np.isfinite(S)).sum())} scores are NaN or infinite")
+    y = y.astype(int)
+    un = np.asarray(unit, dtype=object) if unit is not None else None
+    keys = list(zip(src.tolist(), un.tolist())) if un is not None else [(s, None) for s in src.tolist()]
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    cells, excluded = {}, []
+    for (s, u) in sorted(groups, key=lambda t: (str(t[0]), str(t[1]))):
+        idx = np.asarray(groups[(s, u)])
+        yy = y[idx]
+        name = str(s) if u is None else f"{s}/{u}"
+        if yy.min() == yy.max():
+            excluded.append(name)
+            continue
+        cells.setdefault(s, []).append(_Cell(S[:, idx[yy == 1]], S[:, idx[yy == 0]]))
+    return cells, excluded
+
+
+def _two_stage(sets: list[dict], coef: np.ndarray, n_boot: int, rng, resample_sources: bool) -> dict:
+    """Stratified two-stage bootstrap of a statistic linear in per-source values: sum over sets j, models r
+    of coef[j, r] x (mean over the sources of set j of their AUC under model r); sets[j] = {source: [cells]}
+    (e.g. seen, unseen). A source in several sets is resampled once for all of them (paired); sources are
+    resampled within their stratum (the sets they belong to), so every set keeps its number of sources.
+    Per drawn source, images are resampled in each of its cells (stratified by label); a source drawn twice
+    gets two independent image resamples.
+
+    Returns estimate; reps_h (H, B) each stratum's share of the replicates; sizes (sources per stratum);
+    u {source: its observed share of the estimate}; var_img {source: image-level variance of that share}
+    (over all its image resamples); per {(j, source): (k,) AUCs}."""
+    J = len(sets)
+    names = sorted({s for st in sets for s in st}, key=str)
+    strata: dict = {}
+    for s in names:
+        strata.setdefault(tuple(j for j in range(J) if s in sets[j]), []).append(s)
+    w = np.asarray(coef, dtype=float) / np.array([max(len(st), 1) for st in sets], dtype=float)[:, None]
+    per = {(j, s): np.mean([c.auc for c in sets[j][s]], axis=0) for j in range(J) for s in sets[j]}
+    u = {s: float(sum(w[j] @ per[(j, s)] for j in range(J) if s in sets[j])) for s in names}
+    reps_h, sizes, var_img = [], [], {}
+    for pattern in sorted(strata):
+        members = strata[pattern]
+        K = len(members)
+        if resample_sources:
+            d = rng.integers(0, K, (n_boot, K))
+            cnt = np.bincount((d + np.arange(n_boot)[:, None] * K).ravel(), minlength=n_boot * K).reshape(n_boot, K)
+        else:
+            cnt = np.ones((n_boot, K), dtype=np.int64)
+        tot = np.zeros(n_boot)
+        for c, s in enumerate(members):
+            T = int(cnt[:, c].sum())
+            if T == 0:
+                var_img[s] = float("nan")
+                continue
+            share = np.zeros(T)
+            for j in pattern:
+                share += np.mean([cell.boot(T, rng) for cell in sets[j][s]], axis=0) @ w[j]
+            var_img[s] = float(share.var(ddof=1)) if T > 1 else float("nan")
+            tot += np.bincount(np.repeat(np.arange(n_boot), cnt[:, c]), share, minlength=n_boot)
+        reps_h.append(tot)
+        sizes.append(K)
+    return dict(estimate=float(sum(u.values())), reps_h=np.stack(reps_h), sizes=sizes, u=u, var_img=var_img,
+                per=per, strata=[strata[p] for p in sorted(strata)])
+
+
+def _interval(bs: dict, level: float, method: str, resampled_sources: bool, null: float = 0.0) -> dict:
+    """CI, SE and p (for statistic == null) from a `_two_stage` result.
+
+    "t": SE from the spread of the per-source values (the unbiased variance of a mean of independent
+    sources: each stratum of K sources adds K x their sample variance of shares), never below the
+    image-level SE with sources fixed (then with the normal quantile: that variance rests on B resamples);
+    a stratum of one source adds its image-level variance (its between-source part cannot be estimated);
+    Welch-Satterthwaite df over the strata of 2+ sources.
+    "percentile": quantiles of the two-stage replicates; p from their distribution (floor 2/(B+1))."""
+    est, reps_h = bs["estimate"], bs["reps_h"]
+    reps = reps_h.sum(0)
+    B = reps.shape[0]
+    se_boot = float(reps.std(ddof=1)) if B > 1 else float("nan")
+    a = 1 - level
+    df = math.inf
+    if method == "t":
+        var_img = np.array([bs["var_img"][s] for s in bs["u"]])
+        v_img = float(np.nansum(var_img))
+        if resampled_sources:
+            v_h = []
+            for members in bs["strata"]:
+                x = np.array([bs["u"][s] for s in members])
+                v_h.append(len(x) * x.var(ddof=1) if len(x) > 1
+                           else float(np.nansum([bs["var_img"][s] for s in members])))
+            den = sum(v ** 2 / (len(m) - 1) for v, m in zip(v_h, bs["strata"]) if len(m) > 1)
+            df = float(sum(v_h) ** 2 / den) if den > 0 else math.inf
+            var = sum(v_h)
+            if v_img > var:  # sources spread less than their own image noise: image-level SE, normal quantile
+                var, df = v_img, math.inf
+        else:
+            var = v_img
+        se = math.sqrt(var)
+        q = float(stats.t.ppf(1 - a / 2, df)) if math.isfinite(df) else float(stats.norm.ppf(1 - a / 2))
+        lo, hi = est - q * se, est + q * se
+        if se > 0:
+            tt = abs(est - null) / se
+            p = float(2 * (stats.t.sf(tt, df) if math.isfinite(df) else stats.norm.sf(tt)))
+            p_text = format_p(p)
+        else:  # every resample equal: the bootstrap p and its resolution are all there is
+            p = 1.0 if est == null else bootstrap_p(reps, null)
+            p_text = format_p(p, n_boot=B)
+    elif method == "percentile":
+        se = se_boot
+        lo, hi = (float(x) for x in np.quantile(reps, [a / 2, 1 - a / 2]))
+        p = bootstrap_p(reps, null)
+        p_text = format_p(p, n_boot=B)
+    else:
+        raise ValueError(f"ci must be 'auto', 't' or 'percentile', got {method!r}")
+    return dict(estimate=float(est), lo=float(lo), hi=float(hi), se=se, se_boot=se_boot,
+                df=df if math.isfinite(df) else None, null=null, p=p, p_text=p_text, ci=method, level=level,
+                n_boot=int(B))
+
+
+def _method(ci: str, resample_sources: bool) -> str:
+    if ci not in ("auto", "t", "percentile"):
+        raise ValueError(f"ci must be 'auto', 't' or 'percentile', got {ci!r}")
+    return ("t" if resample_sources else "percentile") if ci == "auto" else ci
+
+
+def _few(what: str, n: int) -> str | None:
+    if n == 0:
+        return f"no {what} source has both classes: nothing to estimate"
+    if n == 1:
+        return (f"one {what} source: variation between sources cannot be estimated; the interval shows "
+                f"image-level variation only")
+    if n < 5:
+        return f"only {n} {what} sources: the source-level interval is wide and rests on few sources"
+    return None
+
+
+def _undefined(uncertainty, level, n_boot, **extra) -> dict:
+    return dict(estimate=None, lo=None, hi=None, se=None, se_boot=None, df=None, null=None, p=None, p_text="n/a",
+                ci=None, level=level, n_boot=int(n_boot), uncertainty=uncertainty, **extra)
+
+
+def cluster_bootstrap(y, score, source, *, unit=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                      ci: str = "auto", resample_sources: bool = True, null: float = 0.5,
+                      return_replicates: bool = False) -> dict:
+    """Source-level uncertainty (image-level with resample_sources=False) of the mean of per-source AUCs.
+
+    The statistic: the AUC within each held-out source that has both classes, averaged over those sources
+    (a source scored under several folds' models, `unit` = fold, averages its folds first), so every source
+    weighs the same and no source's prevalence can lift it. Replicates resample the sources with
+    replacement, then the images within each drawn source, stratified by label.
+
+    ci "t" (default when sources are resampled): estimate ± t(K-1) x SE, SE = sd of the K per-source AUCs
+    / sqrt(K) (each observed AUC carries its own image noise, so this holds both levels), never below the
+    image-level SE from the resamples (then with the normal quantile). "percentile": the (1-level)/2
+    quantiles of the two-stage replicates (default when sources are fixed). Simulated, 95% nominal, true
+    per-source AUCs varying between sources: percentile covers 70-80% at 3 sources and 88-90% at 6 (a
+    bootstrap cannot show more spread than the few sources it was given, and the two-stage spread is
+    too small by (K-1)/K); "t" covers 92-98% at 3 and 6 sources; an image-level interval covers 28-49%.
+    `p` tests mean per-source AUC = `null` (chance, 0.5), from the same t (or the replicates).
+
+    Returns dict: estimate, lo, hi, se (the SE the interval used), se_boot (sd of the replicates), df
+    (None: normal), null, p, p_text, ci, level, n_boot, uncertainty, n_sources, sources,
+    per_source {source: AUC}, excluded (sources or source/unit cells lacking a class), note (few sources, or
+    None), worst {source, auc, lo, hi, se, uncertainty: image-level} (the lowest per-source AUC with its own
+    image-level percentile CI: a source-level bootstrap of a minimum over few sources is biased, it never goes
+    below the observed minimum), and replicates (np.ndarray) when asked.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    method = _method(ci, resample_sources)
+    cells, excluded = _cells(y, score, source, unit, "cluster_bootstrap")
+    K = len(cells)
+    unc = SOURCE_LEVEL if resample_sources and K > 1 else IMAGE_LEVEL  # one source: nothing between sources
+    base = dict(n_sources=K, sources=[str(s) for s in sorted(cells, key=str)], excluded=excluded,
+                note=_few("held-out", K) if resample_sources else None)
+    if K == 0 or n_boot < 2:
+        out = _undefined(unc, level, n_boot, **base, per_source={}, worst=None)
+        if K:
+            per = {str(s): float(np.mean([c.auc[0] for c in cs])) for s, cs in cells.items()}
+            out.update(estimate=float(np.mean(list(per.values()))), per_source=per)
+        return out
+    rng = np.random.default_rng(seed)
+    bs = _two_stage([cells], np.ones((1, 1)), n_boot, rng, resample_sources)
+    out = _interval(bs, level, method, resample_sources, null)
+    per = {str(s): float(bs["per"][(0, s)][0]) for s in sorted(cells, key=str)}
+    w = min(sorted(cells, key=str), key=lambda s: bs["per"][(0, s)][0])
+    wb = _two_stage([{w: cells[w]}], np.ones((1, 1)), n_boot, rng, False)
+    wr = wb["reps_h"].sum(0)
+    wl, wh = np.quantile(wr, [(1 - level) / 2, (1 + level) / 2])
+    worst = dict(source=str(w), auc=wb["estimate"], lo=float(wl), hi=float(wh), se=float(wr.std(ddof=1)),
+                 uncertainty=IMAGE_LEVEL)
+    out.update(uncertainty=unc, **base, per_source=per, worst=worst)
+    if return_replicates:
+        out["replicates"] = bs["reps_h"].sum(0)
+    return out
+
+
+def cluster_bootstrap_gap(y_seen, score_seen, source_seen, y_unseen, score_unseen, source_unseen, *,
+                          unit_seen=None, unit_unseen=None, n_boot: int = 2000, seed: int = 0,
+                          level: float = 0.95, ci: str = "auto", return_replicates: bool = False) -> dict:
+    """Source-level uncertainty of the seen - unseen gap in mean per-source AUC (see `cluster_bootstrap`).
+
+    Seen and unseen sources are resampled independently, each at the source level, then images within
+    them. A source found in both sets (leave-one-source-out pooled over folds: each source is unseen in
+    its own fold and seen in the others; pass unit_seen = fold) is resampled once for both, i.e. paired,
+    which is what makes the comparison within sources. ci "t" (default): gap ± t(df) x SE, the SE from
+    the spread of the per-source values (Welch: seen and unseen variances apart; paired: the per-source
+    gaps), floored at the image-level SE; df by Welch-Satterthwaite; two-sided p from the same t. A group
+    of one source adds its image-level variance only (note says so). ci "percentile": the replicates'
+    quantiles, p from their distribution (floor 2/(B+1), text "< 2/B"); it under-covers with few sources
+    (simulated, 3 or 6 sources a side, 95% nominal: percentile 79-92%, "t" 95-98% for independent sets,
+    92-96% paired; see `cluster_bootstrap`).
+
+    Returns dict: estimate (= gap), lo, hi, se, se_boot, df, null (0), p, p_text, ci, level, n_boot,
+    uncertainty, seen, unseen (the two means), n_seen, n_unseen, n_shared (sources in both), excluded_seen,
+    excluded_unseen, note, and replicates when asked.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    method = _method(ci, True)
+    seen, ex_s = _cells(y_seen, score_seen, source_seen, unit_seen, "cluster_bootstrap_gap (seen)")
+    unseen, ex_u = _cells(y_unseen, score_unseen, source_unseen, unit_unseen, "cluster_bootstrap_gap (unseen)")
+    shared = set(seen) & set(unseen)
+    notes = [n for n in (_few("seen", len(seen)), _few("unseen", len(unseen))) if n]
+    base = dict(uncertainty=SOURCE_LEVEL, n_seen=len(seen), n_unseen=len(unseen), n_shared=len(shared),
+                excluded_seen=ex_s, excluded_unseen=ex_u, note="; ".join(notes) or None)
+    if not seen or not unseen or n_boot < 2:
+        return _undefined(SOURCE_LEVEL, level, n_boot, **{k: v for k, v in base.items() if k != "uncertainty"},
+                          seen=None, unseen=None)
+    rng = np.random.default_rng(seed)
+    bs = _two_stage([seen, unseen], np.array([[1.0], [-1.0]]), n_boot, rng, True)
+    out = _interval(bs, level, method, True)
+    means = [float(np.mean([bs["per"][(j, s)][0] for s in st])) for j, st in enumerate((seen, unseen))]
+    out.update(base, seen=means[0], unseen=means[1])
+    if return_replicates:
+        out["replicates"] = bs["reps_h"].sum(0)
+    return out
+
+
+def paired_bootstrap_auc_diff(y, score_a, score_b, source=None, *, n_boot: int = 2000, seed: int = 0,
+                              level: float = 0.95, ci: str = "auto", return_replicates: bool = False) -> dict:
+    """Image-level (no `source`) or source-level (`source` given) paired comparison of two models.
+    AUC(a) - AUC(b) on the same test set, one resample applied to both. Image-level without `source`
+    (pooled AUC, stratified image bootstrap, percentile CI, bootstrap p); source-level with `source`
+    (mean over sources with both classes of the per-source AUC difference; sources resampled, then images
+    within them; t interval, p from the same t, see `cluster_bootstrap`).
+
+    Returns dict: estimate, lo, hi, se, se_boot, df, null (0), p, p_text, ci, level, n_boot, uncertainty,
+    auc_a, auc_b (pooled AUCs, or mean per-source AUCs with `source`), n_sources, excluded, note, and
+    replicates when asked.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    sa, sb = np.asarray(score_a, dtype=float), np.asarray(score_b, dtype=float)
+    if sa.shape != sb.shape or sa.ndim != 1:
+        raise ValueError(f"paired_bootstrap_auc_diff: score_a and score_b must be 1-d and alike, "
+                         f"got {sa.shape} and {sb.shape}")
+    by_source = source is not None
+    method = _method(ci, by_source)
+    cells, excluded = _cells(y, np.stack([sa, sb]), source, None, "paired_bootstrap_auc_diff")
+    K = len(cells)
+    unc = SOURCE_LEVEL if by_source and K > 1 else IMAGE_LEVEL
+    base = dict(n_sources=K if by_source else None, excluded=excluded,
+                note=_few("test", K) if by_source else None)
+    if K == 0 or n_boot < 2:
+        return _undefined(unc, level, n_boot, **base, auc_a=None, auc_b=None)
+    rng = np.random.default_rng(seed)
+    bs = _two_stage([cells], np.array([[1.0, -1.0]]), n_boot, rng, by_source)
+    out = _interval(bs, level, method, by_source)
+    ab = np.mean([bs["per"][(0, s)] for s in cells], axis=0)
+    out.update(uncertainty=unc, **base, auc_a=float(ab[0]), auc_b=float(ab[1]))
+    if return_replicates:
+        out["replicates"] = bs["reps_h"].sum(0)
+    return out
+
+
+def delong_cov(y, scores) -> tuple[np.ndarray, np.ndarray]:
+    """Image-level: AUCs of k models on one test set and their DeLong covariance matrix (k, k), by the
+    fast algorithm of Sun & Xu (2014, IEEE Signal Process. Lett. 21:1389), O(k n log n) via midranks.
+    scores: (k, n) or (n,). Needs at least two images of each class."""
+    y = np.asarray(y).astype(int)
+    S = np.atleast_2d(np.asarray(scores, dtype=float))
+    if S.shape[1] != len(y):
+        raise ValueError(f"delong: scores have {S.shape[1]} columns for {len(y)} labels")
+    X, Y = S[:, y == 1], S[:, y == 0]
+    m, n = X.shape[1], Y.shape[1]
+    if m < 2 or n < 2:
+        raise ValueError(f"delong: needs at least 2 positives and 2 negatives, got {m} and {n}")
+    tx = stats.rankdata(X, axis=1)
+    ty = stats.rankdata(Y, axis=1)
+    tz = stats.rankdata(np.hstack([X, Y]), axis=1)
+    aucs = tz[:, :m].sum(1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v10 = (tz[:, :m] - tx) / n  # structural components: per positive, share of negatives below it
+    v01 = 1.0 - (tz[:, m:] - ty) / m  # per negative, share of positives above it
+    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, cov
+
+
+def delong(y, score_a, score_b, level: float = 0.95) -> dict:
+    """Image-level paired test of two models' AUCs on the SAME test set (DeLong, fast algorithm): the
+    images are taken as independent, so use it within one source; across sources use
+    `paired_bootstrap_auc_diff(..., source=...)`. Returns dict: auc_a, auc_b, var_a, var_b, cov, estimate
+    (= auc_a - auc_b), se, lo, hi (normal CI), z, p, p_text, level, n_pos, n_neg, uncertainty, method.
+    All None when a class has fewer than 2 images."""
+    y = np.asarray(y).astype(int)
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    out = dict(auc_a=None, auc_b=None, var_a=None, var_b=None, cov=None, estimate=None, se=None, lo=None,
+               hi=None, z=None, p=None, p_text="n/a", level=level, n_pos=n_pos, n_neg=n_neg,
+               uncertainty=IMAGE_LEVEL, method="DeLong (Sun & Xu 2014), two-sided z")
+    if n_pos < 2 or n_neg < 2:
+        return out
+    aucs, C = delong_cov(y, np.stack([np.asarray(score_a, float), np.asarray(score_b, float)]))
+    d = float(aucs[0] - aucs[1])
+    var = float(C[0, 0] + C[1, 1] - 2 * C[0, 1])
+    se = math.sqrt(max(var, 0.0))
+    if se > 0:
+        z = d / se
+        p = float(2 * stats.norm.sf(abs(z)))
+    else:  # identical rankings: no difference and no variance
+        z, p = (0.0, 1.0) if d == 0 else (math.copysign(math.inf, d), 0.0)
+    q = float(stats.norm.ppf(0.5 + level / 2))
+    out.update(auc_a=float(aucs[0]), auc_b=float(aucs[1]), var_a=float(C[0, 0]), var_b=float(C[1, 1]),
+               cov=float(C[0, 1]), estimate=d, se=se, lo=d - q * se, hi=d + q * se, z=z, p=p, p_text=format_p(p))
+    return out
+
+
+def summarise_over_seeds(values) -> dict:
+    """Selection-level: mean ± sd (ddof=1) of one figure over selection repeats (seeds), e.g. a
+    leave-pair-out AUC re-selected under several seeds. None/NaN values are counted in n_missing, not used.
+    Returns dict: mean, sd (None below 2 values), n, n_missing, text ("0.553 ± 0.012 (n=5)"), uncertainty."""
+    given = list(np.asarray(values, dtype=object).ravel()) if isinstance(values, np.ndarray) else list(values)
+    ok = np.array([float(v) for v in given if v is not None and math.isfinite(float(v))], dtype=float)
+    n_missing = len(given) - len(ok)
+    out = dict(mean=None, sd=None, n=int(len(ok)), n_missing=int(n_missing), text="n/a", uncertainty=SELECTION_LEVEL)
+    if len(ok):
+        out["mean"] = float(ok.mean())
+        out["sd"] = float(ok.std(ddof=1)) if len(ok) > 1 else None
+        out["text"] = (f"{out['mean']:.3f} ± {out['sd']:.3f} (n={len(ok)})" if out["sd"] is not None
+                       else f"{out['mean']:.3f} (n=1, no sd)")
+    return out
+
+
+def _rank_auc(y, s) -> float:
+    """AUC by ranks (ties count a half); NaN without both classes."""
+    y = np.asarray(y)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    r = stats.rankdata(s)
+    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def pair_gap(y_seen, score_seen, source_seen, pairs: dict, *, n_boot: int = 1000, seed: int = 0,
+             level: float = 0.95) -> dict:
+    """Source-level uncertainty of (pooled AUC on seen sources) - (mean over leave-pair-out pairs of the
+    pair's AUC): how much of the apparent accuracy does not survive meeting new sources.
+
+    `pairs`: {(mostly-positive source, mostly-negative source): (y, score, source)} for each held-out pair,
+    scored by that pair's own model. Pairs share sources, so they are not independent clusters: every
+    replicate resamples the seen sources, the mostly-positive and the mostly-negative sources (each with
+    replacement), then the images within each drawn source, and takes every pair of drawn sources (with
+    multiplicity). Percentile interval; two-sided p from the bootstrap distribution (floor 2/(B+1)).
+    Returns dict: estimate, lo, hi, se, p, p_text, level, n_boot, uncertainty, seen, unseen, n_pos_sources,
+    n_neg_sources, per_pair, note."""
+    ys, ss, src = np.asarray(y_seen).astype(int), np.asarray(score_seen, float), np.asarray(source_seen, object)
+    pairs = {k: (np.asarray(v[0]).astype(int), np.asarray(v[1], float), np.asarray(v[2], object))
+             for k, v in pairs.items()}
+    per_pair = {f"{p}+{q}": _rank_auc(y, s) for (p, q), (y, s, _) in pairs.items()}
+    ok = {k: v for k, v in zip(pairs, per_pair.values()) if math.isfinite(v)}
+    P = sorted({p for p, _ in ok})
+    N = sorted({q for _, q in ok})
+    seen = _rank_auc(ys, ss)
+    unseen = float(np.mean(list(ok.values()))) if ok else float("nan")
+    out = dict(estimate=None, lo=None, hi=None, se=None, p=None, p_text="n/a", level=level, n_boot=int(n_boot),
+               uncertainty=SOURCE_LEVEL, seen=seen, unseen=unseen, n_pos_sources=len(P), n_neg_sources=len(N),
+               per_pair=per_pair, note=_few("held-out", min(len(P), len(N))))
+    if not ok or not math.isfinite(seen):
+        return out
+    out["estimate"] = seen - unseen
+    if n_boot < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    seen_src = sorted(set(src.tolist()))
+    seen_idx = {s: np.flatnonzero(src == s) for s in seen_src}
+    # images of each held-out source, per pair (each pair's model scored them)
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        draw = rng.choice(len(seen_src), len(seen_src))
+        idx = np.concatenate([rng.choice(seen_idx[seen_src[i]], len(seen_idx[seen_src[i]])) for i in draw])
+        a_seen = _rank_auc(ys[idx], ss[idx])
+        pick = {}  # one image resample per held-out source, shared by every pair that holds it out
+        vals = []
+        for p in rng.choice(P, len(P)):
+            for q in rng.choice(N, len(N)):
+                y, s, so = pairs[(p, q)]
+                for name in (p, q):
+                    if name not in pick:
+                        n = int((so == name).sum())
+                        pick[name] = rng.integers(0, n, n)
+                ip, iq = np.flatnonzero(so == p), np.flatnonzero(so == q)
+                sel = np.concatenate([ip[pick[p]], iq[pick[q]]])
+                vals.append(_rank_auc(y[sel], s[sel]))
+        reps[b] = a_seen - np.nanmean(vals) if np.isfinite(vals).any() else np.nan
+    r = reps[np.isfinite(reps)]
+    lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
+    p = bootstrap_p(r)
+    out.update(lo=float(lo), hi=float(hi), se=float(r.std(ddof=1)), p=p, p_text=format_p(p, n_boot=n_boot))
+    return out

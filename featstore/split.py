@@ -23,10 +23,20 @@ PROTOCOLS = ("mixed", "loso", "leave-pair-out", "seen-unseen")
 @dataclass(frozen=True)
 class Meta:
     """What the protocols need, one entry per image, in the order of the embedding matrix."""
-    source: np.ndarray                 # primary source (first occurrence)
+    source: np.ndarray                 # primary source (see README: the image's own metadata row)
     y: np.ndarray                      # integer target
     groups: np.ndarray                 # patient (source-namespaced) or image id
-    also_in: tuple[frozenset, ...]     # every source each image occurs in
+    also_in: tuple[frozenset, ...]     # sources whose testing takes the image out of training:
+                                       # every source it occurs in, and its near duplicates' sources
+    occurs_in: tuple[frozenset, ...] = ()  # every source the image itself occurs in (the same file)
+
+    def members(self, sources) -> np.ndarray:
+        """Indices of the images that occur in any of `sources`: an image shared by two collections
+        belongs to both, so it is scored in every held-out source it occurs in."""
+        want = set(sources)
+        if not self.occurs_in:
+            return np.flatnonzero(np.isin(self.source, list(want)))
+        return np.array([i for i, o in enumerate(self.occurs_in) if o & want], dtype=int)
 
 
 @dataclass
@@ -53,6 +63,7 @@ def make_meta(source, y, patient_id=None, image_id=None, also_in=None, links=())
     groups = np.array([f"{s}:patient:{p}" if p not in (None, "") else f"image:{i}"
                        for s, p, i in zip(source, pid, iid)], dtype=object)
     also = [set(a) | {s} for a, s in zip(also_in, source)] if also_in is not None else [{s} for s in source]
+    occurs = tuple(frozenset(a) for a in also)
     if len(links):
         parent = {g: g for g in groups}
 
@@ -66,13 +77,24 @@ def make_meta(source, y, patient_id=None, image_id=None, also_in=None, links=())
             also[i].add(source[j])
             also[j].add(source[i])
         groups = np.array([root(g) for g in groups], dtype=object)
-    return Meta(source, np.asarray(y), groups, tuple(frozenset(a) for a in also))
+    return Meta(source, np.asarray(y), groups, tuple(frozenset(a) for a in also), occurs)
 
 
 def _without_shared(meta: Meta, train: np.ndarray, test_sources) -> tuple[np.ndarray, int]:
     ts = set(test_sources)
     keep = np.array([not (meta.also_in[i] & ts) for i in train], dtype=bool)
     return train[keep], int((~keep).sum())
+
+
+def _need_groups(groups, n_splits: int, what: str) -> None:
+    """sklearn says "n_splits=5 greater than the number of groups: 4"; say why that happens."""
+    n = len(set(groups))
+    if n < n_splits:
+        raise ValueError(
+            f"{what} needs {n_splits} groups of images but they form only {n}: images are grouped by patient "
+            "and joined by near-duplicate links, and these join almost everything. Check the links "
+            "(`featstore sql \"SELECT count(*) FROM near_duplicates\"`; re-run `featstore duplicates` with "
+            "tighter thresholds) or set `near_duplicates: ignore` in the study")
 
 
 def _sources(meta: Meta) -> list[str]:
@@ -85,6 +107,7 @@ def mixed(meta: Meta, folds: int = 5, repeats: int = 1, seed: int = 0) -> list[F
     out = []
     idx = np.arange(len(meta.y))
     srcs = tuple(_sources(meta))
+    _need_groups(meta.groups, folds, f"mixed {folds}-fold cross-validation")
     for r in range(repeats):
         cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + r)
         for k, (tr, te) in enumerate(cv.split(idx, meta.y, meta.groups)):
@@ -93,12 +116,14 @@ def mixed(meta: Meta, folds: int = 5, repeats: int = 1, seed: int = 0) -> list[F
 
 
 def loso(meta: Meta) -> list[Fold]:
-    """Leave one source out. A single-class held-out source is kept (AUC undefined there)."""
+    """Leave one source out. The test set is every image that occurs in the held-out source (a file
+    shared with another collection is tested there too, and trains no model tested on it). A
+    single-class held-out source is kept (AUC undefined there)."""
     out = []
     idx = np.arange(len(meta.y))
-    for tr, te in LeaveOneGroupOut().split(idx, groups=meta.source):
-        held = meta.source[te[0]]
-        tr, dropped = _without_shared(meta, tr, [held])
+    for held in _sources(meta):
+        te = meta.members([held])
+        tr, dropped = _without_shared(meta, np.setdiff1d(idx, te), [held])
         f = Fold("loso", f"heldout={held}", tr, {"unseen": te},
                  tuple(sorted(set(meta.source[tr]))), (held,), n_dropped_shared=dropped)
         if len(np.unique(meta.y[te])) < 2:
@@ -123,8 +148,8 @@ def leave_pair_out(meta: Meta, positive: int = 1) -> list[Fold]:
                          f"have positive-majority {pos}, negative-majority {neg}")
     out = []
     for p, q in product(pos, neg):
-        test_mask = np.isin(meta.source, [p, q])
-        tr, te = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
+        te = meta.members([p, q])
+        tr = np.setdiff1d(np.arange(len(meta.y)), te)
         tr, dropped = _without_shared(meta, tr, [p, q])
         out.append(Fold("leave-pair-out", f"heldout={p}+{q}", tr, {"unseen": te},
                         tuple(sorted(set(meta.source[tr]))), (p, q), n_dropped_shared=dropped))
@@ -142,11 +167,13 @@ def seen_unseen(meta: Meta, train_sources, test_fraction: float = 0.2, seed: int
     unseen_sources = tuple(unseen_sources or [s for s in _sources(meta) if s not in train_sources])
     if not unseen_sources:
         raise ValueError("seen-unseen: every source is a training source, nothing is unseen")
-    seen = np.flatnonzero(np.isin(meta.source, train_sources))
+    unseen = meta.members(unseen_sources)
+    # an image that also occurs in an unseen source is tested there, not among the seen
+    seen = np.setdiff1d(meta.members(train_sources), unseen)
     n_splits = max(2, int(round(1 / test_fraction)))
+    _need_groups(meta.groups[seen], n_splits, "the seen-unseen test split")
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     tr_local, te_local = next(cv.split(seen, meta.y[seen], meta.groups[seen]))
-    unseen = np.flatnonzero(np.isin(meta.source, unseen_sources))
     tr, dropped = _without_shared(meta, seen[tr_local], unseen_sources)
     return [Fold("seen-unseen", "train=" + "+".join(train_sources), tr,
                  {"seen": seen[te_local], "unseen": unseen}, train_sources, unseen_sources,
@@ -178,6 +205,7 @@ def selection_splits(meta: Meta, train: np.ndarray, method: str, seed: int = 0,
     """(fit, validate) index pairs drawn from `train` only. The oracle is not here: it selects
     on the test set and is handled (and labelled) by the sweep."""
     if method == "train-val":
+        _need_groups(meta.groups[train], val_folds, "the train-val selection split")
         cv = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed)
         a, b = next(cv.split(train, meta.y[train], meta.groups[train]))
         return [(train[a], train[b])]

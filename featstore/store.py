@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 4  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
+SCHEMA_VERSION = 6  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 
@@ -26,7 +26,41 @@ def sql_dir() -> Path:
 
 
 def default_db_path() -> Path:
-    return Path(os.environ.get("FEATSTORE_DB", DEFAULT_DB))
+    env = os.environ.get("FEATSTORE_DB")
+    if env is not None and not env.strip():
+        raise FileNotFoundError(_EMPTY_ENV)
+    return Path(env or DEFAULT_DB)
+
+
+_EMPTY_ENV = ("FEATSTORE_DB is set but empty: unset it, or set it to a store file "
+              f"(e.g. FEATSTORE_DB={DEFAULT_DB})")
+
+
+def _check_path(path: Path) -> None:
+    env = os.environ.get("FEATSTORE_DB")
+    # typer turns FEATSTORE_DB="" into Path(""), i.e. "."
+    if env is not None and not env.strip() and str(path) in (".", env):
+        raise FileNotFoundError(_EMPTY_ENV)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a featstore file (nor a snapshot folder made by "
+                                f"`featstore export --snapshot`)")
+
+
+def busy_message(path, error: Exception, read_only: bool) -> str:
+    """Who holds the store, as far as DuckDB's lock error tells: a read-only open only fails while a
+    writer holds it; a read-write open fails for readers too, and DuckDB then adds that a read-only
+    open would work (the conflicting lock is a shared one)."""
+    text = str(error)
+    m = re.search(r"PID (\d+)", text)
+    who = f"another process (pid {m.group(1)})" if m else "another process"
+    if read_only or ("Conflicting lock" in text and "read-only mode" not in text):
+        what = f"open for writing in {who}; wait for it to finish"
+    elif "read-only mode" in text:
+        what = (f"open read-only in {who} (a notebook, `featstore sql`, a report?), and a writer needs every "
+                f"reader to close it; close it and run this again")
+    else:
+        what = f"open in {who} (a writer, or a reader that blocks writers); wait for it to finish or close it"
+    return f"the store {path} is {what}. DuckDB said: {text}"
 
 
 def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -34,19 +68,20 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
     path = Path(db) if db is not None else default_db_path()
     if path.is_dir() and (path / "load.sql").exists():
         return open_snapshot(path)
+    _check_path(path)
     if read_only and not path.exists():
         raise FileNotFoundError(f"no featstore at {path} (run `featstore ingest` first, or pass --db)")
     try:
         con = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as e:
         if "lock" in str(e).lower():
-            raise StoreBusyError(
-                f"the store {path} is open for writing in another process; wait for it to finish, "
-                f"or read a Parquet export or snapshot (`featstore export`). DuckDB said: {e}"
-            ) from e
+            raise StoreBusyError(busy_message(path, e, read_only)) from e
         raise
     # never let a Python variable named like a table shadow it (DuckDB replacement scans)
-    con.execute("SET python_enable_replacements = false")
+    try:
+        con.execute("SET python_enable_replacements = false")
+    except duckdb.InvalidInputException:  # settings locked by a sandbox (featstore.query.sandbox) in this
+        pass  # process; it turned external access off, and replacement scans with it
     if not read_only:
         migrate(con)
     return con
@@ -65,7 +100,7 @@ def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
 def export_snapshot(con, out: str | os.PathLike) -> Path:
     """Every table and view of the store, as Parquet plus the schema, in a new folder."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} is not empty; give a new folder for the snapshot")
     con.execute(f"EXPORT DATABASE '{_quote(out)}' (FORMAT parquet)")
     return out

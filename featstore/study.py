@@ -1,167 +1,519 @@
 """Study configs (YAML or TOML in benchmarks/): read, validate up front, load the data they name.
 
-Every error names the key and the allowed values, and comes before any fitting starts.
+The config is checked by pydantic models, one per section, before any work: every problem names
+the key (dotted path), the value given and what is allowed, all problems at once; unknown keys are
+refused with a "did you mean". What needs the store (sources, columns, embeddings, feasible folds)
+is checked by `load_data` / `check_feasible`, still before any fitting.
 """
-from __future__ import annotations
-
+import difflib
 import inspect
+import io
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import numpy as np
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+                      ValidationInfo, create_model, field_serializer, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
+from sklearn.utils._param_validation import InvalidParameterError, Options, validate_parameter_constraints
 
 from featstore.heads import HEADS
-from featstore.split import PROTOCOLS, SELECTIONS, Meta, make_folds, make_meta
+from featstore.split import SELECTIONS, Meta, make_folds, make_meta
 
 TARGETS = ("binary", "3class")
-KEYS = {"study", "description", "db", "target", "positive", "label_column", "class_column", "classes", "sources",
-        "backbones", "preprocess", "heads", "protocols", "selection", "oracle", "seed", "bootstrap", "timeout",
-        "workers", "shared_images", "near_duplicates"}
 NEAR_DUPLICATES = ("drop-from-train", "warn", "refuse", "ignore")
 
 
 class StudyError(ValueError):
-    """A study config or the data it names cannot run; raised before any work starts."""
+    """A study config or the data it names cannot run; raised before any work starts.
+    `problems` lists (key, message) for config errors."""
+
+    def __init__(self, msg: str, problems: list[tuple[str, str]] | None = None):
+        super().__init__(msg)
+        self.problems = problems or []
 
 
-@dataclass
-class HeadConfig:
+# --- value types ---------------------------------------------------------------------------
+
+def _text(v):
+    # YAML reads `2024` as a number (fine: it is a name) but yes/no/on/off as booleans (surely not meant)
+    if isinstance(v, bool):
+        raise PydanticCustomError("name_bool", "is a boolean, not a name (YAML reads yes/no/on/off/true/false as "
+                                  "booleans: quote it)")
+    return str(v) if isinstance(v, int | float) else v
+
+
+def _one_or_list(v):
+    return [v] if isinstance(v, str | int | float) and not isinstance(v, bool) else v
+
+
+def _distinct(v):
+    dups = sorted({x for x in v if v.count(x) > 1}) if v else []
+    if dups:
+        raise PydanticCustomError("duplicate", "lists {dups} more than once", {"dups": ", ".join(dups)})
+    return v
+
+
+Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
+# a list of names; one name alone is taken as a list of one
+Names = Annotated[list[Name], BeforeValidator(_one_or_list), AfterValidator(_distinct)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, numbers must be numbers (no "5" -> 5, no true -> 1)."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    what: ClassVar[str] = "key"  # what this section's keys are called in messages
+
+
+# --- protocols -----------------------------------------------------------------------------
+
+class Mixed(Section):
+    folds: int = Field(5, ge=2, description="k of the stratified, patient-grouped k-fold")
+    repeats: int = Field(1, ge=1, description="repeated k-fold (paper 003: 5 folds x 10 repeats)")
+
+
+class Loso(Section):
+    """Leave one source out (no options)."""
+
+
+class LeavePairOut(Section):
+    """Every mostly-positive x mostly-negative source pair held out (no options)."""
+
+
+class SeenUnseen(Section):
+    train_sources: Names = Field(min_length=1, description="the sources to train on, as in paper 000")
+    unseen_sources: Names | None = Field(None, description="default: every other source")
+    test_fraction: float = Field(0.2, gt=0, le=0.5, description="share of the training sources held out as 'seen'")
+
+    @model_validator(mode="after")
+    def _apart(self):
+        both = sorted(set(self.train_sources) & set(self.unseen_sources or ()))
+        if both:
+            raise PydanticCustomError("overlap", "unseen_sources also lists training source(s) {both}",
+                                      {"both": ", ".join(both)})
+        return self
+
+
+class NamedSections(Section):
+    """name -> options, or a list of names (each with default options); `name:` alone (null) too."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names(cls, v):
+        kind = cls.what
+        if isinstance(v, str):
+            raise PydanticCustomError("names_form", f"a single name; write a list of {kind}s ([{{v}}]) or a mapping "
+                                      f"{kind} -> options", {"v": v})
+        if isinstance(v, list):
+            if not all(isinstance(x, str) for x in v):
+                raise PydanticCustomError("names_form", f"a list must hold {kind} names ({', '.join(_keys(cls))}); "
+                                          f"options go in a mapping ({kind}: options)")
+            return dict.fromkeys(v, {})
+        if isinstance(v, dict):
+            return {k: ({} if o is None else o) for k, o in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.model_fields_set:
+            raise PydanticCustomError("empty", f"needs at least one {self.what}: {', '.join(_keys(type(self)))}")
+        return self
+
+
+class Protocols(NamedSections):
+    """Protocol name -> its options, or a list of protocol names."""
+    what: ClassVar[str] = "protocol"
+    mixed: Mixed | None = None
+    loso: Loso | None = None
+    leave_pair_out: LeavePairOut | None = Field(None, alias="leave-pair-out")
+    seen_unseen: SeenUnseen | None = Field(None, alias="seen-unseen")
+
+
+# --- heads: options per head, fixed hyperparameters checked against each estimator ----------
+
+class Fixed(Section):
+    """Hyperparameters held fixed (the search space is in featstore/heads.py)."""
+    what: ClassVar[str] = "hyperparameter"
+    head: ClassVar[str] = ""
+
+
+def _constraints(cls) -> dict:
+    # the estimator's own sklearn constraints where it declares them, tightened by the bounds below
+    return {**(getattr(cls, "_parameter_constraints", None) or {}), **_BOUNDS.get(cls.__name__, {})}
+
+
+def _check_hyperparameter(cls, v, info: ValidationInfo):
+    spec = HEADS[cls.head]
+    cons = _constraints(spec.cls).get(info.field_name)
+    if cons is None:
+        return v
+    if isinstance(v, bool) and "boolean" not in cons:  # sklearn's Interval takes True for 1
+        raise PydanticCustomError("hyperparameter", "must be {allowed}", {"allowed": _allowed(cons, info.field_name)})
+    try:
+        validate_parameter_constraints({info.field_name: cons}, {info.field_name: v}, caller_name=spec.cls.__name__)
+    except InvalidParameterError:
+        raise PydanticCustomError("hyperparameter", "must be {allowed}", {"allowed": _allowed(cons, info.field_name)})
+    return v
+
+
+def _allowed(cons, name) -> str:
+    try:
+        validate_parameter_constraints({name: cons}, {name: object()}, caller_name="x")
+    except InvalidParameterError as e:
+        msg = str(e)
+        return msg[msg.index(" must be ") + 9:msg.rindex(". Got")]
+    return "any value"
+
+
+class _TwoWidths(Options):
+    """sklearn constraint: the GRL head's two hidden-layer widths, positive integers."""
+
+    def __init__(self):
+        super().__init__(list, set())
+
+    def is_satisfied_by(self, v):
+        return isinstance(v, list | tuple) and len(v) == 2 and all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in v)
+
+    def __str__(self):
+        return "two positive integers (layer widths)"
+
+
+def _bounds():
+    from numbers import Integral, Real
+
+    from sklearn.utils._param_validation import Interval, StrOptions
+
+    def ge(t, a):
+        return Interval(t, a, None, closed="left")
+
+    def gt(t, a):
+        return Interval(t, a, None, closed="neither")
+
+    unit_open, unit = Interval(Real, 0, 1, closed="right"), Interval(Real, 0, 1, closed="both")
+    return {
+        "LogisticHead": dict(C=[gt(Real, 0)], l1_ratio=[unit], class_weight=[StrOptions({"balanced"}), dict, None],
+                             max_iter=[ge(Integral, 1)]),
+        "LightGBMHead": dict(n_estimators=[ge(Integral, 1)], learning_rate=[gt(Real, 0)],
+                             num_leaves=[Interval(Integral, 2, 131072, closed="both")],
+                             min_child_samples=[ge(Integral, 0)], colsample_bytree=[unit_open],
+                             subsample=[unit_open], reg_lambda=[ge(Real, 0)], n_jobs=[Integral, None]),
+        "GRLHead": dict(hidden=[_TwoWidths()]),  # stricter than the head's own [tuple, list]
+    }
+
+
+_BOUNDS = _bounds()
+
+
+def _no_default(schema):
+    schema.pop("default", None)  # unset means the head's own default (or the search space), not null
+
+
+class HeadOptions(Section):
+    trials: int = Field(10, ge=1, description="Optuna trials per fold")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_fixed(cls, v):
+        return {**v, "fixed": {}} if isinstance(v, dict) and "fixed" in v and v["fixed"] is None else v
+
+
+def _head_section(name, spec):
+    params = [p for p in inspect.signature(spec.cls.__init__).parameters if p not in ("self", "random_state")]
+    fixed = create_model(f"Fixed_{name}", __base__=Fixed, __doc__=f"{spec.cls.__name__} hyperparameters held fixed",
+                         __validators__={"_check": field_validator(*params, mode="after")(
+                             classmethod(_check_hyperparameter))},
+                         **{p: (Any, Field(None, json_schema_extra=_no_default,
+                                            description=_allowed(_constraints(spec.cls)[p], p)
+                                            if p in _constraints(spec.cls) else None)) for p in params})
+    fixed.head = name
+    return create_model(f"Head_{name}", __base__=HeadOptions, __doc__=spec.description,
+                        fixed=(fixed, Field(default_factory=fixed, description="hyperparameters held fixed")))
+
+
+class HeadsBase(NamedSections):
+    what: ClassVar[str] = "head"
+
+
+Heads = create_model("Heads", __base__=HeadsBase, __doc__="head name -> {trials, fixed}, or a list of head names",
+                     **{n: (_head_section(n, s) | None, None) for n, s in HEADS.items()})
+
+
+class HeadConfig(BaseModel):
+    """One head of a study, as the sweep uses it."""
     name: str
     trials: int = 10
-    fixed: dict = field(default_factory=dict)
+    fixed: dict = Field(default_factory=dict)
 
 
-@dataclass
-class Study:
-    study: str
-    path: Path | None = None
+# --- the study -----------------------------------------------------------------------------
+
+class Study(Section):
+    """A study config: what to fit on which data, how to split, how to select."""
+    study: Name = Field(description="the study's name, used for the MLflow experiment and the results rows")
     description: str = ""
-    db: str | None = None
-    target: str = "binary"
-    positive: str = "covid"
-    label_column: str = "label"
-    class_column: str = "class"
-    classes: list[str] = field(default_factory=lambda: ["normal", "pneumonia", "covid"])
-    sources: list[str] | None = None
-    backbones: list[str] = field(default_factory=list)
-    preprocess: list[str] = field(default_factory=lambda: ["original"])
-    heads: list[HeadConfig] = field(default_factory=list)
-    protocols: dict[str, dict] = field(default_factory=dict)
-    selection: str = "train-val"
-    oracle: bool = False
-    seed: int = 0
-    bootstrap: int = 1000
-    timeout: float | None = None
-    workers: int = 1
-    shared_images: str = "drop-from-train"
-    near_duplicates: str = "drop-from-train"   # what to do with `featstore duplicates` pairs
+    db: str | None = Field(None, description="the store (default: --db / FEATSTORE_DB)")
+    target: Literal[TARGETS] = Field("binary", description="binary: positive vs the rest of label_column; "
+                                     "3class: classes of class_column")
+    positive: Name = "covid"
+    label_column: Name = "label"
+    class_column: Name = "class"
+    classes: Names = Field(["normal", "pneumonia", "covid"], min_length=2)
+    sources: Names | None = Field(None, description="sources to use, or all (default)")
+    backbones: Names = Field(min_length=1, description="embeddings to use (see `featstore backbones`)")
+    preprocess: Names = Field(["original"], min_length=1)
+    heads: Heads = Field(description="head -> {trials, fixed}, or a list of heads")
+    protocols: Protocols = Field(description="protocol -> options, or a list of protocols")
+    selection: Literal[SELECTIONS[:2]] = Field("train-val", description="model selection that never sees the "
+                                                "test source; the oracle is `oracle: true`")
+    oracle: bool = Field(False, description="add an upper bound selected on the test set, reported apart")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CIs (0: no CIs)")
+    selection_repeats: int = Field(1, ge=1, le=50, description="leave-pair-out: re-run model selection under this "
+                                   "many seeds (seed, seed+1, ...); the report shows mean ± sd over them")
+    timeout: float | None = Field(None, gt=0, description="seconds per Optuna study")
+    workers: int = Field(1, ge=1, description="worker processes")
+    shared_images: Literal["drop-from-train"] = Field(
+        "drop-from-train", description="the only one implemented: images that also occur in a test source "
+        "are removed from training")
+    near_duplicates: Literal[NEAR_DUPLICATES] = Field("drop-from-train",
+                                                      description="what to do with `featstore duplicates` pairs")
+    _path: Path | None = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @path.setter
+    def path(self, p):
+        self._path = p
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _all(cls, v):
+        return None if v == "all" else v
+
+    @field_validator("description", mode="before")
+    @classmethod
+    def _blank(cls, v):
+        return "" if v is None else v
+
+    @field_validator("selection", mode="before")
+    @classmethod
+    def _no_oracle(cls, v):
+        if v == "oracle":
+            raise PydanticCustomError("oracle", "the oracle is not a selection rule: set `oracle: true` (it is "
+                                      "reported apart)")
+        return v
+
+    # heads and protocols are validated as sections, then kept in the shape the sweep uses, in the
+    # order written: a list of HeadConfig; protocol name -> the options given
+    @field_validator("heads", mode="wrap")
+    @classmethod
+    def _head_list(cls, v, handler):
+        m = handler(v)
+        order = dict.fromkeys(v) if isinstance(v, dict | list) else []
+        return [HeadConfig(name=n, trials=getattr(m, n).trials,
+                           fixed=getattr(m, n).fixed.model_dump(exclude_unset=True))
+                for n in order if n in m.model_fields_set]
+
+    @field_validator("protocols", mode="wrap")
+    @classmethod
+    def _protocol_dict(cls, v, handler):
+        m = handler(v)
+        fields = {(f.alias or n): n for n, f in Protocols.model_fields.items()}
+        order = list(v) if isinstance(v, dict | list) else []
+        return {p: getattr(m, fields[p]).model_dump(exclude_unset=True)
+                for p in order if p in fields and fields[p] in m.model_fields_set}
+
+    @field_serializer("heads")
+    def _heads_as_written(self, heads):
+        return {h.name: {"trials": h.trials, "fixed": h.fixed} for h in heads}
+
+    @field_serializer("protocols")
+    def _protocols_as_written(self, protocols):
+        return protocols
 
 
-def _fail(where, msg):
-    raise StudyError(f"{where}: {msg}")
+KEYS = {f.alias or n for n, f in Study.model_fields.items()}
+
+
+def study_schema() -> dict:
+    """The JSON schema of a study config."""
+    return Study.model_json_schema()
+
+
+# --- reading -------------------------------------------------------------------------------
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice (PyYAML silently keeps the last)."""
+
+
+def _no_duplicate_keys(loader, node, deep=False):
+    seen = {}
+    for k, _ in node.value:
+        if k.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(k, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", k.start_mark)
+            seen[key] = k.start_mark.line
+        except TypeError:  # unhashable key: the mapping constructor says so
+            pass
+    return loader.construct_mapping(node, deep)
+
+
+_YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
 
 
 def load_study(path: str | Path) -> Study:
     path = Path(path)
-    if not path.exists():
-        raise StudyError(f"{path}: no such study config")
-    text = path.read_text()
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study config" + (" (a folder)" if path.is_dir() else ""))
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - any parser error is a config error
-        raise StudyError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {e}") from e
+        text = path.read_text(encoding="utf-8")
+        if kind == "YAML":
+            text = io.StringIO(text)
+            text.name = str(path)  # YAML errors then name the file
+        raw = tomllib.loads(text) if kind == "TOML" else yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (safe)
+    except (OSError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: cannot read the study config: {e}") from e
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise StudyError(f"{path}: not valid {kind}: {e}") from e
     if not isinstance(raw, dict):
         raise StudyError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
     return parse_study(raw, path)
 
 
 def parse_study(raw: dict, path: Path | None = None) -> Study:
+    """Validate a config mapping; StudyError lists every problem (key, value, what is allowed)."""
     where = str(path or "study")
-    unknown = set(raw) - KEYS
-    if unknown:
-        _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(KEYS))}")
-    if not raw.get("study"):
-        _fail(where, "'study' (a name) is required")
-    st = Study(study=str(raw["study"]), path=path)
-    for k in ("description", "db", "positive", "label_column", "class_column", "selection", "shared_images",
-              "near_duplicates"):
-        if k in raw:
-            setattr(st, k, str(raw[k]))
-    st.target = str(raw.get("target", "binary"))
-    if st.target not in TARGETS:
-        _fail(where, f"target '{st.target}' not one of {', '.join(TARGETS)}")
-    if "classes" in raw:
-        st.classes = [str(c) for c in raw["classes"]]
-    if raw.get("sources") not in (None, "all"):
-        st.sources = [str(s) for s in raw["sources"]]
-    st.backbones = [str(b) for b in _list(raw.get("backbones"), "backbones", where)]
-    if not st.backbones:
-        _fail(where, "'backbones' needs at least one backbone (see `featstore backbones`)")
-    st.preprocess = [str(p) for p in _list(raw.get("preprocess", ["original"]), "preprocess", where)]
-    heads = raw.get("heads")
-    if not heads:
-        _fail(where, f"'heads' needs at least one of {', '.join(HEADS)}")
-    if isinstance(heads, list):
-        heads = {h: {} for h in heads}
-    for name, hc in heads.items():
-        if name not in HEADS:
-            _fail(where, f"heads: unknown head '{name}'; choose from {', '.join(HEADS)}")
-        hc = hc or {}
-        bad = set(hc) - {"trials", "fixed"}
-        if bad:
-            _fail(where, f"heads.{name}: unknown key(s) {sorted(bad)}; allowed: trials, fixed")
-        fixed = dict(hc.get("fixed") or {})
-        allowed = set(inspect.signature(HEADS[name].cls.__init__).parameters) - {"self", "random_state"}
-        if set(fixed) - allowed:
-            _fail(where, f"heads.{name}.fixed: unknown hyperparameter(s) {sorted(set(fixed) - allowed)}; "
-                         f"allowed: {', '.join(sorted(allowed))}")
-        st.heads.append(HeadConfig(name, int(hc.get("trials", 10)), fixed))
-    protos = raw.get("protocols")
-    if not protos:
-        _fail(where, f"'protocols' needs at least one of {', '.join(PROTOCOLS)}")
-    if isinstance(protos, list):
-        protos = {p: {} for p in protos}
-    allowed = {"mixed": {"folds", "repeats"}, "loso": set(), "leave-pair-out": set(),
-               "seen-unseen": {"train_sources", "unseen_sources", "test_fraction"}}
-    for name, opts in protos.items():
-        if name not in PROTOCOLS:
-            _fail(where, f"protocols: unknown protocol '{name}'; choose from {', '.join(PROTOCOLS)}")
-        opts = dict(opts or {})
-        bad = set(opts) - allowed[name]
-        if bad:
-            _fail(where, f"protocols.{name}: unknown key(s) {sorted(bad)}; allowed: {sorted(allowed[name]) or 'none'}")
-        if name == "seen-unseen" and not opts.get("train_sources"):
-            _fail(where, "protocols.seen-unseen.train_sources: name the training sources")
-        st.protocols[name] = opts
-    if st.selection not in SELECTIONS[:2]:
-        _fail(where, f"selection '{st.selection}' not one of {', '.join(SELECTIONS[:2])} "
-                     "(the oracle is `oracle: true`, reported apart)")
-    if st.shared_images != "drop-from-train":
-        _fail(where, "shared_images: only 'drop-from-train' is implemented (images that also occur in a test "
-                     "source are removed from training)")
-    if st.near_duplicates not in NEAR_DUPLICATES:
-        _fail(where, f"near_duplicates '{st.near_duplicates}' not one of {', '.join(NEAR_DUPLICATES)}")
-    st.oracle = bool(raw.get("oracle", False))
-    st.seed = int(raw.get("seed", 0))
-    st.bootstrap = int(raw.get("bootstrap", 1000))
-    st.timeout = float(raw["timeout"]) if raw.get("timeout") is not None else None
-    st.workers = int(raw.get("workers", 1))
+    if not isinstance(raw, dict):
+        raise StudyError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    try:
+        st = Study.model_validate(raw)
+    except ValidationError as e:
+        problems = [_problem(err) for err in e.errors()]
+        if len(problems) == 1:
+            msg = f"{where}: {problems[0][0]}: {problems[0][1]}"
+        else:
+            msg = f"{where}: {len(problems)} problems in the study config:\n" + "\n".join(
+                f"  {k}: {m}" for k, m in problems)
+        raise StudyError(msg, problems) from None
+    st.path = path
     return st
 
 
-def _list(v, key, where):
-    if v is None:
-        return []
+# --- messages ------------------------------------------------------------------------------
+
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _show(v) -> str:
+    s = json.dumps(v, default=str, ensure_ascii=False)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _model_in(tp):
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for a in get_args(tp):
+        if (m := _model_in(a)) is not None:
+            return m
+    return None
+
+
+def _model_at(loc):
+    m = Study
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        f = next((f for n, f in m.model_fields.items() if part in (n, f.alias)), None)
+        if f is None or (m := _model_in(f.annotation)) is None:
+            return None
+    return m
+
+
+def _keys(m) -> list[str]:
+    return [f.alias or n for n, f in m.model_fields.items()]
+
+
+def _everywhere(m=None, path="") -> dict[str, list[str]]:
+    """key -> the sections that have it, for 'did you mean' across sections."""
+    m, out = m or Study, {}
+    for k, f in zip(_keys(m), m.model_fields.values()):
+        out.setdefault(k, []).append(path or "the top level")
+        if (sub := _model_in(f.annotation)) is not None:
+            sub_path = ".".join(filter(None, [path, "<head>" if m.what == "head" else k]))
+            for kk, ps in _everywhere(sub, sub_path).items():
+                out.setdefault(kk, []).extend(p for p in ps if p not in out.get(kk, []))
+    return out
+
+
+def _unknown(loc, key) -> str:
+    m = _model_at(loc[:-1])
+    allowed = _keys(m) if m is not None else []
+    what = m.what if m is not None else "key"
+    msg = f"unknown {what} {_show(key)}"
+    close = difflib.get_close_matches(str(key), allowed, n=2)
+    if close:
+        msg += f" (did you mean {' or '.join(close)}?)"
+    elif what == "key":  # a key of another section, or a typo of one
+        elsewhere = _everywhere()
+        near = difflib.get_close_matches(str(key), list(elsewhere), n=1)
+        if near:
+            places = " or ".join(elsewhere[near[0]])
+            msg += (f" ({near[0]} belongs under {places})" if near[0] == key else
+                    f" (did you mean {near[0]}? it belongs under {places})")
+    return msg + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+
+
+def _problem(err) -> tuple[str, str]:
+    loc = err["loc"]
+    key = _dotted(loc)
+    t = err["type"]
+    if t == "extra_forbidden":
+        return key, _unknown(loc, loc[-1])
+    if t == "invalid_key":  # YAML `1:` or `null:` as a key
+        return _dotted(loc[:-1] + (str(loc[-1]),)), f"{_show(loc[-1])} is not a key name; keys are text"
+    if t == "missing":
+        m = _model_at(loc[:-1])
+        f = next((f for n, f in m.model_fields.items() if loc[-1] in (n, f.alias)), None) if m else None
+        return key, "required" + (f": {f.description}" if f is not None and f.description else "")
+    v = err.get("input")
+    msg = err["msg"]
+    if t in ("model_type", "dict_type"):
+        msg = "must be a mapping of keys"
+    for old, new in (("Input should be", "must be"), ("List should have", "must have"), (" after validation", "")):
+        msg = msg.replace(old, new)
+    if t in ("name_bool", "names_form", "oracle", "empty", "overlap", "duplicate"):
+        return key, f"{_show(v)}: {msg}" if t in ("name_bool", "names_form") else msg
+    hint = ""
     if isinstance(v, str):
-        return [v]
-    if not isinstance(v, list):
-        _fail(where, f"'{key}' must be a list")
-    return v
+        try:
+            float(v)
+            hint = " (this is text: YAML reads 1e-3 as text, write 1.0e-3; or drop the quotes)"
+        except ValueError:
+            pass
+    return key, f"{_show(v)} is not allowed; {msg}{hint}"
 
 
 # --- the data a study runs on --------------------------------------------------------------
+
+SOURCE_RULE = ("shared file: belongs to every source it occurs in (tested in each held-out one, trains no model "
+               "tested on any of them); own metadata from its occurrence with the smallest (source, path)")
+
 
 @dataclass
 class StudyData:
@@ -173,6 +525,7 @@ class StudyData:
     n_excluded: int
     counts: dict            # (source, class name) -> n
     links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), int))  # near-duplicate index pairs
+    state: dict = field(default_factory=dict)  # what the rows depend on besides the config (results contract)
 
 
 def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
@@ -211,18 +564,41 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
     iid = meta["image_id"].to_numpy()[idx]
     occ = dict(fs.con.execute("SELECT image_id, list(DISTINCT source) FROM occurrences GROUP BY 1").fetchall())
     links = np.zeros((0, 2), int)
+    # an image in several sources belongs to all of them (split.Meta.members); ingest.canonical_images
+    state = dict(source_rule=SOURCE_RULE,
+                 neardup_policy=st.near_duplicates, neardup_links=0, neardup_thresholds=None, neardup_found_at=None,
+                 mask_method=_mask_method(fs, preprocess, iid))
     if st.near_duplicates != "ignore" and fs.con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]:
         at = {v: i for i, v in enumerate(iid)}
-        pairs = fs.con.execute("SELECT image_a, image_b FROM near_duplicates").fetchall()
-        links = np.array([(at[a], at[b]) for a, b in pairs if a in at and b in at], dtype=int).reshape(-1, 2)
+        pairs = fs.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
+                               "ORDER BY image_a, image_b").fetchall()
+        used = [p for p in pairs if p[0] in at and p[1] in at]
+        links = np.array([(at[p[0]], at[p[1]]) for p in used], dtype=int).reshape(-1, 2)
+        if used:
+            state.update(neardup_found_at=max(p[4] for p in used), neardup_thresholds="; ".join(
+                f"phash_max={h}, cosine_min={c}" for h, c in sorted({(p[2], p[3]) for p in used})))
     merge = st.near_duplicates == "drop-from-train"
+    state["neardup_links"] = len(links) if st.near_duplicates != "ignore" else 0
     m = make_meta(src[idx], y[idx], meta["patient_id"].to_numpy()[idx], iid, [occ.get(i, []) for i in iid],
                   links if merge else ())
     counts = {}
     for s, k in zip(m.source, m.y):
         counts[(s, names[k])] = counts.get((s, names[k]), 0) + 1
-    return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links)
+    return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links, state)
+
+
+def _mask_method(fs, preprocess: str, image_ids) -> str | None:
+    """The lung-mask method(s) behind a lung-ROI preprocessing's images; None for other preprocessings."""
+    from featstore.preprocess import NEEDS_MASK
+
+    if preprocess not in NEEDS_MASK:
+        return None
+    fs.con.execute("CREATE OR REPLACE TEMP TABLE _study_ids AS SELECT unnest(?::VARCHAR[]) AS image_id",
+                   [list(map(str, image_ids))])
+    got = fs.con.execute("SELECT DISTINCT method FROM lung_masks JOIN _study_ids USING (image_id) "
+                         "WHERE ok ORDER BY 1").fetchall()
+    return ",".join(m for (m,) in got) or None
 
 
 def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
@@ -270,3 +646,7 @@ def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
                 raise StudyError(f"{where}: fold {f.name}: a '{st.selection}' fitting split has one class only; "
                                  "use selection: train-val")
     return folds
+
+
+if __name__ == "__main__":  # python -m featstore.study > study.schema.json
+    print(json.dumps(study_schema(), indent=1))

@@ -24,7 +24,6 @@ import time
 import traceback
 import warnings
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -35,6 +34,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 
 from featstore.heads import HEADS, create_head
+from featstore.procs import process_pool
 from featstore.split import Fold, Meta, selection_splits
 
 
@@ -51,6 +51,7 @@ class Task:
     seed: int
     timeout: float | None
     n_classes: int
+    attrs: dict = field(default_factory=dict)  # e.g. backbone, preprocess: study attributes for optuna-dashboard
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TaskResult:
     seconds: float = 0.0
     fit_seconds: float = 0.0
     n_ran: int = 0          # trials this process ran (the rest: earlier runs, other workers)
+    fit_info: dict = field(default_factory=dict)  # what the refitted head reports (fit_info_), for the rows
 
 
 def study_seed(seed: int, name: str) -> int:
@@ -120,11 +122,50 @@ def _counted(t) -> bool:
     return t.state in (S.COMPLETE, S.PRUNED) or (t.state == S.FAIL and "error" in t.user_attrs)
 
 
+def _interrupted(t) -> bool:
+    """A trial whose process died under it (killed, or failed stale by the heartbeat)."""
+    return t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs
+
+
+def _retry(study, t) -> None:
+    """Queue an interrupted trial again with the parameters it had, so the study's sequence of
+    finished trials is the one an uninterrupted run makes. (Heartbeat callback on shared storage.)"""
+    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+
+
 def _mark_interrupted(study) -> None:
-    """Single-owner storage: a RUNNING trial found at start belongs to a process that died."""
+    """Single-owner storage (the folder's sweep lock makes it so): a RUNNING trial found at start
+    belongs to a process that died. It is kept, marked, and queued again with its parameters."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        _retry(study, t)
+
+
+class ResumableTPE(optuna.samplers.TPESampler):
+    """TPE whose draws depend only on the seed, the trial's place among the study's counted trials
+    and the finished trials, never on what this process happened to sample before. A plain seeded
+    TPESampler keeps its random state in memory, so a study resumed in a new process (after a
+    kill, or taken over by another worker) drew other parameters than an uninterrupted run."""
+
+    def __init__(self, seed: int, **kw):
+        super().__init__(seed=seed, **kw)
+        self._seed = seed
+
+    def _reseed(self, study, trial, what: str) -> None:
+        place = sum(_counted(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
+        s = zlib.crc32(f"{self._seed}|{place}|{what}".encode())
+        self._rng.rng.seed(s)
+        self._random_sampler._rng.rng.seed(s)
+
+    def sample_relative(self, study, trial, search_space):
+        if search_space:
+            self._reseed(study, trial, "relative")
+        return super().sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        self._reseed(study, trial, param_name)  # per parameter: a partly suggested retry draws the rest alike
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
 
 _FIRST_SEEN: dict[str, float] = {}
@@ -140,6 +181,21 @@ def _quiet_s(study) -> float:
     last = [study.user_attrs.get("claimed_at", 0.0), _FIRST_SEEN.setdefault(study.study_name, time.time())]
     last += [(t.datetime_complete or t.datetime_start).timestamp() for t in trials if t.datetime_start]
     return time.time() - max(last)
+
+
+def _describe(study, task: Task) -> None:
+    """Attributes optuna-dashboard can filter on and a named objective. The study's name stays as it
+    is: a re-run finds the study to resume by that name."""
+    want = dict(protocol=task.protocol, head=task.head, fold=task.fold.name, selection=task.selection,
+                seed=task.seed, **task.attrs)
+    have = study.user_attrs
+    for k, v in want.items():
+        if have.get(k) != v:
+            study.set_user_attr(k, v)
+    if study.metric_names != ["val_auc"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_auc"])
 
 
 def open_study(task: Task, storage, sampler, pruner, claim: bool):
@@ -177,6 +233,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
     def objective(trial):
         res.n_ran += 1
         params = {**space(trial), **task.fixed}
+        _hold_for_tests(trial)
         P_all, y_all = [], []
         try:
             for step, (a, b) in enumerate(splits):
@@ -204,9 +261,11 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
             raise ValueError("validation data has one class only")
         return score
 
-    sampler = optuna.samplers.TPESampler(seed=study_seed(task.seed, task.study_name), n_startup_trials=5)
+    sampler = ResumableTPE(seed=study_seed(task.seed, task.study_name), n_startup_trials=5)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     study, owned = open_study(task, storage, sampler, pruner, claim=is_shared(storage))
+    if owned:
+        _describe(study, task)
     while (left := task.trials - sum(map(_counted, study.get_trials(deepcopy=False)))) > 0:
         if not owned:
             quiet = _quiet_s(study)
@@ -225,13 +284,15 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
         res.seconds = time.time() - t0
         return res
     for t in study.trials:
+        if _interrupted(t):  # kept in the storage (user attrs say so), re-run, not a failure of the study
+            continue
         res.trials.append(dict(number=t.number, state=t.state.name, params=t.params, value=t.value,
                                error=t.user_attrs.get("error"),
                                start=t.datetime_start, end=t.datetime_complete))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         errs = {t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error")}
-        res.error = f"no trial completed ({len(study.trials)} tried): {'; '.join(sorted(errs))[:500]}"
+        res.error = f"no trial completed ({len(res.trials)} tried): {'; '.join(sorted(errs))[:500]}"
         res.seconds = time.time() - t0
         return res
     best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earliest trial
@@ -247,6 +308,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
             if task.n_classes == 2:
                 res.scores[name] = _ranking(model, X[te], 2)
         res.fit_seconds = time.time() - t1  # final fit + test predictions
+        res.fit_info = dict(getattr(model, "fit_info_", None) or {})
     except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
         res.error = f"final fit failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
     res.seconds = time.time() - t0
@@ -295,12 +357,35 @@ def open_storage(spec: str | Path):
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them knowingly
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                                  engine_kwargs={"pool_pre_ping": True})
+                                  heartbeat_stale_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True})
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # workers starting together on an empty database race to create Optuna's tables
             if attempt == 7:
                 raise
             time.sleep(random.uniform(0.2, 1.0))
+
+
+def _hold_for_tests(trial) -> None:
+    """Fault-injection point for the kill -9 tests: with FEATSTORE_TEST_HOLD_TRIAL=PATH:K, the first
+    trial to start once K trials are finished in its storage writes PATH and then never returns, so a
+    test kills a sweep mid-trial on an event rather than racing the clock. Unset: nothing happens."""
+    spec = os.environ.get("FEATSTORE_TEST_HOLD_TRIAL")
+    if not spec:
+        return
+    path, _, k = spec.rpartition(":")
+    st, S = trial.study._storage, optuna.trial.TrialState
+    done = sum(t.state in (S.COMPLETE, S.PRUNED) for s in st.get_all_studies()
+               for t in st.get_all_trials(s._study_id, deepcopy=False))
+    if done < int(k):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another worker holds already
+        return
+    os.write(fd, f"{trial.study.study_name} {trial.number} {done}\n".encode())
+    os.close(fd)
+    while True:
+        time.sleep(3600)
 
 
 def run_tasks(tasks: list[Task], X, meta, storage_spec, workers: int = 1, on_done=None,
@@ -315,8 +400,9 @@ def run_tasks(tasks: list[Task], X, meta, storage_spec, workers: int = 1, on_don
             if on_done:
                 on_done(out[i])
         return out
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(X, meta, str(storage_spec), 1, search_only)) as ex:
+    # workers die with this process (kill -9 included); so does the resource tracker, whose pipe they hold
+    with process_pool(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                      initargs=(X, meta, str(storage_spec), 1, search_only)) as ex:
         futs = {ex.submit(_run_in_worker, t): i for i, t in enumerate(tasks)}
         from concurrent.futures import as_completed
 

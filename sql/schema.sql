@@ -8,8 +8,9 @@ CREATE TABLE IF NOT EXISTS schema_version (
     applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
 
--- One row per distinct image content. source/label/... are those of the first
--- occurrence ingested; `occurrences` keeps every manifest row.
+-- One row per distinct image content. source/label/... are those of its occurrence with the
+-- smallest (source, path), whatever the ingest order (featstore.ingest.canonical_images);
+-- `occurrences` keeps every manifest row.
 CREATE TABLE IF NOT EXISTS images (
     image_id    VARCHAR PRIMARY KEY,   -- sha256 of the file bytes
     source      VARCHAR NOT NULL,
@@ -24,7 +25,7 @@ CREATE TABLE IF NOT EXISTS images (
     bit_depth   INTEGER NOT NULL,
     format      VARCHAR NOT NULL,      -- PNG, JPEG, DICOM, NIFTI, ...
     n_bytes     BIGINT NOT NULL,
-    path        VARCHAR NOT NULL,      -- absolute path of the first occurrence
+    path        VARCHAR NOT NULL,      -- absolute path of that occurrence
     ingested_at TIMESTAMP NOT NULL
 );
 

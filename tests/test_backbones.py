@@ -21,7 +21,8 @@ def _weights_for(name):
     return {"weights": "random-init"}  # published weights cannot be downloaded here
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+# foundation-model entries run with tiny configurations in test_foundation.py (full size: minutes on CPU)
+@pytest.mark.parametrize("name", [n for n, s in REGISTRY.items() if s.family not in ("hf", "timm", "open_clip")])
 def test_every_backbone_on_tiny_inputs(name):
     bb = create_backbone(name, device="cpu", **_weights_for(name))
     s = bb.spec
@@ -68,7 +69,8 @@ def test_xrv_densenet_loads_from_weights_dir(tmp_path):
     saved = xrv.models.DenseNet(num_classes=len(xrv.models.model_urls["densenet121-res224-rsna"]["labels"]))
     torch.save(saved, tmp_path / fname)
     bb = create_backbone("xrv-densenet121-res224-rsna", weights_dir=tmp_path)
-    assert bb.weights_id == "sha256:" + sha256_file(tmp_path / fname)
+    # the weight file's identity, then the input pipeline's (featstore.backbones.with_pipeline)
+    assert bb.weights_id == f"sha256:{sha256_file(tmp_path / fname)};input={bb.spec.pipeline.identity}"
     x = torch.rand(2, 1, 224, 224) * 2048 - 1024
     np.testing.assert_allclose(bb(x), saved.eval().features2(x).detach().numpy(), rtol=1e-4, atol=1e-4)
 
@@ -95,3 +97,16 @@ def test_backbone_is_in_eval_mode(name):
     x = torch.rand(2, s.channels, s.input_size, s.input_size)
     # eval mode: an image's features do not depend on the rest of the batch
     np.testing.assert_allclose(bb(x)[:1], bb(x[:1]), rtol=1e-3, atol=1e-4)
+
+
+def test_pixelstats_marks_non_finite_images_nan_instead_of_crashing():
+    """NaN used to become bin index -2**63 (an index error that killed every embed run); Inf was
+    clamped into a plausible white. Now such an image's vector is NaN, for embed's finiteness check
+    to reject, and the other images' vectors are unchanged."""
+    bb = create_backbone("pixelstats", device="cpu")
+    x = torch.rand(4, 1, 256, 256)
+    clean = bb(x)
+    x[1, 0, 3, 3], x[2, 0, 0, 0], x[3, 0, 5, 5] = float("nan"), float("inf"), float("-inf")
+    out = bb(x)
+    assert np.isnan(out[1:]).all()
+    np.testing.assert_array_equal(out[0], clean[0])

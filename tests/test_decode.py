@@ -160,3 +160,108 @@ def test_truncated_png():
 def test_missing_file(tmp_path):
     with pytest.raises(DecodeError, match="file not found"):
         decode_file(tmp_path / "nope.png")
+
+
+# --- issue 11: non-finite pixels, special files, size cap --------------------------------------------
+
+def _float_tiff(a):
+    buf = io.BytesIO()
+    Image.fromarray(a.astype(np.float32), mode="F").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bad,counts", [
+    ({(0, 0): np.nan}, "1 NaN, 0 Inf"),
+    ({(0, 0): np.inf, (3, 4): -np.inf}, "0 NaN, 2 Inf"),
+    ({(1, 1): np.nan, (2, 2): np.inf}, "1 NaN, 1 Inf"),
+])
+@pytest.mark.parametrize("fmt", ["tiff", "nifti"])
+def test_non_finite_pixels_are_refused(fmt, bad, counts):
+    a = np.random.default_rng(0).random((16, 12)).astype(np.float32)
+    for where, v in bad.items():
+        a[where] = v
+    data, name = (_float_tiff(a), "x.tif") if fmt == "tiff" else (_nifti(a), "x.nii")
+    with pytest.raises(DecodeError, match=rf"^non-finite pixel values \({counts}\)$"):
+        decode_bytes(data, name)
+
+
+def test_all_nan_image_is_refused_with_counts():
+    with pytest.raises(DecodeError, match=r"non-finite pixel values \(64 NaN, 0 Inf\)"):
+        decode_bytes(_float_tiff(np.full((8, 8), np.nan)), "x.tif")
+
+
+def test_float_dicom_with_nan_is_refused():
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    a = np.random.default_rng(1).random((8, 8)).astype(np.float32)
+    a[2, 3] = np.nan
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 8, 1, "MONOCHROME2"
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = a.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with pytest.raises(DecodeError, match=r"non-finite pixel values \(1 NaN, 0 Inf\)"):
+        decode_bytes(buf.getvalue(), "x.dcm")
+
+
+def test_finite_float_images_still_decode():
+    a = np.linspace(-1000, 3000, 12 * 16, dtype=np.float32).reshape(12, 16)
+    for data, name in ((_float_tiff(a), "x.tif"), (_nifti(a), "x.nii")):
+        d = decode_bytes(data, name)
+        assert np.isfinite(d.pixels).all() and d.pixels.min() == 0 and d.pixels.max() == 1
+
+
+def test_content_beats_a_wrong_extension():
+    a = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    assert decode_bytes(_png(a), "scan.dcm").format == "PNG"  # a PNG named .dcm is still a PNG
+    assert decode_bytes(_png(a), "scan.nii").format == "PNG"
+
+
+def test_special_files_are_never_opened(tmp_path):
+    import os
+
+    from featstore.decode import read_file
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening this for reading would block until a writer comes: it must not be opened
+    with pytest.raises(DecodeError, match="FIFO"):
+        read_file(fifo)
+    with pytest.raises(DecodeError, match="device node"):
+        read_file("/dev/null")  # the old code read it: "empty file"
+    with pytest.raises(DecodeError, match="device node"):
+        read_file("/dev/zero")  # the old code read it until memory ran out
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(DecodeError, match="^symlink loop$"):
+        read_file(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DecodeError, match="broken symlink"):
+        read_file(tmp_path / "dangling")
+    with pytest.raises(DecodeError, match="is a directory"):
+        read_file(tmp_path)
+
+
+def test_size_cap(tmp_path, monkeypatch):
+    from featstore.decode import DEFAULT_MAX_BYTES, read_file
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:  # sparse: no disk used, no time spent
+        f.truncate(DEFAULT_MAX_BYTES + 1)
+    with pytest.raises(DecodeError, match=rf"file too large \({DEFAULT_MAX_BYTES + 1} bytes, over the "
+                                          rf"{DEFAULT_MAX_BYTES}-byte cap"):
+        read_file(big)
+    small = tmp_path / "small.png"
+    small.write_bytes(_png(np.zeros((8, 8), np.uint8)))
+    n = small.stat().st_size
+    assert len(read_file(small, max_bytes=n)) == n
+    with pytest.raises(DecodeError, match="file too large"):
+        read_file(small, max_bytes=n - 1)
+    monkeypatch.setenv("FEATSTORE_MAX_BYTES", str(n - 1))
+    with pytest.raises(DecodeError, match="file too large"):
+        read_file(small)

@@ -94,7 +94,8 @@ def test_random_init_is_recorded(ingested):
     bb = create_backbone("xrv-densenet121-res224-all", weights="random-init")
     r = embed(con, bb, batch_size=16, workers=0, limit=4)
     assert r.n_embedded == 4
-    assert con.execute("SELECT DISTINCT weights_id, dim FROM embeddings").fetchall() == [("random-init:seed0", 1024)]
+    wid = f"random-init:seed0;input={bb.spec.pipeline.identity}"  # weights, then the input pipeline
+    assert con.execute("SELECT DISTINCT weights_id, dim FROM embeddings").fetchall() == [(wid, 1024)]
 
 
 def test_unknown_preprocess_fails_before_work(ingested):

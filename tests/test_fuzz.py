@@ -131,3 +131,41 @@ def test_traversal_is_refused_by_default_and_allowed_on_purpose(tmp_path):
     rows, pre = I.manifest_rows(m, allowed_roots=[tmp_path / "data", tmp_path])
     assert [Path(r.path).name for r in rows] == ["outside.png"] and len(pre) == 1  # /etc/passwd stays refused
     con.close()
+
+
+@FUZZ
+@given(sources=st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1,
+                                max_size=12).map(str.strip).filter(bool), min_size=1, max_size=5),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "cp1252", "latin-1"]),
+       declared=st.booleans())
+def test_manifest_text_is_never_decoded_lossily(tmp_path_factory, sources, encoding, declared):
+    """Either every source reads back exactly as written, or the manifest is refused naming --encoding:
+    never a silent merge of sources that differ only by characters lost in decoding."""
+    from hypothesis import assume
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "source", "label"])
+    w.writerows([f"{i}.png", s, "covid"] for i, s in enumerate(sources))
+    try:
+        data = buf.getvalue().encode(encoding)
+    except UnicodeEncodeError:
+        assume(False)
+    m = tmp_path_factory.mktemp("enc") / "m.csv"
+    m.write_bytes(data)
+    try:
+        rows, _ = I.manifest_rows(m, encoding=encoding if declared else None)
+    except ValueError as e:
+        assert not declared and "--encoding" in str(e)
+        return
+    assert [r.source for r in rows] == [s.strip() for s in sources]
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=12), st.from_regex(r"-?\d{1,4}([.,]\d{1,2})?\s*(Y|y|years|M|months|D)?",
+                                                           fullmatch=True)))
+def test_ages_are_a_plain_number_of_years_or_null(text):
+    age = I._age(text)
+    if age is not None:
+        assert 0 <= age <= I.MAX_AGE
+        assert "-" not in text and "," not in text and not any(u in text.lower() for u in ("m", "d", "w"))

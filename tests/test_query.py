@@ -110,10 +110,11 @@ def test_api_refuses_to_mix_weight_sets(store):
 
     con = connect(store)
     embed(con, create_backbone("xrv-densenet121-res224-all", weights="random-init", seed=0), workers=0, limit=2)
-    embed(con, create_backbone("xrv-densenet121-res224-all", weights="random-init", seed=1), workers=0, limit=2)
+    bb1 = create_backbone("xrv-densenet121-res224-all", weights="random-init", seed=1)
+    embed(con, bb1, workers=0, limit=2)
     con.close()
     with open_store(store) as fs:
         with pytest.raises(ValueError, match="several weight sets"):
             fs.arrays("xrv-densenet121-res224-all")
-        X, _ = fs.arrays("xrv-densenet121-res224-all", weights_id="random-init:seed1")
+        X, _ = fs.arrays("xrv-densenet121-res224-all", weights_id=bb1.weights_id)
         assert X.shape == (2, 1024)

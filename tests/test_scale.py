@@ -1,7 +1,9 @@
 """Scaling out, and proof that nothing is lost: sweeps sharing a real PostgreSQL, MLflow on a tracking
 server backed by it, Ray Data embedding, and kill -9 at random points (seeded) during embed and sweep.
 
-Marked `scale`; CI runs them with the rest. Every subprocess has a timeout."""
+Marked `scale`; CI runs them with the rest. Every subprocess has a timeout. Kill points follow events
+(k finished trials, k committed batches, k finished shards; k drawn from a seeded RNG), never a
+guess at how far a process gets in so many seconds: a busy machine changes the timing, not the test."""
 import json
 import os
 import random
@@ -43,6 +45,50 @@ def _start(args, env=None, **kw):
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
+# the featstore CLI, printing "committed <batch>" on stdout after each embed batch is in the store:
+# the event the embed kill tests wait for (the store itself is locked by the writer)
+REPORT_COMMITS = """
+import sys
+import featstore.embed as E
+_write = E._write_batch
+def _write_batch(*a, **kw):
+    _write(*a, **kw)
+    print("committed", a[8], flush=True)
+E._write_batch = _write_batch
+from featstore.cli import main
+sys.argv[0] = "featstore"
+main()
+"""
+
+
+def _start_watched(args, env=None, commits=False):
+    """Start featstore and read its stdout and stderr as they come, into p.out and p.err (a pipe
+    nobody reads fills up and stalls the process: Ray draws progress bars)."""
+    import threading
+
+    cmd = [sys.executable, "-c", REPORT_COMMITS, *args] if commits else [FEATSTORE, *args]
+    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    p.out, p.err = [], []
+    p.readers = [threading.Thread(target=lambda f, into: into.extend(f), args=(f, into), daemon=True)
+                 for f, into in ((p.stdout, p.out), (p.stderr, p.err))]
+    for t in p.readers:
+        t.start()
+    return p
+
+
+def _stderr(proc) -> str:
+    if hasattr(proc, "err"):
+        for t in proc.readers:
+            t.join(timeout=10)
+        return "".join(proc.err)
+    return proc.stderr.read()
+
+
+def _commits(proc) -> int:
+    return sum(line.startswith("committed ") for line in list(proc.out))
+
+
 def _kill_tree(proc):
     """SIGKILL the process and everything it started (Ray's raylet and workers included)."""
     try:
@@ -82,6 +128,26 @@ def _finished(trials: dict) -> dict:
 
 def _counted(ts: dict) -> int:
     return sum(v[0] in ("COMPLETE", "PRUNED") or (v[0] == "FAIL" and v[3]) for v in ts.values())
+
+
+def wait_for(what: str, cond, proc=None, timeout: float = 400, every: float = 0.1):
+    """Poll cond() until it returns something true. Fail naming `what` at the deadline, or at once,
+    with its stderr, if proc ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended ({proc.returncode}) before {what}:\n{_stderr(proc)[-3000:]}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _n_finished_in(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    return sum(len(ts) for ts in _finished(_trials(S_journal(journal))).values())
 
 
 def _free_port():
@@ -173,18 +239,14 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(syn
                   protocols={"loso": {}})
     url = postgres("optuna_takeover")
     storage = optuna.storages.RDBStorage(url)
-    w = _start(["sweep-worker", str(cfg), "--storage", url, "--db", str(db)], env=FAST)
-    deadline, before = time.time() + 180, {}
+    # the worker parks the first trial that starts once one has finished (the sweep's test hook), and
+    # is killed there: mid-trial on an event, not on the clock
+    marker = tmp_path / "held"
+    w = _start(["sweep-worker", str(cfg), "--storage", url, "--db", str(db)],
+               env={**FAST, "FEATSTORE_TEST_HOLD_TRIAL": f"{marker}:1"})
     try:
-        while time.time() < deadline:  # kill it mid-trial, once it has finished at least one
-            t = _trials(storage)
-            running = any(v[0] == "RUNNING" for ts in t.values() for v in ts.values())
-            if running and sum(len(v) for v in _finished(t).values()) >= 1:
-                break
-            assert w.poll() is None, w.stderr.read()[-2000:]
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the worker never got going")
+        wait_for("the worker to be mid-trial after one finished trial",
+                 lambda: marker.exists() and marker.read_text().endswith("\n"), w, timeout=300)
     finally:
         _kill_tree(w)
     before = _finished(_trials(storage))
@@ -210,17 +272,18 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
     journal = tmp_path / "w" / "optuna" / "killsweep.journal"
     rng = random.Random(6)
     kept: dict = {}
-    for _ in range(3):
+    for k in sorted(rng.sample(range(1, 22), 3)):  # kill once k trials have finished, whatever the clock says
         p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
-        time.sleep(rng.uniform(4, 12))
-        _kill_tree(p)
-        if journal.exists():
-            now = _finished(_trials(S_journal(journal)))
-            for name, ts in kept.items():
-                assert all(now[name][n] == v for n, v in ts.items())
-            kept = now
-    assert kept, "no trial finished before the kills; the kills came too early to test anything"
+        try:
+            wait_for(f"{k} finished trials", lambda: _n_finished_in(journal) >= k, p, every=0.05)
+        finally:
+            _kill_tree(p)
+        now = _finished(_trials(S_journal(journal)))
+        for name, ts in kept.items():
+            assert all(now[name][n] == v for n, v in ts.items())
+        kept = now
+    assert sum(map(len, kept.values())) >= k
     p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     out, err = p.communicate(timeout=600)
@@ -275,16 +338,17 @@ def big_manifest(tmp_path_factory):
 def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_manifest, tmp_path):
     db = _ingested_db(tmp_path, big_manifest)
     rng = random.Random(3)
-    seen, mid_run = 0, 0
-    for _ in range(3):
-        p = _start(SLOW_EMBED + ["--workers", "1", "--db", str(db)])
-        time.sleep(rng.uniform(6, 12))
-        _kill_tree(p)
+    seen = 0
+    for _ in range(3):  # 50 batches of 8; each run is killed after k of its batches are in the store
+        k = rng.randint(1, 12)
+        p = _start_watched(SLOW_EMBED + ["--workers", "1", "--db", str(db)], commits=True)
+        try:
+            wait_for(f"{k} committed batches", lambda: _commits(p) >= k, p)
+        finally:
+            _kill_tree(p)
         n_img, n, distinct = _embedded(db)
-        assert n == distinct and seen <= n  # whole batches, never twice, never lost
-        mid_run += 0 < n - seen and n < n_img
+        assert n == distinct and seen + 8 * k <= n < n_img  # whole batches, never twice, never lost
         seen = n
-    assert mid_run, "no kill landed while batches were being written; nothing was tested"
     r = subprocess.run([FEATSTORE, *SLOW_EMBED, "--workers", "1", "--db", str(db)], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -294,16 +358,12 @@ def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_mani
 
 def test_a_second_process_gets_a_clear_message_while_embed_writes(synth_manifest, tmp_path):
     db = _ingested_db(tmp_path, synth_manifest)
-    p = _start(SLOW_EMBED + ["--workers", "0", "--db", str(db)])
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # the embed run holds the store once its first batch is in
-            time.sleep(0.5)
-            r = subprocess.run([FEATSTORE, "sql", "SELECT count(*) FROM images", "--db", str(db)],
-                               capture_output=True, text=True, timeout=120)
-            if r.returncode != 0:
-                break
-        assert p.poll() is None, "embed finished before the check"
+    p = _start_watched(SLOW_EMBED + ["--workers", "0", "--db", str(db)], commits=True)
+    try:  # once its first batch is in, the embed run holds the store; frozen, it keeps holding it
+        wait_for("embed's first committed batch", lambda: _commits(p) >= 1, p)
+        p.send_signal(signal.SIGSTOP)
+        r = subprocess.run([FEATSTORE, "sql", "SELECT count(*) FROM images", "--db", str(db)],
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "open for writing in another process" in " ".join(r.stderr.split()), r.stderr
         assert "Traceback" not in r.stderr
         r = subprocess.run([FEATSTORE, "ingest", "--manifest", str(synth_manifest), "--db", str(db)],
@@ -353,13 +413,20 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
     shards = tmp_path / "shards"
     args = SLOW_EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
     rng = random.Random(11)
-    for _ in range(2):
-        p = _start(args)
-        time.sleep(rng.uniform(15, 25))
-        _kill_tree(p)
+    for run in range(2):  # each run is killed once k more whole shard files are written
+        k = rng.randint(1, 4)
+        before = set(_whole_shards(shards))
+        p = _start_watched(args)
+        try:
+            wait_for(f"{k} finished shard files", lambda: len(set(_whole_shards(shards)) - before) >= k, p,
+                     timeout=600, every=0.2)
+        finally:
+            _kill_tree(p)
         n_img, n, distinct = _embedded(db)
         assert n == distinct < n_img
-    assert n or list(shards.rglob("*.parquet")), "the killed runs left no finished block to keep"
+        if run:  # the second run began by importing the first one's shards
+            assert n >= k, "the killed run's finished shards were not kept"
+    assert len(_whole_shards(shards)) >= k
     # a shard torn by the kill mid-write is dropped at import, its images embedded again
     part = shards / "backbone=xrv-densenet121-res224-all" / "preprocess=original" / "source=synthetic-a"
     part.mkdir(parents=True, exist_ok=True)
@@ -372,6 +439,20 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
     assert not list(shards.rglob("*.parquet"))
 
 
+def _whole_shards(shards: Path) -> list[Path]:
+    """Shard files with a readable footer (a file being written has none yet)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in shards.rglob("*.parquet"):
+        try:
+            pq.ParquetFile(f).metadata
+            out.append(f)
+        except Exception:  # noqa: BLE001 - being written, or vanished (imported) meanwhile
+            pass
+    return out
+
+
 def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path):
     """kill -9 the backbone actor while the driver lives: Ray restarts it and redoes the in-flight
     block; the run completes with nothing missing or doubled."""
@@ -380,7 +461,7 @@ def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path
     p = _start(SLOW_EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)])
     victim = None
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # a deadline only: the waits are for events (a shard, the actor)
         while time.time() < deadline and victim is None:
             time.sleep(0.5)
             assert p.poll() is None, p.stderr.read()[-3000:]
@@ -429,10 +510,10 @@ def test_a_sweep_whose_store_stays_busy_keeps_its_rows(synth_stores, tmp_path, m
         for h in holder:
             h.kill()
             h.wait(timeout=30)
-    sql = re.search(r'featstore sql --write "(.*)"', " ".join(str(e.value).split())).group(1)
+    allow, sql = re.search(r'featstore sql --write --allow-read (\S+) "(.*)"', " ".join(str(e.value).split())).groups()
     kept = pl.read_parquet(next(tmp_path.glob("unsaved-*/results.parquet")))
-    r = subprocess.run([FEATSTORE, "sql", "--write", sql, "--db", str(db)], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([FEATSTORE, "sql", "--write", "--allow-read", allow, sql, "--db", str(db)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     with duckdb.connect(str(db), read_only=True) as con:
         n = con.execute("SELECT count(*) FROM results WHERE study = 'busy'").fetchone()[0]

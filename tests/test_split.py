@@ -59,11 +59,11 @@ def test_loso_holds_each_source_out_and_drops_shared_images():
     folds = {f.test_sources[0]: f for f in loso(m)}
     assert set(folds) == {"a", "b", "c", "d"}
     for s, f in folds.items():
-        assert set(m.source[f.tests["unseen"]]) == {s}
+        assert set(m.source[f.tests["unseen"]]) == ({s, "a"} if s == "c" else {s})
         assert s not in set(m.source[f.train])
-    # a0 also occurs in c: it may not train the model that is tested on c
-    assert 0 not in folds["c"].train and folds["c"].n_dropped_shared == 1
-    assert 0 in folds["b"].train and folds["b"].n_dropped_shared == 0
+    # a0 also occurs in c: it belongs to c too, so it is tested there and trains no model tested on c
+    assert 0 not in folds["c"].train and 0 in folds["c"].tests["unseen"]
+    assert 0 in folds["a"].tests["unseen"] and 0 in folds["b"].train and folds["b"].n_dropped_shared == 0
     # d is (almost) single-class here: it is kept, with a note, not dropped
     one_class = [f for f in folds.values() if len(set(m.y[f.tests["unseen"]])) < 2]
     assert all(f.notes for f in one_class)
@@ -84,9 +84,10 @@ def test_seen_unseen():
     m = _meta()
     (f,) = seen_unseen(m, ["a", "d"], test_fraction=0.25, seed=0)
     assert set(m.source[f.train]) <= {"a", "d"} and set(m.source[f.tests["seen"]]) <= {"a", "d"}
-    assert set(m.source[f.tests["unseen"]]) == {"b", "c"}
+    assert set(m.source[f.tests["unseen"]]) == {"a", "b", "c"}  # a0 occurs in c as well
     assert _groups_disjoint(m, f.train, f.tests["seen"])
-    assert 0 not in f.train  # a0 also occurs in the unseen source c
+    assert 0 not in f.train and 0 not in f.tests["seen"]  # a0 also occurs in the unseen source c:
+    assert 0 in f.tests["unseen"]                           # it is tested there
     with pytest.raises(ValueError, match="unknown train source"):
         seen_unseen(m, ["a", "zzz"])
     with pytest.raises(ValueError, match="unknown protocol"):
@@ -104,3 +105,15 @@ def test_selection_splits_stay_inside_training():
             assert _groups_disjoint(m, a, b)
     inner = selection_splits(m, f.train, "inner-loso")
     assert len(inner) == len(set(m.source[f.train]))
+
+
+def test_near_duplicate_links_leave_training_but_are_not_tested_elsewhere():
+    """A near copy is another file: it leaves training when its partner's source is tested, but
+    only the file that occurs in a source is scored there."""
+    src = ["a"] * 20 + ["c"] * 20
+    y = [i % 2 for i in range(40)]
+    m = make_meta(src, y, None, [f"i{i}" for i in range(40)], [[]] * 40, links=[(1, 25)])
+    folds = {f.test_sources[0]: f for f in loso(m)}
+    assert 1 not in folds["c"].train and 1 not in folds["c"].tests["unseen"]
+    assert folds["c"].n_dropped_shared == 1
+    assert 25 in folds["c"].tests["unseen"] and 25 not in folds["a"].tests["unseen"]

@@ -1,0 +1,300 @@
+"""Frozen foundation-model backbones (issue 16): hf, timm and open_clip families, offline.
+
+Tiny random configurations (config_overrides) keep the suite fast on 2 cores; full-size entries are
+checked for their declared dimension and input size from the configuration alone. Parity bounds
+(max |difference| of the input tensor, after mean/std) against each library's own processor:
+  timm resolve_data_config + create_transform, open_clip image_transform   exactly equal
+  Hugging Face BitImageProcessor / SiglipImageProcessor                     <= 4 grey levels / std (2 on real X-rays)
+  (HF resizes in float, featstore in uint8 as PIL does: one rounding apart)
+"""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from featstore.backbones import REGISTRY, create_backbone, get_spec
+from featstore.weights import WeightsMissingError, sha256_file
+
+from conftest import CXR, needs_cxr
+
+FOUNDATION = [n for n, s in REGISTRY.items() if s.family in ("hf", "timm", "open_clip")]
+_T = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56)
+TINY = {
+    "rad-dino": _T, "dinov2-base": _T, "siglip-base": dict(_T, patch_size=14), "medsiglip-448": _T,
+    "convnext-base": dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
+    "biomedclip": dict(timm_model_name="vit_tiny_patch16_224"),
+    "chexzero": dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32),
+}
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_every_named_entry_is_tiny_testable_and_listed():
+    assert set(TINY) == set(FOUNDATION)
+    for n in FOUNDATION:
+        s = get_spec(n)
+        assert s.licence and s.feature_dim and s.input_size and s.channels == 3
+
+
+@pytest.mark.parametrize("name", FOUNDATION)
+def test_full_size_configuration_declares_dim_and_input_size(name):
+    """From the configuration alone (meta device: no weights allocated, no forward pass)."""
+    import transformers
+
+    s = get_spec(name)
+    o = s.options
+    if s.family == "hf":
+        cfg = getattr(transformers, o["config_class"])(**o["config"])
+        assert cfg.hidden_size == s.feature_dim
+        if o["pooling"] != "cls" or name != "dinov2-base":  # DINOv2 runs at 224 with interpolated positions
+            assert cfg.image_size == s.input_size
+    elif s.family == "timm":
+        import timm
+
+        with torch.device("meta"):
+            m = timm.create_model(o["arch"], pretrained=False, num_classes=0)
+        assert m.num_features == s.feature_dim and m.pretrained_cfg["input_size"][-1] == s.input_size
+    else:
+        assert o["model_cfg"]["embed_dim"] == s.feature_dim
+        assert o["model_cfg"]["vision_cfg"]["image_size"] == s.input_size
+    expected = {"rad-dino": (768, 518), "medsiglip-448": (1152, 448), "biomedclip": (512, 224), "chexzero": (512, 224),
+                "dinov2-base": (768, 224), "siglip-base": (768, 224), "convnext-base": (1024, 224)}
+    assert (s.feature_dim, s.input_size) == expected[name]
+
+
+@pytest.mark.parametrize("name", FOUNDATION)
+def test_tiny_random_forward(name):
+    bb = create_backbone(name, weights="random-init", config_overrides=TINY[name], device="cpu")
+    s = bb.spec
+    x = torch.rand(3, 3, s.input_size, s.input_size)
+    out = bb(x)
+    assert out.shape == (3, bb.feature_dim) and np.isfinite(out).all()
+    np.testing.assert_allclose(bb(x[:1]), out[:1], rtol=1e-4, atol=1e-5)  # eval mode: batch-independent
+    # seeded, and the changed configuration is part of the identity: never the full-size entry's set
+    again = create_backbone(name, weights="random-init", config_overrides=TINY[name], device="cpu")
+    np.testing.assert_array_equal(again(x), out)
+    assert ";config=" in bb.weights_id and f";pool={s.options['pooling']};" in bb.weights_id
+
+
+def test_pooling_is_its_own_entry_and_identity():
+    a = create_backbone("rad-dino", weights="random-init", config_overrides=_T)
+    b = create_backbone("rad-dino@mean", weights="random-init", config_overrides=_T)
+    assert a.name != b.name and ";pool=cls;" in a.weights_id and ";pool=mean;" in b.weights_id
+    x = torch.rand(2, 3, 56, 56)
+    assert not np.allclose(a(x), b(x))
+    # the CLS token is what the model computes; mean pools the patch tokens only
+    with torch.no_grad():
+        h = a.module.model(pixel_values=x).last_hidden_state
+    np.testing.assert_allclose(a(x), h[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b(x), h[:, 1:].mean(1).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown pooling"):
+        get_spec("rad-dino@max")
+    with pytest.raises(ValueError, match="only foundation-model"):
+        get_spec("pixelstats@mean")
+    with pytest.raises(ValueError, match="no tokens"):
+        create_backbone("convnext-base@cls", weights="random-init", config_overrides=TINY["convnext-base"])(
+            torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name,overrides", [("timm:vit_tiny_patch16_224", dict(depth=2, img_size=32)),
+                                            ("open_clip:ViT-B-16", dict(layers=2, width=32, head_width=16,
+                                                                         patch_size=8, image_size=32))])
+def test_generic_entries(name, overrides):
+    s = get_spec(name)
+    assert s.family == name.split(":")[0] and s.licence
+    bb = create_backbone(name, weights="random-init", config_overrides=overrides)
+    out = bb(torch.rand(2, 3, bb.spec.input_size, bb.spec.input_size))
+    assert out.shape == (2, bb.feature_dim)
+
+
+def test_generic_hf_offline_without_a_processor_says_what_is_needed():
+    with pytest.raises(ValueError, match="preprocessor_config.json"):
+        get_spec("hf:someone/no-such-model")
+
+
+# --- weights: local folders and files, identity, messages ----------------------------------------
+
+def test_hf_snapshot_folder_offline(tmp_path):
+    """A Hugging Face snapshot in <weights-dir>/<org>--<name>; identity = sha256 of its weight file."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(1)
+    ref = Dinov2Model(Dinov2Config(**_T)).eval()
+    folder = tmp_path / "microsoft--rad-dino"
+    ref.save_pretrained(folder)
+    bb = create_backbone("rad-dino", weights_dir=tmp_path)
+    assert bb.weights_id.startswith(f"sha256:{sha256_file(folder / 'model.safetensors')};pool=cls;input=")
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state[:, 0].numpy()
+    np.testing.assert_allclose(bb(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_siglip_full_model_snapshot_loads_its_vision_tower(tmp_path):
+    """MedSigLIP's repository holds the whole SigLIP (text + image); only the image tower is loaded."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(2)
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    ref = SiglipModel(SiglipConfig(text_config=dict(tiny, vocab_size=99), vision_config=dict(tiny, image_size=56,
+                                                                                            patch_size=14))).eval()
+    ref.save_pretrained(tmp_path / "google--medsiglip-448")
+    bb = create_backbone("medsiglip-448", weights_dir=tmp_path)
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        want = ref.vision_model(pixel_values=x).pooler_output.numpy()
+    np.testing.assert_allclose(bb(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_and_open_clip_files_offline(tmp_path):
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(3)
+    ref = timm.create_model("convnext_base", pretrained=False, num_classes=0, **TINY["convnext-base"]).eval()
+    d = tmp_path / "timm--convnext_base.fb_in22k_ft_in1k"
+    d.mkdir()
+    safetensors.torch.save_file(ref.state_dict(), d / "model.safetensors")
+    bb = create_backbone("convnext-base", weights_dir=tmp_path, config_overrides=TINY["convnext-base"])
+    assert bb.weights_id.startswith(f"sha256:{sha256_file(d / 'model.safetensors')};pool=pooler")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(bb(x), ref(x).numpy(), rtol=1e-4, atol=1e-5)
+
+    # CheXzero: an OpenAI-CLIP state dict (visual.* keys) given as --weights PATH
+    o = TINY["chexzero"]
+    donor = create_backbone("chexzero", weights="random-init", config_overrides=o, seed=5)
+    ckpt = tmp_path / "best_64_5e-05_original_22000_0.864.pt"
+    torch.save({f"visual.{k}": v for k, v in donor.module.visual.state_dict().items()} | {"logit_scale": torch.ones(())},
+               ckpt)
+    bb = create_backbone("chexzero", weights=str(ckpt), config_overrides=o)
+    assert bb.weights_id.startswith(f"sha256:{sha256_file(ckpt)};pool=pooler")
+    x = torch.rand(2, 3, 32, 32)
+    np.testing.assert_allclose(bb(x), donor(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,repo,files", [
+    ("rad-dino", "microsoft/rad-dino", "config.json"),
+    ("medsiglip-448", "google/medsiglip-448", "*.safetensors"),
+    ("convnext-base", "timm/convnext_base.fb_in22k_ft_in1k", "model.safetensors"),
+    ("biomedclip", "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin")])
+def test_missing_weights_name_files_repo_and_place(name, repo, files, tmp_path):
+    with pytest.raises(WeightsMissingError) as e:
+        create_backbone(name, weights_dir=tmp_path)
+    msg = str(e.value)
+    assert repo in msg and files in msg and f"{tmp_path}/{repo.replace('/', '--')}" in msg and "offline" in msg
+
+
+def test_chexzero_without_a_file_says_to_give_one(tmp_path):
+    with pytest.raises(WeightsMissingError, match="--weights PATH"):
+        create_backbone("chexzero", weights_dir=tmp_path)
+
+
+# --- each model fed as its own processor feeds it ------------------------------------------------
+
+def _refs():
+    import open_clip
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from transformers import BitImageProcessor, SiglipImageProcessor
+
+    def hf(p):
+        return lambda im: p(im, return_tensors="pt")["pixel_values"][0].numpy()
+
+    # the processors' published preprocessor_config.json values (model cards), built offline
+    bit = dict(resample=3, do_convert_rgb=True)
+    tt = create_transform(**resolve_data_config(model=timm.create_model("convnext_base", pretrained=False)))
+    return {
+        "rad-dino": (hf(BitImageProcessor(size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518},
+                                          image_mean=[0.5307] * 3, image_std=[0.2583] * 3, **bit)), 4 / 255 / 0.2583),
+        "dinov2-base": (hf(BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                                             **bit)), 4 / 255 / 0.224),
+        "siglip-base": (hf(SiglipImageProcessor()), 4 / 255 / 0.5),
+        "medsiglip-448": (hf(SiglipImageProcessor(size={"height": 448, "width": 448})), 4 / 255 / 0.5),
+        "convnext-base": (lambda im: tt(im).numpy(), 0.0),
+        "biomedclip": (lambda im: open_clip.image_transform(224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                                            std=open_clip.OPENAI_DATASET_STD)(im).numpy(), 0.0),
+    }
+
+
+def _check(images):
+    from PIL import Image
+
+    from featstore.preprocess import to_input, to_uint8
+
+    worst = {}
+    for name, (ref, tol) in _refs().items():
+        s = get_spec(name)
+        for x in images:
+            im = Image.fromarray(to_uint8(x)).convert("RGB")
+            got, want = to_input(x, s.input_size, s.channels, s.pipeline), ref(im)
+            assert got.shape == want.shape
+            worst[name] = max(worst.get(name, 0.0), float(np.abs(got - want).max()))
+        assert worst[name] <= tol + 1e-6, (name, worst[name])
+    return worst
+
+
+def test_parity_synthetic_odd_shapes():
+    rng = np.random.default_rng(0)
+    imgs = []
+    for shape in [(301, 257), (277, 375), (600, 601), (97, 403)]:  # odd / even offsets, up- and down-sizing
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        u8 = np.clip(127 + 100 * np.sin(xx / 9.0) * np.cos(yy / 13.0) + rng.normal(0, 20, shape), 0, 255)
+        imgs.append(u8.astype(np.uint8).astype(np.float32) / 255.0)
+    _check(imgs)
+
+
+@needs_cxr
+def test_parity_on_real_images():
+    from featstore.decode import decode_file
+
+    rows = list(csv.DictReader(open(CXR / "manifest.csv")))
+    paths = [CXR / r["path"] for r in rows[::len(rows) // 8][:8]]
+    _check([decode_file(p, draft=518).pixels for p in paths])
+
+
+def test_chexzero_pipeline_is_its_published_normalisation():
+    p = get_spec("chexzero").pipeline
+    # CheXzero zero_shot.py: Normalize((101.48761,) * 3, (83.43944,) * 3) on 0..255 pixels
+    assert np.allclose(np.array(p.mean) * 255, 101.48761) and np.allclose(np.array(p.std) * 255, 83.43944)
+
+
+# --- embed, store, re-embed nothing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["rad-dino", "convnext-base", "chexzero"])
+def test_embed_stores_and_resumes(name, ingested, monkeypatch):
+    from dataclasses import replace
+
+    from featstore import backbones as B
+    from featstore.embed import embed
+
+    con, _ = ingested
+    bb = create_backbone(name, weights="random-init", config_overrides=TINY[name])
+    rep = embed(con, bb, workers=0, limit=4)
+    assert rep.n_embedded == 4 and not rep.failed
+    assert embed(con, bb, workers=0, limit=4).n_embedded == 4  # the next 4: the first ones are not redone
+    rows = con.execute("SELECT count(*), count(DISTINCT weights_id) FROM embeddings WHERE backbone = ?",
+                       [name]).fetchone()
+    assert rows == (8, 1)
+    if name == "rad-dino":  # another pooling: another set, beside the first
+        other = create_backbone("rad-dino@mean", weights="random-init", config_overrides=_T)
+        assert embed(con, other, workers=0, limit=4).n_embedded == 4
+        assert con.execute("SELECT count(DISTINCT backbone) FROM embeddings WHERE backbone LIKE 'rad-dino%'"
+                           ).fetchone()[0] == 2
+
+
+def test_cli_lists_licences_and_embeds_random_init(tmp_path, synth_manifest):
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+
+    r = CliRunner().invoke(app, ["backbones"])
+    assert r.exit_code == 0, r.output
+    for n in FOUNDATION:
+        assert n in r.output
+    assert "MSRLA" in r.output and "gated" in r.output

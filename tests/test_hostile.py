@@ -1,0 +1,363 @@
+"""Issue 11's hostile corpus: well over 80 generated files and manifest rows - every kind of bad input
+featstore has met (broken PNG/JPEG/DICOM, NaN/Inf TIFF and NIfTI, FIFOs, device nodes, symlink loops
+and escapes, a sparse file over the size cap, Latin-1 names and manifests, odd ages, duplicate rows and
+headers) mixed with good images - goes through the real `featstore ingest` command in a child process.
+Asserted: no traceback, no hang (a timeout fails the test), every good file ingested, every rejection
+in `ingest_errors` with its reason, and every manifest row accounted for."""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from featstore.decode import DEFAULT_MAX_BYTES
+from featstore.store import connect
+
+TIMEOUT = 300  # a safety net against hangs (a FIFO opened, /dev/zero read), not a timing assumption
+
+
+def _run(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+    env.pop("FEATSTORE_MAX_BYTES", None)
+    return subprocess.run([sys.executable, "-m", "featstore.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env, stdin=subprocess.DEVNULL)
+
+
+def _img(seed: int, shape=(24, 20)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _save(arr, fmt, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, **kw).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _png(seed):
+    return _save(_img(seed), "PNG")
+
+
+def _png16(seed):
+    return _save((_img(seed).astype(np.uint16) * 257 + seed).astype(np.uint16), "PNG")
+
+
+def _jpeg(seed):
+    return _save(_img(seed), "JPEG")
+
+
+def _float_tiff(seed, bad=None):
+    a = np.random.default_rng(seed).random((16, 12)).astype(np.float32)
+    if bad is not None:
+        a[3, 4] = bad
+    return _save(a, "TIFF", mode="F")
+
+
+def _nifti(seed, bad=None, shape=(12, 16)):
+    import nibabel as nib
+
+    a = np.random.default_rng(seed).random(shape).astype(np.float32)
+    if bad is not None:
+        a.flat[5] = bad
+    return nib.Nifti1Image(a, np.eye(4)).to_bytes()
+
+
+def _dicom(seed):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_decode import _dicom as make
+
+    return make(np.random.default_rng(seed).integers(0, 4096, (20, 16)).astype(np.uint16))
+
+
+def _flip(data: bytes, where: float, byte: int) -> bytes:
+    b = bytearray(data)
+    b[int(where * len(b))] ^= byte
+    return bytes(b)
+
+
+class Corpus:
+    """Writes files under data/ and collects manifest rows, each with what must happen to it."""
+
+    def __init__(self, base: Path):
+        self.base, self.data = base, base / "data"
+        self.data.mkdir()
+        self.rows: list[tuple[str, str, str, str]] = []   # path, source, label, age
+        self.good: dict[tuple[str, str], str] = {}         # (source, resolved path) -> manifest path
+        self.bad: list[tuple[str, str, str]] = []          # (manifest path, source, reason substring)
+        self.files = 0
+
+    def write(self, name, data: bytes):
+        p = self.data / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        self.files += 1
+        return p
+
+    def good_row(self, name, source="site-a", label="covid", age=""):
+        self.rows.append((name, source, label, age))
+        self.good[(source, str((self.data / name).resolve()))] = name
+
+    def bad_row(self, name, reason, source="site-a", label="covid", age=""):
+        self.rows.append((name, source, label, age))
+        self.bad.append((name, source, reason))
+
+
+def build(base: Path) -> Corpus:
+    c = Corpus(base)
+    seed = iter(range(1000))
+    # --- good images, every supported format, some under misleading names --------------------------
+    for i in range(12):
+        c.write(f"png/{i}.png", _png(next(seed)))
+        c.good_row(f"png/{i}.png", age=["65", "065Y", "65 years", "65-70", "-5", "3 months", "abc", "", "7.5",
+                                         "200", "6,5", "0"][i])
+    for i in range(5):
+        c.write(f"png16/{i}.png", _png16(next(seed)))
+        c.good_row(f"png16/{i}.png", label="non_covid")
+    for i in range(6):
+        c.write(f"jpeg/{i}.jpg", _jpeg(next(seed)))
+        c.good_row(f"jpeg/{i}.jpg", source="site-b")
+    for i in range(4):
+        c.write(f"dicom/{i}.dcm", _dicom(next(seed)))
+        c.good_row(f"dicom/{i}.dcm", source="site-b", label="non_covid")
+    for i in range(3):
+        c.write(f"nifti/{i}.nii", _nifti(next(seed)))
+        c.good_row(f"nifti/{i}.nii", source="site-c")
+        c.write(f"tiff/{i}.tif", _float_tiff(next(seed)))
+        c.good_row(f"tiff/{i}.tif", source="site-c", label="non_covid")
+    for name, data in [("wrong/png_as.jpg", _png(next(seed))), ("wrong/png_as.dcm", _png(next(seed))),
+                       ("wrong/png_as.nii", _png(next(seed))), ("wrong/jpeg_as.png", _jpeg(next(seed))),
+                       ("wrong/jpeg_as.dcm", _jpeg(next(seed))), ("wrong/no_extension", _png(next(seed)))]:
+        c.write(name, data)
+        c.good_row(name, source="site-c")
+    # non-ASCII names and two sources that only differ by an accent: must stay two sources
+    for name, src in [("latin/café.png", "Clinique-Zé"), ("latin/naïve é.png", "Clinique-Zé"),
+                      ("latin/Zürich ü.png", "Clinique-Zè"), ("latin/Ørsted.png", "Clinique-Zè"),
+                      ("latin/[bold]markup[/].png", "Clinique-Zè")]:
+        c.write(name, _png(next(seed)))
+        c.good_row(name, source=src)
+    # one file under two sources: one image, two occurrences (both good)
+    c.write("shared/x.png", _png(next(seed)))
+    c.good_row("shared/x.png", source="site-a")
+    c.good_row("shared/x.png", source="site-b", label="non_covid")
+    # a symlink that stays inside the root is fine
+    (c.data / "links").mkdir()
+    (c.data / "links" / "inside.png").symlink_to(c.data / "png" / "0.png")
+    c.good_row("links/inside.png", source="site-d")
+
+    # --- bad files ----------------------------------------------------------------------------------
+    png, jpeg, dcm = _png(next(seed)), _jpeg(next(seed)), _dicom(next(seed))
+    for i, frac in enumerate((0.3, 0.6, 0.9)):
+        c.write(f"broken/trunc{i}.png", png[:int(len(png) * frac)])
+        c.bad_row(f"broken/trunc{i}.png", "truncated or corrupt PNG")
+    for i, frac in enumerate((0.5, 0.8)):
+        c.write(f"broken/trunc{i}.jpg", jpeg[:int(len(jpeg) * frac)])
+        c.bad_row(f"broken/trunc{i}.jpg", "JPEG")
+    for i, frac in enumerate((0.1, 0.95)):
+        c.write(f"broken/trunc{i}.dcm", dcm[:int(len(dcm) * frac)])
+        c.bad_row(f"broken/trunc{i}.dcm", "DICOM")
+    c.write("broken/flipsig.png", _flip(png, 0.0, 0xFF))
+    c.bad_row("broken/flipsig.png", "not an image")
+    c.write("broken/flipihdr.png", _flip(png, 0.6 * 33 / len(png), 0x01))  # in IHDR: CRC mismatch
+    c.bad_row("broken/flipihdr.png", "truncated or corrupt PNG")
+    for i, (src, where) in enumerate([(png, 0.5), (png, 0.8), (jpeg, 0.4), (jpeg, 0.7), (dcm, 0.5), (dcm, 0.99)]):
+        # bit flips inside the data may still decode: either way accounted for (see the test), never a crash
+        c.write(f"flipped/{i}.bin", _flip(src, where, 0x5A))
+        c.rows.append((f"flipped/{i}.bin", "site-e", "covid", ""))
+    for i in range(3):
+        c.write(f"empty/{i}.png", b"")
+        c.bad_row(f"empty/{i}.png", "empty file (0 bytes)")
+    c.write("broken/text.png", b"patient notes, not an image\n" * 20)
+    c.bad_row("broken/text.png", "not an image")
+    c.write("broken/zero.png", b"\x89PNG\r\n\x1a\n" + bytes.fromhex(
+        "0000000d4948445200000000000000100800000000") + b"\x00" * 4)  # IHDR says 0 x 16
+    c.bad_row("broken/zero.png", "")
+    for i, bad in enumerate((np.nan, np.inf, -np.inf)):
+        c.write(f"nonfinite/{i}.tif", _float_tiff(next(seed), bad))
+        c.bad_row(f"nonfinite/{i}.tif", "non-finite pixel values (")
+        c.write(f"nonfinite/{i}.nii", _nifti(next(seed), bad))
+        c.bad_row(f"nonfinite/{i}.nii", "non-finite pixel values (")
+    c.write("broken/volume.nii", _nifti(next(seed), shape=(4, 4, 3)))
+    c.bad_row("broken/volume.nii", "not 2-D")
+    # --- special files --------------------------------------------------------------------------
+    for i in range(2):
+        os.mkfifo(c.data / f"fifo{i}.png")
+        c.files += 1
+        c.bad_row(f"fifo{i}.png", "FIFO")
+    for dev in ("/dev/zero", "/dev/null", "/dev/urandom"):
+        c.bad_row(dev, "device node")
+    (c.data / "loop_a.png").symlink_to(c.data / "loop_b.png")
+    (c.data / "loop_b.png").symlink_to(c.data / "loop_a.png")
+    (c.data / "loop_self.png").symlink_to(c.data / "loop_self.png")
+    c.files += 3
+    for n in ("loop_a.png", "loop_self.png"):
+        c.bad_row(n, "symlink loop")
+    (base / "secret.png").write_bytes(_png(next(seed)))
+    (c.data / "escape.png").symlink_to(base / "secret.png")
+    (c.data / "to_zero.png").symlink_to("/dev/zero")
+    (c.data / "dangling.png").symlink_to(c.data / "gone.png")
+    c.files += 3
+    c.bad_row("escape.png", "outside the allowed root")
+    c.bad_row("../secret.png", "outside the allowed root")
+    c.bad_row("/etc/passwd", "outside the allowed root")
+    c.bad_row("to_zero.png", "device node", source="site-z")  # inside --allow-root /dev: a device, not read
+    c.bad_row("dangling.png", "broken symlink")
+    c.bad_row("png", "is a directory")
+    with open(c.data / "huge.png", "wb") as f:
+        f.truncate(DEFAULT_MAX_BYTES + 4096)  # sparse: instant, uses no disk
+    c.files += 1
+    c.bad_row("huge.png", "file too large")
+    # a symlink whose target name is not UTF-8 (an old Latin-1 archive): recorded, not a crash
+    latin = os.fsencode(c.data / "latin") + b"/caf\xe9.png"
+    with open(latin, "wb") as f:
+        f.write(_png(next(seed)))
+    (c.data / "to_latin1.png").symlink_to(os.fsdecode(latin))
+    c.files += 2
+    c.bad_row("to_latin1.png", "not valid UTF-8")
+    # --- bad rows ---------------------------------------------------------------------------------
+    c.bad_row("missing.png", "file not found")
+    c.bad_row("png/1.png", "duplicate manifest row")
+    c.bad_row("jpeg/2.jpg", "duplicate manifest row", source="site-b")
+    c.bad_row("png/3.png", "unknown label 'maybe'", label="maybe")
+    c.bad_row("png/4.png", "empty label", source="site-x", label="")
+    c.bad_row("", "empty path")
+    return c
+
+
+def _write_manifest(c: Corpus) -> Path:
+    import csv
+
+    m = c.data / "manifest.csv"
+    with open(m, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "source", "label", "age"])
+        w.writerows(c.rows)
+    return m
+
+
+def _reasons(con):
+    return con.execute("SELECT file, source, reason FROM ingest_errors").fetchall()
+
+
+def _match(file: str, manifest_path: str, data: Path) -> bool:
+    """Whether an ingest_errors.file names this manifest path (as written, or resolved)."""
+    if not manifest_path:
+        return file.startswith("<row")
+    shown = lambda p: str(p).encode("utf-8", "backslashreplace").decode()  # as the store keeps odd names
+    names = {manifest_path, shown(data / manifest_path)}
+    try:
+        names.add(shown((data / manifest_path).resolve()))
+    except RuntimeError:  # a symlink loop: recorded under the name as written
+        pass
+    return file in names
+
+
+def test_hostile_corpus_ingests_without_crash_hang_or_loss(tmp_path):
+    c = build(tmp_path)
+    m = _write_manifest(c)
+    assert c.files >= 80 and len(c.rows) >= 80, (c.files, len(c.rows))
+    db = tmp_path / "fs.duckdb"
+    r = _run("ingest", "--manifest", m, "--db", db, "--workers", "2", "--allow-root", c.data, "--allow-root", "/dev")
+    out = r.stdout + r.stderr
+    assert "Traceback" not in out and r.returncode == 1, out
+    con = connect(db, read_only=True)
+    try:
+        # 0 good rows lost
+        occ = set(con.execute("SELECT source, path FROM occurrences").fetchall())
+        assert set(c.good) <= occ, sorted(set(c.good) - occ)
+        # every reject recorded with its reason
+        recorded = _reasons(con)
+        for path, source, why in c.bad:
+            hits = [reason for f, s, reason in recorded if _match(f, path, c.data) and why in reason]
+            assert hits, f"{path!r}: no ingest_errors row with {why!r}; have " \
+                         f"{[x for x in recorded if _match(x[0], path, c.data)]}"
+        # every manifest row is an occurrence or an error: nothing vanished
+        n_rows, n_occ, n_err = con.execute("SELECT n_rows, n_new_occurrences, n_errors FROM ingest_runs").fetchone()
+        assert n_rows == len(c.rows) and n_occ + n_err == n_rows
+        # no non-finite image got in; sources that differ by an accent stayed apart
+        assert con.execute("SELECT count(DISTINCT source) FROM occurrences WHERE source LIKE 'Clinique-Z%'"
+                           ).fetchone()[0] == 2
+        ages = dict(con.execute("SELECT age_raw, age FROM occurrences WHERE source = 'site-a' AND age_raw IS NOT NULL"
+                                ).fetchall())
+        assert ages == {"65": 65.0, "065Y": 65.0, "65 years": 65.0, "65-70": None, "-5": None, "3 months": None,
+                        "abc": None, "7.5": 7.5, "200": None, "6,5": None, "0": 0.0}
+        assert "6 age value(s) are not a number of years" in out
+        # the secret file beside the root was never read into the store
+        assert not any("secret" in p for _, p in occ)
+    finally:
+        con.close()
+    # the same command again: no hang, no traceback, nothing new, nothing lost
+    r = _run("ingest", "--manifest", m, "--db", db, "--workers", "2", "--allow-root", c.data, "--allow-root", "/dev")
+    assert "Traceback" not in r.stdout + r.stderr and r.returncode == 1, r.stderr
+    con = connect(db, read_only=True)
+    assert con.execute("SELECT n_new_occurrences, n_already FROM ingest_runs ORDER BY run_id DESC LIMIT 1"
+                       ).fetchone() == (0, n_occ)
+    con.close()
+
+
+def test_hostile_manifests_are_refused_in_one_line_and_recorded(tmp_path):
+    (tmp_path / "a.png").write_bytes(_png(1))
+    (tmp_path / "b.png").write_bytes(_png(2))
+    cases = {
+        "latin1.csv": ("path,source,label\na.png,Clinique-Zé,covid\nb.png,Clinique-Zè,covid\n".encode("cp1252"),
+                       "--encoding"),
+        "dupes.csv": (b"path,source,label,source\na.png,s,covid,t\n", "duplicate column name(s): 'source'"),
+        "binary.csv": (bytes(range(256)) * 4, "--encoding"),
+    }
+    db = tmp_path / "fs.duckdb"
+    for name, (data, why) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        r = _run("ingest", "--manifest", tmp_path / name, "--db", db)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and why in lines[0] and name in lines[0], r.stderr
+    os.mkfifo(tmp_path / "fifo.csv")
+    r = _run("ingest", "--manifest", tmp_path / "fifo.csv", "--db", db)
+    assert r.returncode == 1 and "FIFO" in r.stderr, r.stderr
+    con = connect(db, read_only=True)
+    got = {Path(f).name: reason for f, reason in con.execute("SELECT file, reason FROM ingest_errors").fetchall()}
+    con.close()
+    assert set(got) == {"latin1.csv", "dupes.csv", "binary.csv", "fifo.csv"}
+    r = _run("ingest", "--manifest", tmp_path / "latin1.csv", "--db", db, "--encoding", "cp1252")
+    assert r.returncode == 0, r.stderr
+    con = connect(db, read_only=True)
+    assert sorted(s for (s,) in con.execute("SELECT source FROM occurrences").fetchall()) == \
+        ["Clinique-Zè", "Clinique-Zé"]
+    con.close()
+
+
+def test_hostile_folder_tree(tmp_path):
+    root = tmp_path / "root"
+    d = root / "site" / "covid"
+    d.mkdir(parents=True)
+    good = []
+    for i in range(6):
+        (d / f"{i}.png").write_bytes(_png(100 + i))
+        good.append(str((d / f"{i}.png").resolve()))
+    (d / "ü é.png").write_bytes(_png(120))
+    good.append(str((d / "ü é.png").resolve()))
+    (tmp_path / "outside.png").write_bytes(_png(130))
+    (d / "escape.png").symlink_to(tmp_path / "outside.png")
+    (d / "zero.png").symlink_to("/dev/zero")
+    (d / "loop.png").symlink_to(d / "loop.png")
+    os.mkfifo(d / "fifo.png")
+    with open(os.fsencode(d) + b"/caf\xe9.png", "wb") as f:
+        f.write(_png(140))
+    (root / "site" / "non_covid").symlink_to(tmp_path)  # a folder link out of the root
+    (d / "empty.png").write_bytes(b"")
+    db = tmp_path / "fs.duckdb"
+    r = _run("ingest", "--folder", root, "--db", db, "--workers", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr, r.stderr
+    con = connect(db, read_only=True)
+    paths = {p for (p,) in con.execute("SELECT path FROM occurrences").fetchall()}
+    got = {Path(f).name: reason for f, reason in con.execute("SELECT file, reason FROM ingest_errors").fetchall()}
+    con.close()
+    assert paths == set(good)
+    assert got["escape.png"].startswith("symlink to a path outside the folder root")
+    assert got["zero.png"].startswith("symlink to a path outside the folder root")
+    assert got["non_covid"].startswith("symlink to a path outside the folder root")
+    assert got["loop.png"] == "symlink loop"
+    assert got["fifo.png"].startswith("a FIFO")
+    assert got["caf\\udce9.png"].startswith("file name is not valid UTF-8")
+    assert got["empty.png"] == "empty file (0 bytes)"

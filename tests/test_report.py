@@ -1,0 +1,209 @@
+"""The study report as a researcher reads it (issue 13): one self-contained HTML file, the verdict and
+figures first, coloured cells, an interactive embedding map, the contact sheet as a grid, and a
+report that fails writes nothing. Rendered once on a small synthetic sweep."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+import polars as pl
+import pytest
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.attrs, self.data, self._in = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.attrs += [(tag, k, v or "") for k, v in attrs]
+        self._in = tag
+
+    def handle_data(self, data):
+        if self._in not in ("script", "style"):
+            self.data.append(data)
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+
+@pytest.fixture(scope="module")
+def rendered(synth_stores, tmp_path_factory):
+    """A copy of the confounded store whose 4th source is named with HTML, a small sweep on it, two
+    near-duplicate pairs (one across sources), and the report written from it."""
+    from featstore.benchmark import run_study
+    from featstore.report import write_report
+    from featstore.store import connect
+    from featstore.study import parse_study
+
+    tmp = tmp_path_factory.mktemp("report")
+    db = tmp / "fs.duckdb"
+    shutil.copy(synth_stores["confounded"], db)  # never write to the shared session store
+    con = connect(db)
+    for t in ("images", "occurrences"):
+        con.execute(f"UPDATE {t} SET source = ? WHERE source = 'synthetic-d'", [HOSTILE])
+    ids = con.execute("SELECT image_id, source, label FROM images ORDER BY source, image_id").fetchall()
+    a, b, c = ids[0], ids[1], ids[-1]  # a, b: one source; c: the hostile one
+    for (x, sx, lx), (y, sy, ly), cos, d, m in ((a, b, 0.95, 9, "phash"), (a, c, 0.99, 2, "both")):
+        con.execute("INSERT INTO near_duplicates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, 0.98, 10, now())",
+                    [x, y, sx, sy, lx, ly, cos, d, m])
+    con.close()
+    st = parse_study(dict(study="rep", backbones=["pixelstats"], heads={"logreg": {"trials": 1}},
+                          protocols={"mixed": {"folds": 3}, "loso": {}}, bootstrap=50))
+    run_study(st, db, tmp, f"sqlite:///{tmp / 'mlflow.db'}")
+    con = connect(db, read_only=True)
+    try:
+        r = write_report(con, tmp / "rep")
+    finally:
+        con.close()
+    html = (tmp / "rep" / "report.html").read_text()
+    p = _Tags()
+    p.feed(html)
+    return dict(db=db, out=tmp / "rep", r=r, html=html, tags=p, n_images=len(ids))
+
+
+def test_html_is_one_self_contained_file(rendered):
+    tags = rendered["tags"]
+    srcs = [v for t, k, v in tags.attrs if k == "src"]
+    assert len(srcs) >= 4 and all(v.startswith("data:image/") for v in srcs), srcs[:3]
+    assert not [v for t, k, v in tags.attrs if k == "href"]  # no stylesheet, no link out
+    html = rendered["html"]
+    assert 'src="http' not in html and "url(" not in html and "@import" not in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    # the folder holds the same figures for the Markdown, which links them as files beside it
+    md = (rendered["out"] / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links and all((rendered["out"] / f).exists() for f in links)
+    assert {"forest_unseen_auc.png", "dumbbell_seen_unseen.png", "near_duplicates.png"} <= set(links)
+
+
+def test_verdict_and_figures_come_before_the_tables(rendered):
+    html = rendered["html"]
+    first_table = html.index("<table")
+    verdict = html.index('class="card ')
+    forest = html.index('alt="Per-source unseen AUC"')
+    dumbbell = html.index('alt="Seen vs unseen sources"')
+    assert verdict < forest < dumbbell < first_table
+    assert re.search(r'<span class="badge v-(shortcut|generalises|inconclusive)">', html)
+    # coloured cells: AUC cells on the diverging scale, the verdict cell by verdict
+    assert re.search(r'<td class="verdict v-(shortcut|generalises|inconclusive)">', html)
+    assert re.search(r'<td style="background:#[0-9a-f]{6}">0\.\d{3} \[', html)
+
+
+def test_auc_colours_diverge_at_chance():
+    from featstore.report import auc_colour
+
+    def rgb(v):
+        h = auc_colour(v)
+        return tuple(int(h[i:i + 2], 16) for i in (1, 3, 5))
+    low, mid, high = rgb(0.1), rgb(0.5), rgb(0.95)
+    assert low[0] > low[2] and high[2] > high[0]  # red below chance, blue above
+    assert min(mid) > 230  # near white at chance
+    assert auc_colour(None) is None
+
+
+def test_no_literal_markdown_in_html(rendered):
+    text = "".join(rendered["tags"].data)
+    assert not re.search(r"(?<![\w*])\*[^*\s][^*]*?\*(?![\w*])", text), re.findall(r"\*[^*\n]{0,30}\*", text)[:3]
+    assert "**" not in text and "`" not in text
+    assert "<em>mixed</em>" in rendered["html"] and "<strong>source-level</strong>" in rendered["html"]
+
+
+def test_a_source_named_with_html_stays_text(rendered):
+    html = rendered["html"]
+    assert HOSTILE not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    # the only script elements are the report's own: the map's data and its code
+    assert html.count("<script") == 2
+    md = (rendered["out"] / "report.md").read_text()
+    assert HOSTILE not in md and "&lt;script&gt;" in md
+
+
+def test_interactive_map_has_every_point_with_hover_data(rendered):
+    html = rendered["html"]
+    m = re.search(r'<div class="imap" data-n="(\d+)">', html)
+    assert m and int(m.group(1)) == rendered["n_images"]
+    blob = re.search(r'<script type="application/json" class="imap-data">(.*?)</script>', html, re.S).group(1)
+    data = json.loads(blob)
+    pts = data["points"]
+    assert len(pts) == rendered["n_images"] == len({p["id"] for p in pts})
+    for p in pts:
+        assert 0 <= p["x"] <= 1 and 0 <= p["y"] <= 1
+        assert p["thumb"].startswith("data:image/jpeg;base64,")
+        assert p["source"] in data["palettes"]["source"] and p["label"] in data["palettes"]["label"]
+    assert HOSTILE in {p["source"] for p in pts}  # the name survives as data, escaped only for the script element
+    # two palettes that share no colour: a map by source is never mistaken for one by label
+    assert not set(data["palettes"]["source"].values()) & set(data["palettes"]["label"].values())
+    for word in ("wheel", "mousemove", "dblclick", "textContent"):
+        assert word in html
+    assert "innerHTML" not in html  # hover text is set as text, never parsed
+
+
+def test_the_map_subsample_is_capped_and_seeded(rendered, tmp_path):
+    from featstore.report import embedding_maps
+    from featstore.store import connect
+
+    con = connect(rendered["db"], read_only=True)
+    try:
+        a = embedding_maps(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
+        b = embedding_maps(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
+    finally:
+        con.close()
+    assert a["n"] == 40 and a["total"] == rendered["n_images"]
+    assert [p["id"] for p in a["points"]] == [p["id"] for p in b["points"]]
+    assert [(p["x"], p["y"]) for p in a["points"]] == [(p["x"], p["y"]) for p in b["points"]]
+
+
+def test_contact_sheet_puts_cross_source_and_strong_pairs_first(rendered):
+    from featstore.duplicates import sheet_order
+
+    pairs = pl.DataFrame(dict(image_a=["a", "b", "c", "d"], image_b=["e", "f", "g", "h"],
+                              source_a=["s", "s", "s", "s"], source_b=["s", "t", "s", "s"],
+                              method=["phash", "phash", "both", "embedding"],
+                              cosine=[0.90, 0.91, 0.99, None], phash_distance=[8, 9, 1, 30]))
+    assert sheet_order(pairs)["image_a"].to_list() == ["b", "c", "a", "d"]
+    html = rendered["html"]
+    assert 'alt="contact sheet"' in html and "2 of 2 pairs" in html
+    from PIL import Image
+
+    w, h = Image.open(rendered["out"] / "near_duplicates.png").size
+    assert w > h  # two pairs side by side in a grid, not one column
+
+
+def test_a_failing_report_writes_nothing(rendered, tmp_path, monkeypatch):
+    from featstore import report
+    from featstore.store import connect
+
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.html").write_text("the previous report")
+
+    def boom(*a, **k):
+        raise RuntimeError("neighbour summary failed")
+    # figures are already in the temporary folder when this fails
+    monkeypatch.setattr("featstore.neighbors.neighbour_summary", boom)
+    con = connect(rendered["db"], read_only=True)
+    try:
+        with pytest.raises(RuntimeError, match="neighbour summary failed"):
+            report.write_report(con, out)
+    finally:
+        con.close()
+    assert sorted(p.name for p in out.iterdir()) == ["report.html"]
+    assert (out / "report.html").read_text() == "the previous report"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep-")]
+
+
+def test_templates_ship_with_the_package():
+    import tomllib
+    from importlib.resources import files
+    from pathlib import Path
+
+    for name in ("report.html.j2", "report.md.j2"):
+        assert (files("featstore") / "templates" / name).is_file()
+    py = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "templates/*.j2" in py["tool"]["setuptools"]["package-data"]["featstore"]
+    assert "jinja2==3.1.6" in py["project"]["dependencies"]

@@ -1,0 +1,234 @@
+"""MLflow as a researcher compares in it: experiment kind, names, identity params, one metric
+vocabulary, real times, FAILED/KILLED, artifacts that survive a move, the input dataset."""
+import json
+import os
+import shutil
+import signal
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from featstore import track
+from featstore.benchmark import run_study
+from featstore.study import parse_study
+
+
+def _study(**kw):
+    raw = dict(study="cmp", backbones=["pixelstats"], heads={"logreg": {"trials": 2}},
+               protocols={"mixed": {"folds": 2}, "loso": {}}, bootstrap=0)
+    raw.update(kw)
+    return parse_study(raw)
+
+
+def _runs(uri, study):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(study)
+    return c, exp, c.search_runs([exp.experiment_id], max_results=5000)
+
+
+@pytest.fixture(scope="module")
+def swept(synth_stores, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("track")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = tmp / "study.yaml"
+    cfg.write_text("study: cmp\nbackbones: [pixelstats]\nheads: {logreg: {trials: 2}}\n"
+                   "protocols: {mixed: {folds: 2}, loso: {}}\nbootstrap: 0\n")
+    from featstore.study import load_study
+
+    rep = run_study(load_study(cfg), synth_stores["confounded"], tmp, uri)
+    return tmp, uri, rep
+
+
+def test_experiment_is_model_development_and_runs_are_named(swept):
+    _, uri, rep = swept
+    c, exp, runs = _runs(uri, "cmp")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    by = {}
+    for r in runs:
+        by.setdefault(r.data.tags["level"], []).append(r)
+    sweep = by["sweep"][0]
+    assert sweep.info.run_name.startswith("cmp 20") and sweep.info.run_id == rep.parent_run_id
+    assert sorted(r.info.run_name for r in by["unit"]) == ["loso · logreg · pixelstats/original",
+                                                          "mixed · logreg · pixelstats/original"]
+    assert {r.info.run_name for r in by["fold"]} >= {"fold heldout=synthetic-a", "fold r0-f0"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # the compare view lines unit runs up by identity params and one metric vocabulary
+    for u in by["unit"]:
+        assert {"head", "backbone", "weights_id", "preprocess", "protocol", "selection", "target",
+                "held_out"} <= set(u.data.params)
+        assert u.data.tags["sweep_id"] == rep.sweep_id
+    loso = next(u for u in by["unit"] if u.data.params["protocol"] == "loso")
+    assert {"auc_unseen_mean", "auc_unseen_worst", "auc_unseen_pooled"} <= set(loso.data.metrics)
+    # the live sweep's progress
+    assert c.get_metric_history(sweep.info.run_id, "tasks_done")[-1].value == rep.n_tasks
+
+
+def test_runs_carry_the_times_the_work_happened(swept):
+    _, uri, _ = swept
+    _, _, runs = _runs(uri, "cmp")
+    by_id = {r.info.run_id: r for r in runs}
+    for r in runs:
+        if r.data.tags["level"] == "trial":
+            fold = by_id[r.data.tags["mlflow.parentRunId"]]
+            unit = by_id[fold.data.tags["mlflow.parentRunId"]]
+            # a trial ran inside its fold, the fold inside its unit (not all logged in one instant)
+            assert fold.info.start_time <= r.info.start_time <= r.info.end_time <= fold.info.end_time
+            assert unit.info.start_time <= fold.info.start_time and fold.info.end_time <= unit.info.end_time
+    units = [r for r in runs if r.data.tags["level"] == "unit"]
+    sweep = next(r for r in runs if r.data.tags["level"] == "sweep")
+    assert all(sweep.info.start_time <= u.info.start_time for u in units)
+
+
+def test_inputs_config_and_report_attached(swept, synth_stores):
+    tmp, uri, rep = swept
+    c, exp, runs = _runs(uri, "cmp")
+    unit = next(r for r in runs if r.data.tags["level"] == "unit")
+    ds = unit.inputs.dataset_inputs
+    assert len(ds) == 1 and ds[0].dataset.name == "pixelstats/original"
+    assert ds[0].dataset.digest == unit.data.params["weights_id"].split(":", 1)[-1][:36]
+    assert json.loads(ds[0].dataset.source)["store"] == str(synth_stores["confounded"])
+    t = track.Tracker("cmp", uri)
+    got = {p.name for p in t.artifact_files(rep.parent_run_id, tmp / "a")}
+    assert got == {"study.yaml"}
+    assert {"per_source.csv", "confusion.png"} <= {p.name for p in t.artifact_files(unit.info.run_id, tmp / "b")}
+    rid = track.attach_report("cmp", rep.sweep_id, [tmp / "study.yaml"], uri)
+    assert rid == rep.parent_run_id
+    assert (t.local_dir(c.get_run(rid).info.artifact_uri) / "report" / "study.yaml").is_file()
+    # no tracking store where there was none
+    assert track.attach_report("cmp", rep.sweep_id, [], f"sqlite:///{tmp / 'none.db'}") is None
+    assert not (tmp / "none.db").exists()
+
+
+def test_artifacts_survive_moving_the_folder(swept, tmp_path):
+    """Runs record mlflow-artifacts: locations, resolved beside the database, not absolute paths."""
+    src, _, rep = swept
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)  # a copy stands for the move (the module's other tests read the original)
+    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    c, exp, runs = _runs(uri, "cmp")
+    assert exp.artifact_location == "mlflow-artifacts:/cmp"
+    unit = next(r for r in runs if r.data.tags["level"] == "unit")
+    assert str(src) not in unit.info.artifact_uri
+    files = track.Tracker("cmp", uri).artifact_files(unit.info.run_id, tmp_path / "out")
+    assert "per_source.csv" in {p.name for p in files}
+    from featstore.cli import _mlflow_ui_argv
+
+    argv = _mlflow_ui_argv(uri, "127.0.0.1", 5999)
+    assert argv[argv.index("--artifacts-destination") + 1] == str((moved / "mlartifacts").resolve())
+
+
+def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch):
+    import featstore.benchmark as B
+
+    def boom(st, sweep_id, bb, pre, data, results, tracker, parent):
+        tracker.run("half-logged unit", parent=parent, tags=dict(level="unit"), status=None)
+        raise RuntimeError("scoring broke")
+    monkeypatch.setattr(B, "_score_and_track", boom)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RuntimeError):
+        run_study(_study(study="fail"), synth_stores["confounded"], tmp_path, uri)
+    _, _, runs = _runs(uri, "fail")
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]  # the sweep and the unit it had opened
+
+
+def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkeypatch):
+    """Ctrl-C, and SIGTERM (which unwinds the same way), mid-unit: every run opened is KILLED."""
+    import featstore.benchmark as B
+
+    real = B._track_unit
+    calls = [0]
+
+    def interrupted(tracker, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:  # the second unit: its own run is open when the signal lands
+            tracker.run("half-logged unit", parent=tracker.sweep_run, tags=dict(level="unit"), status=None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(tracker, *a, **k)
+    monkeypatch.setattr(B, "_track_unit", interrupted)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM)  # not always SIG_DFL: ray.init, run earlier, installs one
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_study(study="kill"), synth_stores["confounded"], tmp_path, uri)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    _, _, runs = _runs(uri, "kill")
+    status = {r.info.run_name: r.info.status for r in runs if r.data.tags["level"] in ("sweep", "unit")}
+    assert status.pop("half-logged unit") == "KILLED"
+    assert sorted(status.values()) == ["FINISHED", "KILLED"]  # the first unit finished; the sweep KILLED
+
+
+def test_runs_a_killed_process_left_running_are_closed_at_the_next_sweep(synth_stores, tmp_path):
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = track.Tracker("stale", uri)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    import socket
+
+    old = t.run("old sweep", tags=dict(level="sweep", sweep_id="old", host=socket.gethostname(), pid=dead),
+                status=None)
+    child = t.run("old unit", parent=old, tags=dict(level="unit", sweep_id="old"), status=None)
+    remote = t.run("sweep elsewhere", tags=dict(level="sweep", sweep_id="far", host="another-host", pid=1),
+                   status=None)
+    live = t.run("this process", tags=dict(level="sweep", sweep_id="live", host=socket.gethostname(),
+                                           pid=os.getpid()), status=None)
+    rep = run_study(_study(study="stale"), synth_stores["confounded"], tmp_path, uri)
+    c = t.client
+    assert c.get_run(old).info.status == "KILLED" and c.get_run(child).info.status == "KILLED"
+    assert c.get_run(remote).info.status == "RUNNING"  # may be alive on its host: left alone
+    assert c.get_run(live).info.status == "RUNNING"
+    assert c.get_run(rep.parent_run_id).info.status == "FINISHED"
+    assert any("KILLED" in n for n in rep.notes)
+
+
+def test_report_command_attaches_the_report(synth_stores, tmp_path, monkeypatch):
+    from featstore.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = synth_stores["confounded"]
+    rep = run_study(_study(study="rep"), db, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    r = CliRunner().invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "r"), "--study", "rep",
+                                 "--sweep-id", rep.sweep_id])
+    assert r.exit_code == 0, r.output
+    t = track.Tracker("rep", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    d = t.local_dir(t.client.get_run(rep.parent_run_id).info.artifact_uri) / "report"
+    assert {p.name for p in d.iterdir()} == {"report.md", "report.html"}
+
+
+def test_ui_url_opens_on_runs():
+    assert track.ui_url("http://127.0.0.1:5000", "3") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+def test_ui_lists_direct_links_to_each_study(swept, tmp_path):
+    from featstore.cli import _studies
+
+    _, uri, _ = swept
+    _, exp, _ = _runs(uri, "cmp")
+    assert _studies(uri) == [("cmp", exp.experiment_id)]
+    assert _studies(f"sqlite:///{tmp_path / 'none.db'}") == [] and not (tmp_path / "none.db").exists()
+
+
+def test_optuna_studies_carry_attributes_and_a_named_objective(swept):
+    """optuna-dashboard filters on study attributes; the names stay (resume finds studies by name)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    tmp, _, _ = swept
+    storage = JournalStorage(JournalFileBackend(str(tmp / "optuna" / "cmp.journal")))
+    studies = optuna.get_all_study_summaries(storage)
+    assert studies
+    for s in studies:
+        a = s.user_attrs
+        assert {a["study"], a["backbone"], a["preprocess"], a["head"], a["selection"]} == \
+            {"cmp", "pixelstats", "original", "logreg", "train-val"}
+        assert a["protocol"] in ("mixed", "loso") and a["fold"] in s.study_name
+        assert s.study_name.startswith(f"cmp|{a['protocol']}|logreg|pixelstats|original|")
+        assert optuna.load_study(study_name=s.study_name, storage=storage).metric_names == ["val_auc"]
