@@ -136,8 +136,11 @@ class Store:
         return tbl.take(pc.sort_indices(tbl, [("image_id", "ascending")])), dim
 
     def embeddings(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
-                   sources: list[str] | None = None, labels: list[str] | None = None) -> pl.DataFrame:
-        """Metadata + `vector` (Array[Float32, d]) for one embedding set, ordered by image_id."""
+                   sources: list[str] | None = None, labels: list[str] | None = None,
+                   pooling: str | None = None) -> pl.DataFrame:
+        """Metadata + `vector` (Array[Float32, d]) for one embedding set, ordered by image_id. pooling (cls,
+        mean, pooler) picks a foundation model's set as `featstore embed --pooling` names it."""
+        backbone = _set_name(backbone, pooling)
         tbl, _ = self._query("i.image_id, i.source, i.label, i.class, i.patient_id, i.view, i.sex, i.age, "
                              "e.backbone, e.weights_id, e.preprocess, e.vector",
                              backbone, preprocess, weights_id, sources, labels)
@@ -145,12 +148,13 @@ class Store:
 
     def arrays(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
                sources: list[str] | None = None, labels: list[str] | None = None, target: str | None = None,
-               positive: str = "covid", classes: list[str] | None = None):
-        """(X float32 [n, d], metadata) with rows in the same order.
+               positive: str = "covid", classes: list[str] | None = None, pooling: str | None = None):
+        """(X float32 [n, d], metadata) with rows in the same order. pooling: as in embeddings().
 
         With target="binary" (y = label == positive) or "3class" (y = index of the `class` column in
         `classes`, default the store's classes sorted; images of other classes are left out): a
         Labelled (X, y, groups, meta), groups being patients as the splits group them."""
+        backbone = _set_name(backbone, pooling)
         tbl, dim = self._query("i.image_id, i.source, i.label, i.class, i.patient_id, e.vector",
                                backbone, preprocess, weights_id, sources, labels)
         vec = tbl.column("vector").combine_chunks()
@@ -219,6 +223,16 @@ class Store:
         if len(hits) != 1:
             raise KeyError(f"image_id '{image_id}' matches {'no' if not hits else 'more than one'} image in the store")
         return decode_file(hits[0][1]).pixels
+
+
+def _set_name(backbone: str, pooling: str | None) -> str:
+    """The embedding set's backbone name: `rad-dino` + pooling mean -> `rad-dino@mean`, `rad-dino@cls` ->
+    `rad-dino` (its default), as `featstore embed` stores it (backbones.canonical_name)."""
+    if not pooling and "@" not in backbone:
+        return backbone  # no torch import for the common case
+    from featstore.backbones import canonical_name
+
+    return canonical_name(backbone, pooling)
 
 
 def _filters(alias: str, sources, labels) -> tuple[str, list]:

@@ -100,29 +100,33 @@ register(BackboneSpec(
                                             mean=(0.5307,) * 3, std=(0.2583,) * 3),
     768, "microsoft/rad-dino", description="RAD-DINO (DINOv2 ViT-B/14 on chest X-rays) at 518 px; CLS token",
     licence="MSRLA (Microsoft Research License Agreement, non-commercial)",
-    options=dict(repo="microsoft/rad-dino", pooling="cls", config_class="Dinov2Config",
+    options=dict(repo="microsoft/rad-dino", pooling="cls", poolings=("cls", "mean", "pooler"), config_class="Dinov2Config",
                  config=dict(_VIT_B, image_size=518, patch_size=14))))
 register(BackboneSpec(
     "medsiglip-448", "hf", 448, 3, InputPipeline("pil-uint8", resample="bicubic", crop="none", **_HALF),
     1152, "google/medsiglip-448", description="MedSigLIP-448 image tower (SigLIP So400m/14, medical); "
                                               "attention-pooled (MAP head) embedding",
     licence="Health AI Developer Foundations terms of use (gated: accept on the hub)",
-    options=dict(repo="google/medsiglip-448", pooling="pooler", config_class="SiglipVisionConfig",
-                 vision_tower_class="SiglipVisionModel", cls_token=False,
+    options=dict(repo="google/medsiglip-448", pooling="pooler", poolings=("pooler", "mean"),
+                 config_class="SiglipVisionConfig", vision_tower_class="SiglipVisionModel", cls_token=False,
                  config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                             num_attention_heads=16, image_size=448, patch_size=14))))
+                             num_attention_heads=16, image_size=448, patch_size=14),
+                 # the text tower of the same checkpoint (zero-shot head); a snapshot's config.json wins
+                 text_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, max_position_embeddings=64, vocab_size=32000))))
 register(BackboneSpec(
     "siglip-base", "hf", 224, 3, InputPipeline("pil-uint8", resample="bicubic", crop="none", **_HALF),
     768, "google/siglip-base-patch16-224", description="SigLIP ViT-B/16 image tower; MAP-head embedding",
     licence="apache-2.0",
-    options=dict(repo="google/siglip-base-patch16-224", pooling="pooler", config_class="SiglipVisionConfig",
-                 vision_tower_class="SiglipVisionModel", cls_token=False,
-                 config=dict(_VIT_B, image_size=224, patch_size=16))))
+    options=dict(repo="google/siglip-base-patch16-224", pooling="pooler", poolings=("pooler", "mean"),
+                 config_class="SiglipVisionConfig", vision_tower_class="SiglipVisionModel", cls_token=False,
+                 config=dict(_VIT_B, image_size=224, patch_size=16),
+                 text_config=dict(_VIT_B, max_position_embeddings=64, vocab_size=32000))))
 register(BackboneSpec(
     "dinov2-base", "hf", 224, 3, InputPipeline("pil-uint8", crop="short-side-floor", resize=256, resample="bicubic", **_IMAGENET),
     768, "facebook/dinov2-base", description="DINOv2 ViT-B/14 (natural images) at 224 px; CLS token",
     licence="apache-2.0",
-    options=dict(repo="facebook/dinov2-base", pooling="cls", config_class="Dinov2Config",
+    options=dict(repo="facebook/dinov2-base", pooling="cls", poolings=("cls", "mean", "pooler"), config_class="Dinov2Config",
                  config=dict(_VIT_B, image_size=518, patch_size=14))))
 register(BackboneSpec(
     "biomedclip", "open_clip", 224, 3, InputPipeline("pil-uint8", crop="short-side", resize=224, resample="bicubic", **_OPENAI_CLIP),
@@ -130,10 +134,16 @@ register(BackboneSpec(
     description="BiomedCLIP image tower (ViT-B/16, PMC-15M), 512-d projected embedding",
     licence="mit",
     options=dict(repo="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", arch="biomedclip",
-                 pooling="pooler", files=["open_clip_pytorch_model.bin"],
+                 pooling="pooler", poolings=("pooler",), files=["open_clip_pytorch_model.bin"],
                  model_cfg=dict(embed_dim=512, vision_cfg=dict(
                      timm_model_name="vit_base_patch16_224", timm_model_pretrained=False, timm_pool="",
-                     timm_proj="linear", image_size=224)))))
+                     timm_proj="linear", image_size=224),
+                     # its open_clip_config.json's text tower (PubMedBERT, 256 tokens); the checkpoint
+                     # folder's own open_clip_config.json wins when there is one
+                     text_cfg=dict(hf_model_name="microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                   hf_tokenizer_name="microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                   hf_proj_type="mlp", hf_pooler_type="cls_last_hidden_state_pooler",
+                                   context_length=256)))))
 register(BackboneSpec(
     "chexzero", "open_clip", 224, 3,
     # CheXzero's zero_shot.py: Resize(224, bicubic) and Normalize(101.48761, 83.43944) on 0-255 pixels
@@ -142,14 +152,16 @@ register(BackboneSpec(
     description="CheXzero (OpenAI CLIP ViT-B/32 fine-tuned on MIMIC-CXR reports), 512-d image embedding; "
                 "weights: a checkpoint from the CheXzero repository's Google Drive, --weights PATH",
     licence="see model card (github.com/rajpurkarlab/CheXzero)",
-    options=dict(arch="ViT-B-32", pooling="pooler", files=["best_64_5e-05_original_22000_0.864.pt"],
+    options=dict(arch="ViT-B-32", pooling="pooler", poolings=("pooler",), files=["best_64_5e-05_original_22000_0.864.pt"],
                  model_cfg=dict(embed_dim=512, quick_gelu=True,
-                                vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32)))))
+                                vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
+                                # OpenAI CLIP's text transformer, as CheXzero fine-tuned it (77 tokens)
+                                text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)))))
 register(BackboneSpec(
     "convnext-base", "timm", 224, 3, InputPipeline("pil-uint8", crop="short-side", resize=256, resample="bicubic", **_IMAGENET),
     1024, "timm/convnext_base.fb_in22k_ft_in1k", description="ConvNeXt-Base (timm, IN-22k -> IN-1k); "
                                                             "head-pooled (avg + LayerNorm) features",
-    licence="apache-2.0", options=dict(arch="convnext_base", pooling="pooler")))
+    licence="apache-2.0", options=dict(arch="convnext_base", pooling="pooler", poolings=("pooler", "mean"))))
 
 GENERIC_PREFIXES = ("hf:", "timm:", "open_clip:")
 
@@ -158,23 +170,61 @@ def list_backbones() -> list[BackboneSpec]:
     return list(REGISTRY.values())
 
 
+def poolings(name: str) -> tuple[str, tuple[str, ...]]:
+    """(default pooling, valid poolings) of a foundation-model entry or generic name (no `@`)."""
+    from featstore import foundation as F
+
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+        if spec.family not in F.FAMILIES:
+            raise ValueError(f"backbone '{name}' has one fixed feature; only foundation-model entries (hf, timm, "
+                             f"open_clip) take a pooling")
+        return spec.options["pooling"], tuple(spec.options.get("poolings") or F.GENERIC_POOLING[spec.family][1])
+    kind = name.partition(":")[0]
+    if name.startswith(GENERIC_PREFIXES):
+        return F.GENERIC_POOLING[kind]
+    get_spec(name)  # raises: unknown backbone, with the known ones
+    raise AssertionError(name)
+
+
+def canonical_name(name: str, pooling: str | None = None) -> str:
+    """The embedding set's backbone name for `name` with `pooling` (or its `@pooling` suffix): the entry's
+    own name for its default pooling, `<entry>@<pooling>` for another. Two poolings are two sets; one
+    pooling is one set however it is spelled (`rad-dino`, `rad-dino@cls`, `--pooling cls`)."""
+    from featstore import foundation as F
+
+    base, at, suffix = name.partition("@")
+    if at and not suffix:
+        raise ValueError(f"backbone '{name}': give a pooling after @ ({', '.join(F.POOLINGS)})")
+    if pooling and suffix and pooling != suffix:
+        raise ValueError(f"backbone '{name}' names pooling '{suffix}' and --pooling '{pooling}': give one")
+    want = pooling or suffix
+    if not want:
+        return name
+    default, valid = poolings(base)
+    if want not in valid:
+        what = f"unknown pooling '{want}'" if want not in F.POOLINGS else f"pooling '{want}' is not available"
+        raise ValueError(f"backbone '{base}': {what} (valid for {base}: {', '.join(valid)})")
+    return base if want == default else f"{base}@{want}"
+
+
 def get_spec(name: str) -> BackboneSpec:
     """A registered entry; `<entry>@<pooling>` (cls, mean, pooler) for another pooling of it, which is its
     own name and so its own embedding set; `hf:<repo>`, `timm:<name>`, `open_clip:<arch>` for generic ones."""
     if name in REGISTRY:
         return REGISTRY[name]
-    base, at, pooling = name.partition("@")
+    base = name.partition("@")[0]
     if base in REGISTRY or base.startswith(GENERIC_PREFIXES):
         from featstore import foundation as F
 
+        name = canonical_name(name) if "@" in name else name
         spec = REGISTRY[base] if base in REGISTRY else F.generic_spec(base)
-        if at:
-            if spec.family not in F.FAMILIES:
-                raise ValueError(f"backbone '{name}': only foundation-model entries take a pooling (@cls, @mean, @pooler)")
-            if pooling not in F.POOLINGS:
-                raise ValueError(f"backbone '{name}': unknown pooling '{pooling}' (known: {', '.join(F.POOLINGS)})")
-            spec = dataclasses.replace(spec, name=name, options={**spec.options, "pooling": pooling},
-                                       feature_dim=None if pooling != spec.options.get("pooling") else spec.feature_dim)
+        pooling = name.partition("@")[2]
+        if pooling:
+            default = spec.options["pooling"]
+            spec = dataclasses.replace(spec, name=name, options={**spec.options, "pooling": pooling,
+                                                                  "default_pooling": default},
+                                       feature_dim=None)
         return spec
     raise ValueError(f"unknown backbone '{name}' (known: {', '.join(REGISTRY)}; or hf:<repo>, timm:<name>, "
                      f"open_clip:<arch>, and <entry>@<cls|mean|pooler>)")
@@ -243,18 +293,28 @@ class Backbone:
         return f"Backbone({self.name}, weights={self.weights_id}, dim={self.feature_dim}, device={self.device})"
 
 
+def config_hash(overrides: dict) -> str:
+    """8 hex digits naming a changed configuration in weights_id (`;config=`): canonical JSON, so the
+    same overrides written in a study config (lists, any key order) give the same name."""
+    import json
+
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True, default=list).encode()).hexdigest()[:8]
+
+
 def create_backbone(name: str, weights: str | None = None, weights_dir: str | os.PathLike | None = None,
                     device: str = "auto", output: str | None = None, seed: int = 0,
-                    config_overrides: dict | None = None) -> Backbone:
+                    config_overrides: dict | None = None, pooling: str | None = None) -> Backbone:
     """Build a registered backbone.
 
     weights: None for the entry's published weights; "random-init" for seeded random
     initialisation (recorded as such); or a path to a weight file. For the generic
     `onnx` entry weights is the .onnx path and output the tensor to read. For foundation-model
     entries weights may also be a Hugging Face snapshot folder; config_overrides changes their
-    configuration (tests: tiny random models; the registry entries stay full-size).
+    configuration (tests: tiny random models; the registry entries stay full-size). pooling (cls, mean,
+    pooler; foundation-model entries) is the same as a `@pooling` suffix: the backbone's name becomes
+    canonical_name(name, pooling), its own embedding set.
     """
-    spec = get_spec(name)
+    spec = get_spec(canonical_name(name, pooling) if pooling or "@" in name else name)
     dev = pick_device(device)
     wdir = W.weights_dir(weights_dir)
     if spec.family == "pixelstats":
@@ -280,7 +340,7 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
             p = spec.pipeline
             spec = dataclasses.replace(spec, input_size=size, pipeline=p._replace(
                 resize=round(p.resize * size / spec.input_size)) if p.resize else p)
-            wid += ";config=" + hashlib.sha256(repr(sorted(config_overrides.items())).encode()).hexdigest()[:8]
+            wid += ";config=" + config_hash(config_overrides)
         return _torch_backbone(spec, wid, net, dev, net)
     if spec.family == "xrv-densenet":
         import torchxrayvision as xrv

@@ -22,6 +22,7 @@ import polars as pl
 
 from featstore import results as R
 from featstore.api import Store
+from featstore.heads import HEADS
 from featstore.score import binary_metrics, gap_test, multiclass_metrics
 from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
 from featstore.sweep import Task, TaskResult, run_tasks
@@ -58,13 +59,47 @@ def plan(st: Study, db) -> list[tuple[str, str, StudyData, dict]]:
     """Load every embedding set and build every protocol's folds; raise StudyError on anything
     impossible before a single model is fitted."""
     out = []
+    towers: dict = {}
     with Store(db, read_only=True) as fs:
         for bb in st.backbones:
             for pre in st.preprocess:
                 data = load_data(fs, st, bb, pre)
                 folds = {p: check_feasible(st, data, p) for p in st.protocols}
+                for hc in st.heads:
+                    if hc.name == "zeroshot":
+                        data.head_inputs[hc.name] = zeroshot_inputs(st, hc, bb, pre, data, fs, towers)
                 out.append((bb, pre, data, folds))
     return out
+
+
+def zeroshot_inputs(st: Study, hc, bb: str, pre: str, data: StudyData, fs, towers: dict) -> dict:
+    """The zero-shot head's class text embeddings for one embedding set, from the text tower of the weights
+    it was made with (one tower per backbone and weights, whatever the preprocessing). Anything that
+    cannot work (no text tower, a pooling outside the joint space, other weights, prompts that do not
+    name the classes) is a StudyError, one line, before any fitting."""
+    from featstore import zeroshot as Z
+
+    where = f"{st.path or st.study}: heads.zeroshot: {bb}/{pre}"
+    prompts = hc.fixed["prompts"]
+    labels = []
+    if st.target == "binary":
+        labels = [v for (v,) in fs.con.execute(f'SELECT DISTINCT "{st.label_column}" FROM images').fetchall()
+                  if v is not None]
+    key = (bb, data.weights_id.partition(";input=")[0])
+    try:
+        kc = Z.key_classes(prompts, data.class_names, st.target, st.positive, labels)
+        if key not in towers:
+            towers[key] = Z.text_tower(bb, data.weights_id, hc.options.get("weights_dir"),
+                                       (hc.options.get("config_overrides") or {}).get(bb))
+        ct = Z.class_texts(towers[key], prompts, kc)
+    except Z.ZeroShotError as e:
+        raise StudyError(f"{where}: {str(e).removeprefix('zero-shot head: ')}") from None
+    except Exception as e:  # noqa: BLE001 - a model library failing to build or load: one line, not a traceback
+        raise StudyError(f"{where}: the text tower could not be built ({type(e).__name__}: {str(e)[:300]})") from e
+    if ct.embeddings.shape[1] != data.X.shape[1]:
+        raise StudyError(f"{where}: the text embeddings are {ct.embeddings.shape[1]}-d, the stored image "
+                         f"embeddings {data.X.shape[1]}-d: not one joint image-text space")
+    return dict(ct.as_head_inputs(), n_classes=len(data.class_names))
 
 
 def run_worker(st: Study, source, storage: str, workers: int = 1, trials: int | None = None,
@@ -234,15 +269,23 @@ def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trial
         # `selection_repeats` re-runs its selection under that many seeds (mean ± sd in the report)
         seeds = [st.seed + k for k in range(selection_repeats(st) if proto == "leave-pair-out" else 1)]
         for hc in st.heads:
+            # a head without hyperparameters (zero-shot) runs one trial whatever --trials says
+            n_trials = (trials or hc.trials) if HEADS[hc.name].searched else 1
+            inputs = data.head_inputs.get(hc.name, {})
+            if HEADS[hc.name].needs_inputs and not inputs:
+                raise StudyError(f"{st.path or st.study}: head {hc.name} has no inputs for {bb}/{pre} "
+                                 f"(benchmark.plan makes them)")
             for sel in [st.selection] + (["oracle"] if st.oracle else []):
                 for seed in seeds:
                     for f in fl:
-                        h = hashlib.sha256(json.dumps([sorted(data.image_id[f.train].tolist()), hc.fixed],
-                                                      sort_keys=True, default=str).encode()).hexdigest()[:10]
+                        key = [sorted(data.image_id[f.train].tolist()), hc.fixed]
+                        if inputs:  # other text embeddings (other weights or prompts): another study
+                            key.append(inputs.get("text_identity"))
+                        h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
                         name = f"{st.study}|{proto}|{hc.name}|{bb}|{pre}|{sel}|{f.name}|seed{seed}|{h}"
-                        tasks.append(Task(name, proto, f, hc.name, trials or hc.trials, hc.fixed, sel, seed,
+                        tasks.append(Task(name, proto, f, hc.name, n_trials, hc.fixed, sel, seed,
                                           timeout if timeout is not None else st.timeout, len(data.class_names),
-                                          attrs=dict(study=st.study, backbone=bb, preprocess=pre)))
+                                          attrs=dict(study=st.study, backbone=bb, preprocess=pre), inputs=inputs))
     return tasks
 
 

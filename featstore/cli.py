@@ -22,6 +22,20 @@ def _backbone_names() -> list[str]:
     return list(REGISTRY)
 
 
+def _backbone_option() -> dict:
+    """--backbone: a registry name, `<entry>@<pooling>` or a generic `hf:`/`timm:`/`open_clip:` name; the
+    registry part is checked here ('did you mean'), the rest when the backbone is built (one line)."""
+    opt = _one_of("backbone", _backbone_names)
+    check = opt["parser"]
+
+    def parse(value):
+        if value.startswith(("hf:", "timm:", "open_clip:")):
+            return value
+        check(value.partition("@")[0])
+        return value
+    return dict(opt, parser=parse)
+
+
 def _preprocess_names() -> list[str]:
     from featstore.preprocess import PREPROCESSINGS
 
@@ -253,8 +267,12 @@ def _reason_kind(reason: str) -> str:
 
 @app.command(cls=_help(backbone=_backbone_names, preprocess=_preprocess_names, masks=_mask_methods))
 def embed(
-    backbone: str = typer.Option(..., **_one_of("backbone", _backbone_names),
-                                 help="from the registry (listed below; `featstore backbones` describes them)"),
+    backbone: str = typer.Option(..., **_backbone_option(),
+                                 help="from the registry (listed below; `featstore backbones` describes them), "
+                                      "or hf:<repo>, timm:<name>, open_clip:<arch>"),
+    pooling: Optional[str] = typer.Option(None, help="foundation models: cls (CLS token), mean (of the patch tokens) "
+                                          "or pooler (the model's own pooled / projected embedding); default: the "
+                                          "entry's. Part of the set's identity (recorded in every row's weights_id)"),
     preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names),
                                    help="as decoded, histogram-equalised, CLAHE, or a lung variant (needs masks)"),
     masks: str = typer.Option("auto", **_one_of("mask method", _mask_methods),
@@ -289,6 +307,10 @@ def embed(
         err.print(f"error: {DiskFullError.opening(e, db)}", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(3)
     try:
+        from featstore.backbones import canonical_name
+
+        # one name for the set however the pooling is given (--pooling mean == rad-dino@mean)
+        backbone = canonical_name(backbone, pooling) if pooling or "@" in backbone else backbone
         bb = create_backbone(backbone, weights=weights, weights_dir=weights_dir, device=device, output=onnx_output)
     except (WeightsMissingError, ValueError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
@@ -381,13 +403,21 @@ def masks(
 @app.command()
 def backbones():
     """List the backbone registry."""
-    from featstore.backbones import list_backbones
+    from featstore.backbones import list_backbones, poolings
+    from featstore.foundation import FAMILIES
+    from featstore.zeroshot import has_text_tower
 
-    t = Table("name", "input", "ch", "dim", "weights", "licence", "what")
+    t = Table("name", "input", "ch", "dim", "pooling", "zero-shot", "weights", "licence", "what")
+    t.columns[6].overflow = "fold"  # hub repositories are long; cut, they could not be copied
     for s in list_backbones():
-        t.add_row(s.name, str(s.input_size), str(s.channels), str(s.feature_dim or "?"), s.weights or "none",
-                  s.licence or "-", s.description)
-    Console(width=200).print(t)
+        pool = "-"
+        if s.family in FAMILIES:  # the default, then the others --pooling / <name>@<pooling> offers
+            default, valid = poolings(s.name)
+            others = [p for p in valid if p != default]
+            pool = default + (f" (or {', '.join(others)})" if others else "")
+        t.add_row(s.name, str(s.input_size), str(s.channels), str(s.feature_dim or "?"), pool,
+                  "text tower" if has_text_tower(s) else "", s.weights or "none", s.licence or "-", s.description)
+    Console(width=220).print(t)
 
 
 # --- query ----------------------------------------------------------------------

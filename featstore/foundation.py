@@ -4,8 +4,8 @@ One builder per family (build_hf, build_timm, build_open_clip), called by backbo
 Named entries carry a full-size configuration, so `--weights random-init` needs no network; generic
 names (`hf:<repo>`, `timm:<name>`, `open_clip:<arch>`) take theirs from the library or the hub.
 
-Pooling is part of the identity: `<entry>@<pooling>` is its own registry name (its own embedding set)
-and every weights_id records `;pool=<pooling>`. Weights: `--weights-dir` (a Hugging Face snapshot
+Pooling is part of the identity: `<entry>@<pooling>` (or `--pooling`, backbones.canonical_name) is its
+own backbone name (its own embedding set) and every weights_id records `;pool=<pooling>`. Weights: `--weights-dir` (a Hugging Face snapshot
 folder, a timm file, an open_clip checkpoint), else the hub download unless offline; identity =
 sha256 over the weight files.
 """
@@ -21,6 +21,10 @@ from featstore import weights as W
 
 FAMILIES = ("hf", "timm", "open_clip")
 POOLINGS = ("cls", "mean", "pooler")
+# generic entries: (default pooling, valid poolings). open_clip gives the model's own image embedding
+# only (its projection to the joint image-text space); hf/timm models that lack a CLS token or a
+# pooler say so when built
+GENERIC_POOLING = {"hf": ("cls", POOLINGS), "timm": ("pooler", POOLINGS), "open_clip": ("pooler", ("pooler",))}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
 
 
@@ -118,7 +122,8 @@ def _hf_config(opts: dict, overrides: dict | None, folder: Path | None, repo: st
     if hasattr(cfg, "vision_config") and opts.get("vision_tower", True):
         cfg = cfg.vision_config  # CLIP/SigLIP-style: the image tower only
     for k, v in (overrides or {}).items():
-        setattr(cfg, k, v)
+        if k != "text_config":  # the text tower's (zero-shot head), not the image tower's
+            setattr(cfg, k, v)
     return cfg
 
 
@@ -234,6 +239,8 @@ def open_clip_config(spec, folder: Path | None, overrides: dict | None) -> dict:
     for k, v in (overrides or {}).items():
         if k == "embed_dim":
             cfg["embed_dim"] = v
+        elif k == "text_cfg":  # the text tower's (zero-shot head)
+            cfg["text_cfg"] = {**cfg.get("text_cfg", {}), **v}
         else:
             cfg["vision_cfg"][k] = v
     return cfg
@@ -391,6 +398,15 @@ def generic_spec(name: str):
                              f"to feed it as it was trained; not in the hub cache and not downloadable "
                              f"({type(e).__name__}); put the snapshot in <weights-dir>/{arg.replace('/', '--')}/") from e
         size, pipe = pipeline_from_hf_processor(proc)
+        opts = dict(repo=arg, pooling="cls")
+        try:  # the model type: SigLIP has no CLS token, and its pooler output is the joint image-text embedding
+            from transformers import AutoConfig
+
+            opts["model_type"] = AutoConfig.from_pretrained(src).model_type
+        except Exception:  # noqa: BLE001 - a processor without its config.json: the type stays unknown
+            pass
+        if opts.get("model_type", "").startswith("siglip"):
+            opts["cls_token"] = False
         return BackboneSpec(name, "hf", size, 3, pipe, None, arg, description=f"Hugging Face {arg}; CLS token",
-                            licence="see model card", options=dict(repo=arg, pooling="cls"))
+                            licence="see model card", options=opts)
     raise ValueError(f"unknown backbone family '{kind}' (hf, timm, open_clip)")

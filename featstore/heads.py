@@ -351,6 +351,83 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         return self.classes_[np.argmax(P, axis=1)]
 
 
+class ZeroShotHead(ClassifierMixin, BaseEstimator):
+    """Zero-shot: no training. Each image embedding is compared (cosine) with the text embeddings of the
+    class prompts, made by the same model's text tower (featstore.zeroshot); logits = logit_scale x cosine,
+    softmax over the prompt groups, and a class's probability is the sum over its groups (binary: several
+    label values may make up the negative class). `fit` learns nothing from X, y or the sources: it only
+    checks that the embeddings live in the text embeddings' space and fixes `classes_` to the study's
+    class order (0..K-1), whatever classes the training data happen to hold.
+
+    text_embeddings [M, D], key_class [M] (class index of each group), logit_scale, text_identity (a
+    digest, for the records) come from zeroshot.class_texts; prompts (group -> texts) is recorded.
+    """
+
+    def __init__(self, text_embeddings=None, key_class=None, logit_scale=100.0, n_classes=None, prompts=None,
+                 text_identity=None, random_state=0):
+        self.text_embeddings = text_embeddings
+        self.key_class = key_class
+        self.logit_scale = logit_scale
+        self.n_classes = n_classes
+        self.prompts = prompts
+        self.text_identity = text_identity
+        self.random_state = random_state  # unused: nothing random happens
+
+    def fit(self, X, y, domains=None):
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        if self.text_embeddings is None or self.key_class is None:
+            raise ValueError("the zero-shot head needs the class text embeddings (featstore.zeroshot.class_texts)")
+        T = np.asarray(self.text_embeddings, dtype=np.float64)
+        if T.ndim != 2 or T.shape[1] != X.shape[1]:
+            raise ValueError(f"the image embeddings are {X.shape[1]}-d, the text embeddings {T.shape[1:]}-d: "
+                             f"not one joint image-text space")
+        kc = np.asarray(self.key_class, dtype=np.int64)
+        k = int(self.n_classes or kc.max() + 1)
+        if len(kc) != len(T) or kc.min() < 0 or kc.max() >= k or len(np.unique(kc)) != k:
+            raise ValueError(f"key_class must give each of the {len(T)} prompt groups one of {k} classes, every "
+                             f"class at least one group")
+        if np.min(y) < 0 or np.max(y) >= k or not np.issubdtype(np.asarray(y).dtype, np.integer):
+            raise ValueError(f"labels must be class indices 0..{k - 1} (the study's class order)")
+        self.T_ = T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-12)
+        self.key_class_ = kc
+        self.classes_ = np.arange(k)
+        return self
+
+    def _class_logits(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        z = float(self.logit_scale) * Xn @ self.T_.T  # [n, M]
+        from scipy.special import logsumexp
+
+        return np.stack([logsumexp(z[:, self.key_class_ == c], axis=1) for c in self.classes_], axis=1)
+
+    @property
+    def fit_info_(self) -> dict:
+        """What result rows record: which text embeddings scored, how many prompt groups, the scale."""
+        check_is_fitted(self)
+        return dict(zero_shot=True, text_identity=self.text_identity, prompt_groups=int(len(self.T_)),
+                    logit_scale=float(self.logit_scale))
+
+    def predict_proba(self, X):
+        L = self._class_logits(X)
+        from scipy.special import softmax
+
+        return softmax(L, axis=1)
+
+    def decision_function(self, X):
+        L = self._class_logits(X)
+        if L.shape[1] == 2:
+            return L[:, 1] - L[:, 0]  # log-odds of the positive class
+        from scipy.special import log_softmax
+
+        return log_softmax(L, axis=1)
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
 def _features(fe, X):
     with torch.no_grad():
         return fe(X)
@@ -393,18 +470,27 @@ def _space_lgbm(trial) -> dict:
                 colsample_bytree=trial.suggest_float("colsample_bytree", 0.1, 1.0))
 
 
+def _space_none(trial) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     name: str
     cls: type
     space: Callable
     description: str
+    searched: bool = True    # False: no hyperparameters, one trial per fold (nothing to search)
+    needs_inputs: bool = False  # built with inputs beyond hyperparameters (the zero-shot head's text side)
 
 
 HEADS = {
     "logreg": HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)"),
     "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), paper 003 network"),
     "lightgbm": HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"),
+    "zeroshot": HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding "
+                         "set's own text tower (CLIP family, SigLIP); no training, one trial", searched=False,
+                         needs_inputs=True),
 }
 
 

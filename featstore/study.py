@@ -63,6 +63,40 @@ Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
 Names = Annotated[list[Name], BeforeValidator(_one_or_list), AfterValidator(_distinct)]
 
 
+def _backbone_names(v):
+    """A mapping backbone -> {pooling: one or a list} becomes `<entry>@<pooling>` names; one or a list of
+    names passes as it is (`_canonical` then names each set as embed stores it)."""
+    if not isinstance(v, dict):
+        return _one_or_list(v)
+    out = []
+    for name, opts in v.items():
+        opts = {} if opts is None else opts
+        if not isinstance(opts, dict) or set(opts) - {"pooling"}:
+            raise PydanticCustomError("backbone_opts", "{name}: the one option is pooling (cls, mean or pooler, "
+                                      "or a list of them)", {"name": name})
+        pool = opts.get("pooling")
+        out += [name] if pool is None else [f"{name}@{p}" for p in _one_or_list(pool)]
+    return out
+
+
+def _canonical(v):
+    from featstore.backbones import canonical_name
+
+    out = []
+    for name in v:
+        if "@" in name:
+            try:
+                name = canonical_name(name)
+            except ValueError as e:  # pooling not offered by the entry: the valid ones, one line
+                raise PydanticCustomError("pooling", "{msg}", {"msg": str(e)})
+        out.append(name)
+    return _distinct(out)
+
+
+# embedding sets: names (`<entry>@<pooling>` too) or name -> {pooling: ...}; each as embed names its set
+Backbones = Annotated[list[Name], BeforeValidator(_backbone_names), AfterValidator(_canonical)]
+
+
 class Section(BaseModel):
     """A config section: unknown keys are refused, numbers must be numbers (no "5" -> 5, no true -> 1)."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -239,8 +273,33 @@ class HeadsBase(NamedSections):
     what: ClassVar[str] = "head"
 
 
+class ZeroShot(Section):
+    """The zero-shot head: class prompts through the embedding set's own text tower (CLIP family, SigLIP,
+    MedSigLIP, BiomedCLIP, CheXzero); no training, no hyperparameters, one trial per fold."""
+    prompts: dict[Name, Names] = Field(min_length=2, description=(
+        "prompt group -> one or more texts (several: their embeddings are averaged). 3class: one group per "
+        "class, named as the class. binary: the positive label, and 'not <positive>' and/or other label values, "
+        "which together make up the negative class"))
+    trials: int = Field(1, ge=1, le=1, description="nothing to search: one trial per fold")
+    weights_dir: str | None = Field(None, description="where the text tower's weights are looked for (default: "
+                                    "FEATSTORE_WEIGHTS_DIR); they must be the ones the embedding set was made with")
+    config_overrides: dict[Name, dict] | None = Field(None, description="backbone -> the changed model configuration "
+                                                      "its embedding set was made with (create_backbone("
+                                                      "config_overrides=...), tests); checked against the set's "
+                                                      "weights_id")
+
+    @field_validator("prompts")
+    @classmethod
+    def _nonempty(cls, v):
+        empty = [k for k, texts in v.items() if not texts]
+        if empty:
+            raise PydanticCustomError("prompts", "group(s) {empty} have no prompt", {"empty": ", ".join(empty)})
+        return v
+
+
 Heads = create_model("Heads", __base__=HeadsBase, __doc__="head name -> {trials, fixed}, or a list of head names",
-                     **{n: (_head_section(n, s) | None, None) for n, s in HEADS.items()})
+                     **{n: ((ZeroShot if n == "zeroshot" else _head_section(n, s)) | None, None)
+                        for n, s in HEADS.items()})
 
 
 class HeadConfig(BaseModel):
@@ -248,6 +307,7 @@ class HeadConfig(BaseModel):
     name: str
     trials: int = 10
     fixed: dict = Field(default_factory=dict)
+    options: dict = Field(default_factory=dict)  # zero-shot: weights_dir, config_overrides (not hyperparameters)
 
 
 # --- the study -----------------------------------------------------------------------------
@@ -264,7 +324,8 @@ class Study(Section):
     class_column: Name = "class"
     classes: Names = Field(["normal", "pneumonia", "covid"], min_length=2)
     sources: Names | None = Field(None, description="sources to use, or all (default)")
-    backbones: Names = Field(min_length=1, description="embeddings to use (see `featstore backbones`)")
+    backbones: Backbones = Field(min_length=1, description="embedding sets to use (see `featstore backbones`): "
+                                 "names, `<entry>@<pooling>`, or a mapping name -> {pooling: one or a list}")
     preprocess: Names = Field(["original"], min_length=1)
     heads: Heads = Field(description="head -> {trials, fixed}, or a list of heads")
     protocols: Protocols = Field(description="protocol -> options, or a list of protocols")
@@ -314,12 +375,21 @@ class Study(Section):
     # order written: a list of HeadConfig; protocol name -> the options given
     @field_validator("heads", mode="wrap")
     @classmethod
-    def _head_list(cls, v, handler):
+    def _head_list(cls, v, handler, info: ValidationInfo):
         m = handler(v)
         order = dict.fromkeys(v) if isinstance(v, dict | list) else []
-        return [HeadConfig(name=n, trials=getattr(m, n).trials,
-                           fixed=getattr(m, n).fixed.model_dump(exclude_unset=True))
-                for n in order if n in m.model_fields_set]
+        out = []
+        for n in order:
+            if n not in m.model_fields_set:
+                continue
+            h = getattr(m, n)
+            if isinstance(h, ZeroShot):
+                _check_prompts(h.prompts, info.data)
+                out.append(HeadConfig(name=n, trials=1, fixed=dict(prompts=h.prompts),
+                                      options=h.model_dump(exclude={"prompts", "trials"}, exclude_none=True)))
+            else:
+                out.append(HeadConfig(name=n, trials=h.trials, fixed=h.fixed.model_dump(exclude_unset=True)))
+        return out
 
     @field_validator("protocols", mode="wrap")
     @classmethod
@@ -332,11 +402,31 @@ class Study(Section):
 
     @field_serializer("heads")
     def _heads_as_written(self, heads):
-        return {h.name: {"trials": h.trials, "fixed": h.fixed} for h in heads}
+        return {h.name: ({**h.fixed, **h.options} if h.name == "zeroshot" else {"trials": h.trials, "fixed": h.fixed})
+                for h in heads}
 
     @field_serializer("protocols")
     def _protocols_as_written(self, protocols):
         return protocols
+
+
+def _check_prompts(prompts: dict, data: dict) -> None:
+    """What the config alone can tell: 3class prompts name each class; binary ones the positive (the
+    negative groups are checked against the store's labels before any work, benchmark.plan)."""
+    from featstore.zeroshot import ZeroShotError, key_classes
+
+    if "target" not in data:  # target itself invalid: reported on its own
+        return
+    try:
+        if data["target"] == "binary":
+            if "positive" in data:
+                key_classes(prompts, [f"not {data['positive']}", data["positive"]], "binary", data["positive"],
+                            [k for k in prompts if k != data["positive"]])
+        elif "classes" in data:
+            key_classes(prompts, list(data["classes"]), data["target"], "", [])
+    except ZeroShotError as e:
+        raise PydanticCustomError("prompts", "zeroshot.prompts: {msg}", {"msg": str(e).removeprefix("zero-shot prompts")
+                                                                          .lstrip(": ")})
 
 
 KEYS = {f.alias or n for n, f in Study.model_fields.items()}
@@ -497,7 +587,8 @@ def _problem(err) -> tuple[str, str]:
         msg = "must be a mapping of keys"
     for old, new in (("Input should be", "must be"), ("List should have", "must have"), (" after validation", "")):
         msg = msg.replace(old, new)
-    if t in ("name_bool", "names_form", "oracle", "empty", "overlap", "duplicate"):
+    if t in ("name_bool", "names_form", "oracle", "empty", "overlap", "duplicate", "pooling", "prompts",
+             "backbone_opts"):
         return key, f"{_show(v)}: {msg}" if t in ("name_bool", "names_form") else msg
     hint = ""
     if isinstance(v, str):
@@ -526,6 +617,7 @@ class StudyData:
     counts: dict            # (source, class name) -> n
     links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), int))  # near-duplicate index pairs
     state: dict = field(default_factory=dict)  # what the rows depend on besides the config (results contract)
+    head_inputs: dict = field(default_factory=dict)  # head -> what it is built with (zero-shot: text embeddings)
 
 
 def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:

@@ -52,6 +52,8 @@ class Task:
     timeout: float | None
     n_classes: int
     attrs: dict = field(default_factory=dict)  # e.g. backbone, preprocess: study attributes for optuna-dashboard
+    inputs: dict = field(default_factory=dict)  # what a head is built with besides hyperparameters (zero-shot:
+    #                                             the class text embeddings); never in params, never searched
 
 
 @dataclass
@@ -99,8 +101,8 @@ def _ranking(model, X, n_classes):
     return _proba(model, X, n_classes)
 
 
-def fit_head(name, params, X, y, domains, seed):
-    return create_head(name, **{**params, "random_state": seed}).fit(X, y, domains=domains)
+def fit_head(name, params, X, y, domains, seed, inputs=None):
+    return create_head(name, **{**params, **(inputs or {}), "random_state": seed}).fit(X, y, domains=domains)
 
 
 # a running trial on database storage proves its owner alive this often; after GRACE_S without, the
@@ -239,7 +241,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
             for step, (a, b) in enumerate(splits):
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", ConvergenceWarning)
-                    m = fit_head(task.head, params, X[a], meta.y[a], meta.source[a], task.seed)
+                    m = fit_head(task.head, params, X[a], meta.y[a], meta.source[a], task.seed, task.inputs)
                 if any(issubclass(w.category, ConvergenceWarning) for w in caught):
                     trial.set_user_attr("warning", "solver did not converge")
                 P_all.append(_ranking(m, X[b], task.n_classes))
@@ -302,7 +304,8 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # the selected trial's warning is on record
-            model = fit_head(task.head, res.params, X[f.train], meta.y[f.train], meta.source[f.train], task.seed)
+            model = fit_head(task.head, res.params, X[f.train], meta.y[f.train], meta.source[f.train], task.seed,
+                             task.inputs)
         for name, te in f.tests.items():
             res.predictions[name] = _proba(model, X[te], task.n_classes)
             if task.n_classes == 2:

@@ -98,3 +98,34 @@ def postgres(tmp_path_factory):
             yield url
     except PostgresUnavailable as e:
         pytest.skip(str(e))
+
+
+# --- tiny image-text models for the zero-shot head (issue 16) -----------------------------------
+
+# CheXzero's configuration made tiny (image and text towers), for random-init sets
+CHEXZERO_TINY = dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32,
+                     text_cfg=dict(layers=2, width=32, heads=2))
+_WORDS = ("<pad> <unk> </s> a an the of no chest x-ray normal covid-19 covid pneumonia findings lung opacity "
+          "viral bacterial clear lungs").split()
+
+
+def tiny_siglip_snapshot(weights_dir: Path, seed: int = 0, repo: str = "google/siglip-base-patch16-224"):
+    """A whole SigLIP (text + image towers, random, tiny) saved as the Hugging Face snapshot of `repo`,
+    with a word-level tokenizer (SigLIP's own needs the sentencepiece package). Its image size is
+    siglip-base's 224, so featstore's pipeline feeds it. Returns (folder, model, tokenizer)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(_WORDS)}, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=dict(tiny, vocab_size=len(_WORDS), max_position_embeddings=16),
+                                     vision_config=dict(tiny, image_size=224, patch_size=16))).eval()
+    folder = Path(weights_dir) / repo.replace("/", "--")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok

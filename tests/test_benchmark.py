@@ -256,3 +256,112 @@ def test_ui_serves_the_sweeps_on_localhost(synth_stores, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+# --- the zero-shot head (issue 16) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zeroshot_store(synth_stores, tmp_path_factory):
+    """The confounded store plus two tiny image-text embedding sets: CheXzero random-init (open_clip) and
+    a SigLIP snapshot (Hugging Face) in a weights folder."""
+    import shutil
+
+    from conftest import CHEXZERO_TINY, tiny_siglip_snapshot
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.store import connect
+
+    tmp = tmp_path_factory.mktemp("zs")
+    db = tmp / "fs.duckdb"
+    shutil.copy(synth_stores["confounded"], db)
+    wdir = tmp / "weights"
+    tiny_siglip_snapshot(wdir)
+    con = connect(db)
+    for bb in (create_backbone("chexzero", weights="random-init", config_overrides=CHEXZERO_TINY, seed=2),
+               create_backbone("siglip-base", weights_dir=wdir)):
+        assert not embed(con, bb, batch_size=64, workers=0).failed
+    con.close()
+    return db, wdir
+
+
+def _zs_study(wdir, **kw):
+    from conftest import CHEXZERO_TINY
+
+    zs = {"prompts": {"covid": ["covid-19 pneumonia", "viral pneumonia"], "non_covid": ["normal chest x-ray"]},
+          "weights_dir": str(wdir), "config_overrides": {"chexzero": CHEXZERO_TINY}}
+    return _study(**dict(dict(backbones=["chexzero", "siglip-base"], heads={"zeroshot": zs, "logreg": {"trials": 1}},
+                              protocols={"mixed": {"folds": 3}, "loso": {}}), **kw))
+
+
+def test_zeroshot_head_sweeps_under_mixed_and_loso(zeroshot_store, tmp_path):
+    """One trial per fold (nothing to search, whatever --trials says), rows under every protocol, and
+    predictions that do not depend on the fold: the head never saw a source, nor any label."""
+    from featstore.api import open_store
+
+    db, wdir = zeroshot_store
+    st = _zs_study(wdir)
+    for bb, pre, data, folds in plan(st, db):
+        tasks = make_tasks(st, bb, pre, data, folds, trials=4)
+        assert {t.trials for t in tasks if t.head == "zeroshot"} == {1} and {t.trials for t in tasks
+                                                                           if t.head == "logreg"} == {4}
+    rep = _run(st, db, tmp_path)
+    assert rep.n_failed == 0
+    df = _rows(rep).filter(pl.col("head") == "zeroshot")
+    for bb in ("chexzero", "siglip-base"):
+        mine = df.filter(pl.col("backbone") == bb)
+        assert set(mine["protocol"]) == {"mixed", "loso"} and set(mine["status"]) == {"ok"}
+        folds = mine.filter(pl.col("kind") == "fold")
+        assert len(folds) == 3 + 4 and set(folds["n_trials"]) == {1}
+        assert mine.filter(pl.col("fold") == "pooled")["auc"].is_between(0, 1).all()
+        info = [json.loads(x) if isinstance(x, str) else x for x in folds["fit_info"]]
+        assert len({i["text_identity"] for i in info}) == 1 and all(i["zero_shot"] for i in info)
+    # the prompts are what the rows record as its parameters (a frame would merge logreg's keys in)
+    assert {json.dumps(r["params"], sort_keys=True) for r in rep.rows if r["head"] == "zeroshot" and r["kind"] == "fold"
+            } == {json.dumps({"prompts": st.heads[0].fixed["prompts"]}, sort_keys=True)}
+    with open_store(db) as fs:
+        p = fs.predictions(study="t", head="zeroshot")
+    by = p.group_by(["backbone", "image_id"]).agg((pl.col("prob").max() - pl.col("prob").min()).alias("spread"),
+                                                  pl.col("protocol").n_unique())
+    assert by.height > 0 and (by["protocol"] == 2).all() and (by["spread"] < 1e-12).all()
+    again = _run(st, db, tmp_path / "again")  # fixed seeds -> identical rows
+    keep = ["protocol", "backbone", "fold", "test_set", "scope", "auc"]
+    assert _rows(again).filter(pl.col("head") == "zeroshot").select(keep).sort(keep).equals(df.select(keep).sort(keep))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(backbones=["pixelstats"]), r"heads.zeroshot: pixelstats/original: pixelstats \(pixelstats\) has no text tower"),
+    (dict(backbones=["chexzero"], heads={"zeroshot": {"prompts": {"covid": ["x"], "non_covid": ["y"]}}}),
+     "changed model configuration"),
+    (dict(backbones=["siglip-base"], heads={"zeroshot": {"prompts": {"covid": ["x"], "non_covid": ["y"]},
+                                                          "weights_dir": "/nonexistent"}}),
+     "weights for siglip-base not found.*put them in /nonexistent/google--siglip-base-patch16-224/"),
+    (dict(heads={"zeroshot": {"prompts": {"covid": ["x"], "healthy": ["y"]}}}, backbones=["chexzero"]),
+     "healthy is neither the positive 'covid' nor a negative"),
+])
+def test_zeroshot_studies_that_cannot_work_fail_before_any_work(zeroshot_store, tmp_path, change, message):
+    db, wdir = zeroshot_store
+    with pytest.raises(StudyError, match=message) as e:
+        plan(_zs_study(wdir, **change), db)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(heads={"zeroshot": {"prompts": {"normal": ["a"], "covid": ["b"]}}}, target="3class",
+          classes=["normal", "pneumonia", "covid"]), "zeroshot.prompts: must name each class once.*missing pneumonia"),
+    (dict(heads={"zeroshot": {"prompts": {"normal": ["a"], "pneumonia": ["b"]}}}), "need the positive class 'covid'"),
+    (dict(heads={"zeroshot": {"prompts": {"covid": ["a"], "normal": []}}}), "have no prompt"),
+    (dict(heads={"zeroshot": {"prompts": {"covid": ["a"], "normal": ["b"]}, "trials": 5}}),
+     "less than or equal to 1"),
+    (dict(backbones=["biomedclip@cls"]), r"valid for biomedclip: pooler"),
+    (dict(backbones={"rad-dino": {"pooling": "max"}}), "unknown pooling 'max'"),
+])
+def test_zeroshot_and_pooling_config_errors(change, message):
+    with pytest.raises(StudyError, match=message):
+        _study(**change)
+
+
+def test_study_backbones_name_poolings_as_embed_stores_them():
+    st = _study(backbones={"rad-dino": {"pooling": ["cls", "mean"]}, "siglip-base@pooler": None, "chexzero": {}})
+    assert st.backbones == ["rad-dino", "rad-dino@mean", "siglip-base", "chexzero"]
+    with pytest.raises(StudyError, match="more than once"):
+        _study(backbones=["rad-dino", "rad-dino@cls"])

@@ -16,7 +16,7 @@ import torch
 from featstore.backbones import REGISTRY, create_backbone, get_spec
 from featstore.weights import WeightsMissingError, sha256_file
 
-from conftest import CXR, needs_cxr
+from conftest import CHEXZERO_TINY, CXR, needs_cxr, tiny_siglip_snapshot
 
 FOUNDATION = [n for n, s in REGISTRY.items() if s.family in ("hf", "timm", "open_clip")]
 _T = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56)
@@ -95,9 +95,45 @@ def test_pooling_is_its_own_entry_and_identity():
         get_spec("rad-dino@max")
     with pytest.raises(ValueError, match="only foundation-model"):
         get_spec("pixelstats@mean")
+    # a generic timm CNN learns it has no tokens only when built
     with pytest.raises(ValueError, match="no tokens"):
-        create_backbone("convnext-base@cls", weights="random-init", config_overrides=TINY["convnext-base"])(
+        create_backbone("timm:convnext_atto@cls", weights="random-init", config_overrides=TINY["convnext-base"])(
             torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name,pooling,valid", [("convnext-base", "cls", "pooler, mean"),
+                                                ("siglip-base", "cls", "pooler, mean"),
+                                                ("biomedclip", "mean", "pooler"), ("chexzero", "cls", "pooler"),
+                                                ("open_clip:ViT-B-32", "mean", "pooler")])
+def test_a_pooling_the_family_lacks_fails_in_one_line_naming_the_valid_ones(name, pooling, valid):
+    for call in (lambda: get_spec(f"{name}@{pooling}"),
+                 lambda: create_backbone(name, weights="random-init", pooling=pooling)):
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and f"pooling '{pooling}' is not available" in msg and f"(valid for {name}: {valid})" in msg
+
+
+def test_pooling_option_is_the_suffix_and_one_pooling_is_one_set():
+    """--pooling / pooling= names the same set as the `@` suffix; an entry's default pooling is the entry
+    itself, however spelled; a conflicting suffix and option are refused."""
+    from featstore.backbones import canonical_name
+
+    assert canonical_name("rad-dino", "mean") == canonical_name("rad-dino@mean") == "rad-dino@mean"
+    assert canonical_name("rad-dino", "cls") == canonical_name("rad-dino@cls") == "rad-dino"
+    assert canonical_name("timm:vit_tiny_patch16_224", "cls") == "timm:vit_tiny_patch16_224@cls"
+    assert canonical_name("hf:someone/model", "cls") == "hf:someone/model"  # generic hf: CLS by default
+    a = create_backbone("rad-dino", weights="random-init", config_overrides=_T, pooling="mean")
+    b = create_backbone("rad-dino@mean", weights="random-init", config_overrides=_T)
+    c = create_backbone("rad-dino@cls", weights="random-init", config_overrides=_T)
+    assert a.name == b.name == "rad-dino@mean" and a.weights_id == b.weights_id and ";pool=mean;" in a.weights_id
+    assert c.name == "rad-dino" and ";pool=cls;" in c.weights_id
+    x = torch.rand(2, 3, 56, 56)
+    np.testing.assert_array_equal(a(x), b(x))
+    with pytest.raises(ValueError, match="names pooling 'cls' and --pooling 'mean': give one"):
+        create_backbone("rad-dino@cls", weights="random-init", pooling="mean")
+    with pytest.raises(ValueError, match="give a pooling after @"):
+        get_spec("rad-dino@")
 
 
 @pytest.mark.parametrize("name,overrides", [("timm:vit_tiny_patch16_224", dict(depth=2, img_size=32)),
@@ -295,6 +331,184 @@ def test_cli_lists_licences_and_embeds_random_init(tmp_path, synth_manifest):
 
     r = CliRunner().invoke(app, ["backbones"])
     assert r.exit_code == 0, r.output
-    for n in FOUNDATION:
-        assert n in r.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+            for line in r.output.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()}
+    for n in FOUNDATION:  # name, input, ch, dim, pooling, zero-shot, weights, licence (first line of its cell)
+        s = get_spec(n)
+        name, size, ch, dim, pool, zs, _, lic = rows[n][:8]
+        assert (size, dim) == (str(s.input_size), str(s.feature_dim)) and pool.startswith(s.options["pooling"])
+        assert lic and lic != "-" and (zs == "text tower") == (n in ("siglip-base", "medsiglip-448", "biomedclip",
+                                                                     "chexzero"))
     assert "MSRLA" in r.output and "gated" in r.output
+
+    # --pooling names the set as the @ suffix does; recorded in every row's weights_id
+    db = tmp_path / "fs.duckdb"
+    r = CliRunner().invoke(app, ["ingest", "--manifest", str(synth_manifest), "--workers", "1", "--db", str(db)])
+    assert r.exit_code in (0, 1), r.output  # 1: the manifest's planted bad files
+    r = CliRunner().invoke(app, ["embed", "--backbone", "dinov2-base", "--pooling", "mean", "--weights", "random-init",
+                                 "--limit", "2", "--workers", "0", "--db", str(db)])
+    assert r.exit_code == 0, r.output
+    from featstore.store import connect
+
+    con = connect(db)  # as the CLI opened it (DuckDB refuses another configuration in one process)
+    got = con.execute("SELECT backbone, weights_id FROM embeddings").fetchall()
+    con.close()
+    assert len(got) == 2 and all(b == "dinov2-base@mean" and ";pool=mean;" in w for b, w in got)
+    for args, msg in ((["--backbone", "biomedclip", "--pooling", "cls"], "valid for biomedclip: pooler"),
+                      (["--backbone", "rad-dino@max"], "unknown pooling 'max'"),
+                      (["--backbone", "rad-din@mean"], "did you mean 'rad-dino'")):
+        r = CliRunner().invoke(app, ["embed", *args, "--weights", "random-init", "--db", str(db)])
+        assert r.exit_code == 2 and msg in " ".join(r.output.replace("│", " ").split()), r.output
+
+
+# --- zero-shot: the text tower of the weights an embedding set was made with --------------------------
+
+PROMPTS = {"covid": ["COVID-19 pneumonia", "viral pneumonia"], "normal": ["normal chest x-ray"]}
+
+
+def _head(tower, X, prompts=PROMPTS, key_class=None):
+    from featstore.heads import ZeroShotHead
+    from featstore.zeroshot import class_texts
+
+    ct = class_texts(tower, prompts, key_class or {"covid": 1, "normal": 0})
+    return ZeroShotHead(**ct.as_head_inputs(), n_classes=2).fit(X, np.arange(len(X)) % 2), ct
+
+
+def test_zeroshot_open_clip_random_init_is_the_models_own_zero_shot():
+    """Random-init open_clip: the text tower comes from the set's seed and configuration; the whole CLIP
+    built from them has the stored image embeddings as its encode_image, and the head's probabilities are
+    the model's own zero-shot softmax (prompt ensembling: mean of normalised prompt embeddings)."""
+    import torch.nn.functional as Fn
+    from open_clip.model import CLIP
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from featstore import foundation as F
+    from featstore.zeroshot import text_tower
+
+    bb = create_backbone("chexzero", weights="random-init", config_overrides=CHEXZERO_TINY, seed=3)
+    x = torch.rand(5, 3, 32, 32)
+    X = bb(x)
+    head, ct = _head(text_tower("chexzero", bb.weights_id, config_overrides=CHEXZERO_TINY), X)
+    P = head.predict_proba(X)
+    cfg = F.open_clip_config(get_spec("chexzero"), None, CHEXZERO_TINY)
+    torch.manual_seed(3)
+    clip = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                quick_gelu=True).eval()
+    tok = SimpleTokenizer(context_length=77)
+    with torch.no_grad():
+        np.testing.assert_allclose(clip.encode_image(x).numpy(), X, rtol=1e-5, atol=1e-6)  # the same weights
+        img = clip.encode_image(x, normalize=True).double()
+        cls = [Fn.normalize(clip.encode_text(tok(PROMPTS[k]), normalize=True).mean(0), dim=0) for k in ("normal", "covid")]
+        want = torch.softmax(clip.logit_scale.exp() * img @ torch.stack(cls).double().T, dim=1).numpy()
+    assert P.shape == (5, 2) and np.allclose(P.sum(1), 1)
+    np.testing.assert_allclose(P, want, rtol=1e-5, atol=1e-6)
+    again, ct2 = _head(text_tower("chexzero", bb.weights_id, config_overrides=CHEXZERO_TINY), X)
+    np.testing.assert_array_equal(again.predict_proba(X), P)  # deterministic, to the bit
+    assert ct2.identity == ct.identity
+
+
+def test_zeroshot_open_clip_checkpoint_by_identity(tmp_path):
+    """A whole-model checkpoint in --weights-dir: found again by the set's sha256, its text tower loaded;
+    a checkpoint with the image tower only, or other weights under the same name, are refused."""
+    from open_clip.model import CLIP
+
+    from featstore import foundation as F
+    from featstore.zeroshot import ZeroShotError, text_tower
+
+    cfg = F.open_clip_config(get_spec("chexzero"), None, CHEXZERO_TINY)
+    torch.manual_seed(7)
+    clip = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                quick_gelu=True).eval()
+    name = "best_64_5e-05_original_22000_0.864.pt"
+    torch.save(clip.state_dict(), tmp_path / name)
+    bb = create_backbone("chexzero", weights_dir=tmp_path, config_overrides=CHEXZERO_TINY)
+    assert bb.weights_id.startswith(f"sha256:{sha256_file(tmp_path / name)};pool=pooler;config=")
+    x = torch.rand(3, 3, 32, 32)
+    X = bb(x)
+    head, _ = _head(text_tower("chexzero", bb.weights_id, tmp_path, CHEXZERO_TINY), X, {"normal": ["normal chest x-ray"],
+                                                                                         "covid": ["covid pneumonia"]})
+    from open_clip.tokenizer import SimpleTokenizer
+
+    with torch.no_grad():
+        logits, _ = clip.get_logits(x, SimpleTokenizer()(["normal chest x-ray", "covid pneumonia"]))
+    np.testing.assert_allclose(head.predict_proba(X), torch.softmax(logits.double(), 1).numpy(), rtol=1e-5, atol=1e-6)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({k: v for k, v in clip.state_dict().items() if k.startswith("visual.") or k == "logit_scale"},
+               other / name)
+    with pytest.raises(ZeroShotError, match=r"are not those chexzero embeddings were made with"):
+        text_tower("chexzero", bb.weights_id, other, CHEXZERO_TINY)
+    visual_only = create_backbone("chexzero", weights_dir=other, config_overrides=CHEXZERO_TINY)
+    with pytest.raises(ZeroShotError, match="holds no text tower"):
+        text_tower("chexzero", visual_only.weights_id, other, CHEXZERO_TINY)
+
+
+def test_zeroshot_hf_siglip_snapshot_matches_transformers(tmp_path):
+    """SigLIP (a whole-model snapshot, text and image): the stored `pooler` embedding is get_image_features;
+    the head's probabilities are the softmax of SiglipModel's own logits_per_image (its bias cancels)."""
+    from featstore.zeroshot import ZeroShotError, text_tower
+
+    folder, model, tok = tiny_siglip_snapshot(tmp_path)
+    bb = create_backbone("siglip-base", weights_dir=tmp_path)
+    x = torch.rand(3, 3, 224, 224)
+    X = bb(x)
+    texts = {"normal": ["normal chest x-ray"], "covid": ["covid-19 pneumonia"]}
+    head, _ = _head(text_tower("siglip-base", bb.weights_id, tmp_path), X, texts)
+    t = tok(["normal chest x-ray", "covid-19 pneumonia"], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=t["input_ids"], pixel_values=x)
+        np.testing.assert_allclose(model.get_image_features(pixel_values=x).pooler_output.numpy(), X,
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(head.predict_proba(X), torch.softmax(out.logits_per_image.double(), 1).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    # other weights in the folder the set names: refused, not silently used
+    other = tmp_path / "other"
+    tiny_siglip_snapshot(other, seed=1)
+    with pytest.raises(ZeroShotError, match="are not those siglip-base embeddings were made with"):
+        text_tower("siglip-base", bb.weights_id, other)
+
+
+@pytest.mark.parametrize("name,pool,message", [
+    ("siglip-base@mean", "mean", "stores pooling 'mean', not the projected image features"),
+    ("rad-dino", "cls", "without a text side"),
+    ("convnext-base", "pooler", r"convnext-base \(timm\) has no text tower"),
+    ("pixelstats", None, r"pixelstats \(pixelstats\) has no text tower")])
+def test_zeroshot_refuses_sets_outside_the_joint_space(name, pool, message):
+    from featstore.zeroshot import ZeroShotError, text_tower
+
+    wid = f"random-init:seed0{f';pool={pool}' if pool else ''};input=x"
+    with pytest.raises(ZeroShotError, match=message) as e:
+        text_tower(name, wid)
+    assert "\n" not in str(e.value)
+
+
+def test_zeroshot_needs_the_configuration_the_set_was_made_with():
+    from featstore.zeroshot import ZeroShotError, text_tower
+
+    wid = create_backbone("chexzero", weights="random-init", config_overrides=CHEXZERO_TINY).weights_id
+    with pytest.raises(ZeroShotError, match="changed model configuration"):
+        text_tower("chexzero", wid)
+    with pytest.raises(ZeroShotError, match="are not the configuration"):
+        text_tower("chexzero", wid, config_overrides=dict(CHEXZERO_TINY, layers=3))
+
+
+def test_zeroshot_generic_hf_siglip(tmp_path, monkeypatch):
+    """hf:<repo> of a SigLIP snapshot: no CLS token, and its `pooler` set is in the joint space."""
+    from transformers import SiglipImageProcessor
+
+    from featstore.zeroshot import text_tower
+
+    folder, model, tok = tiny_siglip_snapshot(tmp_path, repo="someone/tiny-siglip")
+    SiglipImageProcessor().save_pretrained(folder)
+    monkeypatch.setenv("FEATSTORE_WEIGHTS_DIR", str(tmp_path))
+    assert get_spec("hf:someone/tiny-siglip").options["model_type"] == "siglip"
+    with pytest.raises(ValueError, match="no CLS token"):
+        create_backbone("hf:someone/tiny-siglip")(torch.rand(1, 3, 224, 224))
+    bb = create_backbone("hf:someone/tiny-siglip", pooling="pooler")
+    x = torch.rand(2, 3, 224, 224)
+    head, _ = _head(text_tower(bb.name, bb.weights_id), bb(x), {"normal": ["normal"], "covid": ["covid pneumonia"]})
+    t = tok(["normal", "covid pneumonia"], padding="max_length", max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        want = torch.softmax(model(input_ids=t["input_ids"], pixel_values=x).logits_per_image.double(), 1).numpy()
+    np.testing.assert_allclose(head.predict_proba(bb(x)), want, rtol=1e-5, atol=1e-6)

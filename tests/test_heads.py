@@ -21,6 +21,9 @@ def test_every_head_fits_binary_and_3class(name):
         y = rng.integers(0, k, 150)
         X2 = X + y[:, None] * 0.8
         params = HEADS[name].space(optuna.trial.FixedTrial(_fixed(name)))
+        if name == "zeroshot":  # its "text" embeddings: one direction per class, the images near theirs
+            X2 = 0.3 * X + np.eye(12)[y]
+            params = dict(text_embeddings=np.eye(12)[:k], key_class=np.arange(k), n_classes=k, logit_scale=10.0)
         h = create_head(name, **params).fit(X2, y, domains=rng.integers(0, 3, 150))
         P = h.predict_proba(X2)
         assert P.shape == (150, k) and np.allclose(P.sum(1), 1)
@@ -33,7 +36,7 @@ def _fixed(name):
     return {"logreg": dict(C=1.0, l1_ratio=0.0, class_weight=None),
             "grl_mlp": dict(lambda_max=1.0, lr=1e-3, weight_decay=1e-2, dropout=0.1),
             "lightgbm": dict(n_estimators=50, learning_rate=0.1, num_leaves=7, min_child_samples=5,
-                             colsample_bytree=0.8)}[name]
+                             colsample_bytree=0.8), "zeroshot": {}}[name]
 
 
 def test_unknown_head():
@@ -59,3 +62,45 @@ def test_grl_representation_hides_the_source(synth_embeddings):
     assert raw > 0.99
     assert a_grl < raw - 0.02 and a_grl < a_plain - 0.02, (raw, a_grl, a_plain)
     assert grl.lambdas_[0] < 0.5 < grl.lambdas_[grl.best_epoch_] and grl.best_epoch_ >= grl.min_epochs
+
+
+def test_zeroshot_head_scores_against_text_without_learning():
+    """Cosine x logit_scale, softmax over prompt groups, a class = the sum of its groups; nothing is learned
+    from X, y or the sources: fitting on other data (or one class only) changes no prediction."""
+    from scipy.special import softmax
+
+    from featstore.heads import ZeroShotHead
+
+    rng = np.random.default_rng(1)
+    T = rng.normal(size=(3, 8))
+    X = rng.normal(size=(40, 8))
+    y = rng.integers(0, 2, 40)
+    # binary: the positive (group 0) against two groups that together make up the negative class
+    h = ZeroShotHead(text_embeddings=T, key_class=[1, 0, 0], logit_scale=20.0, n_classes=2).fit(X, y)
+    Tn = T / np.linalg.norm(T, axis=1, keepdims=True)
+    z = 20.0 * (X / np.linalg.norm(X, axis=1, keepdims=True)) @ Tn.T
+    p = softmax(z, axis=1)
+    P = h.predict_proba(X)
+    assert P.shape == (40, 2) and list(h.classes_) == [0, 1]
+    np.testing.assert_allclose(P[:, 1], p[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(h.decision_function(X), np.log(p[:, 0]) - np.log(p[:, 1] + p[:, 2]), rtol=1e-9)
+    other = ZeroShotHead(text_embeddings=T, key_class=[1, 0, 0], logit_scale=20.0, n_classes=2).fit(
+        rng.normal(size=(10, 8)), np.zeros(10, int), domains=np.arange(10))
+    np.testing.assert_array_equal(other.predict_proba(X), P)  # same classes_, same numbers
+    # three classes, in the order of key_class whatever order the groups come in
+    h3 = ZeroShotHead(text_embeddings=T, key_class=[2, 0, 1], logit_scale=20.0, n_classes=3).fit(X, y)
+    np.testing.assert_allclose(h3.predict_proba(X), p[:, [1, 2, 0]], rtol=1e-12)
+    assert h3.decision_function(X).shape == (40, 3) and h.fit_info_["prompt_groups"] == 3
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(text_embeddings=np.ones((2, 5))), "not one joint image-text space"),
+    (dict(text_embeddings=None), "needs the class text embeddings"),
+    (dict(key_class=[1, 1]), "every class at least one group"),
+])
+def test_zeroshot_head_refuses_what_it_cannot_score(kw, message):
+    from featstore.heads import ZeroShotHead
+
+    params = dict(dict(text_embeddings=np.eye(8)[:2], key_class=[0, 1], n_classes=2), **kw)
+    with pytest.raises(ValueError, match=message):
+        ZeroShotHead(**params).fit(np.ones((4, 8)), np.array([0, 1, 0, 1]))
