@@ -342,6 +342,10 @@ def test_mask_and_duplicate_hash_workers_die_with_a_killed_parent(pool):
     """The other two process pools (lung masks, dHash), their workers kept busy by a slow task."""
     p = subprocess.Popen([sys.executable, "-c", SLOW_POOL, pool], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
-    assert p.stdout.readline().strip() == "working", p.stderr.read()[-3000:]  # a worker is in its task
+    seen = []  # the event: a worker is in its task (other lines on stdout are kept for the message)
+    while (line := p.stdout.readline()) and "working" not in line:
+        seen.append(line)
+    if "working" not in line:  # EOF: it died; stderr can be read now without blocking
+        raise AssertionError(f"no worker started: stdout {seen!r}, stderr {p.stderr.read()[-3000:]}")
     kids = kill_9_then_no_survivors(p, lambda kids: len(kids) >= 2, f"the {pool} pool's 2 workers")
     assert len(kids) == 2
