@@ -40,9 +40,10 @@ class SweepReport:
     mlflow_uri: str = ""
     parent_run_id: str = ""
     notes: list[str] = field(default_factory=list)
-    # where the wall time went: load (store -> arrays, splits), tasks (worker pool wall), of which,
-    # summed over workers, search (Optuna trials) and refit (final fit + predict); score_track
-    # (bootstrap CIs, tests, MLflow runs and artifacts); write (results table)
+    # where the wall time went: load (store -> arrays, splits), tasks (worker pool wall, less the
+    # parent's scoring meanwhile), of which, summed over workers, search (Optuna trials) and refit
+    # (final fit + predict); score_track (the parent scoring each unit as it finishes: bootstrap CIs,
+    # tests, MLflow runs and artifacts); write (results table)
     phases: dict = field(default_factory=lambda: dict(load=0.0, tasks=0.0, search_sum=0.0, refit_sum=0.0,
                                                       score_track=0.0, write=0.0))
 
@@ -171,13 +172,16 @@ def sweep_lock(workdir: str | Path, study: str):
 
 def run_study(st: Study, db, workdir: str | Path = ".", tracking: str | None = None, workers: int | None = None,
               trials: int | None = None, timeout: float | None = None, progress=None,
-              storage: str | None = None) -> SweepReport:
-    """Run the study; one sweep per study and working folder at a time (`sweep_lock`)."""
+              storage: str | None = None, on_unit=None) -> SweepReport:
+    """Run the study; one sweep per study and working folder at a time (`sweep_lock`). Each unit's
+    MLflow runs are logged as its last fold finishes; on_unit(key, rows, run_id), if given, is called
+    then (key: protocol, head, selection, seed)."""
     with sweep_lock(workdir, st.study):
-        return _run_study(st, db, workdir, tracking, workers, trials, timeout, progress, storage)
+        return _run_study(st, db, workdir, tracking, workers, trials, timeout, progress, storage, on_unit)
 
 
-def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progress, storage) -> SweepReport:
+def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progress, storage,
+               on_unit=None) -> SweepReport:
     t0 = time.time()
     workdir = Path(workdir)
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -216,24 +220,25 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
             if progress:
                 progress(0, len(tasks), f"{bb}/{pre}")
             done = [0]
+            units = Units(st, sweep_id, bb, pre, data, tasks, tracker, parent, on_unit)
 
-            def tick(_res):
+            def tick(res):
                 done[0] += 1
                 n_done[0] += 1  # on the sweep run: a live sweep shows its progress in the UI
                 tracker.client.log_metric(parent, "tasks_done", n_done[0], step=n_done[0])
+                units.add(res)  # a unit whose last fold this was is scored and tracked now
                 if progress:
                     progress(done[0], len(tasks), f"{bb}/{pre}")
             t1 = time.time()
             results = run_tasks(tasks, data.X, data.meta, storage, workers or st.workers, tick)
-            t2 = time.time()
+            rows, preds = units.finish()
             rep.n_tasks += len(results)
             rep.n_failed += sum(r.error is not None for r in results)
             rep.n_trials += sum(len(r.trials) for r in results)
-            rows, preds = _score_and_track(st, sweep_id, bb, pre, data, results, tracker, parent)
-            rep.phases["tasks"] += t2 - t1
+            rep.phases["tasks"] += time.time() - t1 - units.seconds
             rep.phases["search_sum"] += sum(r.seconds - r.fit_seconds for r in results)
             rep.phases["refit_sum"] += sum(r.fit_seconds for r in results)
-            rep.phases["score_track"] += time.time() - t2
+            rep.phases["score_track"] += units.seconds
             all_rows += rows
             all_preds.append(preds)
         t3 = time.time()
@@ -260,11 +265,14 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
 
 
 def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trials=None, timeout=None) -> list[Task]:
-    """One Optuna study per protocol x head x selection x fold. The name carries a fingerprint of the
+    """One Optuna study per protocol x head x selection x fold, grouped by unit (protocol, head,
+    selection, seed: its folds are adjacent). The name carries a fingerprint of the
     fold's training images and the fixed params, so a resumed study never mixes in trials made on
     other data."""
     tasks = []
-    for proto, fl in folds.items():
+    # mixed first: the other protocols' source-mean gap needs the same head's mixed unit, and a
+    # unit is tracked only once what it needs is done (`Units`)
+    for proto, fl in sorted(folds.items(), key=lambda kv: kv[0] != "mixed"):
         # leave-pair-out AUCs move with the selection (validation split, sampler, initialisation):
         # `selection_repeats` re-runs its selection under that many seeds (mean ± sd in the report)
         seeds = [st.seed + k for k in range(selection_repeats(st) if proto == "leave-pair-out" else 1)]
@@ -365,78 +373,137 @@ def _metric_rows(base, test_set, scope, y, P, S, n_classes, st) -> dict:
     return row
 
 
-def _score_and_track(st, sweep_id, bb, pre, data: StudyData, results: list[TaskResult], tracker, parent):
+def _unit_key(task: Task) -> tuple:
+    return (task.protocol, task.head, task.selection, task.seed)
+
+
+class Units:
+    """Scores and tracks each unit (protocol, head, selection, seed over its outer folds) as soon as
+    its last fold task finishes, so the units of a live sweep appear in MLflow one by one. `add`
+    takes TaskResults in any order (workers finish out of order); the rows do not depend on it."""
+
+    def __init__(self, st, sweep_id, bb, pre, data: StudyData, tasks: list[Task], tracker, parent, on_unit=None):
+        self.ctx = (st, sweep_id, bb, pre, data)
+        self.tracker, self.parent, self.on_unit = tracker, parent, on_unit
+        self.units: dict[tuple, list[int]] = {}   # unit -> its tasks' places, in task order
+        self.at: dict[str, int] = {}
+        for i, t in enumerate(tasks):
+            self.units.setdefault(_unit_key(t), []).append(i)
+            self.at[t.study_name] = i
+        self.results: dict[int, TaskResult] = {}
+        self.scored: dict[tuple, tuple] = {}      # unit -> (results, rows, predictions, trials)
+        self.tracked: dict[tuple, tuple] = {}     # unit -> (rows, predictions)
+        self.seconds = 0.0                        # spent scoring and tracking
+
+    def needs(self, key) -> tuple | None:
+        """The unit whose seen side this one's source-mean gap uses (binary only): the same head's
+        mixed unit, where the study has one (seen-unseen uses its own seen set)."""
+        st, data = self.ctx[0], self.ctx[4]
+        proto, head, sel, _ = key
+        if len(data.class_names) != 2 or proto in ("mixed", "seen-unseen"):
+            return None
+        k = ("mixed", head, sel, st.seed)
+        return k if k in self.units else None
+
+    def add(self, res: TaskResult) -> None:
+        t0 = time.time()
+        self.results[self.at[res.task.study_name]] = res
+        key = _unit_key(res.task)
+        if all(i in self.results for i in self.units[key]):
+            self.scored[key] = _score_unit(*self.ctx, [self.results[i] for i in self.units[key]])
+            # this unit, and those that waited for it
+            for k in [key] + [k for k in self.scored if k not in self.tracked and self.needs(k) == key]:
+                self._track(k)
+        self.seconds += time.time() - t0
+
+    def _track(self, key) -> None:
+        need = self.needs(key)
+        if key in self.tracked or (need is not None and need not in self.scored):
+            return
+        st, sweep_id, bb, pre, data = self.ctx
+        rs, unit_rows, preds, trials = self.scored[key]
+        proto, head, sel, seed = key
+        if len(data.class_names) == 2:
+            seen_rs = rs if proto == "seen-unseen" else (self.scored[need][0] if need else None)
+            unit_rows = unit_rows + source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs)
+        uid = _track_unit(self.tracker, st, self.parent, proto, head, sel, bb, pre, data, unit_rows, preds,
+                          trials, seed)
+        self.tracked[key] = (unit_rows, preds)
+        if self.on_unit:
+            self.on_unit(key, unit_rows, uid)
+
+    def finish(self) -> tuple[list[dict], pl.DataFrame]:
+        """Every unit's rows and predictions, in task order."""
+        left = [k for k in self.units if k not in self.tracked]
+        if left:
+            raise RuntimeError(f"units never finished: {left}")
+        rows = [x for k in self.units for x in self.tracked[k][0]]
+        preds = [p for k in self.units for p in self.tracked[k][1]]
+        return rows, (pl.concat(preds) if preds else pl.DataFrame())
+
+
+def _score_unit(st, sweep_id, bb, pre, data: StudyData, rs: list[TaskResult]) -> tuple:
+    """A unit's fold and pooled rows and its predictions (the source-mean row comes at tracking)."""
     meta, K = data.meta, len(data.class_names)
-    rows, preds = [], []
-    units: dict[tuple, list[TaskResult]] = {}
-    for r in results:
-        units.setdefault((r.task.protocol, r.task.head, r.task.selection, r.task.seed), []).append(r)
-    done: dict[tuple, tuple] = {}
-    for (proto, head, sel, _seed), rs in units.items():
-        unit_rows, pooled = [], {}
-        trials = {r.task.fold.name: r.trials for r in rs}
-        for r in rs:
-            base = _base_row(st, sweep_id, bb, pre, data, r.task, r)
-            if r.error:
-                unit_rows.append(dict(base, test_set="-", scope="all"))
-                continue
-            fold_rows = []
-            for test_set, te in r.task.fold.tests.items():
-                P, S = r.predictions[test_set], r.scores.get(test_set)
-                y = meta.y[te]
-                fold_rows.append(_metric_rows(base, test_set, "all", y, P, S, K, st))
-                srcs = meta.source[te]
-                # per source: every image that occurs in it (a shared file counts in each of its sources)
-                allowed = set(r.task.fold.test_sources if test_set == "unseen" else r.task.fold.train_sources)
-                occ = [meta.occurs_in[i] & allowed for i in te] if meta.occurs_in else [{x} for x in srcs]
-                in_scope = sorted(set().union(*occ)) if occ else []
-                if len(in_scope) > 1:
-                    for s in in_scope:
-                        mask = np.array([s in o for o in occ])
-                        fold_rows.append(_metric_rows(base, test_set, s, y[mask], P[mask],
-                                                      None if S is None else S[mask], K, st))
-                key = (test_set, r.task.fold.repeat)
-                pooled.setdefault(key, []).append((te, P, S))
-                preds.append(pl.DataFrame(dict(
-                    study=st.study, sweep_id=sweep_id, protocol=proto, fold=r.task.fold.name, test_set=test_set,
-                    backbone=bb, preprocess=pre, head=head, selection=sel, seed=r.task.seed,
-                    image_id=data.image_id[te],
-                    source=srcs.astype(str), y=y.astype(np.int32),
-                    prob=P[:, 1] if K == 2 else P.max(1), score=S if S is not None else P.max(1),
-                    probs=[list(map(float, p)) for p in P]), schema_overrides={"probs": pl.List(pl.Float64)}))
-            if "seen" in r.task.fold.tests and "unseen" in r.task.fold.tests:
-                g = gap_test(fold_rows[0]["metrics"], next(x for x in fold_rows if x["test_set"] == "unseen"
-                                                          and x["scope"] == "all")["metrics"])
-                for x in fold_rows:  # the difference only: its p at image level would overstate (see source-mean)
-                    if x["test_set"] == "unseen" and x["scope"] == "all":
-                        x.update(gap=g["gap"])
-                        x["metrics"] = {**x["metrics"], **{f"image_level_{k}": v for k, v in g.items()}}
-            unit_rows += fold_rows
-        # pooled out-of-fold predictions: every image scored by a model that never saw it (mixed)
-        # or never saw its source (loso). Leave-pair-out test sets overlap, so it is not pooled.
-        if proto in ("mixed", "loso"):
-            ok = [r for r in rs if not r.error]
-            for (test_set, rep_), parts in sorted(pooled.items()):
-                te = np.concatenate([p[0] for p in parts])
-                P = np.concatenate([p[1] for p in parts])
-                S = np.concatenate([p[2] for p in parts]) if K == 2 else None
-                base = _base_row(st, sweep_id, bb, pre, data, ok[0].task, ok[0])
-                base.update(fold="pooled" if proto != "mixed" or _repeats(st) == 1 else f"pooled-r{rep_}", kind="pooled",
-                            repeat=rep_, params=None, val_score=None,
-                            n_trials=sum(len(r.trials) for r in ok), n_dropped_shared=None,
-                            test_sources=sorted({s for r in ok for s in r.task.fold.test_sources}),
-                            notes="pooled out-of-fold predictions of every fold's own selected model", fit_info=None,
-                            seconds=sum(r.seconds for r in ok), status="ok", error=None,
-                            train_sources=sorted({s for r in ok for s in r.task.fold.train_sources}))
-                unit_rows.append(_metric_rows(base, test_set, "all", meta.y[te], P, S, K, st))
-        done[(proto, head, sel, _seed)] = (rs, unit_rows, trials)
-    for (proto, head, sel, seed), (rs, unit_rows, trials) in done.items():
-        if K == 2:
-            seen_rs = rs if proto == "seen-unseen" else done.get(("mixed", head, sel, st.seed), (None,))[0]
-            unit_rows += source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs)
-        _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed)
-        rows += unit_rows
-    return rows, (pl.concat(preds) if preds else pl.DataFrame())
+    proto, head, sel, _ = _unit_key(rs[0].task)
+    preds = []
+    unit_rows, pooled = [], {}
+    trials = {r.task.fold.name: r.trials for r in rs}
+    for r in rs:
+        base = _base_row(st, sweep_id, bb, pre, data, r.task, r)
+        if r.error:
+            unit_rows.append(dict(base, test_set="-", scope="all"))
+            continue
+        fold_rows = []
+        for test_set, te in r.task.fold.tests.items():
+            P, S = r.predictions[test_set], r.scores.get(test_set)
+            y = meta.y[te]
+            fold_rows.append(_metric_rows(base, test_set, "all", y, P, S, K, st))
+            srcs = meta.source[te]
+            # per source: every image that occurs in it (a shared file counts in each of its sources)
+            allowed = set(r.task.fold.test_sources if test_set == "unseen" else r.task.fold.train_sources)
+            occ = [meta.occurs_in[i] & allowed for i in te] if meta.occurs_in else [{x} for x in srcs]
+            in_scope = sorted(set().union(*occ)) if occ else []
+            if len(in_scope) > 1:
+                for s in in_scope:
+                    mask = np.array([s in o for o in occ])
+                    fold_rows.append(_metric_rows(base, test_set, s, y[mask], P[mask],
+                                                  None if S is None else S[mask], K, st))
+            key = (test_set, r.task.fold.repeat)
+            pooled.setdefault(key, []).append((te, P, S))
+            preds.append(pl.DataFrame(dict(
+                study=st.study, sweep_id=sweep_id, protocol=proto, fold=r.task.fold.name, test_set=test_set,
+                backbone=bb, preprocess=pre, head=head, selection=sel, seed=r.task.seed,
+                image_id=data.image_id[te],
+                source=srcs.astype(str), y=y.astype(np.int32),
+                prob=P[:, 1] if K == 2 else P.max(1), score=S if S is not None else P.max(1),
+                probs=[list(map(float, p)) for p in P]), schema_overrides={"probs": pl.List(pl.Float64)}))
+        if "seen" in r.task.fold.tests and "unseen" in r.task.fold.tests:
+            g = gap_test(fold_rows[0]["metrics"], next(x for x in fold_rows if x["test_set"] == "unseen"
+                                                      and x["scope"] == "all")["metrics"])
+            for x in fold_rows:  # the difference only: its p at image level would overstate (see source-mean)
+                if x["test_set"] == "unseen" and x["scope"] == "all":
+                    x.update(gap=g["gap"])
+                    x["metrics"] = {**x["metrics"], **{f"image_level_{k}": v for k, v in g.items()}}
+        unit_rows += fold_rows
+    # pooled out-of-fold predictions: every image scored by a model that never saw it (mixed)
+    # or never saw its source (loso). Leave-pair-out test sets overlap, so it is not pooled.
+    if proto in ("mixed", "loso"):
+        ok = [r for r in rs if not r.error]
+        for (test_set, rep_), parts in sorted(pooled.items()):
+            te = np.concatenate([p[0] for p in parts])
+            P = np.concatenate([p[1] for p in parts])
+            S = np.concatenate([p[2] for p in parts]) if K == 2 else None
+            base = _base_row(st, sweep_id, bb, pre, data, ok[0].task, ok[0])
+            base.update(fold="pooled" if proto != "mixed" or _repeats(st) == 1 else f"pooled-r{rep_}", kind="pooled",
+                        repeat=rep_, params=None, val_score=None,
+                        n_trials=sum(len(r.trials) for r in ok), n_dropped_shared=None,
+                        test_sources=sorted({s for r in ok for s in r.task.fold.test_sources}),
+                        notes="pooled out-of-fold predictions of every fold's own selected model", fit_info=None,
+                        seconds=sum(r.seconds for r in ok), status="ok", error=None,
+                        train_sources=sorted({s for r in ok for s in r.task.fold.train_sources}))
+            unit_rows.append(_metric_rows(base, test_set, "all", meta.y[te], P, S, K, st))
+    return rs, unit_rows, preds, trials
 
 
 def _parts(meta, rs, test_set: str):
@@ -533,9 +600,10 @@ def _repeats(st):
     return int(st.protocols.get("mixed", {}).get("repeats", 1))
 
 
-def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed=None):
-    """Unit run -> fold runs -> trial runs, with artifacts on the unit run. Runs carry the times the
-    work happened (trials: Optuna's; folds: their trials' span; units: first trial to scoring)."""
+def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed=None) -> str:
+    """Unit run -> fold runs -> trial runs, with artifacts on the unit run; returns the unit's run id.
+    Runs carry the times the work happened (trials: Optuna's; folds: their trials' span; units:
+    first trial to scoring, which is when the unit's last fold finished)."""
     from featstore import report
 
     metrics = R.unit_summary(unit_rows)
@@ -596,6 +664,7 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
                         tags=dict(tags, level="trial", fold=fold, state=t["state"], error=t.get("error")),
                         start=t["start"], end=t["end"] or t["start"],
                         status={"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(t["state"], "FAILED"))
+    return uid
 
 
 def _dataset_input(tracker, st, bb, pre, data):

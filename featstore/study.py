@@ -631,10 +631,7 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
                          f"--preprocess {preprocess}`)") from e
     have = sorted(set(fs.con.execute("SELECT DISTINCT source FROM images").fetchall()))
     have = [h for (h,) in have]
-    if st.sources:
-        unknown = sorted(set(st.sources) - set(have))
-        if unknown:
-            raise StudyError(f"{st.path or st.study}: sources: unknown source(s) {unknown}; the store has {have}")
+    check_sources(st, have)
     col = st.label_column if st.target == "binary" else st.class_column
     if col not in meta.columns:
         raise StudyError(f"{st.path or st.study}: column '{col}' not in the store's images "
@@ -678,6 +675,30 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
     for s, k in zip(m.source, m.y):
         counts[(s, names[k])] = counts.get((s, names[k]), 0) + 1
     return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links, state)
+
+
+def check_sources(st: Study, have: list[str]) -> None:
+    """Every source the config names (sources, a protocol's train_sources / unseen_sources) is one
+    the store has and the study uses; else one line per key with the closest name."""
+    from featstore.suggest import unknown
+
+    problems = []
+    if st.sources:
+        problems += [f"sources: {unknown('source', s, have)}" for s in st.sources if s not in have]
+    usable = [s for s in have if not st.sources or s in st.sources]
+    for proto, opts in st.protocols.items():
+        for key in ("train_sources", "unseen_sources"):
+            for s in opts.get(key) or ():
+                if s in usable:
+                    continue
+                where = f"protocols.{proto}.{key}"
+                if s in have:  # in the store, left out by `sources:`
+                    problems.append(f"{where}: source '{s}' is not among the study's sources "
+                                    f"({', '.join(usable)}); add it to sources")
+                else:
+                    problems.append(f"{where}: {unknown('source', s, usable)}")
+    if problems:
+        raise StudyError(f"{st.path or st.study}: " + "; ".join(problems))
 
 
 def _mask_method(fs, preprocess: str, image_ids) -> str | None:

@@ -6,8 +6,11 @@ from collections.abc import Iterable
 
 
 def did_you_mean(name, choices: Iterable) -> str:
-    """' (did you mean 'x'?)' when a choice is close to name, else ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.6)
+    """' (did you mean 'x'?)' when a choice is close to name, else ''. The closest only, unless others
+    are as close: names that differ by one letter (synthetic-a, synthetic-b) are all near a typo."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.6)
+    score = [difflib.SequenceMatcher(None, str(name), c).ratio() for c in close]
+    close = [c for c, r in zip(close, score) if r >= max(score, default=0) - 1e-9][:2]
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 

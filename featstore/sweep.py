@@ -185,11 +185,17 @@ def _quiet_s(study) -> float:
     return time.time() - max(last)
 
 
+def identity(task: Task) -> dict:
+    """What a study and each of its trials carry as user attributes, for optuna-dashboard's filters.
+    Fixed by the task (no times, no pids): a resumed study's trials equal an uninterrupted one's."""
+    return dict(protocol=task.protocol, head=task.head, fold=task.fold.name, selection=task.selection,
+                seed=task.seed, **task.attrs)
+
+
 def _describe(study, task: Task) -> None:
     """Attributes optuna-dashboard can filter on and a named objective. The study's name stays as it
     is: a re-run finds the study to resume by that name."""
-    want = dict(protocol=task.protocol, head=task.head, fold=task.fold.name, selection=task.selection,
-                seed=task.seed, **task.attrs)
+    want = identity(task)
     have = study.user_attrs
     for k, v in want.items():
         if have.get(k) != v:
@@ -231,9 +237,12 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
     else:
         splits = selection_splits(meta, f.train, task.selection, task.seed)
     space = HEADS[task.head].space
+    attrs = identity(task)
 
     def objective(trial):
         res.n_ran += 1
+        for k, v in attrs.items():  # the dashboard filters trials across studies by these
+            trial.set_user_attr(k, v)
         params = {**space(trial), **task.fixed}
         _hold_for_tests(trial)
         P_all, y_all = [], []

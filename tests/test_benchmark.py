@@ -93,12 +93,23 @@ def test_same_seed_same_results(synth_stores, tmp_path):
     assert a == b
 
 
+def _stored(db, sweep_id):
+    volatile = {"sweep_id", "mlflow_run_id", "seconds", "created_at"}
+    with duckdb.connect(str(db), read_only=True) as con:
+        cols = [c for (c,) in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = 'results'")
+                .fetchall() if c not in volatile]
+        return con.execute(f"SELECT {', '.join(cols)} FROM results WHERE sweep_id = ? ORDER BY ALL",
+                           [sweep_id]).fetchall()
+
+
 def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path):
-    st = _study(heads={"logreg": {"trials": 2}}, protocols={"loso": {}})
-    one = _rows(_run(st, synth_stores["confounded"], tmp_path / "w1", workers=1))
-    two = _rows(_run(st, synth_stores["confounded"], tmp_path / "w2", workers=2))
-    cols = ["fold", "auc", "sensitivity", "params"]
-    assert one.select(cols).sort("fold").equals(two.select(cols).sort("fold"))
+    """Units are scored and tracked as they finish, in whatever order workers finish them: the
+    stored rows (every column) are the same with 1 worker or 2."""
+    db = synth_stores["confounded"]
+    st = _study(heads={"logreg": {"trials": 2}}, protocols={"loso": {}, "mixed": {"folds": 3}}, bootstrap=20)
+    one, two = _run(st, db, tmp_path / "w1", workers=1), _run(st, db, tmp_path / "w2", workers=2)
+    a, b = _stored(db, one.sweep_id), _stored(db, two.sweep_id)
+    assert len(a) > 20 and any(r for r in a if "source-mean" in r) and a == b
     # the same workdir again with more trials: the journal keeps the first 2, adds 1 per study
     rep = _run(st, synth_stores["confounded"], tmp_path / "w1", trials=3)
     assert rep.n_trials == 3 * rep.n_tasks
@@ -137,6 +148,18 @@ def test_three_class_target(synth_stores, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(sources=["synthetic-a", "nope"]), "unknown source"),
+    # sources a config names: the unknown one, the close one, the valid ones, on one line
+    (dict(sources=["synthetic-a", "synthetc-c"]), r"^t: sources: unknown source 'synthetc-c' \(did you mean "
+     r"'synthetic-c'\?\); known: synthetic-a, synthetic-b, synthetic-c, synthetic-d$"),
+    (dict(protocols={"seen-unseen": {"train_sources": ["synthetic-a", "synthetic_c"]}}),
+     r"^t: protocols.seen-unseen.train_sources: unknown source 'synthetic_c' \(did you mean 'synthetic-c'\?\); "
+     r"known: synthetic-a, synthetic-b, synthetic-c, synthetic-d$"),
+    (dict(protocols={"seen-unseen": {"train_sources": ["synthetic-a"], "unseen_sources": ["synthetic-bb"]}}),
+     r"protocols.seen-unseen.unseen_sources: unknown source 'synthetic-bb' \(did you mean 'synthetic-b'\?\)"),
+    (dict(sources=["synthetic-a", "synthetic-b", "synthetic-c"],
+          protocols={"seen-unseen": {"train_sources": ["synthetic-a", "synthetic-d"]}}),
+     r"train_sources: source 'synthetic-d' is not among the study's sources \(synthetic-a, synthetic-b, "
+     r"synthetic-c\); add it to sources$"),
     (dict(label_column="nope"), "column 'nope'"),
     (dict(backbones=["tv-resnet50-imagenet"]), "no embeddings for backbone"),
     (dict(sources=["synthetic-a", "synthetic-b"]), "mostly-negative"),

@@ -82,6 +82,18 @@ def test_neighbors_unknown_backbone_is_one_line_with_a_suggestion(tiny_db, extra
     assert r.exit_code == 2 and "did you mean 'pixelstats'" in r.text and "Traceback" not in r.output, r.output
 
 
+def test_sweep_unknown_source_in_the_config_is_one_line_with_a_suggestion(synth_stores, tmp_path):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("study: typo\nbackbones: [pixelstats]\nheads: [logreg]\n"
+                   "protocols: {seen-unseen: {train_sources: [synthetic-a, synthetc-c]}}\n")
+    r = _run("sweep", cfg, "--db", synth_stores["confounded"], "--workdir", tmp_path,
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.text == (f"error: {cfg}: protocols.seen-unseen.train_sources: unknown source 'synthetc-c' (did you "
+                      "mean 'synthetic-c'?); known: synthetic-a, synthetic-b, synthetic-c, synthetic-d"), r.output
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any work
+
+
 # --- choices in --help ----------------------------------------------------------------------
 
 def test_help_lists_choices_from_the_registries():

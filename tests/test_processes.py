@@ -257,9 +257,12 @@ def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_
         retry = [r for r in a[s] if r[4].get("retry_of") == t[0]]
         # a trial killed while suggesting has only its first parameters: the retry keeps those
         assert len(retry) == 1 and retry[0][1] == "COMPLETE" and t[2].items() <= retry[0][2].items()
-    for s in a:  # the same trials, in the same order, with the same parameters and scores
-        kept = [(st, ps, v) for _, st, ps, v, _ in a[s] if st != "FAIL"]
-        assert kept == [(st, ps, v) for _, st, ps, v, _ in b[s]], s
+    def attrs(u):  # a retry says so; the rest (optuna-dashboard's filters, warnings) is as uninterrupted
+        return {k: v for k, v in u.items() if k != "retry_of"}
+    for s in a:  # the same trials, in the same order, with the same parameters, scores and attributes
+        kept = [(st, ps, v, attrs(u)) for _, st, ps, v, u in a[s] if st != "FAIL"]
+        assert kept == [(st, ps, v, u) for _, st, ps, v, u in b[s]], s
+        assert all(u["protocol"] == "loso" and u["head"] in s and u["fold"] in s for *_, u in b[s])
     rows = _rows(db, resumed)
     assert len(rows) >= 10 and rows == _rows(db, clean.sweep_id)  # 8 folds, 2 pooled, 2 source-mean
 

@@ -123,10 +123,10 @@ def test_artifacts_survive_moving_the_folder(swept, tmp_path):
 def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch):
     import featstore.benchmark as B
 
-    def boom(st, sweep_id, bb, pre, data, results, tracker, parent):
+    def boom(tracker, st, parent, *a, **k):
         tracker.run("half-logged unit", parent=parent, tags=dict(level="unit"), status=None)
         raise RuntimeError("scoring broke")
-    monkeypatch.setattr(B, "_score_and_track", boom)
+    monkeypatch.setattr(B, "_track_unit", boom)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError):
         run_study(_study(study="fail"), synth_stores["confounded"], tmp_path, uri)
@@ -158,6 +158,88 @@ def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkey
     status = {r.info.run_name: r.info.status for r in runs if r.data.tags["level"] in ("sweep", "unit")}
     assert status.pop("half-logged unit") == "KILLED"
     assert sorted(status.values()) == ["FINISHED", "KILLED"]  # the first unit finished; the sweep KILLED
+
+
+def _unit_runs(uri, study) -> dict:
+    """unit run name -> (status, fold runs under it, trial runs under those), as MLflow has them now."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(study)
+    runs = c.search_runs([exp.experiment_id], max_results=5000) if exp else []
+    parent = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in runs}
+    out = {}
+    for u in (r for r in runs if r.data.tags["level"] == "unit"):
+        folds = {r.info.run_id for r in runs if r.data.tags["level"] == "fold" and parent[r.info.run_id] == u.info.run_id}
+        trials = [r for r in runs if r.data.tags["level"] == "trial" and parent[r.info.run_id] in folds]
+        out[u.info.run_name] = (u.info.status, len(folds), len(trials), set(u.data.metrics))
+    return out
+
+
+def test_unit_runs_appear_as_each_unit_finishes(synth_stores, tmp_path, monkeypatch):
+    """A live sweep is watchable: a unit's runs (with its folds' and trials') are in MLflow, finished,
+    once its last fold is done, while later tasks have still to start. loso is written first in
+    the config, yet mixed runs first: loso's source-mean gap needs the mixed unit."""
+    import featstore.sweep as S
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seen = []  # (task's protocol, fold, the unit runs in MLflow as that task starts)
+    real = S.run_task
+
+    def watching(task, *a, **k):
+        seen.append((task.protocol, task.fold.name, _unit_runs(uri, "live")))
+        return real(task, *a, **k)
+    monkeypatch.setattr(S, "run_task", watching)
+    units = []
+
+    def on_unit(key, rows, run_id):  # called as each unit is tracked: its run is there, finished
+        units.append((key, _unit_runs(uri, "live"), {x["mlflow_run_id"] for x in rows if x["kind"] != "fold"}))
+    st = _study(study="live", protocols={"loso": {}, "mixed": {"folds": 2}}, bootstrap=20)
+    rep = run_study(st, synth_stores["confounded"], tmp_path, uri, workers=1, on_unit=on_unit)
+    assert [p for p, _, _ in seen] == ["mixed"] * 2 + ["loso"] * 4
+    mixed, loso = "mixed · logreg · pixelstats/original", "loso · logreg · pixelstats/original"
+    assert seen[0][2] == {} and seen[1][2] == {}
+    for _, fold, now in seen[2:]:  # every loso task starts with the mixed unit logged in full
+        assert now == {mixed: ("FINISHED", 2, 4, now[mixed][3])}, fold
+        assert "auc_seen" in now[mixed][3]
+    assert [k for k, _, _ in units] == [("mixed", "logreg", "train-val", 0), ("loso", "logreg", "train-val", 0)]
+    assert set(units[0][1]) == {mixed}
+    last = units[1][1][loso]
+    assert last[:3] == ("FINISHED", 4, 8) and {"auc_unseen_mean", "gap"} <= last[3]  # gap: seen side from mixed
+    assert len(units[1][2]) == 1 and units[1][2] <= {x["mlflow_run_id"] for x in rep.rows}
+
+
+def test_a_unit_waits_for_the_mixed_unit_it_needs_whatever_order_tasks_finish(synth_stores, tmp_path):
+    """Workers finish tasks in any order: a loso unit done before the mixed unit (its gap's seen side)
+    is tracked right after it; every row is the same as when tasks finish in order."""
+    import optuna
+
+    from featstore.benchmark import Units, make_tasks, plan
+    from featstore.sweep import run_task
+
+    st = _study(study="order", protocols={"mixed": {"folds": 2}, "loso": {}}, bootstrap=20)
+    (bb, pre, data, folds), = plan(st, synth_stores["confounded"])
+    tasks = make_tasks(st, bb, pre, data, folds)
+    results = [run_task(t, data.X, data.meta, optuna.storages.InMemoryStorage()) for t in tasks]
+    assert [t.protocol for t in tasks] == ["mixed"] * 2 + ["loso"] * 4
+
+    def feed(order, name):
+        tracker = track.Tracker(name, f"sqlite:///{tmp_path / 'mlflow.db'}")
+        parent = tracker.run("sweep", tags=dict(level="sweep"))
+        log = []
+        u = Units(st, "s1", bb, pre, data, tasks, tracker, parent, on_unit=lambda k, rows, rid: log.append((k[0], n)))
+        for n, i in enumerate(order, 1):
+            u.add(results[i])
+        rows, preds = u.finish()
+        return log, [{k: v for k, v in x.items() if k != "mlflow_run_id"} for x in rows], preds
+
+    in_order, rows_a, preds_a = feed(range(6), "a")
+    assert in_order == [("mixed", 2), ("loso", 6)]
+    # loso's four folds, then one mixed fold, then the other: nothing is tracked before the last
+    late, rows_b, preds_b = feed([2, 3, 4, 5, 0, 1], "b")
+    assert late == [("mixed", 6), ("loso", 6)]
+    assert rows_a == rows_b and preds_a.equals(preds_b)
+    assert any(x["kind"] == "source-mean" and x["gap"] is not None for x in rows_b)
 
 
 def test_runs_a_killed_process_left_running_are_closed_at_the_next_sweep(synth_stores, tmp_path):
@@ -231,4 +313,8 @@ def test_optuna_studies_carry_attributes_and_a_named_objective(swept):
             {"cmp", "pixelstats", "original", "logreg", "train-val"}
         assert a["protocol"] in ("mixed", "loso") and a["fold"] in s.study_name
         assert s.study_name.startswith(f"cmp|{a['protocol']}|logreg|pixelstats|original|")
-        assert optuna.load_study(study_name=s.study_name, storage=storage).metric_names == ["val_auc"]
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        assert study.metric_names == ["val_auc"]
+        # and every trial, so the dashboard can filter trials across studies
+        assert study.trials and all(t.user_attrs.items() >= a.items() for t in study.trials)
+        assert {"protocol", "head", "fold", "backbone", "preprocess", "selection"} <= set(a)
