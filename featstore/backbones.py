@@ -167,7 +167,7 @@ def get_spec(name: str) -> BackboneSpec:
     if base in REGISTRY or base.startswith(GENERIC_PREFIXES):
         from featstore import foundation as F
 
-        spec = REGISTRY[base] if base in REGISTRY else F.generic_spec(base)
+        spec = REGISTRY[base] if base in REGISTRY else BackboneSpec(**F.generic_spec_fields(base))
         if at:
             if spec.family not in F.FAMILIES:
                 raise ValueError(f"backbone '{name}': only foundation-model entries take a pooling (@cls, @mean, @pooler)")
