@@ -1,7 +1,7 @@
 """2, 7 and 8. The benchmark study end to end on the real set (ingest -> embed -> sweep -> report),
 the second embed over the embedded store, and peak memory of embed and sweep.
 
-    python benchmarks/end_to_end.py [--workdir DIR] [--study benchmarks/cxr_shortcut.yaml]
+    python benchmarks/end_to_end.py [--workdir DIR] [--study featstore/studies/cxr_shortcut.yaml]
 
 Everything runs in a fresh store in --workdir (kept, so the other scripts can reuse it:
 run_all.py passes it on). Peak memory = resident memory of this process plus its workers,
@@ -21,7 +21,7 @@ from _common import MANIFEST, REPO, WEIGHTS, PeakMemory, need_real_set, table
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("bench-work"))
-    ap.add_argument("--study", type=Path, default=REPO / "benchmarks" / "cxr_shortcut.yaml")
+    ap.add_argument("--study", type=Path, default=REPO / "featstore" / "studies" / "cxr_shortcut.yaml")
     ap.add_argument("--backbone", default="mobilenetv3-nih-onnx")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()

@@ -63,7 +63,7 @@ def sweeps(work: Path, counts: list[int], trials: int, db: Path):
 
     from featstore.testing import local_postgres
 
-    raw = yaml.safe_load((REPO / "benchmarks" / "cxr_shortcut.yaml").read_text())
+    raw = yaml.safe_load((REPO / "featstore" / "studies" / "cxr_shortcut.yaml").read_text())
     raw.update(study="bench-scale", heads={"logreg": {"trials": trials}, "lightgbm": {"trials": trials}},
                protocols={"loso": {}}, bootstrap=0, db=None)
     cfg = work / "scale.yaml"

@@ -3,7 +3,7 @@ and the sweep's peak memory.
 
     python benchmarks/sweep_workers.py [--db STORE] [--workers 1,2]
 
-The study: benchmarks/cxr_shortcut.yaml narrowed to logreg and lightgbm on mixed and loso (11
+The study: featstore/studies/cxr_shortcut.yaml narrowed to logreg and lightgbm on mixed and loso (11
 Optuna studies per head). Each worker count runs it from an empty Optuna journal and MLflow store,
 so both do identical work; the results tables must be identical (checked). Peak memory is the
 resident memory of the sweep process plus its workers, sampled every 0.1 s.
@@ -31,7 +31,7 @@ def main():
     from featstore.benchmark import run_study
     from featstore.study import parse_study
 
-    raw = yaml.safe_load((REPO / "benchmarks" / "cxr_shortcut.yaml").read_text())
+    raw = yaml.safe_load((REPO / "featstore" / "studies" / "cxr_shortcut.yaml").read_text())
     raw.update(study="bench-workers", heads={"logreg": {"trials": a.trials}, "lightgbm": {"trials": a.trials}},
                protocols={"mixed": {"folds": 5, "repeats": 1}, "loso": {}}, bootstrap=200)
     rows, phase_rows, results = [], [], {}

@@ -101,7 +101,3 @@ def adapter_rows(name: str, imgpath: str | Path, csvpath: str | Path | None = No
         ))
     return rows, missing
 
-
-def adapter_names() -> list[str]:
-    return list(ADAPTERS)
-

@@ -218,7 +218,7 @@ def get_spec(name: str) -> BackboneSpec:
         from featstore import foundation as F
 
         name = canonical_name(name) if "@" in name else name
-        spec = REGISTRY[base] if base in REGISTRY else F.generic_spec(base)
+        spec = REGISTRY[base] if base in REGISTRY else BackboneSpec(**F.generic_spec_fields(base))
         pooling = name.partition("@")[2]
         if pooling:
             default = spec.options["pooling"]

@@ -26,7 +26,7 @@ from featstore.heads import HEADS
 from featstore.score import binary_metrics, gap_test, multiclass_metrics
 from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
 from featstore.sweep import Task, TaskResult, run_tasks
-from featstore.track import Tracker, code_version, write_predictions, write_results
+from featstore.track import Tracker, code_version, unit_artifacts, write_predictions, write_results
 
 
 @dataclass
@@ -604,8 +604,6 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
     """Unit run -> fold runs -> trial runs, with artifacts on the unit run; returns the unit's run id.
     Runs carry the times the work happened (trials: Optuna's; folds: their trials' span; units:
     first trial to scoring, which is when the unit's last fold finished)."""
-    from featstore import report
-
     metrics = R.unit_summary(unit_rows)
     sweep_id = unit_rows[0]["sweep_id"] if unit_rows else None
     tags = dict(level="unit", study=st.study, sweep_id=sweep_id, protocol=proto, head=head, backbone=bb,
@@ -620,8 +618,8 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
     with tempfile.TemporaryDirectory() as tmp:
         unit_preds = [p for p in preds if p.height and p["protocol"][0] == proto and p["head"][0] == head
                       and p["selection"][0] == sel and (seed is None or p["seed"][0] == seed)]
-        arts = report.unit_artifacts(Path(tmp), unit_rows, pl.concat(unit_preds) if unit_preds else None,
-                                     data.class_names, f"{proto} / {head} / {bb} / {pre}")
+        arts = unit_artifacts(Path(tmp), unit_rows, pl.concat(unit_preds) if unit_preds else None,
+                              data.class_names, f"{proto} / {head} / {bb} / {pre}")
         identity = dict(head=head, backbone=bb, weights_id=data.weights_id, preprocess=pre, protocol=proto,
                         selection=sel, target=st.target,
                         held_out=",".join(sorted({s for x in unit_rows for s in x["test_sources"]})) or "-")

@@ -524,7 +524,8 @@ def export(parquet: Optional[Path] = typer.Option(None, help="new or empty outpu
 
 @app.command()
 def sweep(
-    config: Path = typer.Argument(..., help="study config (YAML or TOML), e.g. benchmarks/cxr_shortcut.yaml"),
+    config: Path = typer.Argument(..., help="study config (YAML or TOML), or a shipped one by name: "
+                                  "cxr_shortcut, synthetic_demo"),
     trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (overrides the config's per head)"),
     timeout: Optional[float] = typer.Option(None, help="seconds per Optuna study"),
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: the config's, else 1)"),
@@ -890,11 +891,13 @@ def synth(out: Path = typer.Option(Path("featstore-demo/data")), n_per_source: i
 @app.command()
 def demo(out: Path = typer.Option(Path("featstore-demo"), help="working folder (replaced)"),
          n_per_source: int = 150,
-         weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR")):
+         weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR"),
+         trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (default: the demo "
+                                              "study's, per head); 1 for a quick run")):
     """Generate synthetic sources -> ingest -> embed -> SQL answers, in a few minutes on 2 cores."""
     from featstore.demo import run_demo
 
-    raise typer.Exit(run_demo(out, n_per_source, weights_dir))
+    raise typer.Exit(run_demo(out, n_per_source, weights_dir, trials))
 
 
 def main():

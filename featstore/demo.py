@@ -25,7 +25,7 @@ EXPECTED_REJECTIONS = {"truncated", "empty file", "not an image", "file not foun
                        "unknown label", "duplicate manifest row"}
 
 
-def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = None) -> int:
+def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = None, trials: int | None = None) -> int:
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
@@ -74,7 +74,7 @@ def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = N
          {"backbone": embedded[-1], "k": "5"} if embedded else {}),
     ]:
         out.rule(title)
-        out.print(f"[dim]featstore sql -f sql/{f} --db {db}[/]")
+        out.print(f"[dim]featstore sql -f {sql_dir() / f} --db {db}[/]")
         text = (sql_dir() / f).read_text()
         tbl = run_sql(con, text, variables)
         if "paths" in tbl.column_names:
@@ -83,14 +83,14 @@ def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = N
             tbl = tbl.drop_columns(["path"])
         print(render(tbl, "table"), end="", flush=True)
     con.close()
-    status = max(status, _benchmark(folder, db, embedded))
+    status = max(status, _benchmark(folder, db, embedded, trials))
     out.rule()
     out.print(f"store: {db}  — try: featstore sql \"SELECT * FROM embedding_sets\" --db {db}")
     out.print(f"MLflow: featstore ui  (run in {folder}); report: {folder / 'report' / 'report.html'}")
     return status
 
 
-def _benchmark(folder: Path, db: Path, embedded: list[str]) -> int:
+def _benchmark(folder: Path, db: Path, embedded: list[str], trials: int | None = None) -> int:
     """A small sweep over the synthetic sources: the shortcut shows as mixed >> unseen AUC."""
     import os
 
@@ -101,10 +101,11 @@ def _benchmark(folder: Path, db: Path, embedded: list[str]) -> int:
     st = load_study(benchmark_config())
     st.backbones = [b for b in embedded if b in ("pixelstats", "mobilenetv3-nih-onnx")]
     out.rule("Benchmark: does the classifier generalise to sources it never saw? (SYNTHETIC)")
-    out.print(f"[dim]featstore sweep {benchmark_config()} --db {db}[/]  ({', '.join(st.backbones)}; "
+    out.print(f"[dim]featstore sweep synthetic_demo --db {db}{f' --trials {trials}' if trials else ''}[/]  "
+              f"({', '.join(st.backbones)}; "
               f"heads {', '.join(h.name for h in st.heads)}; Optuna per fold, selection on training sources only)")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(folder / 'mlflow.db').resolve()}"
-    rep = run_study(st, db, folder, uri)
+    rep = run_study(st, db, folder, uri, trials=trials)
     import polars as pl
 
     table = headline(pl.DataFrame(rep.rows, infer_schema_length=None).filter(~pl.col("oracle")))
@@ -124,5 +125,7 @@ def _benchmark(folder: Path, db: Path, embedded: list[str]) -> int:
 
 
 def benchmark_config() -> Path:
-    """benchmarks/synthetic_demo.yaml in a checkout (the demo's study config)."""
-    return Path(__file__).resolve().parent.parent / "benchmarks" / "synthetic_demo.yaml"
+    """The demo's study config, shipped in the package (featstore/studies/synthetic_demo.yaml)."""
+    from featstore.study import packaged_studies
+
+    return packaged_studies()["synthetic_demo.yaml"]

@@ -349,9 +349,9 @@ def pipeline_from_hf_processor(proc):
     raise ValueError(f"HF processor with size {size} and crop {crop} is not reproduced by featstore")
 
 
-def generic_spec(name: str):
-    from featstore.backbones import BackboneSpec
-
+def generic_spec_fields(name: str) -> dict:
+    """The BackboneSpec fields of a generic entry (backbones builds the spec: this module does not
+    import backbones, which imports it)."""
     kind, _, arg = name.partition(":")
     if not arg:
         raise ValueError(f"backbone '{name}': give the model after the colon ({kind}:<name>)")
@@ -364,9 +364,10 @@ def generic_spec(name: str):
         from timm.data import resolve_data_config
 
         size, pipe = pipeline_from_timm_cfg(resolve_data_config(pretrained_cfg=pcfg.to_dict() if hasattr(pcfg, "to_dict") else pcfg))
-        return BackboneSpec(name, "timm", size, 3, pipe, None, pcfg.hf_hub_id if hasattr(pcfg, "hf_hub_id") else None,
-                            description=f"timm {arg}; head-pooled features", licence=(getattr(pcfg, "license", None) or "see model card"),
-                            options=dict(arch=arg, pooling="pooler"))
+        return dict(name=name, family="timm", input_size=size, channels=3, pipeline=pipe, feature_dim=None,
+                    weights=pcfg.hf_hub_id if hasattr(pcfg, "hf_hub_id") else None,
+                    description=f"timm {arg}; head-pooled features", licence=(getattr(pcfg, "license", None) or "see model card"),
+                    options=dict(arch=arg, pooling="pooler"))
     if kind == "open_clip":
         import open_clip
 
@@ -381,9 +382,10 @@ def generic_spec(name: str):
         pipe = InputPipeline("pil-uint8", crop="short-side", resize=size, resample=_resample(pp.get("interpolation", "bicubic")),
                              mean=tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                              std=tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)))
-        return BackboneSpec(name, "open_clip", size, 3, pipe, int(cfg["embed_dim"]), None,
-                            description=f"open_clip {arg} image tower; projected embedding (weights: --weights PATH)",
-                            licence="see model card", options=dict(arch=arg, pooling="pooler"))
+        return dict(name=name, family="open_clip", input_size=size, channels=3, pipeline=pipe,
+                    feature_dim=int(cfg["embed_dim"]), weights=None,
+                    description=f"open_clip {arg} image tower; projected embedding (weights: --weights PATH)",
+                    licence="see model card", options=dict(arch=arg, pooling="pooler"))
     if kind == "hf":
         from transformers import AutoImageProcessor
 
@@ -407,6 +409,6 @@ def generic_spec(name: str):
             pass
         if opts.get("model_type", "").startswith("siglip"):
             opts["cls_token"] = False
-        return BackboneSpec(name, "hf", size, 3, pipe, None, arg, description=f"Hugging Face {arg}; CLS token",
-                            licence="see model card", options=opts)
+        return dict(name=name, family="hf", input_size=size, channels=3, pipeline=pipe, feature_dim=None, weights=arg,
+                    description=f"Hugging Face {arg}; CLS token", licence="see model card", options=opts)
     raise ValueError(f"unknown backbone family '{kind}' (hf, timm, open_clip)")

@@ -33,10 +33,8 @@ from featstore.store import insert_frame as _insert
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
 
-# Standard column names; a manifest with other names maps them with ColumnMap.
-FIELDS = ("path", "source", "label", "class", "patient_id", "view", "sex", "age")
 
-
+# The manifest's column names, where they differ from the standard ones (path, source, label, ...).
 @dataclass
 class ColumnMap:
     path: str = "path"

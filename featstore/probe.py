@@ -107,7 +107,7 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     from pathlib import Path
 
     from featstore.api import Store
-    from featstore.report import domain_auc_bars, embedding_map
+    from featstore.figures import domain_auc_bars, embedding_map
     from featstore.store import connect
     from featstore.track import Tracker, code_version, write_results
 

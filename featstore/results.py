@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import polars as pl
+
 
 @dataclass(frozen=True)
 class Column:
@@ -43,7 +45,6 @@ def _m(name, type_, doc):
 
 
 KINDS = ("fold", "pooled", "source-mean")
-UNCERTAINTY = ("image", "source", "selection")
 
 # Order = the table's column order (002_results.sql, then columns later migrations appended).
 COLUMNS: tuple[Column, ...] = (
@@ -114,11 +115,9 @@ COLUMNS: tuple[Column, ...] = (
 )
 
 NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
-BY_NAME = {c.name: c for c in COLUMNS}
 # The metrics score computes per test set, in column order.
 METRICS: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.metric and c.name not in
                                  ("gap", "gap_p", "gap_lo", "gap_hi", "n_sources", "auc_worst"))
-JSON_COLUMNS = tuple(c.name for c in COLUMNS if c.type == "JSON")
 LIST_COLUMNS = tuple(c.name for c in COLUMNS if c.type.endswith("[]"))
 
 # One metric vocabulary for MLflow unit runs, the same names whatever the protocol, so the
@@ -240,3 +239,19 @@ def unit_summary(rows: list[dict]) -> dict:
     if "gap" not in out and "auc_seen" in out and "auc_unseen_mean" in out:
         out["gap"] = out["auc_seen"] - out["auc_unseen_mean"]
     return {k: v for k, v in out.items() if v is not None}
+
+
+# --- reading rows: what identifies a model, where its headline number is ----------------------------
+
+MODEL = ["backbone", "preprocess", "head", "selection"]
+
+
+def source_mean(g: pl.DataFrame, proto: str) -> dict | None:
+    """The row of kind source-mean for `proto` in one model's rows `g`, metrics parsed; None if absent."""
+    d = g.filter((pl.col("protocol") == proto) & (pl.col("kind") == "source-mean"))
+    if not d.height:
+        return None
+    r = d.row(0, named=True)
+    if isinstance(r.get("metrics"), str):
+        r["metrics"] = json.loads(r["metrics"])
+    return r

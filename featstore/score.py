@@ -21,10 +21,6 @@ from scipy import stats
 from sklearn.metrics import (accuracy_score, brier_score_loss, confusion_matrix, f1_score, recall_score,
                              precision_score, roc_auc_score)
 
-BINARY_KEYS = ("auc", "auc_lo", "auc_hi", "auc_se", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
-               "balanced_accuracy", "dor", "brier")
-
-
 def _div(a, b):
     return float(a) / b if b else None
 

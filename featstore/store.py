@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -17,12 +17,9 @@ class StoreBusyError(RuntimeError):
 
 
 def sql_dir() -> Path:
-    """The sql/ folder: beside the package in a checkout, inside it when installed."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "sql", Path(sys.prefix) / "share" / "featstore" / "sql"):
-        if (cand / "schema.sql").exists():
-            return cand
-    raise FileNotFoundError(f"sql/schema.sql not found next to {here}")
+    """The schema, migrations and example queries: package data (in the repo, featstore/sql is a link
+    to the top-level sql/ that users read, so there is one copy)."""
+    return resources.files("featstore") / "sql"  # a Path: featstore installs as files, never zipped
 
 
 def default_db_path() -> Path:

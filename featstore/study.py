@@ -1,4 +1,5 @@
-"""Study configs (YAML or TOML in benchmarks/): read, validate up front, load the data they name.
+"""Study configs (YAML or TOML; the shipped ones in featstore/studies/): read, validate up front, load
+the data they name.
 
 The config is checked by pydantic models, one per section, before any work: every problem names
 the key (dotted path), the value given and what is allowed, all problems at once; unknown keys are
@@ -11,6 +12,7 @@ import io
 import json
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -429,9 +431,6 @@ def _check_prompts(prompts: dict, data: dict) -> None:
                                                                           .lstrip(": ")})
 
 
-KEYS = {f.alias or n for n, f in Study.model_fields.items()}
-
-
 def study_schema() -> dict:
     """The JSON schema of a study config."""
     return Study.model_json_schema()
@@ -462,10 +461,22 @@ def _no_duplicate_keys(loader, node, deep=False):
 _YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
 
 
+def packaged_studies() -> dict[str, Path]:
+    """The study configs that ship with featstore (package data), by file name."""
+    d = resources.files("featstore") / "studies"  # a Path: featstore installs as files, never zipped
+    return {p.name: p for p in sorted(d.iterdir()) if p.suffix in (".yaml", ".toml")}
+
+
 def load_study(path: str | Path) -> Study:
+    """A config file; a bare name that is no file here, e.g. `cxr_shortcut` or `cxr_shortcut.yaml`,
+    names a shipped config (`packaged_studies`), so an installed wheel runs them."""
     path = Path(path)
+    shipped = packaged_studies()
+    if not path.exists() and path.parent == Path("."):
+        path = shipped.get(path.name) or shipped.get(path.name + ".yaml") or path
     if not path.is_file():
-        raise StudyError(f"{path}: no such study config" + (" (a folder)" if path.is_dir() else ""))
+        raise StudyError(f"{path}: no such study config" + (" (a folder)" if path.is_dir() else "")
+                         + f" (shipped: {', '.join(p.stem for p in shipped.values())})")
     kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
         text = path.read_text(encoding="utf-8")

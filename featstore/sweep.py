@@ -3,8 +3,8 @@
 There is one Optuna study per (protocol, head, backbone, preprocessing, outer fold). A study shared
 by all folds would let the held-out source steer the sampler: its labels train the models scored on
 the *other* folds' validation sets, and the sampler proposes from those scores. Per-fold studies
-keep the wall: what fold F selects depends on F's training sources only (tests/test_sweep.py
-scrambles the held-out labels and checks that nothing selected changes).
+keep the wall: what fold F selects depends on F's training sources only (tests/test_benchmark.py,
+test_selection_never_sees_the_held_out_source, scrambles the held-out labels: nothing selected changes).
 
 Units run in worker processes (spawn; each gets the arrays once) when workers > 1; the Optuna
 journal file is safe for several processes, and a re-run resumes each study where it stopped.

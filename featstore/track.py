@@ -52,7 +52,6 @@ def _finite(v) -> bool:
 # `workflowType=machine_learning` sets (see `ui_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ARTIFACTS_DIR = "mlartifacts"
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -223,6 +222,27 @@ class Tracker:
                                                               f"sweep {sweep_id}")
             killed.append(r.info.run_id)
         return killed
+
+
+def unit_artifacts(folder: Path, unit_rows: list[dict], preds: pl.DataFrame | None, class_names, title: str):
+    """A unit run's files, written into `folder`: its rows as per_source.csv, the ROC of the pooled
+    predictions (binary targets) and the confusion matrix. Returns their paths."""
+    from featstore.figures import confusion_figure, dedupe_pooled, roc_figure
+    from featstore.query import csv_safe
+
+    out = []
+    cols = ["fold", "test_set", "scope", "n", "n_pos", "n_neg", "auc", "auc_lo", "auc_hi", "accuracy",
+            "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "dor", "brier", "status", "error"]
+    csv_safe(pl.DataFrame([{c: r.get(c) for c in cols} for r in unit_rows], infer_schema_length=None)).write_csv(
+        folder / "per_source.csv")
+    out.append(folder / "per_source.csv")
+    if preds is not None and preds.height:
+        pooled = dedupe_pooled(preds)
+        for fig in (roc_figure(pooled, title, folder / "roc_seen_vs_unseen.png") if len(class_names) == 2 else None,
+                    confusion_figure(pooled, class_names, title, folder / "confusion.png")):
+            if fig:
+                out.append(fig)
+    return out
 
 
 def attach_report(study: str, sweep_id: str, files, uri: str | None = None) -> str | None:

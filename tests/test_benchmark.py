@@ -223,7 +223,7 @@ def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
 def test_checked_in_study_configs_parse(tmp_path):
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[1] / "featstore" / "studies").glob("*.yaml"))
     assert configs
     for c in configs:
         load_study(c)

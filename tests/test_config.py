@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from featstore.cli import app
 from featstore.study import StudyError, load_study, parse_study, study_schema
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+STUDIES = Path(__file__).parents[1] / "featstore" / "studies"
 
 
 def _raw(**change):
@@ -184,17 +184,27 @@ def test_cli_prints_the_problems_without_a_traceback(tmp_path, monkeypatch):
 
 def test_the_shipped_configs_still_load():
     # a guard, not a regression test: they loaded before too, and must keep their meaning
-    cxr = load_study(BENCHMARKS / "cxr_shortcut.yaml")
+    cxr = load_study(STUDIES / "cxr_shortcut.yaml")
     assert [(h.name, h.trials, h.fixed) for h in cxr.heads] == [("logreg", 12, {}), ("lightgbm", 6, {}),
                                                                  ("grl_mlp", 4, {})]
     assert cxr.protocols == {"mixed": {"folds": 5, "repeats": 1}, "loso": {}, "leave-pair-out": {},
                              "seen-unseen": {"train_sources": ["cohen_ieee8023", "nih_cxr14"], "test_fraction": 0.2}}
     assert (cxr.sources, cxr.workers, cxr.bootstrap, cxr.seed, cxr.oracle) == (None, 2, 1000, 0, False)
-    demo = load_study(BENCHMARKS / "synthetic_demo.yaml")
+    demo = load_study(STUDIES / "synthetic_demo.yaml")
     assert [(h.name, h.fixed) for h in demo.heads] == [("logreg", {}), ("lightgbm", {"n_estimators": 100}),
                                                        ("grl_mlp", {"max_epochs": 40})]
     assert list(demo.protocols) == ["mixed", "loso", "leave-pair-out", "seen-unseen"]
-    assert demo.path == BENCHMARKS / "synthetic_demo.yaml" and demo.bootstrap == 300
+    assert demo.path == STUDIES / "synthetic_demo.yaml" and demo.bootstrap == 300
+
+
+def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no such file here: the package's copy is meant
+    assert load_study("cxr_shortcut").path == load_study("cxr_shortcut.yaml").path == STUDIES / "cxr_shortcut.yaml"
+    (tmp_path / "cxr_shortcut.yaml").write_text("study: mine\nbackbones: [pixelstats]\nheads: {logreg: {}}\n"
+                                                "protocols: {loso: {}}\n")
+    assert load_study("cxr_shortcut.yaml").study == "mine"  # a file of that name wins
+    with pytest.raises(StudyError, match=r"cxr_shortcutt: no such study config \(shipped: cxr_shortcut, synthetic_demo"):
+        load_study("cxr_shortcutt")
 
 
 def test_the_schema_can_be_exported():

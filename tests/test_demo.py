@@ -8,7 +8,8 @@ from conftest import ONNX
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     wd = ["--weights-dir", str(ONNX.parent)] if ONNX.exists() else []
-    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--n-per-source", "20", *wd])
+    # one trial per Optuna study: the demo's wiring is under test here, not its tuning
+    r = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--n-per-source", "20", "--trials", "1", *wd])
     assert r.exit_code == 0, r.output
     assert "SYNTHETIC" in r.output
     assert "second run embedded 0" in r.output

@@ -270,7 +270,8 @@ def test_csv_neutralises_formula_cells(store, tmp_path):
 
 
 def test_report_escapes_source_names(tmp_path):
-    from featstore.report import unit_artifacts, write_report
+    from featstore.report import write_report
+    from featstore.track import unit_artifacts
 
     db = _tiny_store(tmp_path / "fs.duckdb", sources=(HOSTILE, FORMULA))
     con = connect(db)

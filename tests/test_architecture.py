@@ -1,0 +1,116 @@
+"""Data flows one way: no module imports one of a later stage, and no two modules import each other,
+directly or around a loop. Imports are read with `ast` from every featstore/*.py, those inside
+functions included (a lazy import is still a dependency)."""
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "featstore"
+
+# In data-flow order. A module may import its own stage and earlier ones.
+STAGES = [
+    # used by every stage: the store file, SQL running, image decoding, weights files, the result-row
+    # contract, figures, process pools, progress, messages, test helpers
+    ("library", {"store", "query", "decode", "weights", "results", "figures", "neighbors", "procs", "progress",
+                 "suggest", "testing"}),
+    ("ingest", {"synth", "ingest", "adapters"}),
+    ("preprocess", {"lungs", "preprocess", "masks"}),
+    ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),
+    # the store's read API (embeddings + labels as arrays) sits here: it builds patient groups with split
+    ("split", {"duplicates", "split", "api"}),
+    ("fit", {"heads", "study", "sweep"}),
+    ("score", {"score", "verdict"}),
+    ("track", {"track"}),
+    # jobs that run fit -> score -> track: a study's sweep, the domain probe
+    ("run", {"benchmark", "probe"}),
+    ("report", {"report"}),
+]
+# Front ends may import anything; no stage imports them. `featstore` itself (__init__) only re-exports
+# the API lazily; importing the package for its __version__ is not a dependency on a front end.
+FRONT_ENDS = {"__init__", "cli", "demo"}
+
+RANK = {m: i for i, (_, mods) in enumerate(STAGES) for m in mods}
+STAGE = {m: name for name, mods in STAGES for m in mods}
+
+
+def _modules() -> set[str]:
+    return {p.stem for p in PKG.glob("*.py")}
+
+
+def _imports(path: Path, modules: set[str]) -> dict[str, int]:
+    """featstore modules this file imports -> the line of the first such import."""
+    out: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: featstore uses none; count it against its target anyway
+                base = "featstore" + (f".{node.module}" if node.module else "")
+            else:
+                base = node.module or ""
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for n in names:
+            parts = n.split(".")
+            if parts[0] == "featstore" and len(parts) > 1 and parts[1] in modules:
+                out.setdefault(parts[1], node.lineno)
+    return out
+
+
+def _graph() -> dict[str, dict[str, int]]:
+    mods = _modules()
+    return {m: {k: v for k, v in _imports(PKG / f"{m}.py", mods).items() if k != m} for m in mods}
+
+
+def test_every_module_has_a_declared_stage():
+    mods = _modules()
+    declared = [m for _, ms in STAGES for m in ms] + sorted(FRONT_ENDS)
+    assert len(declared) == len(set(declared)), "a module is declared twice"
+    assert mods - set(declared) == set(), "new module: give it a stage in STAGES (or make it a front end)"
+    assert set(declared) - mods == set(), "declared but gone: remove it from STAGES"
+
+
+def test_no_module_imports_a_later_stage_or_a_front_end():
+    bad = []
+    for m, deps in sorted(_graph().items()):
+        if m in FRONT_ENDS:
+            continue
+        for d, line in sorted(deps.items()):
+            if d in FRONT_ENDS:
+                bad.append(f"featstore/{m}.py:{line} imports the front end {d}")
+            elif RANK[d] > RANK[m]:
+                bad.append(f"featstore/{m}.py:{line} ({STAGE[m]}) imports {d} ({STAGE[d]}, a later stage)")
+    assert not bad, "\n".join(bad)
+
+
+def test_report_is_a_leaf():
+    users = sorted(m for m, deps in _graph().items() if "report" in deps)
+    assert set(users) <= FRONT_ENDS, f"report is imported by {users}"
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(m, path):
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_checker_sees_lazy_and_aliased_imports(tmp_path):
+    # the parser must not miss the forms featstore uses, or the tests above would pass vacuously
+    f = tmp_path / "m.py"
+    f.write_text("import featstore.store as s\nfrom featstore import results as R, weights\n"
+                 "def f():\n    from featstore.report import headline\n    import json\n")
+    assert set(_imports(f, {"store", "results", "weights", "report"})) == {"store", "results", "weights", "report"}
+    assert "report" in _graph()["cli"] and "track" in _graph()["benchmark"]
