@@ -17,7 +17,7 @@ STAGES = [
     ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),
     # the store's read API (embeddings + labels as arrays) sits here: it builds patient groups with split
     ("split", {"duplicates", "split", "api"}),
-    ("fit", {"heads", "study", "sweep"}),
+    ("fit", {"heads", "zeroshot", "study", "sweep"}),
     ("score", {"score", "verdict"}),
     ("track", {"track"}),
     # jobs that run fit -> score -> track: a study's sweep, the domain probe
