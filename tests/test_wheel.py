@@ -18,16 +18,20 @@ PKG = REPO / "featstore"
 
 def _missing_build_tool() -> str | None:
     """Why the wheel cannot be built offline here (pip + setuptools without isolation), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    # metadata only: importing setuptools here, after another test imported the stdlib's distutils,
+    # trips setuptools' distutils shim
     try:
-        import pip  # noqa: F401
-    except ImportError:
+        version("pip")
+    except PackageNotFoundError:
         return "pip is not installed: cannot build the wheel offline"
     try:
-        import setuptools
-    except ImportError:
+        v = version("setuptools")
+    except PackageNotFoundError:
         return "setuptools is not installed: the wheel's build backend is missing"
-    if int(setuptools.__version__.split(".")[0]) < 77:  # PEP 639 `license = "MIT"` needs 77
-        return f"setuptools {setuptools.__version__} is older than the build needs (>=77)"
+    if int(v.split(".")[0]) < 77:  # PEP 639 `license = "MIT"` needs 77
+        return f"setuptools {v} is older than the build needs (>=77)"
     return None
 
 
