@@ -65,6 +65,14 @@ def local_postgres(root: Path):
         c.cursor().execute(f'CREATE DATABASE "{name}"')
         c.close()
         return f"postgresql+psycopg2://featstore@127.0.0.1:{port}/{name}"
+    def check() -> None:
+        """Raise, with the server's log, if the server is no longer running."""
+        r = subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "status"], capture_output=True,
+                           text=True, timeout=60)
+        if r.returncode != 0:
+            log = (root / "log").read_text(errors="replace")[-3000:] if (root / "log").exists() else "(no log)"
+            raise AssertionError(f"the throwaway PostgreSQL server is gone: {r.stdout.strip()}\n{log}")
+    url.check = check
     try:
         yield url
     finally:

@@ -246,9 +246,10 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(syn
                env={**FAST, "FEATSTORE_TEST_HOLD_TRIAL": f"{marker}:1"})
     try:
         wait_for("the worker to be mid-trial after one finished trial",
-                 lambda: marker.exists() and marker.read_text().endswith("\n"), w, timeout=300)
+                 lambda: marker.exists() and marker.read_text().endswith("\n"), w, timeout=1200)
     finally:
         _kill_tree(w)
+    postgres.check()  # a killed worker must not take the server down (its log if it did)
     before = _finished(_trials(storage))
     rep = run_study(load_study(cfg), db, tmp_path, f"sqlite:///{tmp_path / 'm.db'}", storage=url)
     assert rep.n_failed == 0
@@ -286,7 +287,7 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
     assert sum(map(len, kept.values())) >= k
     p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
-    out, err = p.communicate(timeout=600)
+    out, err = p.communicate(timeout=1800)
     assert p.returncode == 0, err[-3000:]
     final = _trials(S_journal(journal))
     for name, ts in kept.items():
@@ -311,7 +312,7 @@ def S_journal(path):
 def _ingested_db(tmp_path, manifest) -> Path:
     db = tmp_path / "fs.duckdb"
     r = subprocess.run([FEATSTORE, "ingest", "--manifest", str(manifest), "--db", str(db)], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=1200)
     assert r.returncode in (0, 1), r.stderr  # 1: the synthetic set's planted bad files, recorded
     return db
 
@@ -350,7 +351,7 @@ def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_mani
         assert n == distinct and seen + 8 * k <= n < n_img  # whole batches, never twice, never lost
         seen = n
     r = subprocess.run([FEATSTORE, *SLOW_EMBED, "--workers", "1", "--db", str(db)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     n_img, n, distinct = _embedded(db)
     assert n == distinct == n_img
@@ -419,7 +420,7 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
         p = _start_watched(args)
         try:
             wait_for(f"{k} finished shard files", lambda: len(set(_whole_shards(shards)) - before) >= k, p,
-                     timeout=600, every=0.2)
+                     timeout=1800, every=0.2)
         finally:
             _kill_tree(p)
         n_img, n, distinct = _embedded(db)
@@ -431,7 +432,7 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
     part = shards / "backbone=xrv-densenet121-res224-all" / "preprocess=original" / "source=synthetic-a"
     part.mkdir(parents=True, exist_ok=True)
     (part / "torn.parquet").write_bytes(b"PAR1 not a whole file")
-    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 shard file(s) torn" in " ".join(r.stderr.split())
     n_img, n, distinct = _embedded(db)
@@ -476,7 +477,7 @@ def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path
                     pass
         assert victim is not None, "no Ray map worker found"
         victim.send_signal(signal.SIGKILL)
-        out, err = p.communicate(timeout=600)
+        out, err = p.communicate(timeout=1800)
     finally:
         if p.poll() is None:
             _kill_tree(p)
