@@ -24,6 +24,8 @@ from featstore import results as R
 from featstore.api import Store
 from featstore.heads import HEADS
 from featstore.score import binary_metrics, gap_test, multiclass_metrics
+from featstore.split import SELECTIONS, oracle_selections
+from featstore.store import transaction
 from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
 from featstore.sweep import Task, TaskResult, run_tasks
 from featstore.track import Tracker, code_version, unit_artifacts, write_predictions, write_results
@@ -244,10 +246,9 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
         t3 = time.time()
         con = _connect_when_free(db, workdir, sweep_id, all_rows, all_preds)
         try:
-            con.execute("BEGIN")
-            write_results(con, all_rows)
-            write_predictions(con, pl.concat(all_preds) if all_preds else pl.DataFrame())
-            con.execute("COMMIT")
+            with transaction(con):  # results and predictions together, or neither
+                write_results(con, all_rows)
+                write_predictions(con, pl.concat(all_preds) if all_preds else pl.DataFrame())
         finally:
             con.close()
     except BaseException as e:
@@ -283,7 +284,7 @@ def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trial
             if HEADS[hc.name].needs_inputs and not inputs:
                 raise StudyError(f"{st.path or st.study}: head {hc.name} has no inputs for {bb}/{pre} "
                                  f"(benchmark.plan makes them)")
-            for sel in [st.selection] + (["oracle"] if st.oracle else []):
+            for sel in [st.selection] + (list(oracle_selections()) if st.oracle else []):
                 for seed in seeds:
                     for f in fl:
                         key = [sorted(data.image_id[f.train].tolist()), hc.fixed]
@@ -353,8 +354,8 @@ def _base_row(st, sweep_id, bb, pre, data, task: Task, res: TaskResult) -> dict:
     return dict(study=st.study, sweep_id=sweep_id, protocol=task.protocol, fold=f.name, repeat=f.repeat, kind="fold",
                 train_sources=list(f.train_sources), test_sources=list(f.test_sources), backbone=bb,
                 weights_id=data.weights_id, preprocess=pre, head=task.head, target=st.target,
-                selection=task.selection, oracle=task.selection == "oracle", params=res.params, seed=task.seed,
-                code_version=code_version(), status="failed" if res.error else "ok", error=res.error,
+                selection=task.selection, oracle=SELECTIONS[task.selection].is_oracle, params=res.params,
+                seed=task.seed, code_version=code_version(), status="failed" if res.error else "ok", error=res.error,
                 val_score=res.val_score, n_trials=len(res.trials),
                 n_trials_failed=sum(t["state"] == "FAIL" for t in res.trials),
                 n_dropped_shared=f.n_dropped_shared, notes="; ".join(f.notes) or None, bootstrap=st.bootstrap,

@@ -26,7 +26,7 @@ from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_bytes, read_file
 from featstore.lungs import MaskError
 from featstore.preprocess import NEEDS_MASK, get_preprocess, to_input
-from featstore.store import embedding_table, ensure_embedding_table
+from featstore.store import embedding_table, ensure_embedding_table, transaction
 
 
 @dataclass
@@ -366,8 +366,7 @@ def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, b
         "embed_run": pa.array([run_id] * n, pa.int32()),
         "created_at": pa.array([now] * n, pa.timestamp("us")),
     })
-    con.execute("BEGIN")
-    try:
+    with transaction(con):  # one per batch: a killed run keeps its whole batches and resumes after them
         if n:
             con.register("_emb_batch", batch)
             # plain INSERT: `todo` excluded what exists and DuckDB has one writer, so a duplicate here
@@ -382,25 +381,3 @@ def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, b
                 [image_id, path, backbone.name, preprocess, reason, run_id, now])
         if before_commit:
             before_commit(b)
-    except BaseException:
-        rollback(con)
-        raise
-    commit(con)
-
-
-def commit(con) -> None:
-    """COMMIT outside the caller's try: a COMMIT that fails (disk full writing the WAL) has already
-    ended the transaction in DuckDB, and a ROLLBACK after it only raised "cannot rollback - no
-    transaction is active" over the real error."""
-    con.execute("COMMIT")
-
-
-def rollback(con) -> None:
-    """Roll back the open transaction; if DuckDB already ended it (a fatal I/O error), the error being
-    handled is the one to report, not this one."""
-    import duckdb
-
-    try:
-        con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass

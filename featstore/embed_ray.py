@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featstore.embed import (NON_FINITE_EMBEDDING, EmbedReport, ImageDataset, _with_masks, close_run, commit,
-                             raise_if_disk_full, rollback, todo)
+from featstore.embed import (NON_FINITE_EMBEDDING, EmbedReport, ImageDataset, _with_masks, close_run,
+                             raise_if_disk_full, todo)
 from featstore.preprocess import NEEDS_MASK, get_preprocess
-from featstore.store import ensure_embedding_table
+from featstore.store import ensure_embedding_table, transaction
 
 
 def _decode(batch: dict, preprocess: str, size: int, channels: int, norm: tuple) -> dict:
@@ -97,8 +97,7 @@ def import_shards(con, shards: Path, backbone, preprocess: str, run_id: int) -> 
     table = ensure_embedding_table(con, backbone.feature_dim)
     d = backbone.feature_dim
     names = [str(f) for f in files]
-    con.execute("BEGIN")
-    try:
+    with transaction(con):
         # one row per image (a retried block can appear twice): a success over a failure. A vector with
         # NaN or Inf is no success: it becomes an embed_errors row, here where every shard is stored
         con.execute("""CREATE TEMP TABLE _shard AS
@@ -119,10 +118,6 @@ def import_shards(con, shards: Path, backbone, preprocess: str, run_id: int) -> 
             ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
               embed_run = excluded.embed_run, time = excluded.time""", [run_id]).fetchone()[0]
         con.execute("DROP TABLE _shard")
-    except BaseException:
-        rollback(con)
-        raise
-    commit(con)  # outside the try: a failed COMMIT has already ended the transaction (see embed.commit)
     for f in files:  # stored now; a kill before this line only means a no-op import next time
         f.unlink(missing_ok=True)
     return n_ok, n_bad, torn

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
-from featstore.store import insert_frame as _insert
+from featstore.store import insert_frame as _insert, transaction
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
@@ -561,58 +561,53 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
     n_before = con.execute("SELECT count(*) FROM images").fetchall()[0][0]
     db_file = _db_file(con)
     try:
-        con.execute("BEGIN")
-        run_id = con.execute("SELECT nextval('ingest_run_seq')").fetchall()[0][0]
-        report.run_id = run_id
-        for o in new_occ:
-            o["ingest_run"] = run_id
-        if changed:  # the path now holds other bytes: its occurrence moves to the new image; the old image stays
-            ch = pl.DataFrame(changed, schema=_CHANGE_SCHEMA).with_columns(
-                ingest_run=pl.lit(run_id, pl.Int32), changed_at=pl.lit(now, pl.Datetime("us")))
-            _insert(con, "ingest_changes", ch)
-            con.register("_changed", ch.select("source", "path").to_arrow())
-            con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
-            con.unregister("_changed")
-        if new_images:
-            _insert(con, "images", pl.DataFrame(list(new_images.values()), schema=_IMAGE_SCHEMA))
-        if new_occ:
-            _insert(con, "occurrences", pl.DataFrame(new_occ, schema=_OCC_SCHEMA))
-            canonical_images(con)
-        if same:  # remember size and mtime, so the next ingest need not read them
-            con.register("_same", pl.DataFrame(same, schema=_IDENT_SCHEMA).to_arrow())
-            con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
-                           FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
-            con.unregister("_same")
-        ok = [(o["source"], o["path"]) for o in new_occ] + [(o["source"], o["path"]) for o in same]
-        if ok:  # files that failed before and are now in: mark their errors resolved
-            con.register("_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row").to_arrow())
-            con.execute("""UPDATE ingest_errors SET resolved = true
-                           WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
-            con.unregister("_ok")
-        for e in errors:
+        with transaction(con):  # all of this ingest or none of it (an interrupt included)
+            run_id = con.execute("SELECT nextval('ingest_run_seq')").fetchall()[0][0]
+            report.run_id = run_id
+            for o in new_occ:
+                o["ingest_run"] = run_id
+            if changed:  # the path now holds other bytes: its occurrence moves to the new image; the old image stays
+                ch = pl.DataFrame(changed, schema=_CHANGE_SCHEMA).with_columns(
+                    ingest_run=pl.lit(run_id, pl.Int32), changed_at=pl.lit(now, pl.Datetime("us")))
+                _insert(con, "ingest_changes", ch)
+                con.register("_changed", ch.select("source", "path").to_arrow())
+                con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
+                con.unregister("_changed")
+            if new_images:
+                _insert(con, "images", pl.DataFrame(list(new_images.values()), schema=_IMAGE_SCHEMA))
+            if new_occ:
+                _insert(con, "occurrences", pl.DataFrame(new_occ, schema=_OCC_SCHEMA))
+                canonical_images(con)
+            if same:  # remember size and mtime, so the next ingest need not read them
+                con.register("_same", pl.DataFrame(same, schema=_IDENT_SCHEMA).to_arrow())
+                con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
+                               FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
+                con.unregister("_same")
+            ok = [(o["source"], o["path"]) for o in new_occ] + [(o["source"], o["path"]) for o in same]
+            if ok:  # files that failed before and are now in: mark their errors resolved
+                con.register("_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row").to_arrow())
+                con.execute("""UPDATE ingest_errors SET resolved = true
+                               WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
+                con.unregister("_ok")
+            for e in errors:
+                con.execute(
+                    """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (file, source, reason) DO UPDATE SET
+                         last_seen = excluded.last_seen, ingest_run = excluded.ingest_run,
+                         row_number = excluded.row_number, resolved = false""",
+                    [e.file, e.source, e.reason, origin, e.row_number, run_id, now, now],
+                )
+            report.n_new_images = len(new_images)
+            report.n_new_occurrences = len(new_occ)
+            report.errors = errors
+            report.seconds = time.perf_counter() - t0
             con.execute(
-                """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (file, source, reason) DO UPDATE SET
-                     last_seen = excluded.last_seen, ingest_run = excluded.ingest_run,
-                     row_number = excluded.row_number, resolved = false""",
-                [e.file, e.source, e.reason, origin, e.row_number, run_id, now, now],
+                """INSERT INTO ingest_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [run_id, origin, report.n_rows, report.n_new_images, report.n_new_occurrences, report.n_already,
+                 len(errors), report.seconds, started, datetime.now()],
             )
-        report.n_new_images = len(new_images)
-        report.n_new_occurrences = len(new_occ)
-        report.errors = errors
-        report.seconds = time.perf_counter() - t0
-        con.execute(
-            """INSERT INTO ingest_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [run_id, origin, report.n_rows, report.n_new_images, report.n_new_occurrences, report.n_already,
-             len(errors), report.seconds, started, datetime.now()],
-        )
-        con.execute("COMMIT")
-    except Exception as e:
-        try:
-            con.execute("ROLLBACK")
-        except Exception:  # a failed COMMIT has already ended (rolled back) the transaction
-            pass
+    except Exception as e:  # after the rollback (or DuckDB's own, when the COMMIT failed)
         if _disk_full(e):
             raise StoreFullError(
                 f"disk full while writing the store {db_file}: nothing of this ingest was stored, the store "

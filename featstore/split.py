@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
+from typing import Callable
 
 import numpy as np
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
@@ -195,27 +196,89 @@ def make_folds(meta: Meta, protocol: str, positive: int = 1, seed: int = 0, **op
     raise ValueError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)}")
 
 
-# --- model selection inside the training sources -----------------------------------------
+# --- model selection ---------------------------------------------------------------------
 
-SELECTIONS = ("train-val", "inner-loso", "oracle")
+@dataclass(frozen=True)
+class Selection:
+    """A model-selection rule: the (fit, validate) index pairs a fold's hyperparameters are chosen on.
+    An honest rule's function is handed the fold's training indices only, so it cannot look at the
+    test set; an oracle's is handed the whole fold: it selects on the test set, an upper bound that is
+    reported apart (`oracle` in the result rows) and never a result."""
+    name: str
+    description: str
+    split: Callable  # honest: (meta, train, seed, val_folds) -> pairs; oracle: (meta, fold) -> pairs
+    is_oracle: bool = False
+
+    def splits(self, meta: Meta, fold: Fold, seed: int = 0, val_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.is_oracle:
+            return self.split(meta, fold)
+        return self.split(meta, fold.train, seed, val_folds)
+
+
+SELECTIONS: dict[str, Selection] = {}
+
+
+def register_selection(sel: Selection) -> Selection:
+    if sel.name in SELECTIONS:
+        raise ValueError(f"selection '{sel.name}' is registered already")
+    SELECTIONS[sel.name] = sel
+    return sel
+
+
+def honest_selections() -> tuple[str, ...]:
+    """The rules a study may choose (`selection:`); the oracle is added with `oracle: true`."""
+    return tuple(n for n, s in SELECTIONS.items() if not s.is_oracle)
+
+
+def oracle_selections() -> tuple[str, ...]:
+    return tuple(n for n, s in SELECTIONS.items() if s.is_oracle)
+
+
+def get_selection(name: str) -> Selection:
+    try:
+        return SELECTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown selection '{name}'; choose from {', '.join(SELECTIONS)}") from None
+
+
+def _train_val(meta: Meta, train: np.ndarray, seed: int, val_folds: int):
+    _need_groups(meta.groups[train], val_folds, "the train-val selection split")
+    cv = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed)
+    a, b = next(cv.split(train, meta.y[train], meta.groups[train]))
+    return [(train[a], train[b])]
+
+
+def _inner_loso(meta: Meta, train: np.ndarray, seed: int, val_folds: int):
+    srcs = meta.source[train]
+    if len(set(srcs)) < 2:
+        raise ValueError("inner-loso selection needs at least two training sources")
+    out = []
+    for a, b in LeaveOneGroupOut().split(train, groups=srcs):
+        fit, _ = _without_shared(meta, train[a], [srcs[b[0]]])
+        out.append((fit, train[b]))
+    return out
+
+
+def _on_the_test_set(meta: Meta, fold: Fold):
+    test = fold.tests.get("unseen", next(iter(fold.tests.values())))
+    return [(fold.train, test)]
+
+
+register_selection(Selection(
+    "train-val", "one patient-grouped, stratified validation split of the training images", _train_val))
+register_selection(Selection(
+    "inner-loso", "leave one training source out in turn, pooled over the training sources", _inner_loso))
+register_selection(Selection(
+    "oracle", "fit on the training images, select on the test set (unseen, else seen): an upper bound",
+    _on_the_test_set, is_oracle=True))
 
 
 def selection_splits(meta: Meta, train: np.ndarray, method: str, seed: int = 0,
                      val_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit, validate) index pairs drawn from `train` only. The oracle is not here: it selects
-    on the test set and is handled (and labelled) by the sweep."""
-    if method == "train-val":
-        _need_groups(meta.groups[train], val_folds, "the train-val selection split")
-        cv = StratifiedGroupKFold(n_splits=val_folds, shuffle=True, random_state=seed)
-        a, b = next(cv.split(train, meta.y[train], meta.groups[train]))
-        return [(train[a], train[b])]
-    if method == "inner-loso":
-        srcs = meta.source[train]
-        if len(set(srcs)) < 2:
-            raise ValueError("inner-loso selection needs at least two training sources")
-        out = []
-        for a, b in LeaveOneGroupOut().split(train, groups=srcs):
-            fit, _ = _without_shared(meta, train[a], [srcs[b[0]]])
-            out.append((fit, train[b]))
-        return out
-    raise ValueError(f"unknown selection '{method}'; choose from {', '.join(SELECTIONS)}")
+    """(fit, validate) index pairs drawn from `train` only, by an honest rule. The oracle is not
+    here: it selects on the test set (`Selection.splits` with the fold)."""
+    sel = get_selection(method)
+    if sel.is_oracle:
+        raise ValueError(f"selection '{method}' selects on the test set; it is not drawn from training "
+                         f"images (choose from {', '.join(honest_selections())})")
+    return sel.split(meta, train, seed, val_folds)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +15,45 @@ DEFAULT_DB = "featstore.duckdb"
 
 class StoreBusyError(RuntimeError):
     """Another process holds the DuckDB write lock."""
+
+
+class NestedTransactionError(RuntimeError):
+    """`transaction` entered while the connection already has one open (DuckDB has no nesting)."""
+
+
+@contextmanager
+def transaction(con):
+    """BEGIN; COMMIT when the block ends normally; ROLLBACK on any exception (KeyboardInterrupt
+    included) and re-raise it. The COMMIT is outside the rollback: a COMMIT that fails (disk full
+    writing the WAL) has already ended the transaction in DuckDB, and a ROLLBACK after it would only
+    raise "no transaction is active" over the real error. Nesting is refused, not flattened: an inner
+    block's COMMIT would otherwise commit the outer one's work early."""
+    if in_transaction(con):  # asked first: a refused BEGIN would abort the open transaction in DuckDB
+        raise NestedTransactionError("a store transaction is already open on this connection; "
+                                     "nested transactions are not supported")
+    con.execute("BEGIN")
+    try:
+        yield con
+    except BaseException:
+        rollback_quietly(con)
+        raise
+    con.execute("COMMIT")
+
+
+def in_transaction(con) -> bool:
+    """Whether an explicit transaction is open: outside one every statement is its own transaction
+    with a new id; inside, they share it. DuckDB has no flag to ask."""
+    q = "SELECT txid_current()"
+    return con.execute(q).fetchall() == con.execute(q).fetchall()
+
+
+def rollback_quietly(con) -> None:
+    """Roll back the open transaction; if DuckDB already ended it (a fatal I/O error, a failed
+    COMMIT), the error being handled is the one to report, not this one."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
 
 
 def sql_dir() -> Path:
@@ -80,7 +120,11 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
     except duckdb.InvalidInputException:  # settings locked by a sandbox (featstore.query.sandbox) in this
         pass  # process; it turned external access off, and replacement scans with it
     if not read_only:
-        migrate(con)
+        try:
+            migrate(con)
+        except BaseException:
+            con.close()  # a failed migration must not leave the file open (and locked) in this process
+            raise
     return con
 
 
@@ -124,14 +168,9 @@ def migrate(con) -> int:
         for f in sorted(mig.glob("[0-9][0-9][0-9]_*.sql")):
             steps[int(f.name[:3])] = f
     for version in sorted(v for v in steps if v > current):
-        con.execute("BEGIN")
-        try:
+        with transaction(con):
             con.execute(steps[version].read_text())
             con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
     refresh_embedding_views(con)
     return schema_version(con)
 

@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 from sklearn.utils._param_validation import InvalidParameterError, Options, validate_parameter_constraints
 
 from featstore.heads import HEADS
-from featstore.split import SELECTIONS, Meta, make_folds, make_meta
+from featstore.split import SELECTIONS, Meta, honest_selections, make_folds, make_meta
 
 TARGETS = ("binary", "3class")
 NEAR_DUPLICATES = ("drop-from-train", "warn", "refuse", "ignore")
@@ -331,8 +331,8 @@ class Study(Section):
     preprocess: Names = Field(["original"], min_length=1)
     heads: Heads = Field(description="head -> {trials, fixed}, or a list of heads")
     protocols: Protocols = Field(description="protocol -> options, or a list of protocols")
-    selection: Literal[SELECTIONS[:2]] = Field("train-val", description="model selection that never sees the "
-                                                "test source; the oracle is `oracle: true`")
+    selection: Literal[honest_selections()] = Field(
+        "train-val", description="model selection that never sees the test source; the oracle is `oracle: true`")
     oracle: bool = Field(False, description="add an upper bound selected on the test set, reported apart")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CIs (0: no CIs)")
@@ -368,7 +368,7 @@ class Study(Section):
     @field_validator("selection", mode="before")
     @classmethod
     def _no_oracle(cls, v):
-        if v == "oracle":
+        if v in SELECTIONS and SELECTIONS[v].is_oracle:
             raise PydanticCustomError("oracle", "the oracle is not a selection rule: set `oracle: true` (it is "
                                       "reported apart)")
         return v
@@ -728,8 +728,6 @@ def _mask_method(fs, preprocess: str, image_ids) -> str | None:
 def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
     """Build the folds of one protocol and refuse the impossible before any work: every training
     set needs every class, and so does every model-selection split."""
-    from featstore.split import selection_splits
-
     where = f"{st.path or st.study}: protocols.{protocol}"
     try:
         folds = make_folds(data.meta, protocol, positive=1, seed=st.seed, **st.protocols[protocol])
@@ -759,7 +757,7 @@ def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
                     raise StudyError(f"{where}: {msg}; set near_duplicates: drop-from-train to exclude them")
                 f.notes.append("WARNING: " + msg)
         try:
-            splits = selection_splits(data.meta, f.train, st.selection, st.seed)
+            splits = SELECTIONS[st.selection].splits(data.meta, f, st.seed)
         except ValueError as e:
             raise StudyError(f"{where}: fold {f.name}: {e}") from e
         yval = np.concatenate([data.meta.y[v] for _, v in splits])

@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from featstore.heads import HEADS, create_head
 from featstore.procs import process_pool
-from featstore.split import Fold, Meta, selection_splits
+from featstore.split import Fold, Meta, get_selection
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Task:
     head: str
     trials: int
     fixed: dict
-    selection: str          # train-val | inner-loso | oracle
+    selection: str          # a split.SELECTIONS entry
     seed: int
     timeout: float | None
     n_classes: int
@@ -231,11 +231,8 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
     grace_s = GRACE_S if grace_s is None else grace_s
     res = TaskResult(task)
     f = task.fold
-    if task.selection == "oracle":  # upper bound: selects on the test set itself, reported apart
-        test = f.tests.get("unseen", next(iter(f.tests.values())))
-        splits = [(f.train, test)]
-    else:
-        splits = selection_splits(meta, f.train, task.selection, task.seed)
+    # an oracle rule selects on the test set itself (an upper bound, reported apart); the others see f.train only
+    splits = get_selection(task.selection).splits(meta, f, task.seed)
     space = HEADS[task.head].space
     attrs = identity(task)
 
