@@ -3,8 +3,8 @@
 Every split is grouped: by patient where a patient id exists (namespaced by source, since
 "patient 2" of one collection is not "patient 2" of another), otherwise by image. An image is
 one row (its content hash), so one image can never sit on both sides; an image that *also*
-occurs in a test source (the same file in two collections) is dropped from training and
-counted in `Fold.n_dropped_shared`.
+occurs in a test source (the same file in two collections) is dropped from training, with every
+image of its patient, and counted in `Fold.n_dropped_shared`.
 
 Test sets are named by what the model saw: `seen` = held-out images of training sources,
 `unseen` = images of sources that never entered fitting or model selection.
@@ -81,9 +81,13 @@ def make_meta(source, y, patient_id=None, image_id=None, also_in=None, links=())
     return Meta(source, np.asarray(y), groups, tuple(frozenset(a) for a in also), occurs)
 
 
-def _without_shared(meta: Meta, train: np.ndarray, test_sources) -> tuple[np.ndarray, int]:
+def _without_shared(meta: Meta, train: np.ndarray, test_sources, test: np.ndarray = ()) -> tuple[np.ndarray, int]:
+    """Training minus every image that occurs in (or is linked to) a test source, and minus every
+    image of a patient group with an image in `test`: a shared file tested in another collection
+    takes its patient-mates out of training with it, so no patient straddles train and test."""
     ts = set(test_sources)
-    keep = np.array([not (meta.also_in[i] & ts) for i in train], dtype=bool)
+    tainted = set(meta.groups[np.asarray(test, dtype=int)])
+    keep = np.array([not (meta.also_in[i] & ts) and meta.groups[i] not in tainted for i in train], dtype=bool)
     return train[keep], int((~keep).sum())
 
 
@@ -124,7 +128,7 @@ def loso(meta: Meta) -> list[Fold]:
     idx = np.arange(len(meta.y))
     for held in _sources(meta):
         te = meta.members([held])
-        tr, dropped = _without_shared(meta, np.setdiff1d(idx, te), [held])
+        tr, dropped = _without_shared(meta, np.setdiff1d(idx, te), [held], te)
         f = Fold("loso", f"heldout={held}", tr, {"unseen": te},
                  tuple(sorted(set(meta.source[tr]))), (held,), n_dropped_shared=dropped)
         if len(np.unique(meta.y[te])) < 2:
@@ -151,7 +155,7 @@ def leave_pair_out(meta: Meta, positive: int = 1) -> list[Fold]:
     for p, q in product(pos, neg):
         te = meta.members([p, q])
         tr = np.setdiff1d(np.arange(len(meta.y)), te)
-        tr, dropped = _without_shared(meta, tr, [p, q])
+        tr, dropped = _without_shared(meta, tr, [p, q], te)
         out.append(Fold("leave-pair-out", f"heldout={p}+{q}", tr, {"unseen": te},
                         tuple(sorted(set(meta.source[tr]))), (p, q), n_dropped_shared=dropped))
     return out
@@ -175,7 +179,8 @@ def seen_unseen(meta: Meta, train_sources, test_fraction: float = 0.2, seed: int
     _need_groups(meta.groups[seen], n_splits, "the seen-unseen test split")
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     tr_local, te_local = next(cv.split(seen, meta.y[seen], meta.groups[seen]))
-    tr, dropped = _without_shared(meta, seen[tr_local], unseen_sources)
+    tr, dropped = _without_shared(meta, seen[tr_local], unseen_sources,
+                                  np.concatenate([unseen, seen[te_local]]))
     return [Fold("seen-unseen", "train=" + "+".join(train_sources), tr,
                  {"seen": seen[te_local], "unseen": unseen}, train_sources, unseen_sources,
                  n_dropped_shared=dropped)]
@@ -254,7 +259,7 @@ def _inner_loso(meta: Meta, train: np.ndarray, seed: int, val_folds: int):
         raise ValueError("inner-loso selection needs at least two training sources")
     out = []
     for a, b in LeaveOneGroupOut().split(train, groups=srcs):
-        fit, _ = _without_shared(meta, train[a], [srcs[b[0]]])
+        fit, _ = _without_shared(meta, train[a], [srcs[b[0]]], train[b])
         out.append((fit, train[b]))
     return out
 

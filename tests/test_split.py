@@ -227,9 +227,6 @@ def test_near_duplicate_links_keep_patients_and_held_out_copies_apart(protocol, 
     assert sum(_check_selection(m, f, rule, groups=patients.groups) for f in folds) >= len(folds)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap, kept as it was: inner-loso leaves out of fitting the image linked "
-                   "to the validation source but not that image's patient-mates, so a link-joined group can sit on "
-                   "both sides (only the validation score is touched, never the test set)")
 def test_inner_loso_keeps_link_joined_groups_apart():
     m, _ = _linked_meta()
     for f in make_folds(m, "loso"):
@@ -275,3 +272,15 @@ def test_selection_on_a_synthetic_store_keeps_the_fold_invariants(synth_study_da
     assert any(len(o) > 1 for o in m.occurs_in)  # the copied files: images in two sources
     folds = make_folds(m, protocol, positive=1, seed=st.seed, **st.protocols[protocol])
     assert sum(_check_selection(m, f, rule, seed=st.seed) for f in folds) >= len(folds)
+
+
+@pytest.mark.parametrize("linked", [False, True])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_no_patient_straddles_train_and_test_in_any_protocol(protocol, linked):
+    """The outer folds: a shared file tested in another collection (a0, also in c) takes its
+    patient-mates out of training too; with links, the joined groups likewise."""
+    m = _linked_meta()[0] if linked else _meta()
+    assert (m.groups == m.groups[0]).sum() > 1 or linked  # a0 has patient-mates, or the test proves nothing
+    for f in make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol]):
+        test = np.concatenate(list(f.tests.values()))
+        assert not set(m.groups[f.train]) & set(m.groups[test]), (protocol, f.name)
