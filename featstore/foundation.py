@@ -394,7 +394,7 @@ def generic_spec_fields(name: str) -> dict:
         if wdir is not None and (wdir / arg.replace("/", "--") / "preprocessor_config.json").is_file():
             src = str(wdir / arg.replace("/", "--"))
         try:
-            proc = AutoImageProcessor.from_pretrained(src)
+            proc = AutoImageProcessor.from_pretrained(src, local_files_only=hub_offline())
         except Exception as e:  # noqa: BLE001 - offline without a cached copy: say what is needed
             raise ValueError(f"backbone '{name}': its image processor (preprocessor_config.json of {arg}) is needed "
                              f"to feed it as it was trained; not in the hub cache and not downloadable "
@@ -404,7 +404,7 @@ def generic_spec_fields(name: str) -> dict:
         try:  # the model type: SigLIP has no CLS token, and its pooler output is the joint image-text embedding
             from transformers import AutoConfig
 
-            opts["model_type"] = AutoConfig.from_pretrained(src).model_type
+            opts["model_type"] = AutoConfig.from_pretrained(src, local_files_only=hub_offline()).model_type
         except Exception:  # noqa: BLE001 - a processor without its config.json: the type stays unknown
             pass
         if opts.get("model_type", "").startswith("siglip"):

@@ -147,7 +147,8 @@ def test_generic_entries(name, overrides):
     assert out.shape == (2, bb.feature_dim)
 
 
-def test_generic_hf_offline_without_a_processor_says_what_is_needed():
+def test_generic_hf_offline_without_a_processor_says_what_is_needed(monkeypatch):
+    monkeypatch.setenv("FEATSTORE_OFFLINE", "1")  # tests never touch the network (and hub retries take minutes)
     with pytest.raises(ValueError, match="preprocessor_config.json"):
         get_spec("hf:someone/no-such-model")
 
