@@ -66,6 +66,7 @@ def main():
              run("head_overhead.py", "--db", db),
              run("sweep_workers.py", "--db", db),
              run("knn_latency.py"),
+             run("ann.py", "--workdir", str(a.workdir)),  # issue 14, goal 4: ~1 h on 2 cores at 1M vectors
              run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db)]
     gpu = HERE / "RESULTS-gpu.md"
     parts.append(gpu.read_text() if gpu.exists() else "## GPU embedding\n\nSKIPPED: no GPU run recorded.\n")

@@ -788,17 +788,37 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe (a back
     err.print(f"{len(rows)} rows in `results` (study 'domain-probe', sweep {sweep_id}); MLflow run {run_id}")
 
 
+_EXACT_HELP = "exact search (reads every vector), whatever the set's size"
+_ANN_HELP = ("the approximate index (usearch HNSW, in <store>.ann/, built on first use and kept up to date), "
+             "whatever the set's size; the default from featstore.ann.QUERY_ANN_MIN / ALL_ANN_MIN vectors on")
+
+
+def _search_method(exact: bool, ann: bool) -> str:
+    if exact and ann:
+        err.print("[red]error:[/] --exact and --ann exclude each other; give one (or neither: by the set's size)")
+        raise typer.Exit(2)
+    return "exact" if exact else "ann" if ann else "auto"
+
+
+def _say(line: str) -> None:
+    err.print(escape(line), soft_wrap=True, highlight=False)
+
+
 @app.command(cls=_help(preprocess=_preprocess_names))
 def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a unique prefix) or a file path"),
               backbone: Optional[str] = typer.Option(None, help="default: the largest embedding set"),
               preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
               k: int = 10,
               summary: bool = typer.Option(False, help="per source: share of k-NN sharing the source vs the label"),
+              exact_search: bool = typer.Option(False, "--exact", help=_EXACT_HELP),
+              ann_search: bool = typer.Option(False, "--ann", help=_ANN_HELP),
               db: Optional[Path] = DbOpt):
-    """The k most similar images (DuckDB, cosine), or the store-wide source-vs-label neighbour summary."""
+    """The k most similar images (cosine), or the store-wide source-vs-label neighbour summary. Exact for
+    small sets; from a few thousand images on, an approximate index kept beside the store (--exact/--ann)."""
     from featstore.query import render, run_sql
     from featstore.store import sql_dir
 
+    method = _search_method(exact_search, ann_search)
     con = _open(db, read_only=True)
     if backbone is None:
         row = con.execute("SELECT backbone FROM embedding_sets WHERE preprocess = ? "
@@ -815,14 +835,33 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
         err.print(f"[red]error:[/] {escape(unknown(f'embedding set for --preprocess {preprocess}', backbone, have))}",
                   soft_wrap=True)
         raise typer.Exit(2)
+    from featstore import ann as A
+
+    def the_set():
+        try:
+            return A.resolve_set(con, backbone, preprocess)
+        except ValueError as e:
+            err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+            raise typer.Exit(2)
+
     if summary:
+        es = the_set()
         from featstore.api import Store
         from featstore.neighbors import neighbour_summary
 
         con.close()
         with Store(db) as fs:
-            X, meta = fs.arrays(backbone, preprocess)
-        df = neighbour_summary(X, meta["source"], meta["label"], k)
+            X, meta = fs.arrays(backbone, preprocess, weights_id=es.weights_id)
+            Xn = A.normalize(X)
+            del X
+            try:
+                with _progress("neighbours") as prog:
+                    idx = A.knn(fs.con, es, Xn, meta["image_id"].to_numpy(), k, method, say=_say,
+                                progress=prog.update)
+            except A.AnnError as e:
+                err.print(f"[red]error:[/] {escape(str(e))}")
+                raise typer.Exit(2)
+        df = neighbour_summary(None, meta["source"], meta["label"], k, idx=idx)
         sys.stdout.write(render(df.to_arrow(), "table"))
         return
     if image is None:
@@ -833,8 +872,17 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
     if len(hits) != 1:
         err.print(f"[red]error:[/] '{image}' matches {len(hits)} images; give a longer image_id prefix or a path")
         raise typer.Exit(2)
-    tbl = run_sql(con, (sql_dir() / "nearest_neighbours.sql").read_text(),
-                  dict(image_id=hits[0][0], backbone=backbone, preprocess=preprocess, k=str(k)))
+    n = con.execute("SELECT sum(n_images) FROM embedding_sets WHERE backbone = ? AND preprocess = ?",
+                    [backbone, preprocess]).fetchall()[0][0]
+    if A.use_ann(method, n, A.QUERY_ANN_MIN):
+        try:
+            tbl = A.nearest(con, the_set(), hits[0][0], k, say=_say)
+        except A.AnnError as e:
+            err.print(f"[red]error:[/] {escape(str(e))}")
+            raise typer.Exit(2)
+    else:
+        tbl = run_sql(con, (sql_dir() / "nearest_neighbours.sql").read_text(),
+                      dict(image_id=hits[0][0], backbone=backbone, preprocess=preprocess, k=str(k)))
     sys.stdout.write(render(tbl, "table"))
 
 
@@ -847,18 +895,22 @@ def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare e
                workers: int = typer.Option(2, help="processes that hash images"),
                accept_implausible: bool = typer.Option(False, help="link the pairs even when they are implausibly "
                                                        "many or form a giant group"),
+               exact_search: bool = typer.Option(False, "--exact", help="with --backbone: " + _EXACT_HELP),
+               ann_search: bool = typer.Option(False, "--ann", help="with --backbone: " + _ANN_HELP),
                db: Optional[Path] = DbOpt):
     """Exact and near-duplicate images within and across sources -> `near_duplicates` + a contact sheet."""
+    from featstore.ann import AnnError
     from featstore.duplicates import ImplausibleDuplicates, contact_sheet, find
     from featstore.query import render
 
+    method = _search_method(exact_search, ann_search)
     con = _open(db, must_exist=True)
     try:
         try:
             with _progress("duplicates") as prog:
                 pairs = find(con, backbone, preprocess, cosine_min, phash_max, workers=workers,
-                             accept_implausible=accept_implausible, progress=prog.update)
-        except (ImplausibleDuplicates, ValueError) as e:
+                             accept_implausible=accept_implausible, progress=prog.update, search=method, say=_say)
+        except (ImplausibleDuplicates, ValueError, AnnError) as e:
             err.print(f"[red]error:[/] {escape(str(e))}")
             raise typer.Exit(2)
         exact = con.sql("SELECT count(*) FILTER (WHERE cross_source) AS across, count(*) AS all_groups "

@@ -4,8 +4,9 @@ Exact copies are already one image (content hash; `duplicate_groups`). Two rules
 - perceptual: 256-bit difference hash (dHash, 16x16) of the decoded grey image; pairs within
   `phash_max` bits (default 10 of 256). Robust to re-encoding and resizing. (A 64-bit hash is useless
   on chest X-rays: every frontal chest looks alike at 9x8 pixels.)
-- embedding: cosine similarity >= `cosine_min` (default 0.98) in a backbone's embedding space.
-  Catches crops and contrast changes the hash misses.
+- embedding: cosine similarity >= `cosine_min` (default 0.98) in a backbone's embedding space,
+  among each image's k nearest neighbours (exact, or from the index of featstore/ann.py for large
+  sets). Catches crops and contrast changes the hash misses.
 Calibrated on ../shared/cxr with mobilenetv3-nih-onnx: at these defaults each rule finds 100-124
 cohen_ieee8023 x covid_cxnet pairs and zero pairs between collections that share no images
 (NIH or the Guangzhou children vs the COVID sets); at 30 bits the hash finds 1,155 such impossible
@@ -22,7 +23,6 @@ import polars as pl
 from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
-from featstore.neighbors import knn_indices
 from featstore.procs import process_pool  # workers die with this process
 from featstore.store import insert_frame
 
@@ -132,10 +132,39 @@ def hamming_pairs(ids, hashes, max_dist: int, block: int = 1024, progress=None) 
     return out
 
 
+def embedding_pairs(con, s, Xn: np.ndarray, eids, k: int, cosine_min: float, search: str = "auto", say=None,
+                    progress=None) -> dict[tuple, float]:
+    """Pairs (image_a < image_b) among each image's k nearest neighbours with cosine >= cosine_min.
+    Xn: the set's unit vectors, one per image_id in eids. search: auto/ann/exact (featstore.ann.knn)."""
+    from featstore.ann import _say, knn
+
+    if progress:
+        progress(0, 1, "embedding neighbours")
+    nn = knn(con, s, Xn, eids, k, method=search, say=say or _say, progress=progress)
+    if progress:
+        progress(1, 1, "embedding neighbours")
+    return pairs_among(Xn, eids, nn, cosine_min)
+
+
+def pairs_among(Xn: np.ndarray, eids, nn: np.ndarray, cosine_min: float) -> dict[tuple, float]:
+    """The pairs (row, one of its neighbours nn[row]) with cosine >= cosine_min, keyed (image_a < image_b)."""
+    from featstore.ann import pair_sims
+
+    out: dict[tuple, float] = {}
+    for start in range(0, len(nn), 4096):
+        rows = np.arange(start, min(start + 4096, len(nn)))
+        sims = pair_sims(Xn, rows, nn[rows])
+        for i, j in zip(*np.nonzero(sims >= cosine_min)):
+            a, b = eids[rows[i]], eids[nn[rows[i], j]]
+            out[(a, b) if a < b else (b, a)] = float(sims[i, j])
+    return out
+
+
 def find(con, backbone: str | None = None, preprocess: str = "original", cosine_min: float = COSINE_MIN,
          phash_max: int = PHASH_MAX, k: int = 10, workers: int = 2, accept_implausible: bool = False,
-         progress=None) -> pl.DataFrame:
-    """Find near-duplicate pairs, replace the table's rows, return them. progress(done, total, phase)."""
+         progress=None, search: str = "auto", say=None) -> pl.DataFrame:
+    """Find near-duplicate pairs, replace the table's rows, return them. progress(done, total, phase).
+    search: how the embedding neighbours are found (auto: exact below featstore.ann.ALL_ANN_MIN images)."""
     ensure_hashes(con, workers, progress)
     meta = pl.from_arrow(con.sql("SELECT i.image_id, i.source, i.label, h.dhash FROM images i "
                                  "JOIN image_hashes h USING (image_id) ORDER BY i.image_id").to_arrow_table())
@@ -145,25 +174,19 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
              for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max, progress=progress).items()}
     Xn = None
     if backbone:
+        from featstore.ann import normalize, resolve_set
         from featstore.api import Store
 
-        X, m = Store.over(con).arrays(backbone, preprocess)
-        Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        es = resolve_set(con, backbone, preprocess)
+        X, m = Store.over(con).arrays(backbone, preprocess, weights_id=es.weights_id)
+        Xn = normalize(X)
+        del X
         eids = m["image_id"].to_numpy()
-        if progress:
-            progress(0, 1, "embedding neighbours")
-        nn = knn_indices(X, k)
-        if progress:
-            progress(1, 1, "embedding neighbours")
-        for i, row in enumerate(nn):
-            for j in row:
-                c = float(Xn[i] @ Xn[j])
-                if c >= cosine_min:
-                    key = tuple(sorted((eids[i], eids[j])))
-                    p = pairs.setdefault(key, dict(phash_distance=None, cosine=None, method="embedding"))
-                    p["cosine"] = c
-                    if p["method"] == "phash":
-                        p["method"] = "both"
+        for key, c in embedding_pairs(con, es, Xn, eids, k, cosine_min, search, say, progress).items():
+            p = pairs.setdefault(key, dict(phash_distance=None, cosine=None, method="embedding"))
+            p["cosine"] = c
+            if p["method"] == "phash":
+                p["method"] = "both"
         epos = {v: i for i, v in enumerate(eids)}
         for (a, b), p in pairs.items():  # both measures for every pair
             if p["cosine"] is None and a in epos and b in epos:

@@ -4,6 +4,8 @@ One image: `sql/nearest_neighbours.sql`, in DuckDB. The whole store: for every i
 its k nearest neighbours that come from its own source and that carry its own label, summarised per
 source beside what chance would give. Neighbours that share the source far more often than the
 label say the embedding encodes where an image came from more than what it shows.
+Exact here; from featstore.ann.ALL_ANN_MIN images on, the commands take the k-NN from the
+approximate index (featstore/ann.py), ranked the same way.
 """
 from __future__ import annotations
 
@@ -11,33 +13,51 @@ import numpy as np
 import polars as pl
 
 
-def knn_indices(X: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
-    """[n, k] indices of each row's k most cosine-similar other rows (exact, blocked matmul)."""
-    Xn = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    Xn = Xn.astype(np.float32)
+def knn_indices(X: np.ndarray, k: int, block: int = 2048, normalized: bool = False) -> np.ndarray:
+    """[n, k] indices of each row's k most cosine-similar other rows (exact, blocked matmul).
+    Ranked as the ANN index ranks its candidates (featstore.ann.rank): by one fixed per-pair cosine,
+    ties to the lower index, so exact and approximate answers agree to the last place."""
+    from featstore.ann import normalize, rank
+
+    Xn = X if normalized else normalize(X)
     k = min(k, len(X) - 1)
+    take = min(k + 5, len(X) - 1)  # a margin: the matmul's rounding may differ from the re-rank's at the border
     out = np.empty((len(X), k), dtype=np.int64)
     for start in range(0, len(X), block):
         S = Xn[start:start + block] @ Xn.T
-        S[np.arange(S.shape[0]), np.arange(start, start + S.shape[0])] = -np.inf  # not itself
-        part = np.argpartition(-S, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(S, part, 1), axis=1, kind="stable")
-        out[start:start + block] = np.take_along_axis(part, order, 1)
+        rows = np.arange(start, start + S.shape[0])
+        S[np.arange(S.shape[0]), rows] = -np.inf  # not itself
+        part = np.argpartition(-S, take - 1, axis=1)[:, :take]
+        out[start:start + block] = rank(Xn, rows, part, k)
     return out
 
 
-def neighbour_summary(X: np.ndarray, source, label, k: int = 10) -> pl.DataFrame:
+def exact_rows(Xn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """knn_indices for some rows only (unit vectors)."""
+    from featstore.ann import rank
+
+    take = min(k + 5, len(Xn) - 1)
+    S = Xn[rows] @ Xn.T
+    S[np.arange(len(rows)), rows] = -np.inf
+    part = np.argpartition(-S, take - 1, axis=1)[:, :take]
+    return rank(Xn, rows, part, k)
+
+
+def neighbour_summary(X: np.ndarray | None, source, label, k: int = 10, idx: np.ndarray | None = None) -> pl.DataFrame:
+    """idx: the k-NN already found (e.g. by featstore.ann.knn); else exact, from X."""
     source, label = np.asarray(source).astype(str), np.asarray(label).astype(str)
-    idx = knn_indices(X, k)
+    idx = knn_indices(X, k) if idx is None else idx
     same_src = (source[idx] == source[:, None]).mean(1)
     same_lab = (label[idx] == label[:, None]).mean(1)
     n = len(source)
+    _, inv, counts = np.unique(label, return_inverse=True, return_counts=True)
+    label_chance = (counts[inv] - 1) / (n - 1)  # per image: a random other image has its label this often
     rows = []
     for s in sorted(set(source)):
         m = source == s
         # chance: a random other image shares the source / the label this often
         chance_src = (m.sum() - 1) / (n - 1)
-        chance_lab = float(np.mean([(np.sum(label == v) - 1) / (n - 1) for v in label[m]]))
+        chance_lab = float(np.mean(label_chance[m]))
         rows.append(dict(source=s, n=int(m.sum()), k=int(idx.shape[1]),
                          same_source=float(same_src[m].mean()), same_source_chance=float(chance_src),
                          same_label=float(same_lab[m].mean()), same_label_chance=chance_lab))

@@ -474,6 +474,7 @@ def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path, seed: in
     duplicates per source pair with their contact sheet."""
     from markupsafe import Markup
 
+    from featstore import ann as A
     from featstore.api import Store
     from featstore.neighbors import neighbour_summary
 
@@ -502,8 +503,12 @@ def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path, seed: in
             (out / f"{_safe(bb)}_{_safe(pre)}_map_raw.png").unlink(missing_ok=True)
         if ev["map"]:
             ev["map"]["uri"] = _data_uri(out / ev["map"]["png"])
-        X, meta = Store.over(con).arrays(bb, pre)
-        nb = neighbour_summary(X, meta["source"], meta["label"], k=10).with_columns(
+        es = A.resolve_set(con, bb, pre)
+        X, meta = Store.over(con).arrays(bb, pre, weights_id=es.weights_id)
+        Xn = A.normalize(X)
+        del X
+        idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), 10)  # the index beside the store for large sets
+        nb = neighbour_summary(None, meta["source"], meta["label"], k=10, idx=idx).with_columns(
             pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
         ev["nb_note"] = ("Each image's 10 nearest neighbours (cosine): the share from its own source and with its own "
                          "label, beside chance. Sharing the source far above chance = the embedding encodes where "

@@ -1,5 +1,6 @@
 """Helpers for tests and benchmarks: a throwaway PostgreSQL server on 127.0.0.1 (Debian's postgresql
-package), for sweeps that share Optuna and MLflow storage."""
+package), for sweeps that share Optuna and MLflow storage; SYNTHETIC embedding vectors shaped like a
+CNN's (for the nearest-neighbour index at sizes no real set here reaches)."""
 from __future__ import annotations
 
 import contextlib
@@ -78,3 +79,88 @@ def local_postgres(root: Path):
     finally:
         subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True, timeout=60)
+
+
+def synthetic_vectors(n: int, dim: int, seed: int = 0, start: int = 0, n_sources: int = 6,
+                      duplicate_share: float = 0.002):
+    """Rows start..start+n of a SYNTHETIC embedding set (float32 [n, dim]), the same rows whatever
+    the blocks they are made in. Shaped like mobilenetv3-nih-onnx's vectors of ../shared/cxr: a
+    shared mean direction holding ~83% of the squared norm (median pairwise cosine ~0.85, the 10th
+    neighbour ~0.93), clusters per source in a 32-d latent space (~80% of the rest), isotropic noise;
+    duplicate_share of the rows are near copies (cosine > 0.99) of an earlier row of their block.
+    Isotropic Gaussian vectors would be the wrong test: nothing real looks like them, and no index
+    finds their neighbours (all distances are alike)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    latent = 32
+    mean = g.standard_normal(dim).astype(np.float32)
+    mean *= 4.0 / np.linalg.norm(mean)
+    decay = (1.0 / np.sqrt(np.arange(1, latent + 1))).astype(np.float32)
+    W = g.standard_normal((latent, dim)).astype(np.float32) * decay[:, None] / np.sqrt(dim) * 0.66
+    centres = g.standard_normal((n_sources * 8, latent)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    block = 20_000
+    first = start // block * block
+    for b0 in range(first, start + n, block):  # fixed 20k-row blocks, each from its own generator
+        r = np.random.default_rng([seed, b0 // block])
+        m = block
+        c = r.integers(0, len(centres), m)
+        z = centres[c] + 0.7 * r.standard_normal((m, latent), dtype=np.float32)
+        X = mean + z @ W + r.standard_normal((m, dim), dtype=np.float32) * np.float32(0.85 / np.sqrt(dim))
+        dup = np.nonzero(r.random(m) < duplicate_share)[0]
+        dup = dup[dup > 0]
+        src = (r.random(len(dup)) * dup).astype(np.int64)  # an earlier row of the block
+        X[dup] = X[src] + r.standard_normal((len(dup), dim), dtype=np.float32) * np.float32(0.05 / np.sqrt(dim))
+        lo, hi = max(start, b0), min(start + n, b0 + block)
+        out[lo - start:hi - start] = X[lo - b0:hi - b0]
+    return out
+
+
+def synthetic_store(path, n: int, dim: int, seed: int = 0, start: int = 0, n_sources: int = 6,
+                    backbone: str = "synthetic", embed_run: int = 0) -> list[str]:
+    """Add rows start..start+n of synthetic_vectors to a store (created if need be) as one embedding
+    set, with an image row each (SYNTHETIC: no image file behind it). image_ids are hashes, so rows
+    added later sort among the earlier ones. Returns the new image_ids."""
+    import hashlib
+    from datetime import datetime
+
+    import numpy as np
+    import pyarrow as pa
+
+    from featstore.store import connect, ensure_embedding_table
+
+    con = connect(path)
+    try:
+        table = ensure_embedding_table(con, dim)
+        now = datetime.now()
+        out = []
+        for b0 in range(start, start + n, 20_000):
+            m = min(20_000, start + n - b0)
+            idx = range(b0, b0 + m)
+            ids = [hashlib.sha256(f"synthetic:{seed}:{i}".encode()).hexdigest() for i in idx]
+            lab = np.random.default_rng([seed, b0]).random(m) < 0.5
+            con.register("_i", pa.table({
+                "image_id": ids, "source": [f"synthetic-{i % n_sources}" for i in idx],
+                "label": ["covid" if x else "non_covid" for x in lab], "width": [1] * m, "height": [1] * m,
+                "bit_depth": [8] * m, "format": ["PNG"] * m, "n_bytes": [1] * m, "path": ids,
+                "ingested_at": pa.array([now] * m, pa.timestamp("us"))}))
+            con.execute("INSERT INTO images (image_id, source, label, width, height, bit_depth, format, n_bytes, "
+                        "path, ingested_at) SELECT * FROM _i")
+            con.execute("INSERT INTO occurrences (image_id, source, path, label, origin, ingest_run, ingested_at) "
+                        "SELECT image_id, source, path, label, 'featstore.testing.synthetic_store', 0, ingested_at "
+                        "FROM _i")
+            X = synthetic_vectors(m, dim, seed, start=b0)
+            con.register("_e", pa.table({
+                "image_id": ids, "backbone": [backbone] * m, "weights_id": ["none"] * m,
+                "preprocess": ["original"] * m, "dim": pa.array([dim] * m, pa.int32()),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), dim),
+                "embed_run": pa.array([embed_run] * m, pa.int32()),
+                "created_at": pa.array([now] * m, pa.timestamp("us"))}))
+            con.execute(f"INSERT INTO {table} SELECT * FROM _e")
+            con.unregister("_i")
+            con.unregister("_e")
+            out += ids
+        return out
+    finally:
+        con.close()
