@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featstore.neighbors import normalize, pair_sims, rank  # noqa: F401 - one ranking for exact and approximate search
+
 FORMAT = 1
 METRIC = "cos"
 # f16: half the bytes of f32 (2 GiB at 1M x 1024). i8 would halve that again, but CNN embeddings sit
@@ -127,29 +129,6 @@ def store_path(con) -> Path | None:
     row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
     p = row[0][0] if row else None
     return Path(p) if p and p != ":memory:" else None
-
-
-def normalize(X: np.ndarray) -> np.ndarray:
-    """Unit rows, float32, C order (a new array)."""
-    X = np.asarray(X, dtype=np.float32)
-    return np.ascontiguousarray(X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12), dtype=np.float32)
-
-
-def pair_sims(Xn: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Cosine of row i with each of its candidates, [b, c]. One fixed summation per pair, whatever
-    the batch: exact and approximate search rank by the same numbers."""
-    # a product and a sum along the contiguous last axis: NumPy's pairwise sum depends on the row alone
-    return (Xn[cand] * Xn[rows][:, None, :]).sum(-1)
-
-
-def rank(Xn: np.ndarray, rows: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
-    """The k best candidates per row ([b, c] row indices, -1 = none): highest cosine, then lowest index."""
-    ok = cand >= 0
-    s = pair_sims(Xn, rows, np.where(ok, cand, 0))
-    s = np.where(ok, s, -np.inf)
-    big = np.where(ok, cand, np.iinfo(np.int64).max)
-    order = np.lexsort((big, -s), axis=1)[:, :k]
-    return np.take_along_axis(cand, order, 1)
 
 
 # --- the files -----------------------------------------------------------------------------------

@@ -15,9 +15,8 @@ import polars as pl
 
 def knn_indices(X: np.ndarray, k: int, block: int = 2048, normalized: bool = False) -> np.ndarray:
     """[n, k] indices of each row's k most cosine-similar other rows (exact, blocked matmul).
-    Ranked as the ANN index ranks its candidates (featstore.ann.rank): by one fixed per-pair cosine,
+    Ranked as the ANN index ranks its candidates (`rank`, below): by one fixed per-pair cosine,
     ties to the lower index, so exact and approximate answers agree to the last place."""
-    from featstore.ann import normalize, rank
 
     Xn = X if normalized else normalize(X)
     k = min(k, len(X) - 1)
@@ -34,7 +33,6 @@ def knn_indices(X: np.ndarray, k: int, block: int = 2048, normalized: bool = Fal
 
 def exact_rows(Xn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     """knn_indices for some rows only (unit vectors)."""
-    from featstore.ann import rank
 
     take = min(k + 5, len(Xn) - 1)
     S = Xn[rows] @ Xn.T
@@ -62,3 +60,26 @@ def neighbour_summary(X: np.ndarray | None, source, label, k: int = 10, idx: np.
                          same_source=float(same_src[m].mean()), same_source_chance=float(chance_src),
                          same_label=float(same_lab[m].mean()), same_label_chance=chance_lab))
     return pl.DataFrame(rows)
+
+
+def normalize(X: np.ndarray) -> np.ndarray:
+    """Unit rows, float32, C order (a new array)."""
+    X = np.asarray(X, dtype=np.float32)
+    return np.ascontiguousarray(X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+
+
+def pair_sims(Xn: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Cosine of row i with each of its candidates, [b, c]. One fixed summation per pair, whatever
+    the batch: exact and approximate search rank by the same numbers."""
+    # a product and a sum along the contiguous last axis: NumPy's pairwise sum depends on the row alone
+    return (Xn[cand] * Xn[rows][:, None, :]).sum(-1)
+
+
+def rank(Xn: np.ndarray, rows: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
+    """The k best candidates per row ([b, c] row indices, -1 = none): highest cosine, then lowest index."""
+    ok = cand >= 0
+    s = pair_sims(Xn, rows, np.where(ok, cand, 0))
+    s = np.where(ok, s, -np.inf)
+    big = np.where(ok, cand, np.iinfo(np.int64).max)
+    order = np.lexsort((big, -s), axis=1)[:, :k]
+    return np.take_along_axis(cand, order, 1)

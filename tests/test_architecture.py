@@ -16,7 +16,7 @@ STAGES = [
     ("preprocess", {"lungs", "preprocess", "masks"}),
     ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),
     # the store's read API (embeddings + labels as arrays) sits here: it builds patient groups with split
-    ("split", {"duplicates", "split", "api"}),
+    ("split", {"duplicates", "ann", "split", "api"}),
     ("fit", {"heads", "zeroshot", "study", "sweep"}),
     ("score", {"score", "verdict"}),
     ("track", {"track"}),
