@@ -850,9 +850,7 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
 
         con.close()
         with Store(db) as fs:
-            X, meta = fs.arrays(backbone, preprocess, weights_id=es.weights_id)
-            Xn = A.normalize(X)
-            del X
+            Xn, meta = A.unit_vectors(fs.con, es)
             try:
                 with _progress("neighbours") as prog:
                     idx = A.knn(fs.con, es, Xn, meta["image_id"].to_numpy(), k, method, say=_say,
