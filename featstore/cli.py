@@ -789,8 +789,8 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe (a back
 
 
 _EXACT_HELP = "exact search (reads every vector), whatever the set's size"
-_ANN_HELP = ("the approximate index (usearch HNSW, in <store>.ann/, built on first use and kept up to date), "
-             "whatever the set's size; the default from featstore.ann.QUERY_ANN_MIN / ALL_ANN_MIN vectors on")
+_ANN_HELP = ("the approximate index (usearch HNSW in <store>.ann/, built on first use, kept up to date), whatever "
+             "the set's size; the default from 5,000 vectors (one image) / 8,000 (all images; featstore/ann.py)")
 
 
 def _search_method(exact: bool, ann: bool) -> str:
@@ -851,9 +851,7 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
 
         con.close()
         with Store(db) as fs:
-            X, meta = fs.arrays(backbone, preprocess, weights_id=es.weights_id)
-            Xn = A.normalize(X)
-            del X
+            Xn, meta = A.unit_vectors(fs.con, es)
             try:
                 with _progress("neighbours") as prog:
                     idx = A.knn(fs.con, es, Xn, meta["image_id"].to_numpy(), k, method, say=_say,

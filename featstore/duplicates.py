@@ -174,13 +174,10 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
              for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max, progress=progress).items()}
     Xn = None
     if backbone:
-        from featstore.ann import normalize, resolve_set
-        from featstore.api import Store
+        from featstore.ann import resolve_set, unit_vectors
 
         es = resolve_set(con, backbone, preprocess)
-        X, m = Store.over(con).arrays(backbone, preprocess, weights_id=es.weights_id)
-        Xn = normalize(X)
-        del X
+        Xn, m = unit_vectors(con, es)
         eids = m["image_id"].to_numpy()
         for key, c in embedding_pairs(con, es, Xn, eids, k, cosine_min, search, say, progress).items():
             p = pairs.setdefault(key, dict(phash_distance=None, cosine=None, method="embedding"))

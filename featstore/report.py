@@ -475,7 +475,6 @@ def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path, seed: in
     from markupsafe import Markup
 
     from featstore import ann as A
-    from featstore.api import Store
     from featstore.neighbors import neighbour_summary
 
     sets = []
@@ -504,9 +503,7 @@ def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path, seed: in
         if ev["map"]:
             ev["map"]["uri"] = _data_uri(out / ev["map"]["png"])
         es = A.resolve_set(con, bb, pre)
-        X, meta = Store.over(con).arrays(bb, pre, weights_id=es.weights_id)
-        Xn = A.normalize(X)
-        del X
+        Xn, meta = A.unit_vectors(con, es)
         idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), 10)  # the index beside the store for large sets
         nb = neighbour_summary(None, meta["source"], meta["label"], k=10, idx=idx).with_columns(
             pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))

@@ -268,3 +268,16 @@ def test_duplicates_via_the_index_match_exact_on_the_real_set(tmp_path):
     by_embedding = exact.filter(exact["method"] != "phash")
     assert by_embedding.height >= 50, by_embedding.height  # 97 of 226 pairs when written
     assert approx.to_dicts() == exact.to_dicts()
+
+
+def test_unit_vectors_are_the_stores_arrays_normalised(small_store):
+    """The commands read a set in batches into one matrix (ann.unit_vectors): the same rows, order,
+    metadata and unit vectors as Store.arrays + normalisation."""
+    from featstore.api import Store
+
+    with duckdb.connect(str(small_store), read_only=True) as con:
+        s = A.resolve_set(con, "synthetic")
+        Xn, meta = A.unit_vectors(con, s, batch=700)  # batches that do not divide the rows
+        X, want = Store.over(con).arrays("synthetic")
+    assert meta.equals(want.select("image_id", "source", "label"))
+    assert np.array_equal(Xn, A.normalize(X))
