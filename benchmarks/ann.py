@@ -35,7 +35,7 @@ import numpy as np
 from _common import PeakMemory, table
 from featstore import ann as A
 from featstore.duplicates import embedding_pairs, hamming_pairs, pairs_among
-from featstore.neighbors import exact_rows, knn_indices, neighbour_summary
+from featstore.neighbors import exact_rows, knn_indices, neighbor_summary
 from featstore.query import run_sql
 from featstore.store import sql_dir
 from featstore.testing import synthetic_store
@@ -152,7 +152,7 @@ def at_n(n: int, dim: int, k: int, work: Path) -> list[str]:
     rec = recall(ann.knn_rows(Xn, ids, k, which=sample), exact)
     lat = query_latencies(con, s, Xn, meta, ann, k)
     idx_all, t_all = timed(lambda: ann.knn_rows(Xn, ids, k))
-    _, t_sum = timed(lambda: neighbour_summary(None, meta["source"], meta["label"], k, idx=idx_all))
+    _, t_sum = timed(lambda: neighbor_summary(None, meta["source"], meta["label"], k, idx=idx_all))
     _, t_dup = timed(lambda: embedding_pairs(con, s, Xn, ids, k, 0.98, search="ann", say=quiet))
     t_exact_all, how = exact_all_seconds(Xn, k)
     con.close()
@@ -207,7 +207,7 @@ def big(n: int, dim: int, k: int, work: Path) -> list[str]:
     lat = query_latencies(con, s, Xn, meta, ann, k)
     with PeakMemory() as mem_all:
         idx_all, t_all = timed(lambda: ann.knn_rows(Xn, ids, k))
-    _, t_sum = timed(lambda: neighbour_summary(None, meta["source"], meta["label"], k, idx=idx_all))
+    _, t_sum = timed(lambda: neighbor_summary(None, meta["source"], meta["label"], k, idx=idx_all))
     # `duplicates` runs this same k-NN (ann.knn), then keeps the close pairs: timed once, not twice
     pairs, t_pairs = timed(lambda: pairs_among(Xn, ids, idx_all, 0.98))
     t_dup = t_all + t_pairs

@@ -613,27 +613,32 @@ def _print_headline(df):
 def report(out: Path = typer.Option(Path("report"), help="output folder"),
            study: Optional[str] = typer.Option(None, help="study name (default: the latest swept)"),
            sweep_id: Optional[str] = typer.Option(None, help="a particular sweep (default: the study's latest)"),
+           tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                                      help="the MLflow store the sweep and probes wrote to "
+                                                      "(default: sqlite:///./mlflow.db)"),
            db: Optional[Path] = DbOpt):
     """Write Markdown + HTML (seen-vs-unseen tables, per-source metrics, ROC curves) from results rows."""
     from featstore.report import write_report
 
     con = _open(db, read_only=True)
     try:
-        r = write_report(con, out, study, sweep_id)
+        r = write_report(con, out, study, sweep_id, tracking_uri)
     except ValueError as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(2)
     _print_headline(r["headline"])
+    for w in r["warnings"]:
+        err.print(f"[yellow]warning:[/] {escape(w)}")
     err.print(f"report for {r['study']} (sweep {r['sweep_id']}): {out / 'report.md'}, {out / 'report.html'}")
-    _attach_report(r, out)
+    _attach_report(r, out, tracking_uri)
 
 
-def _attach_report(r: dict, out: Path) -> None:
+def _attach_report(r: dict, out: Path, uri: str | None = None) -> None:
     """The report as artifacts of its sweep's MLflow run; a tracking problem never fails the report."""
     from featstore.track import attach_report
 
     try:
-        rid = attach_report(r["study"], r["sweep_id"], [out / "report.md", out / "report.html"])
+        rid = attach_report(r["study"], r["sweep_id"], [out / "report.md", out / "report.html"], uri)
     except Exception as e:  # noqa: BLE001
         err.print(f"[yellow]warning:[/] the report was not attached to the MLflow sweep run: {escape(str(e))}")
         return
@@ -847,7 +852,7 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
     if summary:
         es = the_set()
         from featstore.api import Store
-        from featstore.neighbors import neighbour_summary
+        from featstore.neighbors import neighbor_summary
 
         con.close()
         with Store(db) as fs:
@@ -859,7 +864,7 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
             except A.AnnError as e:
                 err.print(f"[red]error:[/] {escape(str(e))}")
                 raise typer.Exit(2)
-        df = neighbour_summary(None, meta["source"], meta["label"], k, idx=idx)
+        df = neighbor_summary(None, meta["source"], meta["label"], k, idx=idx)
         sys.stdout.write(render(df.to_arrow(), "table"))
         return
     if image is None:

@@ -113,7 +113,7 @@ def _benchmark(folder: Path, db: Path, embedded: list[str], trials: int | None =
     import duckdb
 
     with duckdb.connect(str(db), read_only=True) as con:
-        write_report(con, folder / "report", st.study, rep.sweep_id)
+        write_report(con, folder / "report", st.study, rep.sweep_id, uri)
     from featstore.track import attach_report
 
     attach_report(st.study, rep.sweep_id, [folder / "report" / "report.md", folder / "report" / "report.html"], uri)

@@ -1,7 +1,7 @@
 """Figures: PNGs drawn from result rows, predictions and representations, for the MLflow runs
-(`track`: a unit's ROC and confusion matrix; `probe`: domain-AUC bars and t-SNE maps) and the
-study report (`report`: forest, dumbbell and per-source ROC plots, the t-SNE map). Each takes what
-it draws and a path, and returns the path (None where there is nothing to draw).
+(`track`: a unit's ROC and confusion matrix; `probe`: domain-AUC bars, t-SNE maps, the interactive
+map's thumbnails) and the study report (`report`: forest, dumbbell and per-source ROC plots). Each
+takes what it draws and a path, and returns the path (None where there is nothing to draw).
 """
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ import numpy as np
 import polars as pl
 
 from featstore.results import MODEL, source_mean
+
+
+def file_stem(s: str) -> str:
+    """A name from the store (backbone, preprocessing, head) made safe as part of a figure's file name."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", str(s))
 
 
 def pyplot():
@@ -296,6 +303,28 @@ def map_png(xy, colour_by: dict, title: str, path: Path) -> Path:
 def embedding_map(Z, colour_by: dict[str, np.ndarray], title: str, path: Path, seed: int = 0) -> Path:
     """t-SNE (after PCA to 50 dims) of a representation, one large panel per colouring (papers 002, 003)."""
     return map_png(tsne(Z, seed), colour_by, title, path)
+
+
+def thumbnail_uri(path: str | None, side: int = 64) -> str | None:
+    """A small grey JPEG of an image file as a data URI (the interactive map's hover picture)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from featstore.decode import decode_file
+
+    if not path:
+        return None
+    try:
+        px = decode_file(path, draft=side * 2).pixels
+    except Exception:  # noqa: BLE001 - a moved or unreadable file: that point has no thumbnail
+        return None
+    im = Image.fromarray((np.clip(px, 0, 1) * 255).astype(np.uint8))
+    im.thumbnail((side, side))
+    buf = io.BytesIO()
+    im.convert("L").save(buf, "JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def domain_auc_bars(rows: list[dict], title: str, path: Path) -> Path:

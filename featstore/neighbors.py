@@ -41,7 +41,7 @@ def exact_rows(Xn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     return rank(Xn, rows, part, k)
 
 
-def neighbour_summary(X: np.ndarray | None, source, label, k: int = 10, idx: np.ndarray | None = None) -> pl.DataFrame:
+def neighbor_summary(X: np.ndarray | None, source, label, k: int = 10, idx: np.ndarray | None = None) -> pl.DataFrame:
     """idx: the k-NN already found (e.g. by featstore.ann.knn); else exact, from X."""
     source, label = np.asarray(source).astype(str), np.asarray(label).astype(str)
     idx = knn_indices(X, k) if idx is None else idx

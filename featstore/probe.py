@@ -1,10 +1,17 @@
-"""Domain probe (paper 003, Table 2): how well a representation predicts its image's source.
+"""Shortcut forensics: the domain probe and the evidence the report shows beside it.
 
-Logistic regression on standardised features, stratified k-fold, out-of-fold probabilities ->
-macro one-vs-rest AUC (source-stratified bootstrap 95% CI) and one AUC per source. 0.5 is chance; the paper found
-0.94-0.97 on pretrained embeddings.
+Domain probe ([Trivedi2022], Table 2; docs/BIBLIOGRAPHY.md): how well a representation predicts its
+image's source. Logistic regression on standardised features, stratified k-fold, out-of-fold
+probabilities -> macro one-vs-rest AUC (source-stratified bootstrap 95% CI) and one AUC per source.
+0.5 is chance; the paper found 0.94-0.97 on pretrained embeddings.
+
+Evidence (`shortcut_evidence`), computed here for the report, which only lays it out: per embedding
+set the latest probe's rows and the figures of its MLflow run, a t-SNE map (static and interactive),
+the k-nearest-neighbour summary; near duplicates per source pair and their contact sheet.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -99,12 +106,12 @@ def probe_rows(X, meta, backbone: str, preprocess: str, weights_id: str, Z_grl: 
 
 def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "covid", grl: bool = True,
               maps: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500,
-              progress=None) -> tuple[list[dict], str, str]:
+              progress=None, tracking_uri: str | None = None) -> tuple[list[dict], str, str]:
     """`featstore probe`: probe rows -> MLflow (with the bar chart and t-SNE maps) and `results`.
-    Returns (rows, sweep_id, MLflow run id). progress(done, total, step) after each step."""
+    Returns (rows, sweep_id, MLflow run id). progress(done, total, step) after each step.
+    tracking_uri: default featstore.track.tracking_uri()."""
     import tempfile
     from datetime import datetime, timezone
-    from pathlib import Path
 
     from featstore.api import Store
     from featstore.figures import domain_auc_bars, embedding_map
@@ -146,7 +153,7 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
                 arts.append(embedding_map(Z, colours, f"t-SNE of the GRL representation ({backbone}/{preprocess})",
                                           Path(tmp) / "map_grl.png", seed))
         step("MLflow")
-        run_id = Tracker("domain-probe").run(
+        run_id = Tracker("domain-probe", tracking_uri).run(
             f"probe {backbone}/{preprocess}", metrics={**summary, **per},
             params=dict(backbone=backbone, preprocess=preprocess, folds=folds, seed=seed, grl=grl),
             tags=dict(level="probe", backbone=backbone, weights_id=wid, preprocess=preprocess,
@@ -162,3 +169,126 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     if progress:
         progress(len(steps), len(steps), "done")
     return rows, sweep_id, run_id
+
+
+# --- evidence for the report ------------------------------------------------------------------
+
+MAP_POINTS = 1500   # the interactive map's cap: a seeded subsample beyond it
+NEIGHBORS_K = 10    # the neighbor summary's k
+
+
+def embedding_points(con, backbone: str, preprocess: str, out: Path, seed: int = 0, cap: int = MAP_POINTS) -> dict:
+    """t-SNE (PCA to 50 dims first) of a seeded subsample of at most `cap` embeddings: a large static
+    map (PNG in `out`, two palettes) and the interactive map's points (coordinates scaled to [0, 1],
+    id, source, label, thumbnail). {} for a set of fewer than 10 images."""
+    import numpy as np
+    import polars as pl
+
+    from featstore.api import Store
+    from featstore.figures import file_stem, map_png, palettes, thumbnail_uri, tsne
+
+    X, meta = Store.over(con).arrays(backbone, preprocess)
+    n = len(X)
+    if n < 10:
+        return {}
+    idx = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
+    X, meta = X[idx], meta[idx.tolist()]
+    xy = tsne(X, seed)
+    src, lab = meta["source"].cast(pl.Utf8).to_list(), meta["label"].cast(pl.Utf8).to_list()
+    name = f"map_{file_stem(backbone)}_{file_stem(preprocess)}.png"
+    map_png(xy, dict(source=src, label=lab), f"t-SNE of {backbone}/{preprocess} embeddings ({len(idx)} of {n} images)",
+            out / name)
+    paths = dict(con.execute("SELECT image_id, path FROM images").fetchall())
+    lo, hi = xy.min(0), xy.max(0)
+    norm = (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
+    ps, pal_l = palettes(src, lab)
+    pts = [dict(x=round(float(a), 4), y=round(float(b), 4), id=i, source=s, label=l, thumb=thumbnail_uri(paths.get(i)))
+           for (a, b), i, s, l in zip(norm, meta["image_id"].to_list(), src, lab)]
+    return dict(png=name, n=len(idx), total=n, points=pts, palettes=dict(source=ps, label=pal_l))
+
+
+def neighbor_table(con, backbone: str, preprocess: str, k: int = NEIGHBORS_K):
+    """Per source, the share of each image's k nearest neighbours (cosine) from its own source and with
+    its own label, beside chance (featstore.neighbors.neighbor_summary; the ANN index for large sets)."""
+    import polars as pl
+
+    from featstore import ann as A
+    from featstore.neighbors import neighbor_summary
+
+    es = A.resolve_set(con, backbone, preprocess)
+    Xn, meta = A.unit_vectors(con, es)
+    idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), k)
+    return neighbor_summary(None, meta["source"], meta["label"], k=k, idx=idx).with_columns(
+        pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
+
+
+def fetch_run_figures(run_id: str, out: Path, prefix: str, tracking_uri: str | None = None) -> list[str]:
+    """The PNG artifacts of an MLflow run, copied into `out` as PREFIX_<name>; their file names.
+    Raises what the tracking store raises (an unknown run, an unreachable server)."""
+    import shutil
+    import tempfile
+
+    from featstore.track import Tracker, sqlite_path, tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():  # never create a tracking store by asking it for a run
+        raise FileNotFoundError(f"no MLflow tracking store at {db}")
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:  # a run's artifacts as files, whatever store holds them
+        for local in Tracker.for_run(run_id, uri).artifact_files(run_id, Path(tmp)):
+            if local.suffix == ".png":
+                target = out / f"{prefix}_{local.name}"
+                shutil.move(local, target)
+                names.append(target.name)
+    return names
+
+
+def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path, seed: int = 0,
+                      tracking_uri: str | None = None) -> dict:
+    """What the report shows as shortcut evidence, its figures written into `out`:
+    sets: per (backbone, preprocess) in order, dict(backbone, preprocess, probe (the latest domain
+    probe's rows, empty if none), figs (file names of the probe run's figures), map (embedding_points,
+    or None), neighbors (neighbor_table)); neardup: None without a near-duplicate search, else
+    dict(table (pairs per source pair), sheet (dict(file, n, total), or None)); warnings: one line per
+    thing that could not be had (a probe run's figures missing from `tracking_uri`)."""
+    import polars as pl
+
+    from featstore.figures import file_stem
+    from featstore.track import tracking_uri as default_uri
+
+    uri = tracking_uri or default_uri()
+    warnings: list[str] = []
+    out_sets = []
+    for bb, pre in sets:
+        ev = dict(backbone=bb, preprocess=pre, figs=[], map=None)
+        ev["probe"] = probe = pl.from_arrow(con.sql(
+            "SELECT * FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ? AND sweep_id = "
+            "(SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ?)",
+            params=[bb, pre, bb, pre]).to_arrow_table())
+        run_id = probe["mlflow_run_id"][0] if probe.height else None
+        if run_id:
+            try:
+                ev["figs"] = fetch_run_figures(run_id, out, f"{file_stem(bb)}_{file_stem(pre)}", uri)
+            except Exception as e:  # noqa: BLE001 - the probe's table is there; say what is missing
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                warnings.append(f"the figures of domain probe run {run_id} ({bb}/{pre}) could not be fetched from "
+                                f"MLflow at {uri}: {msg[:300]}")
+        ev["map"] = embedding_points(con, bb, pre, out, seed) or None
+        if ev["map"]:  # the map computed here (large, two palettes) supersedes the probe's raw-embedding one
+            ev["figs"] = [f for f in ev["figs"] if not f.endswith("_map_raw.png")]
+            (out / f"{file_stem(bb)}_{file_stem(pre)}_map_raw.png").unlink(missing_ok=True)
+        ev["neighbors"] = neighbor_table(con, bb, pre)
+        out_sets.append(ev)
+    nd = None
+    has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
+    if has_nd:
+        nd = dict(table=pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()),
+                  sheet=None)
+        pairs = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
+        if pairs.height:
+            from featstore.duplicates import contact_sheet
+
+            contact_sheet(con, out / "near_duplicates.png", pairs, n=24)
+            nd["sheet"] = dict(file="near_duplicates.png", n=min(24, pairs.height), total=pairs.height)
+    return dict(sets=out_sets, neardup=nd, warnings=warnings)

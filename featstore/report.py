@@ -1,7 +1,8 @@
 """Report: one self-contained HTML file, Markdown and figures of a sweep. The last stage, a leaf that
-only front ends (CLI, API, demo) import: it reads `results`, `predictions`, `images` and the
-embeddings (for the t-SNE map and the neighbour summary it computes), and writes nothing to the
-store. Figures are drawn by `figures`.
+only front ends (CLI, API, demo) import: it turns result rows (`results`, `predictions`) into tables
+and documents, and writes nothing to the store. Figures are drawn by `figures`; the shortcut evidence
+(domain probe figures from MLflow, t-SNE map, neighbor summary, near duplicates) is computed by the
+forensics stage (`probe.shortcut_evidence`) and only laid out here.
 
 Rendered from Jinja2 templates (featstore/templates). The HTML opens on the verdict per model and two
 figures (per-source unseen AUC as a forest plot, seen vs unseen per model as a dumbbell plot); its
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from featstore.figures import (dedupe_pooled, dumbbell_figure, forest_figure, map_png, palettes,
-                               roc_per_source_figure, tsne)
+from featstore.figures import dedupe_pooled, dumbbell_figure, file_stem, forest_figure, roc_per_source_figure
+from featstore.probe import MAP_POINTS, NEIGHBORS_K, shortcut_evidence
 from featstore.results import MODEL, source_mean
 
 
@@ -211,61 +212,6 @@ def markdown_table(df: pl.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --- the interactive map ------------------------------------------------------------------------
-
-MAP_POINTS = 1500   # the interactive map's cap: a seeded subsample beyond it
-
-
-def _thumb_b64(path: str | None, side: int = 64) -> str | None:
-    import base64
-    import io
-
-    from PIL import Image
-
-    from featstore.decode import decode_file
-
-    if not path:
-        return None
-    try:
-        px = decode_file(path, draft=side * 2).pixels
-    except Exception:  # noqa: BLE001 - a moved or unreadable file: that point has no thumbnail
-        return None
-    im = Image.fromarray((np.clip(px, 0, 1) * 255).astype(np.uint8))
-    im.thumbnail((side, side))
-    buf = io.BytesIO()
-    im.convert("L").save(buf, "JPEG", quality=70)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def embedding_maps(con, backbone: str, preprocess: str, out: Path, seed: int = 0, cap: int = MAP_POINTS) -> dict:
-    """t-SNE (PCA to 50 dims first) of a seeded subsample of at most `cap` embeddings, computed here
-    from the store: a large static map (PNG, two palettes) and the interactive map's points."""
-    from featstore.api import Store
-
-    X, meta = Store.over(con).arrays(backbone, preprocess)
-    n = len(X)
-    if n < 10:
-        return {}
-    idx = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
-    X, meta = X[idx], meta[idx.tolist()]
-    xy = tsne(X, seed)
-    src, lab = meta["source"].cast(pl.Utf8).to_list(), meta["label"].cast(pl.Utf8).to_list()
-    name = f"map_{_safe(backbone)}_{_safe(preprocess)}.png"
-    map_png(xy, dict(source=src, label=lab), f"t-SNE of {backbone}/{preprocess} embeddings ({len(idx)} of {n} images)",
-            out / name)
-    paths = dict(con.execute("SELECT image_id, path FROM images").fetchall())
-    lo, hi = xy.min(0), xy.max(0)
-    norm = (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
-    ps, pal_l = palettes(src, lab)
-    pts = [dict(x=round(float(a), 4), y=round(float(b), 4), id=i, source=s, label=l, thumb=_thumb_b64(paths.get(i)))
-           for (a, b), i, s, l in zip(norm, meta["image_id"].to_list(), src, lab)]
-    return dict(png=name, n=len(idx), total=n, points=pts, palettes=dict(source=ps, label=pal_l))
-
-
-def _safe(s: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_.-]", "_", str(s))
-
-
 # --- tables as HTML: coloured cells, inline Markdown in notes --------------------------------------
 
 VERDICT_CLASS = {"shortcut likely": "v-shortcut", "generalises": "v-generalises", "inconclusive": "v-inconclusive"}
@@ -319,9 +265,12 @@ def html_table(df: pl.DataFrame) -> str:
 
 # --- the report: render into a fresh folder, move in ----------------------------------------------
 
-def write_report(con, out: str | Path, study: str | None = None, sweep_id: str | None = None) -> dict:
+def write_report(con, out: str | Path, study: str | None = None, sweep_id: str | None = None,
+                 tracking_uri: str | None = None) -> dict:
     """Render into a fresh folder beside `out`, then move the files in: a report that fails writes
-    nothing, and only the report's own files are replaced in `out`."""
+    nothing, and only the report's own files are replaced in `out`. tracking_uri: the MLflow store the
+    sweep and the domain probes wrote to (default featstore.track.tracking_uri()), for the probes'
+    figures; what cannot be fetched is named in the report and in the returned `warnings`."""
     import shutil
     import tempfile
 
@@ -329,7 +278,7 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        r = _write_report(con, tmp, study, sweep_id)
+        r = _write_report(con, tmp, study, sweep_id, tracking_uri)
         out.mkdir(exist_ok=True)
         for f in sorted(tmp.iterdir()):
             dest = out / f.name
@@ -366,7 +315,7 @@ def _script_json(obj) -> str:
         .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> dict:
+def _write_report(con, out: Path, study: str | None, sweep_id: str | None, tracking_uri: str | None) -> dict:
     from markupsafe import Markup
 
     if sweep_id is None:
@@ -405,7 +354,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
         if not binary:
             break
         f = roc_per_source_figure(dedupe_pooled(g), f"{hd} on {bb}/{pre}: seen (mixed k-fold) vs each unseen "
-                                  "source (LOSO)", out / f"roc_{_safe(hd)}_{_safe(bb)}_{_safe(pre)}.png")
+                                  "source (LOSO)", out / f"roc_{file_stem(hd)}_{file_stem(bb)}_{file_stem(pre)}.png")
         if f:
             rocs.append(fig(f, f"{hd} on {bb}/{pre}"))
     failed = res.filter(pl.col("status") != "ok")
@@ -450,7 +399,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
                    if dropped.height else "No training image also occurred in a test source.")
     sets = sorted({(r["backbone"], r["preprocess"]) for r in res.select("backbone", "preprocess").unique()
                    .iter_rows(named=True)})
-    evidence = shortcut_evidence(con, sets, out, seed)
+    evidence = evidence_sections(shortcut_evidence(con, sets, out, seed, tracking_uri), out)
     ctx = dict(title=f"featstore report — {study}", study=study, sweep_id=sweep_id, n_rows=res.height,
                code_version=str(meta.get("code_version")), seed=meta.get("seed"), target=meta.get("target"),
                verdicts=verdicts, top=top, sections=sections, shared_note=shared_note, rocs=rocs,
@@ -463,88 +412,45 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
     (out / "headline.json").write_text(json.dumps(head.to_dicts(), indent=1))
     files = [out / "report.md", out / "report.html", out / "headline.json"] + \
         [p for p in sorted(out.iterdir()) if p.suffix == ".png"]
-    return dict(study=study, sweep_id=sweep_id, headline=head, files=files)
+    return dict(study=study, sweep_id=sweep_id, headline=head, files=files, warnings=evidence["warnings"])
 
 
-# --- shortcut evidence: pictures from the probe, tables from the store ---------------------------
+# --- shortcut evidence: computed by the forensics stage, laid out here ------------------------------
 
-def shortcut_evidence(con, backbones: list[tuple[str, str]], out: Path, seed: int = 0) -> dict:
-    """The latest domain probe of each embedding set (table, bar chart and maps fetched from its MLflow
-    run), a t-SNE map computed here (static and interactive), the neighbour summary, and near
-    duplicates per source pair with their contact sheet."""
+def evidence_sections(ev: dict, out: Path) -> dict:
+    """probe.shortcut_evidence's rows and figure files as the templates' tables, notes and data URIs."""
     from markupsafe import Markup
 
-    from featstore import ann as A
-    from featstore.neighbors import neighbour_summary
-
     sets = []
-    for bb, pre in backbones:
-        ev = dict(backbone=bb, preprocess=pre, probe=None, figs=[], map=None)
-        probe = pl.from_arrow(con.sql(
-            "SELECT * FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ? AND sweep_id = "
-            "(SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ?)",
-            params=[bb, pre, bb, pre]).to_arrow_table())
+    for e in ev["sets"]:
+        bb, pre, probe = e["backbone"], e["preprocess"], e["probe"]
+        s = dict(backbone=bb, preprocess=pre, probe=None, figs=[], map=None)
         if probe.height == 0:
-            ev["probe_note"] = f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}`."
+            s["probe_note"] = f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}`."
         else:
             tab = probe.filter(pl.col("scope") == "all").select(
                 pl.col("head").alias("representation"), pl.col("test_set").alias("images"),
                 pl.struct("auc", "auc_lo", "auc_hi").map_elements(lambda s: fmt_auc(s["auc"], s["auc_lo"], s["auc_hi"]),
                                                                   return_dtype=pl.Utf8).alias("domain AUC (macro OvR)"))
-            ev["probe_note"] = ("How well logistic regression recovers the SOURCE from the representation (0.5 = not "
-                                "at all; paper 003 found 0.94-0.97 on pretrained embeddings).")
-            ev["probe"] = dict(md=markdown_table(tab), html=Markup(html_table(tab)))
-            ev["figs"] = [dict(file=f, title=f, uri=_data_uri(out / f))
-                          for f in _fetch_artifacts(probe["mlflow_run_id"][0], out, f"{_safe(bb)}_{_safe(pre)}")]
-        ev["map"] = embedding_maps(con, bb, pre, out, seed) or None
-        if ev["map"]:  # the map computed here (large, two palettes) supersedes the probe's raw-embedding one
-            ev["figs"] = [f for f in ev["figs"] if not f["file"].endswith("_map_raw.png")]
-            (out / f"{_safe(bb)}_{_safe(pre)}_map_raw.png").unlink(missing_ok=True)
-        if ev["map"]:
-            ev["map"]["uri"] = _data_uri(out / ev["map"]["png"])
-        es = A.resolve_set(con, bb, pre)
-        Xn, meta = A.unit_vectors(con, es)
-        idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), 10)  # the index beside the store for large sets
-        nb = neighbour_summary(None, meta["source"], meta["label"], k=10, idx=idx).with_columns(
-            pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
-        ev["nb_note"] = ("Each image's 10 nearest neighbours (cosine): the share from its own source and with its own "
-                         "label, beside chance. Sharing the source far above chance = the embedding encodes where "
-                         "images came from.")
-        ev["nb"] = dict(md=markdown_table(nb), html=Markup(html_table(nb)))
-        sets.append(ev)
+            s["probe_note"] = ("How well logistic regression recovers the SOURCE from the representation (0.5 = not "
+                               "at all; Trivedi et al. 2022 found 0.94-0.97 on pretrained embeddings).")
+            s["probe"] = dict(md=markdown_table(tab), html=Markup(html_table(tab)))
+            s["figs"] = [dict(file=f, title=f, uri=_data_uri(out / f)) for f in e["figs"]]
+        if e["map"]:
+            s["map"] = dict(e["map"], uri=_data_uri(out / e["map"]["png"]))
+        nb = e["neighbors"]
+        s["nb_note"] = (f"Each image's {NEIGHBORS_K} nearest neighbours (cosine): the share from its own source and "
+                        "with its own label, beside chance. Sharing the source far above chance = the embedding "
+                        "encodes where images came from.")
+        s["nb"] = dict(md=markdown_table(nb), html=Markup(html_table(nb)))
+        sets.append(s)
     nd = None
-    has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
-    if has_nd:
-        tab = pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table())
+    if ev["neardup"] is not None:
+        tab = ev["neardup"]["table"]
         nd = dict(note="Near duplicates (same picture, different bytes) per source pair, from `featstore duplicates`; "
                        "exact copies are counted in `duplicate_groups`.",
                   md=markdown_table(tab), html=Markup(html_table(tab)), sheet=None)
-        pairs_ = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
-        if pairs_.height:
-            from featstore.duplicates import contact_sheet
-
-            contact_sheet(con, out / "near_duplicates.png", pairs_, n=24)
-            nd["sheet"] = dict(file="near_duplicates.png", uri=_data_uri(out / "near_duplicates.png"),
-                               n=min(24, pairs_.height), total=pairs_.height)
-    return dict(sets=sets, neardup=nd)
-
-
-def _fetch_artifacts(run_id: str | None, out: Path, prefix: str) -> list[str]:
-    if not run_id:
-        return []
-    try:
-        import shutil
-        import tempfile
-
-        from featstore.track import Tracker
-
-        names = []
-        with tempfile.TemporaryDirectory() as tmp:  # a run's artifacts as files, whatever store holds them
-            for local in Tracker.for_run(run_id).artifact_files(run_id, Path(tmp)):
-                if local.suffix == ".png":
-                    target = out / f"{prefix}_{local.name}"
-                    shutil.move(local, target)
-                    names.append(target.name)
-        return names
-    except Exception:  # noqa: BLE001 - a report without pictures beats no report; the table is there
-        return []
+        if ev["neardup"]["sheet"]:
+            sh = ev["neardup"]["sheet"]
+            nd["sheet"] = dict(sh, uri=_data_uri(out / sh["file"]))
+    return dict(sets=sets, neardup=nd, warnings=list(ev["warnings"]))

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from featstore.cli import app
-from featstore.neighbors import knn_indices, neighbour_summary
+from featstore.neighbors import knn_indices, neighbor_summary
 from featstore.probe import domain_probe
 
 from conftest import CXR, ONNX, needs_cxr, needs_onnx
@@ -54,7 +54,7 @@ def test_knn_matches_brute_force():
 
 def test_neighbours_share_the_source_more_than_chance(synth_embeddings, synth_stores):
     X, meta = synth_embeddings["confounded"]
-    df = neighbour_summary(X, meta["source"], meta["label"], k=10)
+    df = neighbor_summary(X, meta["source"], meta["label"], k=10)
     assert (df["same_source"] > df["same_source_chance"] + 0.4).all()
     db = str(synth_stores["confounded"])
     with duckdb.connect(db, read_only=True) as con:

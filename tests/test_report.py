@@ -144,18 +144,47 @@ def test_interactive_map_has_every_point_with_hover_data(rendered):
 
 
 def test_the_map_subsample_is_capped_and_seeded(rendered, tmp_path):
-    from featstore.report import embedding_maps
+    from featstore.probe import embedding_points
     from featstore.store import connect
 
     con = connect(rendered["db"], read_only=True)
     try:
-        a = embedding_maps(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
-        b = embedding_maps(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
+        a = embedding_points(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
+        b = embedding_points(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
     finally:
         con.close()
     assert a["n"] == 40 and a["total"] == rendered["n_images"]
     assert [p["id"] for p in a["points"]] == [p["id"] for p in b["points"]]
     assert [(p["x"], p["y"]) for p in a["points"]] == [(p["x"], p["y"]) for p in b["points"]]
+
+
+def test_probe_figures_come_from_the_given_tracking_store_or_are_named_as_missing(rendered, tmp_path, monkeypatch):
+    """The probe's figures are fetched from the tracking store the caller names, not the default one;
+    one that lacks the run gives a report that says so in one line, not a silent gap."""
+    from featstore.probe import run_probe
+    from featstore.report import write_report
+    from featstore.store import connect
+
+    db = tmp_path / "fs.duckdb"
+    shutil.copy(rendered["db"], db)
+    here = f"sqlite:///{tmp_path / 'probe-mlflow.db'}"
+    _, _, run_id = run_probe(db, "pixelstats", grl=False, maps=False, n_boot=0, tracking_uri=here)
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")  # the default: not where the probe wrote
+    con = connect(db, read_only=True)
+    try:
+        good = write_report(con, tmp_path / "good", "rep", tracking_uri=here)
+        bad = write_report(con, tmp_path / "bad", "rep")
+    finally:
+        con.close()
+    assert good["warnings"] == []
+    assert (tmp_path / "good" / "pixelstats_original_domain_auc.png").is_file()
+    assert 'alt="pixelstats_original_domain_auc.png"' in (tmp_path / "good" / "report.html").read_text()
+    assert len(bad["warnings"]) == 1 and run_id in bad["warnings"][0] and str(elsewhere) in bad["warnings"][0]
+    assert not (tmp_path / "bad" / "pixelstats_original_domain_auc.png").exists()
+    assert not elsewhere.exists()  # asking for a run never creates a tracking store
+    md = (tmp_path / "bad" / "report.md").read_text()
+    assert md.count("Not shown:") == 1 and run_id in md
 
 
 def test_contact_sheet_puts_cross_source_and_strong_pairs_first(rendered):
@@ -185,7 +214,7 @@ def test_a_failing_report_writes_nothing(rendered, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("neighbour summary failed")
     # figures are already in the temporary folder when this fails
-    monkeypatch.setattr("featstore.neighbors.neighbour_summary", boom)
+    monkeypatch.setattr("featstore.neighbors.neighbor_summary", boom)
     con = connect(rendered["db"], read_only=True)
     try:
         with pytest.raises(RuntimeError, match="neighbour summary failed"):
