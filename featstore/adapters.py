@@ -43,7 +43,7 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in [
 ]}
 
 
-def _class3(pathologies: list[str], labels: np.ndarray) -> str:
+def _class_of(pathologies: list[str], labels: np.ndarray) -> str:
     pos = {p for p, v in zip(pathologies, labels) if v == 1 and p != "No Finding"}
     if any("COVID" in p for p in pos):
         return "covid"
@@ -88,13 +88,13 @@ def adapter_rows(name: str, imgpath: str | Path, csvpath: str | Path | None = No
             missing += 1
             continue
         lab = ds.labels[i]
-        klass = _class3(pathologies, lab)
+        class_ = _class_of(pathologies, lab)
         sex = "M" if rec.get("sex_male") is True else "F" if rec.get("sex_female") is True else None
         age = rec.get("age_years")
         rows.append(Row(
             path=str(full.resolve()), display=str(rel), source=source or a.source,
-            label="covid" if klass == "covid" else "non_covid", origin=origin, row_number=i + 1,
-            klass=klass, patient_id=None if rec.get("patientid") is None else str(rec.get("patientid")),
+            label="covid" if class_ == "covid" else "non_covid", origin=origin, row_number=i + 1,
+            class_=class_, patient_id=None if rec.get("patientid") is None else str(rec.get("patientid")),
             view=None if rec.get("view") is None else str(rec.get("view")), sex=sex,
             age=float(age) if age is not None and np.isfinite(age) else None,
             extra={"findings": [p for p, v in zip(pathologies, lab) if v == 1]},

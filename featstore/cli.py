@@ -767,7 +767,7 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe (a back
           folds: int = 5, seed: int = 0, bootstrap: int = 500,
           maps: bool = typer.Option(True, help="t-SNE maps by source and label (raw and GRL) as MLflow artifacts"),
           db: Optional[Path] = DbOpt):
-    """Domain probe (paper 003): how well the SOURCE is predicted from the embeddings."""
+    """Domain probe (Trivedi et al. 2022): how well the SOURCE is predicted from the embeddings."""
     import polars as pl
 
     from featstore.probe import run_probe

@@ -301,7 +301,8 @@ def map_png(xy, colour_by: dict, title: str, path: Path) -> Path:
 
 
 def embedding_map(Z, colour_by: dict[str, np.ndarray], title: str, path: Path, seed: int = 0) -> Path:
-    """t-SNE (after PCA to 50 dims) of a representation, one large panel per colouring (papers 002, 003)."""
+    """t-SNE (after PCA to 50 dims) of a representation, one large panel per colouring
+    ([Tartaglione2020], [Trivedi2022])."""
     return map_png(tsne(Z, seed), colour_by, title, path)
 
 

@@ -111,7 +111,7 @@ class LightGBMHead(ClassifierMixin, BaseEstimator):
 
 
 class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
-    """Gradient-reversal feature disentanglement (DANN, Ganin et al. JMLR 2016; paper 003's network).
+    """Gradient-reversal feature disentanglement (DANN, Ganin et al. JMLR 2016; [Trivedi2022]'s network).
 
     fe = Linear(d,h1)-BN-ReLU-Linear(h1,h2)-BN-ReLU; a linear class head and a linear domain
     (source) head; the domain loss reaches fe through a gradient-reversal layer scaled by DANN's
@@ -126,7 +126,7 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
       gradient steps lags behind fe, which then learns to make it confidently wrong instead of
       removing the source (on tests/test_grl.py's data the probe AUC *rose* above the
       no-reversal network's); a near-optimal, L2-bounded head does not leave that way out.
-    - "epoch": paper 003's variant, the same re-fit (`domain_refit_iters`) on the whole training
+    - "epoch": [Trivedi2022]'s variant, the same re-fit (`domain_refit_iters`) on the whole training
       set after every epoch.
     - "joint": textbook DANN, the domain head in the optimiser (its LR times `domain_lr_mult`).
 
@@ -486,7 +486,8 @@ class HeadSpec:
 
 HEADS = {
     "logreg": HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)"),
-    "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), paper 003 network"),
+    "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl,
+                        "gradient-reversal MLP (DANN schedule), Trivedi et al. 2022 network"),
     "lightgbm": HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"),
     "zeroshot": HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding "
                          "set's own text tower (CLIP family, SigLIP); no training, one trial", searched=False,

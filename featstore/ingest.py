@@ -40,7 +40,7 @@ class ColumnMap:
     path: str = "path"
     source: str = "source"
     label: str = "label"
-    klass: str = "class3"
+    class_: str = "class3"
     patient_id: str = "patient_id"
     view: str = "view"
     sex: str = "sex"
@@ -48,7 +48,7 @@ class ColumnMap:
     mask: str = "mask_path"   # optional lung mask file per image (featstore/masks.py)
 
     def columns(self) -> dict[str, str]:
-        return {"path": self.path, "source": self.source, "label": self.label, "class": self.klass,
+        return {"path": self.path, "source": self.source, "label": self.label, "class": self.class_,
                 "patient_id": self.patient_id, "view": self.view, "sex": self.sex, "age": self.age,
                 "mask": self.mask}
 
@@ -62,7 +62,7 @@ class Row:
     origin: str
     display: str = ""    # the path as the user wrote it
     row_number: int | None = None
-    klass: str | None = None
+    class_: str | None = None
     patient_id: str | None = None
     view: str | None = None
     sex: str | None = None
@@ -300,7 +300,7 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
         rows.append(Row(
             path=str(p) if p else "", display=raw_path or "", source=src,
             label=rec.get(names["label"]), origin=origin, row_number=i,
-            klass=normalise_label(rec.get(names["class"])), patient_id=_clean(rec.get(names["patient_id"])),
+            class_=normalise_label(rec.get(names["class"])), patient_id=_clean(rec.get(names["patient_id"])),
             view=_clean(rec.get(names["view"])), sex=_clean(rec.get(names["sex"])),
             age=_age(rec.get(names["age"])), age_raw=_clean(rec.get(names["age"])), extra=extra or None,
         ))
@@ -542,7 +542,7 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
         if job.expect is not None:
             changed.append({"source": r.source, "path": r.path, "old_image_id": job.expect,
                             "new_image_id": p.image_id, "size_bytes": p.n_bytes, "mtime_ns": p.mtime_ns})
-        occ = dict(image_id=p.image_id, source=r.source, path=r.path, label=r.label, **{"class": r.klass},
+        occ = dict(image_id=p.image_id, source=r.source, path=r.path, label=r.label, **{"class": r.class_},
                    patient_id=r.patient_id, view=r.view, sex=r.sex, age=r.age, age_raw=r.age_raw,
                    origin=_printable(r.origin), extra=json.dumps(r.extra) if r.extra else None,
                    size_bytes=p.n_bytes, mtime_ns=p.mtime_ns, ingested_at=now)

@@ -1,9 +1,9 @@
-"""Lung masks and the ROI variants built on them (papers 000 and 001).
+"""Lung masks and the ROI variants built on them ([BenAhmed2021] and [Sadre2021]).
 
 Where masks come from, and how each one is recorded, is featstore/masks.py. This module holds
-the pieces that work on arrays: paper 000's checks, the classical fallback method, the variants.
+the pieces that work on arrays: [BenAhmed2021]'s checks, the classical fallback method, the variants.
 
-Checks, applied to every mask whatever made it (paper 000 flags failed segmentations this way):
+Checks, applied to every mask whatever made it ([BenAhmed2021] flags failed segmentations this way):
 - empty mask (no lung-like region), or lungs under 5% of the image;
 - the lung bounding box smaller than half the image in both directions ("crop smaller than half");
 - a mask that leaks beyond the lungs: over 45% of the image, or a box from the top edge spanning
@@ -16,7 +16,7 @@ keep the two largest dark regions centred in the central area, close small gaps,
 X-rays with the lungs as the darkest large structures inside the body mask well; ones that do not
 are caught by the checks, not guessed.
 
-Variants (paper 001's ROI Hide-and-Seek, plus paper 000's lung-ROI crop), f(image, mask):
+Variants ([Sadre2021]'s ROI Hide-and-Seek, plus [BenAhmed2021]'s lung-ROI crop), f(image, mask):
     lungs-isolated   everything but the lungs set to 0
     lungs-removed    the lungs set to 0
     lungs-framed     everything outside the lungs' bounding box set to 0

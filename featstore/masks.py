@@ -9,7 +9,7 @@ Where a mask comes from (method "auto"), in order:
    torchxrayvision's cache (~/.torchxrayvision). Auto never downloads it; `--masks xrv-pspnet` does
    (unless FEATSTORE_OFFLINE), or fails saying where to put the file.
 3. `classical-v1`: the weight-free fallback in featstore/lungs.py.
-Every mask then passes paper 000's checks (featstore/lungs.py:check). A refused mask is kept with
+Every mask then passes [BenAhmed2021]'s checks (featstore/lungs.py:check). A refused mask is kept with
 `ok = false` and its reason; embedding a lung variant records that image in `embed_errors` and
 leaves it out. Re-making masks (`redo`) deletes the lung-variant embeddings built on the old ones.
 """

@@ -1,4 +1,4 @@
-"""Nearest neighbours (paper 004): similar images by cosine similarity of their embeddings.
+"""Nearest neighbours ([Goldstein2021]): similar images by cosine similarity of their embeddings.
 
 One image: `sql/nearest_neighbours.sql`, in DuckDB. The whole store: for every image, the share of
 its k nearest neighbours that come from its own source and that carry its own label, summarised per

@@ -33,9 +33,9 @@ def _clahe(x: np.ndarray) -> np.ndarray:
 
 PREPROCESSINGS: dict[str, Callable[..., np.ndarray]] = {
     "original": _original,   # as decoded
-    "histeq": _histeq,       # global histogram equalisation (papers 002, 003)
-    "clahe": _clahe,         # contrast-limited adaptive equalisation (papers 003, 004)
-    **VARIANTS,              # lung-ROI variants (papers 000, 001): f(x, mask); see featstore/lungs.py
+    "histeq": _histeq,       # global histogram equalisation ([Tartaglione2020], [Trivedi2022])
+    "clahe": _clahe,         # contrast-limited adaptive equalisation ([Trivedi2022], [Goldstein2021])
+    **VARIANTS,              # lung-ROI variants ([BenAhmed2021], [Sadre2021]): f(x, mask); see featstore/lungs.py
 }
 # these take the image's stored lung mask as a second argument (featstore/masks.py)
 NEEDS_MASK = frozenset(VARIANTS)

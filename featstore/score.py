@@ -69,7 +69,7 @@ def binary_metrics(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int =
 
 def multiclass_metrics(y, P, n_classes: int, n_boot: int = 1000, seed: int = 0) -> dict:
     """y in 0..K-1, P [n, K]: macro one-vs-rest AUC (bootstrap CI), accuracy, mean per-class accuracy
-    (= mean recall), per-class sensitivity and PPV (paper 001)."""
+    (= mean recall), per-class sensitivity and PPV ([Sadre2021])."""
     y = np.asarray(y).astype(int)
     P = np.asarray(P, dtype=float)
     labels = list(range(n_classes))
@@ -113,7 +113,7 @@ def gap_test(seen: dict, unseen: dict) -> dict:
 
 
 def mcnemar_p(y, pred_a, pred_b) -> float:
-    """Paired comparison of two classifiers' correctness on one test set (paper 000): exact McNemar."""
+    """Paired comparison of two classifiers' correctness on one test set ([BenAhmed2021]): exact McNemar."""
     from statsmodels.stats.contingency_tables import mcnemar
 
     ca, cb = np.asarray(pred_a) == np.asarray(y), np.asarray(pred_b) == np.asarray(y)

@@ -108,7 +108,7 @@ def _sources(meta: Meta) -> list[str]:
 
 def mixed(meta: Meta, folds: int = 5, repeats: int = 1, seed: int = 0) -> list[Fold]:
     """Stratified, patient-grouped k-fold that ignores source: the naive contrast. repeats>1 is
-    repeated k-fold (paper 003 used 5 x 10)."""
+    repeated k-fold ([Trivedi2022] used 5 x 10)."""
     out = []
     idx = np.arange(len(meta.y))
     srcs = tuple(_sources(meta))

@@ -109,7 +109,7 @@ class Section(BaseModel):
 
 class Mixed(Section):
     folds: int = Field(5, ge=2, description="k of the stratified, patient-grouped k-fold")
-    repeats: int = Field(1, ge=1, description="repeated k-fold (paper 003: 5 folds x 10 repeats)")
+    repeats: int = Field(1, ge=1, description="repeated k-fold ([Trivedi2022]: 5 folds x 10 repeats)")
 
 
 class Loso(Section):
@@ -121,7 +121,7 @@ class LeavePairOut(Section):
 
 
 class SeenUnseen(Section):
-    train_sources: Names = Field(min_length=1, description="the sources to train on, as in paper 000")
+    train_sources: Names = Field(min_length=1, description="the sources to train on, as in [BenAhmed2021]")
     unseen_sources: Names | None = Field(None, description="default: every other source")
     test_fraction: float = Field(0.2, gt=0, le=0.5, description="share of the training sources held out as 'seen'")
 

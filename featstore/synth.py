@@ -145,12 +145,12 @@ def generate(out: str | Path, n_per_source: int = 120, size: int = 256, seed: in
             n_img = 2 if rng.random() < 0.2 and i + 1 < len(labels) and labels[i + 1] == labels[i] else 1
             for _ in range(n_img):
                 lab = labels[i]
-                klass = "covid" if lab == "covid" else ("pneumonia" if rng.random() < 0.4 else "normal")
-                img = acquire(chest(rng, size, st.fov, klass, signal), st, rng)
+                class_ = "covid" if lab == "covid" else ("pneumonia" if rng.random() < 0.4 else "normal")
+                img = acquire(chest(rng, size, st.fov, class_, signal), st, rng)
                 data, ext = _encode(img, st.fmt)
                 rel = f"images/{st.name}/{st.name}-{i:05d}{ext}"
                 (out / rel).write_bytes(data)
-                rows.append(dict(path=rel, source=st.name, label=lab, class3=klass, patient_id=pid, view="PA",
+                rows.append(dict(path=rel, source=st.name, label=lab, class3=class_, patient_id=pid, view="PA",
                                  sex=sex, age=age, synthetic="true"))
                 i += 1
     if plant_duplicates and len(sources) > 1:

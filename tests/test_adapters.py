@@ -20,7 +20,7 @@ def test_nih_uses_the_bundled_label_file(tmp_path, con):
     assert len(rows) == 3 and missing > 100_000  # the rest of ChestX-ray14 is not downloaded here
     by = {r.display: r for r in rows}
     r = by["00000001_000.png"]
-    assert (r.source, r.label, r.klass, r.patient_id, r.view, r.sex, r.age) == \
+    assert (r.source, r.label, r.class_, r.patient_id, r.view, r.sex, r.age) == \
         ("nih_cxr14", "non_covid", "other", "1", "PA", "M", 57.0)
     assert r.extra["findings"] == ["Cardiomegaly"]
     rep = I.ingest_rows(con, rows, "nih")
@@ -43,7 +43,7 @@ def test_covid19_collection_from_its_metadata(tmp_path, con):
     with pytest.raises(ValueError, match="needs the dataset's metadata.csv"):
         adapter_rows("covid19", tmp_path / "elsewhere" / "images")
     rows, missing = adapter_rows("covid19", root / "images", meta)
-    got = sorted((r.display, r.label, r.klass) for r in rows)
+    got = sorted((r.display, r.label, r.class_) for r in rows)
     # the lateral view (d.jpg) is dropped by torchxrayvision's view filter
     assert got == [("a.jpg", "covid", "covid"), ("b.jpg", "non_covid", "pneumonia"), ("c.jpg", "non_covid", "normal")]
     assert I.ingest_rows(con, rows, "covid19").ok

@@ -4,7 +4,7 @@ CREATE TABLE IF NOT EXISTS lung_masks (
     image_id   VARCHAR PRIMARY KEY,
     method     VARCHAR NOT NULL,   -- manifest | xrv-pspnet | classical-v1: how the mask was made
     made_from  VARCHAR,            -- the mask file (manifest) or weights identity (xrv-pspnet)
-    ok         BOOLEAN NOT NULL,   -- passed paper 000's checks; false: the image is left out of lung variants
+    ok         BOOLEAN NOT NULL,   -- passed [BenAhmed2021]'s checks; false: the image is left out of lung variants
     reason     VARCHAR,            -- why it was refused (empty, smaller than half, leaks, unreadable)
     fraction   DOUBLE,             -- lung pixels / all pixels
     box_top    DOUBLE,             -- lung bounding box as fractions of height / width
