@@ -3,7 +3,8 @@
 Exact copies are already one image (content hash; `duplicate_groups`). Two rules find the rest:
 - perceptual: 256-bit difference hash (dHash, 16x16) of the decoded grey image; pairs within
   `phash_max` bits (default 10 of 256). Robust to re-encoding and resizing. (A 64-bit hash is useless
-  on chest X-rays: every frontal chest looks alike at 9x8 pixels.)
+  on chest X-rays: every frontal chest looks alike at 9x8 pixels.) The stored `phash_*` columns and
+  `--phash-max` name the perceptual rule ("p" for perceptual); the hash is this dHash.
 - embedding: cosine similarity >= `cosine_min` (default 0.98) in a backbone's embedding space,
   among each image's k nearest neighbours (exact, or from the index of featstore/ann.py for large
   sets). Catches crops and contrast changes the hash misses.

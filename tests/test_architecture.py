@@ -20,7 +20,8 @@ STAGES = [
     ("fit", {"heads", "zeroshot", "study", "sweep"}),
     ("score", {"score", "verdict"}),
     ("track", {"track"}),
-    # jobs that run fit -> score -> track: a study's sweep, the domain probe
+    # jobs that run fit -> score -> track: a study's sweep; the domain probe and the shortcut evidence
+    # the report lays out (forensics)
     ("run", {"benchmark", "probe"}),
     ("report", {"report"}),
 ]
@@ -105,6 +106,23 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_readme_module_map_agrees_with_the_declared_stages():
+    # the README's architecture section is what a newcomer reads: every module, in its declared stage
+    import re
+
+    readme = (PKG.parent / "README.md").read_text()
+    section = readme[readme.index("## Architecture"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = re.findall(r"^\| `(\w+)\.py` \| ([\w ]+?) \| (\d+) \|", section, re.M)
+    listed = {m: stage for m, stage, _ in rows}
+    assert len(listed) == len(rows), "a module is listed twice in the README's module map"
+    assert set(listed) == _modules(), f"README module map: missing {sorted(_modules() - set(listed))}, " \
+                                      f"gone {sorted(set(listed) - _modules())}"
+    wrong = {m: (s, "front end" if m in FRONT_ENDS else STAGE[m]) for m, s in listed.items()
+             if s != ("front end" if m in FRONT_ENDS else STAGE[m])}
+    assert not wrong, f"README stage vs tests/test_architecture.py STAGES: {wrong}"
 
 
 def test_the_checker_sees_lazy_and_aliased_imports(tmp_path):

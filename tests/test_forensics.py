@@ -52,7 +52,7 @@ def test_knn_matches_brute_force():
     assert np.array_equal(idx, np.argsort(-S, axis=1)[:, :5])
 
 
-def test_neighbours_share_the_source_more_than_chance(synth_embeddings, synth_stores):
+def test_neighbors_share_the_source_more_than_chance(synth_embeddings, synth_stores):
     X, meta = synth_embeddings["confounded"]
     df = neighbor_summary(X, meta["source"], meta["label"], k=10)
     assert (df["same_source"] > df["same_source_chance"] + 0.4).all()
