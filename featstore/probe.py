@@ -115,6 +115,7 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
 
     from featstore.api import Store
     from featstore.figures import domain_auc_bars, embedding_map
+    from featstore.results import mlflow_safe
     from featstore.store import connect
     from featstore.track import Tracker, code_version, write_results
 
@@ -140,7 +141,7 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
                for r in rows if r["scope"] == "all"}
-    per = {f"{r['head']}.source.{r['scope']}_auc": r["auc"] for r in rows
+    per = {f"{r['head']}.source.{mlflow_safe(r['scope'])}_auc": r["auc"] for r in rows
            if r["scope"] != "all" and r["test_set"] == "all images"}
     with tempfile.TemporaryDirectory() as tmp:
         arts = [domain_auc_bars(rows, f"domain AUC per source: {backbone}/{preprocess}", Path(tmp) / "domain_auc.png")]

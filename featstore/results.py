@@ -141,8 +141,13 @@ def mlflow_name(metric: str, test_set: str | None = None, scope: str | None = No
     """`auc_unseen`, `auc_unseen.<source>`: metric first, so MLflow sorts a metric's variants together."""
     name = metric if not test_set or test_set == "-" else f"{metric}_{test_set}"
     if scope and scope != "all":
-        name += "." + re.sub(r"[^0-9A-Za-z_\-. /]", "_", scope)
+        name += "." + mlflow_safe(scope)
     return name
+
+
+def mlflow_safe(text: str) -> str:
+    """A source name (any text) as part of an MLflow metric name, which allows few characters."""
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", str(text))
 
 
 def _json(v):
