@@ -182,7 +182,6 @@ def embedding_points(con, backbone: str, preprocess: str, out: Path, seed: int =
     """t-SNE (PCA to 50 dims first) of a seeded subsample of at most `cap` embeddings: a large static
     map (PNG in `out`, two palettes) and the interactive map's points (coordinates scaled to [0, 1],
     id, source, label, thumbnail). {} for a set of fewer than 10 images."""
-    import numpy as np
     import polars as pl
 
     from featstore.api import Store
@@ -245,6 +244,19 @@ def fetch_run_figures(run_id: str, out: Path, prefix: str, tracking_uri: str | N
     return names
 
 
+def probe_figures(run_id: str, out: Path, prefix: str, tracking_uri: str) -> tuple[list[str], str | None]:
+    """fetch_run_figures, and why none came (None when some did): the report shows the probe's table
+    either way, and says in one line what it could not show."""
+    try:
+        names = fetch_run_figures(run_id, out, prefix, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - an unknown run, an unreachable server: named, not raised
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return [], f"could not be fetched from MLflow at {tracking_uri}: {msg[:300]}"
+    if not names:  # every probe run logs its bar chart: its artifacts were moved or deleted
+        return [], f"not in MLflow at {tracking_uri} (the run has no figures there: artifacts moved or deleted?)"
+    return names, None
+
+
 def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path, seed: int = 0,
                       tracking_uri: str | None = None) -> dict:
     """What the report shows as shortcut evidence, its figures written into `out`:
@@ -269,12 +281,9 @@ def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path, seed: int = 0
             params=[bb, pre, bb, pre]).to_arrow_table())
         run_id = probe["mlflow_run_id"][0] if probe.height else None
         if run_id:
-            try:
-                ev["figs"] = fetch_run_figures(run_id, out, f"{file_stem(bb)}_{file_stem(pre)}", uri)
-            except Exception as e:  # noqa: BLE001 - the probe's table is there; say what is missing
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.append(f"the figures of domain probe run {run_id} ({bb}/{pre}) could not be fetched from "
-                                f"MLflow at {uri}: {msg[:300]}")
+            ev["figs"], missing = probe_figures(run_id, out, f"{file_stem(bb)}_{file_stem(pre)}", uri)
+            if missing:
+                warnings.append(f"the figures of domain probe run {run_id} ({bb}/{pre}): {missing}")
         ev["map"] = embedding_points(con, bb, pre, out, seed) or None
         if ev["map"]:  # the map computed here (large, two palettes) supersedes the probe's raw-embedding one
             ev["figs"] = [f for f in ev["figs"] if not f.endswith("_map_raw.png")]

@@ -24,7 +24,6 @@ import numpy as np
 import polars as pl
 
 from featstore.figures import dedupe_pooled, dumbbell_figure, file_stem, forest_figure, roc_per_source_figure
-from featstore.probe import MAP_POINTS, NEIGHBORS_K, shortcut_evidence
 from featstore.results import MODEL, source_mean
 
 
@@ -318,6 +317,8 @@ def _script_json(obj) -> str:
 def _write_report(con, out: Path, study: str | None, sweep_id: str | None, tracking_uri: str | None) -> dict:
     from markupsafe import Markup
 
+    from featstore.probe import MAP_POINTS, shortcut_evidence  # the forensics stage (scikit-learn: loaded here)
+
     if sweep_id is None:
         study, sweep_id = latest_sweep(con, study)
     res = pl.from_arrow(con.sql("SELECT * FROM results WHERE study = ? AND sweep_id = ? ORDER BY ALL",
@@ -420,6 +421,8 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
 def evidence_sections(ev: dict, out: Path) -> dict:
     """probe.shortcut_evidence's rows and figure files as the templates' tables, notes and data URIs."""
     from markupsafe import Markup
+
+    from featstore.probe import NEIGHBORS_K
 
     sets = []
     for e in ev["sets"]:

@@ -185,6 +185,12 @@ def test_probe_figures_come_from_the_given_tracking_store_or_are_named_as_missin
     assert not elsewhere.exists()  # asking for a run never creates a tracking store
     md = (tmp_path / "bad" / "report.md").read_text()
     assert md.count("Not shown:") == 1 and run_id in md
+    # the run is there but its artifacts folder is gone: said too, not an empty gallery
+    from featstore.probe import probe_figures
+
+    shutil.rmtree(tmp_path / "mlartifacts")
+    names, why = probe_figures(run_id, tmp_path / "good", "x", here)
+    assert names == [] and "no figures" in why and here in why
 
 
 def test_contact_sheet_puts_cross_source_and_strong_pairs_first(rendered):
