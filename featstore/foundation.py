@@ -1,4 +1,4 @@
-"""Frozen foundation-model backbones: Hugging Face transformers, timm and open_clip (issue 16).
+"""Frozen foundation-model backbones: Hugging Face transformers, timm and open_clip.
 
 One builder per family (build_hf, build_timm, build_open_clip), called by backbones.create_backbone.
 Named entries carry a full-size configuration, so `--weights random-init` needs no network; generic

@@ -122,7 +122,7 @@ def mcnemar_p(y, pred_a, pred_b) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Uncertainty at the level of sources, paired comparisons, selection repeats (issue 12)
+# Uncertainty at the level of sources, paired comparisons, selection repeats
 # ---------------------------------------------------------------------------------------------------------
 
 IMAGE_LEVEL, SOURCE_LEVEL, SELECTION_LEVEL = "image-level", "source-level", "selection-level"

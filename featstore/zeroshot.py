@@ -1,4 +1,4 @@
-"""Zero-shot classification from an embedding set's own text tower (issue 16).
+"""Zero-shot classification from an embedding set's own text tower.
 
 Class prompts become text embeddings through the text tower of the very weights the embedding set was
 made with (its weights_id: the sha256 of the weight files, checked again here, or random-init with its
