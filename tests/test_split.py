@@ -284,3 +284,31 @@ def test_no_patient_straddles_train_and_test_in_any_protocol(protocol, linked):
     for f in make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol]):
         test = np.concatenate(list(f.tests.values()))
         assert not set(m.groups[f.train]) & set(m.groups[test]), (protocol, f.name)
+
+
+# folds and selection splits of `_meta()` / `_linked_meta()`, as the code of cce6fbe made them (issue 15
+# rebuilt the protocol registry: the same folds before and after)
+FOLD_DIGEST = {"mixed": ("111c5ce532ac6578", "cae2f706c7db3edc"), "loso": ("916b3176a5fd1d70", "4c53a04a577c7cf4"),
+               "leave-pair-out": ("727e6b0c977f0cb6", "414ac984a73814e1"),
+               "seen-unseen": ("0cc56bd9876b6c8c", "1a95cbcdb0212afb")}
+
+
+def _digest(m, protocol):
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol]):
+        h.update(repr((f.protocol, f.name, f.train.tolist(), {k: v.tolist() for k, v in f.tests.items()},
+                       f.train_sources, f.test_sources, f.repeat, f.n_dropped_shared, f.notes)).encode())
+        for r in ("train-val", "inner-loso", "oracle"):
+            try:
+                for a, b in SELECTIONS[r].splits(m, f, 0):
+                    h.update(repr((r, a.tolist(), b.tolist())).encode())
+            except ValueError as e:
+                h.update(str(e).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_folds_are_the_ones_made_before(protocol):
+    assert (_digest(_meta(), protocol), _digest(_linked_meta()[0], protocol)) == FOLD_DIGEST[protocol]
