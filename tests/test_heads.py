@@ -40,8 +40,10 @@ def _fixed(name):
 
 
 def test_unknown_head():
-    with pytest.raises(ValueError, match="choose from"):
+    with pytest.raises(ValueError, match="unknown head 'svm'; known: logreg, grl_mlp, lightgbm, zeroshot"):
         create_head("svm")
+    with pytest.raises(ValueError, match=r"unknown head 'logre' \(did you mean 'logreg'\?\)"):
+        create_head("logre")
 
 
 def test_grl_representation_hides_the_source(synth_embeddings):

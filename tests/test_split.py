@@ -143,7 +143,7 @@ def test_every_selection_rule_is_an_entry_that_says_what_it_is():
     assert honest_selections() == ("train-val", "inner-loso") and oracle_selections() == ("oracle",)
     with pytest.raises(ValueError, match="registered already"):
         register_selection(Selection("train-val", "again", SELECTIONS["train-val"].split))
-    with pytest.raises(ValueError, match="unknown selection 'best'; choose from train-val, inner-loso, oracle"):
+    with pytest.raises(ValueError, match="unknown selection 'best'; known: train-val, inner-loso, oracle"):
         get_selection("best")
     with pytest.raises(ValueError, match="selects on the test set"):
         selection_splits(_meta(), loso(_meta())[0].train, "oracle")
