@@ -312,3 +312,24 @@ def _digest(m, protocol):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_folds_are_the_ones_made_before(protocol):
     assert (_digest(_meta(), protocol), _digest(_linked_meta()[0], protocol)) == FOLD_DIGEST[protocol]
+
+
+@pytest.mark.parametrize("linked", [False, True])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_no_image_is_in_train_and_test_in_any_protocol(protocol, linked):
+    """Fold invariants of every registered protocol: no image index on both sides; no training image that
+    occurs in (or is a near copy of one in) a held-out source; test sets hold only the test sources'
+    images; every image is somewhere (train, test, or dropped and counted); seeded folds are the same."""
+    m = _linked_meta()[0] if linked else _meta()
+    folds = make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol])
+    assert folds and all(f.protocol == protocol for f in folds)
+    for f in folds:
+        test = np.concatenate(list(f.tests.values()))
+        assert not set(f.train.tolist()) & set(test.tolist()), f.name
+        held = set(f.test_sources)
+        assert not [i for i in f.train if (m.occurs_in[i] | m.also_in[i]) & held], f.name
+        if held:
+            assert all(m.occurs_in[i] & held for i in f.tests.get("unseen", ())), f.name
+        assert len(f.train) + len(set(test.tolist())) + f.n_dropped_shared == len(m.y), f.name
+    again = make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol])
+    assert [(f.name, f.train.tolist()) for f in folds] == [(f.name, f.train.tolist()) for f in again]
