@@ -121,6 +121,12 @@ def test_every_entry_has_its_family_builder(name):
     assert B.REGISTRY[name].family in B.BUILDERS
 
 
+def test_every_foundation_family_is_built_through_the_backbone_builders():
+    from featstore import foundation as F
+
+    assert F.BUILDERS.names() == F.FAMILIES and set(F.FAMILIES) <= set(B.BUILDERS)
+
+
 def test_a_new_family_is_one_builder_and_one_entry():
     from dataclasses import replace
 
