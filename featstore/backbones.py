@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from featstore import weights as W
+from featstore.registry import Registry
+from featstore.suggest import unknown
 from featstore.preprocess import InputPipeline
 
 # torchxrayvision: normalize(img, maxval) -> XRayCenterCrop -> XRayResizer (skimage)
@@ -37,6 +39,10 @@ PIXELSTATS_PIPELINE = InputPipeline("float", resample="bilinear", version=0)
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """A backbone entry and its pretrained configuration (what timm's PretrainedCfg holds): input size and
+    channels, the input pipeline (resize, crop, resample, mean/std: InputPipeline, checked here), feature
+    dimension, weights and where they come from, licence. It travels with every built Backbone; its
+    pipeline's identity is part of every weights_id, so the fields of InputPipeline never change meaning."""
     name: str
     family: str            # xrv-densenet | xrv-resnet | tv-densenet | tv-resnet | onnx | pixelstats
     input_size: int
@@ -49,18 +55,23 @@ class BackboneSpec:
     options: dict = field(default_factory=dict)
     licence: str = ""        # as published; gated / non-commercial terms matter to users
 
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"backbone '{self.name}': channels {self.channels} (1 or 3)")
+        self.pipeline.check(self.channels)
+
     @property
     def norm(self) -> InputPipeline:
         """Old name of `pipeline` (embed.py and embed_ray.py still read spec.norm)."""
         return self.pipeline
 
 
-REGISTRY: dict[str, BackboneSpec] = {}
+REGISTRY: Registry[BackboneSpec] = Registry("backbone")
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
-    REGISTRY[spec.name] = spec
-    return spec
+    """Add a named entry; its family's builder (BUILDERS, `@builder(family)`) makes it."""
+    return REGISTRY.register(spec.name, spec)
 
 
 for _key in ("all", "nih", "pc", "chex", "rsna", "mimic_nb", "mimic_ch"):
@@ -226,8 +237,8 @@ def get_spec(name: str) -> BackboneSpec:
                                                                   "default_pooling": default},
                                        feature_dim=None)
         return spec
-    raise ValueError(f"unknown backbone '{name}' (known: {', '.join(REGISTRY)}; or hf:<repo>, timm:<name>, "
-                     f"open_clip:<arch>, and <entry>@<cls|mean|pooler>)")
+    raise ValueError(f"{unknown('backbone', name, REGISTRY)}; or hf:<repo>, timm:<name>, open_clip:<arch>, "
+                     f"and <entry>@<cls|mean|pooler>")
 
 
 def with_pipeline(weights_identity: str, pipeline: InputPipeline) -> str:
@@ -301,6 +312,35 @@ def config_hash(overrides: dict) -> str:
     return hashlib.sha256(json.dumps(overrides, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True)
+class BuildRequest:
+    """What create_backbone was asked for, handed to the family's builder."""
+    weights: str | None
+    wdir: Path | None
+    device: str
+    output: str | None = None
+    seed: int = 0
+    config_overrides: dict | None = None
+
+    @property
+    def random(self) -> bool:
+        return self.weights == W.RANDOM_INIT
+
+    def seeded(self) -> str:
+        """Seed torch for a random initialisation; its identity (recorded instead of a weight file's)."""
+        torch.manual_seed(self.seed)
+        return f"{W.RANDOM_INIT}:seed{self.seed}"
+
+
+# family -> builder(spec, BuildRequest) -> Backbone; a new family is one `@builder("name")` function
+BUILDERS: Registry[Callable[[BackboneSpec, BuildRequest], Backbone]] = Registry("backbone family")
+
+
+def builder(family: str):
+    """Register the function that builds every entry of `family` (timm's register_model, per family)."""
+    return BUILDERS.register(family)
+
+
 def create_backbone(name: str, weights: str | None = None, weights_dir: str | os.PathLike | None = None,
                     device: str = "auto", output: str | None = None, seed: int = 0,
                     config_overrides: dict | None = None, pooling: str | None = None) -> Backbone:
@@ -315,68 +355,100 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
     canonical_name(name, pooling), its own embedding set.
     """
     spec = get_spec(canonical_name(name, pooling) if pooling or "@" in name else name)
+    build = BUILDERS.get(spec.family)
     dev = pick_device(device)
-    wdir = W.weights_dir(weights_dir)
-    if spec.family == "pixelstats":
-        if weights:
-            raise ValueError(f"--weights {weights}: {spec.name} has no weights; leave --weights out")
-        return _torch_backbone(spec, "none", _PixelStats(), dev)
-    if spec.family == "onnx":
-        return _onnx_backbone(spec, weights, wdir, output or spec.options.get("output"), dev)
-    random = weights == W.RANDOM_INIT
-    if random:
-        torch.manual_seed(seed)
-        wid = f"{W.RANDOM_INIT}:seed{seed}"
-    if spec.family in ("hf", "timm", "open_clip"):
-        from featstore import foundation as F
+    req = BuildRequest(weights, W.weights_dir(weights_dir), dev, output, seed, config_overrides)
+    return build(spec, req)
 
-        pooling = spec.options.get("pooling", "cls")
-        net, fwid, dim = F.BUILDERS[spec.family](spec, weights, wdir, pooling, config_overrides)
-        spec = dataclasses.replace(spec, feature_dim=dim)
-        # the pooling is recorded in every row's weights_id too, not only in the entry name
-        wid = f"{wid if random else fwid};pool={pooling}"
-        if config_overrides:  # a changed configuration is another model: never the entry's embedding set
-            size = int(config_overrides.get("image_size", config_overrides.get("img_size", spec.input_size)))
-            p = spec.pipeline
-            spec = dataclasses.replace(spec, input_size=size, pipeline=p._replace(
-                resize=round(p.resize * size / spec.input_size)) if p.resize else p)
-            wid += ";config=" + config_hash(config_overrides)
-        return _torch_backbone(spec, wid, net, dev, net)
-    if spec.family == "xrv-densenet":
-        import torchxrayvision as xrv
 
-        if random:
-            m = xrv.models.DenseNet(weights=None, num_classes=len(xrv.models.model_urls[spec.weights]["labels"]))
-        else:
-            path = _library_file(spec, weights, wdir)
-            m = xrv.models.DenseNet(weights=spec.weights, cache_dir=str(path.parent) + os.sep)
-            wid = W.weights_identity(path)
-        return _torch_backbone(spec, wid, _Pooled(m, m.features2), dev, m)
-    if spec.family == "xrv-resnet":
-        m = _xrv_resnet(spec, None if random else _library_file(spec, weights, wdir))
-        wid = wid if random else W.weights_identity(m.weights_filename_local)
-        return _torch_backbone(spec, wid, _Pooled(m, m.features), dev, m)
-    if spec.family in ("tv-densenet", "tv-resnet"):
-        import torchvision.models as tvm
+@builder("pixelstats")
+def _build_pixelstats(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    if req.weights:
+        raise ValueError(f"--weights {req.weights}: {spec.name} has no weights; leave --weights out")
+    return _torch_backbone(spec, "none", _PixelStats(), req.device)
 
-        enum_name, member = spec.weights.split(".")
-        wenum = getattr(getattr(tvm, enum_name), member)
-        m = tvm.densenet121(weights=None) if spec.family == "tv-densenet" else tvm.resnet50(weights=None)
-        if not random:
-            path = _library_file(spec, weights, wdir, url=wenum.url)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            m.load_state_dict(_fix_densenet_keys(state) if spec.family == "tv-densenet" else state)
-            wid = W.weights_identity(path)
-        if spec.family == "tv-densenet":
-            feats = m.features
 
-            def f(x):
-                return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(feats(x)), 1), 1)
-        else:
-            m.fc = torch.nn.Identity()
-            f = m
-        return _torch_backbone(spec, wid, _Pooled(m, f), dev, m)
-    raise AssertionError(spec.family)
+@builder("onnx")
+def _build_onnx(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    return _onnx_backbone(spec, req.weights, req.wdir, req.output or spec.options.get("output"), req.device)
+
+
+def _build_foundation(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    from featstore import foundation as F
+
+    wid = req.seeded() if req.random else None
+    pooling = spec.options.get("pooling", "cls")
+    net, fwid, dim = F.BUILDERS[spec.family](spec, req.weights, req.wdir, pooling, req.config_overrides)
+    spec = dataclasses.replace(spec, feature_dim=dim)
+    # the pooling is recorded in every row's weights_id too, not only in the entry name
+    wid = f"{wid or fwid};pool={pooling}"
+    if req.config_overrides:  # a changed configuration is another model: never the entry's embedding set
+        o = req.config_overrides
+        size = int(o.get("image_size", o.get("img_size", spec.input_size)))
+        p = spec.pipeline
+        spec = dataclasses.replace(spec, input_size=size, pipeline=p._replace(
+            resize=round(p.resize * size / spec.input_size)) if p.resize else p)
+        wid += ";config=" + config_hash(o)
+    return _torch_backbone(spec, wid, net, req.device, net)
+
+
+for _family in ("hf", "timm", "open_clip"):  # featstore.foundation.FAMILIES, without importing it here
+    builder(_family)(_build_foundation)
+
+
+@builder("xrv-densenet")
+def _build_xrv_densenet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    import torchxrayvision as xrv
+
+    if req.random:
+        wid = req.seeded()
+        m = xrv.models.DenseNet(weights=None, num_classes=len(xrv.models.model_urls[spec.weights]["labels"]))
+    else:
+        path = _library_file(spec, req.weights, req.wdir)
+        m = xrv.models.DenseNet(weights=spec.weights, cache_dir=str(path.parent) + os.sep)
+        wid = W.weights_identity(path)
+    return _torch_backbone(spec, wid, _Pooled(m, m.features2), req.device, m)
+
+
+@builder("xrv-resnet")
+def _build_xrv_resnet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    wid = req.seeded() if req.random else None
+    m = _xrv_resnet(spec, None if req.random else _library_file(spec, req.weights, req.wdir))
+    wid = wid or W.weights_identity(m.weights_filename_local)
+    return _torch_backbone(spec, wid, _Pooled(m, m.features), req.device, m)
+
+
+def _torchvision(spec: BackboneSpec, req: BuildRequest, arch: str):
+    """A torchvision classifier (weights: `<Enum>.<member>`, fetched from the enum's own URL), and its identity."""
+    import torchvision.models as tvm
+
+    wid = req.seeded() if req.random else None
+    enum_name, member = spec.weights.split(".")
+    wenum = getattr(getattr(tvm, enum_name), member)
+    m = getattr(tvm, arch)(weights=None)
+    if not req.random:
+        path = _library_file(spec, req.weights, req.wdir, url=wenum.url)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        m.load_state_dict(_fix_densenet_keys(state) if arch.startswith("densenet") else state)
+        wid = W.weights_identity(path)
+    return m, wid
+
+
+@builder("tv-densenet")
+def _build_tv_densenet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    m, wid = _torchvision(spec, req, "densenet121")
+    feats = m.features
+
+    def f(x):
+        return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(feats(x)), 1), 1)
+    return _torch_backbone(spec, wid, _Pooled(m, f), req.device, m)
+
+
+@builder("tv-resnet")
+def _build_tv_resnet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    m, wid = _torchvision(spec, req, "resnet50")
+    m.fc = torch.nn.Identity()
+    return _torch_backbone(spec, wid, _Pooled(m, m), req.device, m)
 
 
 def _library_file(spec: BackboneSpec, weights: str | None, wdir: Path | None, url: str | None = None) -> Path:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_bytes, read_file
 from featstore.lungs import MaskError
-from featstore.preprocess import NEEDS_MASK, get_preprocess, to_input
+from featstore.preprocess import get_preprocess, to_input
 from featstore.store import embedding_table, ensure_embedding_table, transaction
 
 
@@ -184,7 +184,7 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
         raise
     t0 = time.perf_counter()
     try:
-        if items and preprocess in NEEDS_MASK:
+        if items and get_preprocess(preprocess).needs_mask:
             items, refused = _with_masks(con, items, masks, weights_dir, workers,
                                          "cuda" if backbone.device == "cuda" else "cpu")
             _write_batch(con, table, backbone, preprocess, run_id, [], np.zeros((0, backbone.feature_dim)),

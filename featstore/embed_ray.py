@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from featstore.embed import (NON_FINITE_EMBEDDING, EmbedReport, ImageDataset, _with_masks, close_run,
                              raise_if_disk_full, todo)
-from featstore.preprocess import NEEDS_MASK, get_preprocess
+from featstore.preprocess import get_preprocess
 from featstore.store import ensure_embedding_table, transaction
 
 
@@ -155,7 +155,7 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
         rep.torn_shards = torn
         items = todo(con, backbone, preprocess, limit)
         rep.n_todo = len(items) + ok + bad
-        if items and preprocess in NEEDS_MASK:
+        if items and get_preprocess(preprocess).needs_mask:
             items, refused = _with_masks(con, items, masks, weights_dir, 1, "cpu")
             from featstore.embed import _write_batch
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from featstore import weights as W
+from featstore.registry import Registry
 
 FAMILIES = ("hf", "timm", "open_clip")
 POOLINGS = ("cls", "mean", "pooler")
@@ -305,7 +306,11 @@ def _open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
         raise _missing(spec.name, " or ".join(names), repo, looked, wdir, f"{type(e).__name__}: {str(e)[:200]}") from e
 
 
-BUILDERS = {"hf": build_hf, "timm": build_timm, "open_clip": build_open_clip}
+# family -> build(spec, weights, wdir, pooling, overrides) -> (module, weights identity, feature dim);
+# backbones registers one builder for the three (pooling, configuration and identity are shared)
+BUILDERS = Registry("foundation-model family")
+for _family, _build in zip(FAMILIES, (build_hf, build_timm, build_open_clip), strict=True):
+    BUILDERS.register(_family, _build)
 
 
 # --- generic entries: hf:<repo>, timm:<name>, open_clip:<arch> ------------------------------------

@@ -24,6 +24,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featstore.registry import Registry
+
 
 class LogisticHead(ClassifierMixin, BaseEstimator):
     """Standardised inputs -> L1/L2 logistic regression."""
@@ -484,18 +486,19 @@ class HeadSpec:
     needs_inputs: bool = False  # built with inputs beyond hyperparameters (the zero-shot head's text side)
 
 
-HEADS = {
-    "logreg": HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)"),
-    "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl,
-                        "gradient-reversal MLP (DANN schedule), Trivedi et al. 2022 network"),
-    "lightgbm": HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"),
-    "zeroshot": HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding "
-                         "set's own text tower (CLIP family, SigLIP); no training, one trial", searched=False,
-                         needs_inputs=True),
-}
+HEADS: Registry[HeadSpec] = Registry("head")
+
+
+def register_head(spec: HeadSpec) -> HeadSpec:
+    return HEADS.register(spec.name, spec)
+
+
+register_head(HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)"))
+register_head(HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), Trivedi et al. 2022 network"))
+register_head(HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"))
+register_head(HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding set's own "
+                       "text tower (CLIP family, SigLIP); no training, one trial", searched=False, needs_inputs=True))
 
 
 def create_head(name: str, **params) -> BaseEstimator:
-    if name not in HEADS:
-        raise ValueError(f"unknown head '{name}'; choose from {', '.join(HEADS)}")
-    return HEADS[name].cls(**params)
+    return HEADS.get(name).cls(**params)

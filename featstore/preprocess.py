@@ -7,44 +7,76 @@ pipeline (InputPipeline, carried by its spec); its identity is recorded in weigh
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from featstore.lungs import VARIANTS
+from featstore.registry import Registry
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A named preprocessing: fn(x, **options), or fn(x, mask, **options) when it needs the image's stored
+    lung mask (featstore/masks.py). The options are fixed: they are part of what the name means, so
+    changing one is a new name (a new embedding set), never an edit here."""
+    name: str
+    fn: Callable[..., np.ndarray]
+    description: str
+    needs_mask: bool = False
+    options: dict = field(default_factory=dict)
+
+    def __call__(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        if self.needs_mask:
+            if mask is None:
+                raise ValueError(f"preprocessing '{self.name}' needs the image's lung mask")
+            return self.fn(x, mask, **self.options)
+        if mask is not None:
+            raise ValueError(f"preprocessing '{self.name}' takes no lung mask")
+        return self.fn(x, **self.options)
 
 
 def _original(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _histeq(x: np.ndarray) -> np.ndarray:
+def _histeq(x: np.ndarray, nbins: int) -> np.ndarray:
     from skimage.exposure import equalize_hist
 
-    return equalize_hist(x, nbins=256).astype(np.float32)
+    return equalize_hist(x, nbins=nbins).astype(np.float32)
 
 
-def _clahe(x: np.ndarray) -> np.ndarray:
+def _clahe(x: np.ndarray, clip_limit: float) -> np.ndarray:
     from skimage.exposure import equalize_adapthist
 
-    return equalize_adapthist(x, clip_limit=0.01).astype(np.float32)
+    return equalize_adapthist(x, clip_limit=clip_limit).astype(np.float32)
 
 
-PREPROCESSINGS: dict[str, Callable[..., np.ndarray]] = {
-    "original": _original,   # as decoded
-    "histeq": _histeq,       # global histogram equalisation ([Tartaglione2020], [Trivedi2022])
-    "clahe": _clahe,         # contrast-limited adaptive equalisation ([Trivedi2022], [Goldstein2021])
-    **VARIANTS,              # lung-ROI variants ([BenAhmed2021], [Sadre2021]): f(x, mask); see featstore/lungs.py
-}
-# these take the image's stored lung mask as a second argument (featstore/masks.py)
-NEEDS_MASK = frozenset(VARIANTS)
+PREPROCESSINGS: Registry[Preprocessing] = Registry("preprocessing")
 
 
-def get_preprocess(name: str) -> Callable[[np.ndarray], np.ndarray]:
-    if name not in PREPROCESSINGS:
-        raise ValueError(f"unknown preprocessing '{name}' (known: {', '.join(PREPROCESSINGS)})")
-    return PREPROCESSINGS[name]
+def register_preprocessing(p: Preprocessing) -> Preprocessing:
+    return PREPROCESSINGS.register(p.name, p)
+
+
+register_preprocessing(Preprocessing("original", _original, "as decoded"))
+register_preprocessing(Preprocessing("histeq", _histeq, "global histogram equalisation ([Tartaglione2020], [Trivedi2022])",
+                                     options=dict(nbins=256)))
+register_preprocessing(Preprocessing("clahe", _clahe, "contrast-limited adaptive equalisation ([Trivedi2022], [Goldstein2021])",
+                                     options=dict(clip_limit=0.01)))
+# lung-ROI variants ([BenAhmed2021], [Sadre2021]), f(x, mask); see featstore/lungs.py
+_ROI = {"lungs-isolated": "lungs kept, the rest black", "lungs-removed": "lungs black, the rest kept",
+        "lungs-framed": "the lungs' bounding box kept, the rest black",
+        "lungs-boxed-out": "the lungs' bounding box black, the rest kept", "lung-crop": "cropped to the lungs' box"}
+for _name, _fn in VARIANTS.items():
+    register_preprocessing(Preprocessing(_name, _fn, _ROI[_name], needs_mask=True))
+
+
+def get_preprocess(name: str) -> Preprocessing:
+    """The entry (callable as p(x), or p(x, mask) when p.needs_mask); unknown names: one line, did you mean."""
+    return PREPROCESSINGS.get(name)
 
 
 def center_square(x: np.ndarray) -> np.ndarray:
@@ -72,7 +104,9 @@ def resize(x: np.ndarray, size: int) -> np.ndarray:
                       dtype=np.float32)
 
 
-PIPELINE_KINDS = ("xrv", "torchvision", "pil-uint8", "float")
+# kind -> fn(x, size, channels, pipeline) -> (channels, size, size) array; registered below, one per kind
+PIPELINE_KINDS: Registry[Callable[..., np.ndarray]] = Registry("input pipeline kind")
+CROPS = ("none", "center-square", "short-side", "short-side-floor")
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
@@ -106,6 +140,25 @@ class InputPipeline(NamedTuple):
             return ""
         h = hashlib.sha256(repr(tuple(self)).encode()).hexdigest()[:8]
         return f"{self.kind}.v{self.version}.{h}"
+
+    def check(self, channels: int) -> "InputPipeline":
+        """Refuse a pipeline to_input cannot run as written (checked when a backbone entry is made, not
+        at the first image): unknown kind, crop or filter, mean/std not one value or one per channel."""
+        PIPELINE_KINDS.get(self.kind)
+        problems = []
+        if self.crop not in CROPS:
+            problems.append(f"unknown crop '{self.crop}' ({', '.join(CROPS)})")
+        if self.resample not in _PIL_FILTERS:
+            problems.append(f"unknown resample '{self.resample}' ({', '.join(_PIL_FILTERS)})")
+        if len(self.mean) != len(self.std) or len(self.mean) not in (0, 1, channels):
+            problems.append(f"mean {self.mean} / std {self.std}: give one value or {channels}, both alike")
+        if any(v <= 0 for v in self.std):
+            problems.append(f"std {self.std} must be positive")
+        if (self.kind == "torchvision" or self.crop.startswith("short-side")) and self.resize <= 0:
+            problems.append(f"{self.kind} with crop '{self.crop}' needs resize > 0 (the shorter side)")
+        if problems:
+            raise ValueError(f"input pipeline {tuple(self)!r}: " + "; ".join(problems))
+        return self
 
 
 def as_pipeline(p) -> InputPipeline:
@@ -148,6 +201,11 @@ def _meanstd(x: np.ndarray, p: InputPipeline, channels: int) -> np.ndarray:
     return out
 
 
+@PIPELINE_KINDS.register("xrv")
+def _xrv_kind(x: np.ndarray, size: int, channels: int, p: InputPipeline) -> np.ndarray:
+    return np.broadcast_to(_xrv(x, size), (channels, size, size))
+
+
 def _xrv(x: np.ndarray, size: int) -> np.ndarray:
     from skimage.transform import resize as sk_resize
 
@@ -160,6 +218,7 @@ def _xrv(x: np.ndarray, size: int) -> np.ndarray:
     return x[None]
 
 
+@PIPELINE_KINDS.register("torchvision")
 def _torchvision(x: np.ndarray, size: int, channels: int, p: InputPipeline) -> np.ndarray:
     import torch
 
@@ -176,6 +235,7 @@ def _torchvision(x: np.ndarray, size: int, channels: int, p: InputPipeline) -> n
     return _meanstd(x[top:top + size, left:left + size], p, channels)
 
 
+@PIPELINE_KINDS.register("pil-uint8")
 def _pil_uint8(x: np.ndarray, size: int, channels: int, p: InputPipeline) -> np.ndarray:
     im = Image.fromarray(to_uint8(x))
     if p.crop == "center-square":
@@ -204,6 +264,7 @@ def _pil_uint8(x: np.ndarray, size: int, channels: int, p: InputPipeline) -> np.
     return _meanstd(np.asarray(im, np.float32) / np.float32(255.0), p, channels)  # ToTensor: float32 / 255
 
 
+@PIPELINE_KINDS.register("float")
 def _float(x: np.ndarray, size: int, channels: int, p: InputPipeline) -> np.ndarray:
     return _meanstd(resize(center_square(_unit_float(x)), size), p, channels)
 
@@ -218,12 +279,5 @@ def to_input(x: np.ndarray, size: int, channels: int, pipeline) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {x.shape}")
-    if p.kind == "xrv":
-        out = np.broadcast_to(_xrv(x, size), (channels, size, size))
-    elif p.kind == "torchvision":
-        out = _torchvision(x, size, channels, p)
-    elif p.kind == "pil-uint8":
-        out = _pil_uint8(x, size, channels, p)
-    else:
-        out = _float(x, size, channels, p)
+    out = PIPELINE_KINDS.get(p.kind)(x, size, channels, p)
     return np.require(out, np.float32, ["C", "W"])  # writable: torch.from_numpy needs it

@@ -16,10 +16,12 @@ from itertools import product
 from typing import Callable
 
 import numpy as np
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 
-PROTOCOLS = ("mixed", "loso", "leave-pair-out", "seen-unseen")
-
+from featstore.options import Names, Section
+from featstore.registry import Registry
 
 @dataclass(frozen=True)
 class Meta:
@@ -186,19 +188,73 @@ def seen_unseen(meta: Meta, train_sources, test_fraction: float = 0.2, seed: int
                  n_dropped_shared=dropped)]
 
 
+# --- the protocol registry: each entry with the options a study may give it ------------------------
+
+class Mixed(Section):
+    folds: int = Field(5, ge=2, description="k of the stratified, patient-grouped k-fold")
+    repeats: int = Field(1, ge=1, description="repeated k-fold ([Trivedi2022]: 5 folds x 10 repeats)")
+
+
+class Loso(Section):
+    """Leave one source out (no options)."""
+
+
+class LeavePairOut(Section):
+    """Every mostly-positive x mostly-negative source pair held out (no options)."""
+
+
+class SeenUnseen(Section):
+    train_sources: Names = Field(min_length=1, description="the sources to train on, as in [BenAhmed2021]")
+    unseen_sources: Names | None = Field(None, description="default: every other source")
+    test_fraction: float = Field(0.2, gt=0, le=0.5, description="share of the training sources held out as 'seen'")
+
+    @model_validator(mode="after")
+    def _apart(self):
+        both = sorted(set(self.train_sources) & set(self.unseen_sources or ()))
+        if both:
+            raise PydanticCustomError("overlap", "unseen_sources also lists training source(s) {both}",
+                                      {"both": ", ".join(both)})
+        return self
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol: its options schema (the study config's `protocols.<name>` section, validated by
+    featstore/study.py) and fn(meta, options, positive, seed) -> folds."""
+    name: str
+    description: str
+    options: type[Section]
+    fn: Callable[..., list[Fold]]
+
+    def folds(self, meta: Meta, positive: int = 1, seed: int = 0, **opts) -> list[Fold]:
+        try:
+            o = self.options.model_validate(opts)
+        except ValidationError as e:
+            raise ValueError(f"protocol '{self.name}': " + "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'options'}: {err['msg']}" for err in e.errors())) from None
+        return self.fn(meta, o, positive, seed)
+
+
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+
+
+def register_protocol(p: Protocol) -> Protocol:
+    return PROTOCOLS.register(p.name, p)
+
+
+register_protocol(Protocol("mixed", "stratified, patient-grouped k-fold that ignores source", Mixed,
+                           lambda m, o, positive, seed: mixed(m, o.folds, o.repeats, seed)))
+register_protocol(Protocol("loso", "leave one source out", Loso, lambda m, o, positive, seed: loso(m)))
+register_protocol(Protocol("leave-pair-out", "one mostly-positive and one mostly-negative source held out together",
+                           LeavePairOut, lambda m, o, positive, seed: leave_pair_out(m, positive)))
+register_protocol(Protocol("seen-unseen", "fit on named sources; test on their held-out images and on the others",
+                           SeenUnseen, lambda m, o, positive, seed: seen_unseen(
+                               m, o.train_sources, o.test_fraction, seed, o.unseen_sources)))
+
+
 def make_folds(meta: Meta, protocol: str, positive: int = 1, seed: int = 0, **opts) -> list[Fold]:
-    if protocol == "mixed":
-        return mixed(meta, opts.get("folds", 5), opts.get("repeats", 1), seed)
-    if protocol == "loso":
-        return loso(meta)
-    if protocol == "leave-pair-out":
-        return leave_pair_out(meta, positive)
-    if protocol == "seen-unseen":
-        if "train_sources" not in opts:
-            raise ValueError("seen-unseen needs train_sources")
-        return seen_unseen(meta, opts["train_sources"], opts.get("test_fraction", 0.2), seed,
-                           opts.get("unseen_sources"))
-    raise ValueError(f"unknown protocol '{protocol}'; choose from {', '.join(PROTOCOLS)}")
+    """The folds of a registered protocol; opts are checked against its options schema."""
+    return PROTOCOLS.get(protocol).folds(meta, positive, seed, **opts)
 
 
 # --- model selection ---------------------------------------------------------------------
@@ -220,30 +276,24 @@ class Selection:
         return self.split(meta, fold.train, seed, val_folds)
 
 
-SELECTIONS: dict[str, Selection] = {}
+SELECTIONS: Registry[Selection] = Registry("selection")
 
 
 def register_selection(sel: Selection) -> Selection:
-    if sel.name in SELECTIONS:
-        raise ValueError(f"selection '{sel.name}' is registered already")
-    SELECTIONS[sel.name] = sel
-    return sel
+    return SELECTIONS.register(sel.name, sel)
 
 
 def honest_selections() -> tuple[str, ...]:
     """The rules a study may choose (`selection:`); the oracle is added with `oracle: true`."""
-    return tuple(n for n, s in SELECTIONS.items() if not s.is_oracle)
+    return SELECTIONS.where(lambda s: not s.is_oracle)
 
 
 def oracle_selections() -> tuple[str, ...]:
-    return tuple(n for n, s in SELECTIONS.items() if s.is_oracle)
+    return SELECTIONS.where(lambda s: s.is_oracle)
 
 
 def get_selection(name: str) -> Selection:
-    try:
-        return SELECTIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown selection '{name}'; choose from {', '.join(SELECTIONS)}") from None
+    return SELECTIONS.get(name)
 
 
 def _train_val(meta: Meta, train: np.ndarray, seed: int, val_folds: int):

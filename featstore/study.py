@@ -18,13 +18,14 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import numpy as np
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError,
                       ValidationInfo, create_model, field_serializer, field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 from sklearn.utils._param_validation import InvalidParameterError, Options, validate_parameter_constraints
 
 from featstore.heads import HEADS
-from featstore.split import SELECTIONS, Meta, honest_selections, make_folds, make_meta
+from featstore.options import Name, Names, Section, _distinct, _one_or_list
+from featstore.split import PROTOCOLS, SELECTIONS, Meta, honest_selections, make_folds, make_meta
 
 TARGETS = ("binary", "3class")
 NEAR_DUPLICATES = ("drop-from-train", "warn", "refuse", "ignore")
@@ -39,30 +40,7 @@ class StudyError(ValueError):
         self.problems = problems or []
 
 
-# --- value types ---------------------------------------------------------------------------
-
-def _text(v):
-    # YAML reads `2024` as a number (fine: it is a name) but yes/no/on/off as booleans (surely not meant)
-    if isinstance(v, bool):
-        raise PydanticCustomError("name_bool", "is a boolean, not a name (YAML reads yes/no/on/off/true/false as "
-                                  "booleans: quote it)")
-    return str(v) if isinstance(v, int | float) else v
-
-
-def _one_or_list(v):
-    return [v] if isinstance(v, str | int | float) and not isinstance(v, bool) else v
-
-
-def _distinct(v):
-    dups = sorted({x for x in v if v.count(x) > 1}) if v else []
-    if dups:
-        raise PydanticCustomError("duplicate", "lists {dups} more than once", {"dups": ", ".join(dups)})
-    return v
-
-
-Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
-# a list of names; one name alone is taken as a list of one
-Names = Annotated[list[Name], BeforeValidator(_one_or_list), AfterValidator(_distinct)]
+# --- value types: featstore/options.py (Name, Names, Section), shared with the protocol registry --------
 
 
 def _backbone_names(v):
@@ -99,40 +77,7 @@ def _canonical(v):
 Backbones = Annotated[list[Name], BeforeValidator(_backbone_names), AfterValidator(_canonical)]
 
 
-class Section(BaseModel):
-    """A config section: unknown keys are refused, numbers must be numbers (no "5" -> 5, no true -> 1)."""
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    what: ClassVar[str] = "key"  # what this section's keys are called in messages
-
-
-# --- protocols -----------------------------------------------------------------------------
-
-class Mixed(Section):
-    folds: int = Field(5, ge=2, description="k of the stratified, patient-grouped k-fold")
-    repeats: int = Field(1, ge=1, description="repeated k-fold ([Trivedi2022]: 5 folds x 10 repeats)")
-
-
-class Loso(Section):
-    """Leave one source out (no options)."""
-
-
-class LeavePairOut(Section):
-    """Every mostly-positive x mostly-negative source pair held out (no options)."""
-
-
-class SeenUnseen(Section):
-    train_sources: Names = Field(min_length=1, description="the sources to train on, as in [BenAhmed2021]")
-    unseen_sources: Names | None = Field(None, description="default: every other source")
-    test_fraction: float = Field(0.2, gt=0, le=0.5, description="share of the training sources held out as 'seen'")
-
-    @model_validator(mode="after")
-    def _apart(self):
-        both = sorted(set(self.train_sources) & set(self.unseen_sources or ()))
-        if both:
-            raise PydanticCustomError("overlap", "unseen_sources also lists training source(s) {both}",
-                                      {"both": ", ".join(both)})
-        return self
-
+# --- protocols: each entry's options schema is in featstore/split.py (PROTOCOLS) ----------------
 
 class NamedSections(Section):
     """name -> options, or a list of names (each with default options); `name:` alone (null) too."""
@@ -160,13 +105,18 @@ class NamedSections(Section):
         return self
 
 
-class Protocols(NamedSections):
-    """Protocol name -> its options, or a list of protocol names."""
+class ProtocolsBase(NamedSections):
     what: ClassVar[str] = "protocol"
-    mixed: Mixed | None = None
-    loso: Loso | None = None
-    leave_pair_out: LeavePairOut | None = Field(None, alias="leave-pair-out")
-    seen_unseen: SeenUnseen | None = Field(None, alias="seen-unseen")
+
+
+def _field(name: str) -> str:
+    return name.replace("-", "_")
+
+
+# one optional section per registered protocol, its schema the entry's own (split.PROTOCOLS)
+Protocols = create_model("Protocols", __base__=ProtocolsBase, __doc__="Protocol name -> its options, or a list of "
+                         "protocol names.", **{_field(n): (p.options | None, Field(None, alias=n) if _field(n) != n
+                                                           else None) for n, p in PROTOCOLS.items()})
 
 
 # --- heads: options per head, fixed hyperparameters checked against each estimator ----------
@@ -714,9 +664,9 @@ def check_sources(st: Study, have: list[str]) -> None:
 
 def _mask_method(fs, preprocess: str, image_ids) -> str | None:
     """The lung-mask method(s) behind a lung-ROI preprocessing's images; None for other preprocessings."""
-    from featstore.preprocess import NEEDS_MASK
+    from featstore.preprocess import get_preprocess
 
-    if preprocess not in NEEDS_MASK:
+    if not get_preprocess(preprocess).needs_mask:
         return None
     fs.con.execute("CREATE OR REPLACE TEMP TABLE _study_ids AS SELECT unnest(?::VARCHAR[]) AS image_id",
                    [list(map(str, image_ids))])

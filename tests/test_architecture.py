@@ -9,9 +9,9 @@ PKG = Path(__file__).resolve().parents[1] / "featstore"
 # In data-flow order. A module may import its own stage and earlier ones.
 STAGES = [
     # used by every stage: the store file, SQL running, image decoding, weights files, the result-row
-    # contract, figures, process pools, progress, messages, test helpers
+    # contract, figures, process pools, progress, messages, the registry type, config value types, test helpers
     ("library", {"store", "query", "decode", "weights", "results", "figures", "neighbors", "procs", "progress",
-                 "suggest", "testing"}),
+                 "suggest", "registry", "options", "testing"}),
     ("ingest", {"synth", "ingest", "adapters"}),
     ("preprocess", {"lungs", "preprocess", "masks"}),
     ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),

@@ -66,6 +66,18 @@ def test_full_size_configuration_declares_dim_and_input_size(name):
     assert (s.feature_dim, s.input_size) == expected[name]
 
 
+# weights_id of the tiny builds, as the code of cce6fbe gave them: identity strings never change
+TINY_ID = {
+    "rad-dino": "random-init:seed0;pool=cls;config=f444805a;input=pil-uint8.v1.2336963b",
+    "dinov2-base": "random-init:seed0;pool=cls;config=f444805a;input=pil-uint8.v1.b39b9836",
+    "siglip-base": "random-init:seed0;pool=pooler;config=70bad8cc;input=pil-uint8.v1.c38a580a",
+    "medsiglip-448": "random-init:seed0;pool=pooler;config=f444805a;input=pil-uint8.v1.c38a580a",
+    "convnext-base": "random-init:seed0;pool=pooler;config=98b6ed46;input=pil-uint8.v1.6d3eae6b",
+    "biomedclip": "random-init:seed0;pool=pooler;config=8ed280fa;input=pil-uint8.v1.75a33d1b",
+    "chexzero": "random-init:seed0;pool=pooler;config=b4a534c8;input=pil-uint8.v1.be5b6010",
+}
+
+
 @pytest.mark.parametrize("name", FOUNDATION)
 def test_tiny_random_forward(name):
     bb = create_backbone(name, weights="random-init", config_overrides=TINY[name], device="cpu")
@@ -78,12 +90,14 @@ def test_tiny_random_forward(name):
     again = create_backbone(name, weights="random-init", config_overrides=TINY[name], device="cpu")
     np.testing.assert_array_equal(again(x), out)
     assert ";config=" in bb.weights_id and f";pool={s.options['pooling']};" in bb.weights_id
+    assert bb.weights_id == TINY_ID[name]
 
 
 def test_pooling_is_its_own_entry_and_identity():
     a = create_backbone("rad-dino", weights="random-init", config_overrides=_T)
     b = create_backbone("rad-dino@mean", weights="random-init", config_overrides=_T)
     assert a.name != b.name and ";pool=cls;" in a.weights_id and ";pool=mean;" in b.weights_id
+    assert b.weights_id == "random-init:seed0;pool=mean;config=f444805a;input=pil-uint8.v1.2336963b"  # as in cce6fbe
     x = torch.rand(2, 3, 56, 56)
     assert not np.allclose(a(x), b(x))
     # the CLS token is what the model computes; mean pools the patch tokens only

@@ -129,18 +129,38 @@ def test_uint8_quantisation_is_exact_and_full_range():
     np.testing.assert_array_equal(to_uint8(v.astype(np.float32) / 65535.0), [[0, 1, 128, 255]])  # not clipped
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
-def test_handover_dtype_never_changes_the_input(name):
-    """uint8 / uint16 hand-over (a later embed change) gives exactly what decode's float gives; so does
-    tuple(pipeline), which embed_ray sends to its workers."""
+def _input_paths():
+    """Every distinct input path of the registry, (pipeline, input size, channels) -> the first entry with it:
+    the 7 xrv DenseNets share one, so they are checked once."""
+    out = {}
+    for name, s in REGISTRY.items():
+        out.setdefault((s.pipeline, s.input_size, s.channels), name)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_input_paths().values()))
+def test_every_input_path_on_tiny_odd_images(name):
+    """Each normalisation / input pipeline of the registry: the backbone's tensor from a tiny odd-shaped
+    image (portrait and landscape), float32 C-contiguous and writable; uint8 / uint16 hand-over (a later
+    embed change) gives exactly what decode's float gives; so does tuple(pipeline), which embed_ray sends
+    to its workers."""
     s = get_spec(name)
     rng = np.random.default_rng(1)
-    u8 = rng.integers(0, 256, (260, 231), dtype=np.uint8)
-    u16 = rng.integers(0, 65536, (260, 231), dtype=np.uint16)
-    for raw, maxval in ((u8, 255.0), (u16, 65535.0)):
-        ref = to_input(raw.astype(np.float32) / maxval, s.input_size, s.channels, s.pipeline)
-        np.testing.assert_array_equal(to_input(raw, s.input_size, s.channels, s.pipeline), ref)
-        np.testing.assert_array_equal(to_input(raw, s.input_size, s.channels, tuple(s.pipeline)), ref)
+    for shape in ((37, 29), (29, 37)):
+        u8 = rng.integers(0, 256, shape, dtype=np.uint8)
+        u16 = rng.integers(0, 65536, shape, dtype=np.uint16)
+        for raw, maxval in ((u8, 255.0), (u16, 65535.0)):
+            ref = to_input(raw.astype(np.float32) / maxval, s.input_size, s.channels, s.pipeline)
+            assert ref.shape == (s.channels, s.input_size, s.input_size) and ref.dtype == np.float32
+            assert ref.flags.c_contiguous and ref.flags.writeable and np.isfinite(ref).all()
+            np.testing.assert_array_equal(to_input(raw, s.input_size, s.channels, s.pipeline), ref)
+            np.testing.assert_array_equal(to_input(raw, s.input_size, s.channels, tuple(s.pipeline)), ref)
+
+
+def test_every_pipeline_kind_is_used_by_an_entry():
+    from featstore.preprocess import PIPELINE_KINDS
+
+    assert {s.pipeline.kind for s in REGISTRY.values()} == set(PIPELINE_KINDS)
 
 
 def test_torchvision_presets_match_the_weights():

@@ -143,7 +143,7 @@ def test_every_selection_rule_is_an_entry_that_says_what_it_is():
     assert honest_selections() == ("train-val", "inner-loso") and oracle_selections() == ("oracle",)
     with pytest.raises(ValueError, match="registered already"):
         register_selection(Selection("train-val", "again", SELECTIONS["train-val"].split))
-    with pytest.raises(ValueError, match="unknown selection 'best'; choose from train-val, inner-loso, oracle"):
+    with pytest.raises(ValueError, match="unknown selection 'best'; known: train-val, inner-loso, oracle"):
         get_selection("best")
     with pytest.raises(ValueError, match="selects on the test set"):
         selection_splits(_meta(), loso(_meta())[0].train, "oracle")
@@ -284,3 +284,52 @@ def test_no_patient_straddles_train_and_test_in_any_protocol(protocol, linked):
     for f in make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol]):
         test = np.concatenate(list(f.tests.values()))
         assert not set(m.groups[f.train]) & set(m.groups[test]), (protocol, f.name)
+
+
+# folds and selection splits of `_meta()` / `_linked_meta()`, as the code of cce6fbe made them (issue 15
+# rebuilt the protocol registry: the same folds before and after)
+FOLD_DIGEST = {"mixed": ("111c5ce532ac6578", "cae2f706c7db3edc"), "loso": ("916b3176a5fd1d70", "4c53a04a577c7cf4"),
+               "leave-pair-out": ("727e6b0c977f0cb6", "414ac984a73814e1"),
+               "seen-unseen": ("0cc56bd9876b6c8c", "1a95cbcdb0212afb")}
+
+
+def _digest(m, protocol):
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol]):
+        h.update(repr((f.protocol, f.name, f.train.tolist(), {k: v.tolist() for k, v in f.tests.items()},
+                       f.train_sources, f.test_sources, f.repeat, f.n_dropped_shared, f.notes)).encode())
+        for r in ("train-val", "inner-loso", "oracle"):
+            try:
+                for a, b in SELECTIONS[r].splits(m, f, 0):
+                    h.update(repr((r, a.tolist(), b.tolist())).encode())
+            except ValueError as e:
+                h.update(str(e).encode())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_folds_are_the_ones_made_before(protocol):
+    assert (_digest(_meta(), protocol), _digest(_linked_meta()[0], protocol)) == FOLD_DIGEST[protocol]
+
+
+@pytest.mark.parametrize("linked", [False, True])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_no_image_is_in_train_and_test_in_any_protocol(protocol, linked):
+    """Fold invariants of every registered protocol: no image index on both sides; no training image that
+    occurs in (or is a near copy of one in) a held-out source; test sets hold only the test sources'
+    images; every image is somewhere (train, test, or dropped and counted); seeded folds are the same."""
+    m = _linked_meta()[0] if linked else _meta()
+    folds = make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol])
+    assert folds and all(f.protocol == protocol for f in folds)
+    for f in folds:
+        test = np.concatenate(list(f.tests.values()))
+        assert not set(f.train.tolist()) & set(test.tolist()), f.name
+        held = set(f.test_sources)
+        assert not [i for i in f.train if (m.occurs_in[i] | m.also_in[i]) & held], f.name
+        if held:
+            assert all(m.occurs_in[i] & held for i in f.tests.get("unseen", ())), f.name
+        assert len(f.train) + len(set(test.tolist())) + f.n_dropped_shared == len(m.y), f.name
+    again = make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol])
+    assert [(f.name, f.train.tolist()) for f in folds] == [(f.name, f.train.tolist()) for f in again]

@@ -1,0 +1,36 @@
+"""Value types and the strict section base shared by config schemas: the study config (featstore/study.py)
+and the options each registered protocol carries (featstore/split.py)."""
+from typing import Annotated, ClassVar
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+
+def _text(v):
+    # YAML reads `2024` as a number (fine: it is a name) but yes/no/on/off as booleans (surely not meant)
+    if isinstance(v, bool):
+        raise PydanticCustomError("name_bool", "is a boolean, not a name (YAML reads yes/no/on/off/true/false as "
+                                  "booleans: quote it)")
+    return str(v) if isinstance(v, int | float) else v
+
+
+def _one_or_list(v):
+    return [v] if isinstance(v, str | int | float) and not isinstance(v, bool) else v
+
+
+def _distinct(v):
+    dups = sorted({x for x in v if v.count(x) > 1}) if v else []
+    if dups:
+        raise PydanticCustomError("duplicate", "lists {dups} more than once", {"dups": ", ".join(dups)})
+    return v
+
+
+Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
+# a list of names; one name alone is taken as a list of one
+Names = Annotated[list[Name], BeforeValidator(_one_or_list), AfterValidator(_distinct)]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, numbers must be numbers (no "5" -> 5, no true -> 1)."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    what: ClassVar[str] = "key"  # what this section's keys are called in messages
