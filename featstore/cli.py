@@ -41,6 +41,7 @@ class Commands(TyperGroup):
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True,
                   help="featstore: a chest X-ray feature store. Ingest once, embed once, query with SQL.")
 
+
 def _backbone_names() -> list[str]:
     from featstore.backbones import REGISTRY
 
@@ -153,6 +154,7 @@ def ingest(
     _print_ingest(rep, note)
     return 0 if rep.ok else 1
 
+
 def _print_ingest(rep, note=""):
     from collections import Counter
 
@@ -226,6 +228,7 @@ def embed(
         err.print(f"  {escape(path)}: {escape(reason)}")
     return 1 if rep.failed else 0
 
+
 @app.command(cls=_help(method=_mask_methods))
 def masks(
     method: str = typer.Option("auto", **_one_of("mask method", _mask_methods),
@@ -249,6 +252,7 @@ def masks(
     err.print(f"masks made: {made}; refused {len(rep.refused)} (they are left out of the lung variants)"
               + (f"; {rep.n_invalidated} lung-variant embeddings deleted for re-made masks" if rep.n_invalidated else ""))
     err.print(render(summary, "table"), end="")
+
 
 @app.command()
 def backbones():
@@ -301,6 +305,7 @@ def sql(
     else:
         sys.stdout.write(job.text(table))
 
+
 @app.command()
 def export(parquet: Optional[Path] = typer.Option(None, help="new or empty output folder: Hive-partitioned "
                                                   "Parquet by source"),
@@ -315,6 +320,7 @@ def export(parquet: Optional[Path] = typer.Option(None, help="new or empty outpu
     from featstore.export import ExportJob
 
     ExportJob(parquet, overwrite, snapshot, db).run(say=_say)
+
 
 # --- the benchmark ---------------------------------------------------------------------
 
@@ -347,6 +353,7 @@ def sweep(
         err.print(f"[bold red]{escape(note)}[/]")
     return 1 if rep.n_failed else 0
 
+
 @app.command("sweep-worker")
 def sweep_worker(
     config: Path = typer.Argument(..., help="the same study config the coordinator runs"),
@@ -363,6 +370,7 @@ def sweep_worker(
 
     n_studies, n_trials = WorkerJob(config, db, trials, timeout, storage, workers).run(_progress)
     err.print(f"worker done: ran {n_trials} trials in {n_studies} Optuna studies")
+
 
 def _print_headline(df):
     t = Table(title="AUC [95% CI]: seen vs unseen sources")
@@ -388,6 +396,7 @@ def report(out: Path = typer.Option(Path("report"), help="output folder"),
         err.print(f"[yellow]warning:[/] the report was not attached to the MLflow sweep run: {escape(r.attach_error)}")
     elif r.mlflow_run:
         err.print(f"attached to MLflow run {r.mlflow_run} (artifacts: report/)")
+
 
 @app.command()
 def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps it on this machine); any other "
@@ -554,6 +563,7 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
     job = NeighborsJob(image, backbone, preprocess, k, summary, _search_method(exact_search, ann_search), db)
     sys.stdout.write(render(job.run(_progress, _say), "table"))
 
+
 @app.command(cls=_help(preprocess=_preprocess_names))
 def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare embeddings of this set (cosine)"),
                preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
@@ -579,6 +589,7 @@ def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare e
     sys.stdout.write(render(by, "table"))
     if pairs.height:
         err.print(f"contact sheet: {escape(str(sheet))}; all pairs: featstore sql \"SELECT * FROM near_duplicates\"")
+
 
 # --- synthetic data and the demo ---------------------------------------------------
 

@@ -156,32 +156,33 @@ class EmbedJob:
                 raise
             raise NoSpace(str(DiskFullError.opening(e, self.db))) from e
         try:
-            bb = self._backbone()
+            name, bb = self._backbone()
             say(f"{bb.name}: weights {bb.weights_id}, {bb.feature_dim}-d, {bb.spec.input_size}px, device {bb.device}")
-            return self._embed(con, bb, progress)
+            return self._embed(con, name, bb, progress)
         finally:
             con.close()
 
     def _backbone(self):
+        """(the set's backbone name, the built backbone)."""
         from featstore.backbones import canonical_name, create_backbone
         from featstore.weights import WeightsMissingError
 
+        name = self.backbone
         try:
             # one name for the set however the pooling is given (--pooling mean == rad-dino@mean)
-            if self.pooling or "@" in self.backbone:
-                self.backbone = canonical_name(self.backbone, self.pooling)
-            return create_backbone(self.backbone, weights=self.weights, weights_dir=self.weights_dir,
-                                   device=self.device, output=self.onnx_output)
+            if self.pooling or "@" in name:
+                name = canonical_name(name, self.pooling)
+            return name, create_backbone(name, weights=self.weights, weights_dir=self.weights_dir,
+                                         device=self.device, output=self.onnx_output)
         except (WeightsMissingError, ValueError) as e:
             raise UserError(str(e)) from e
         except Exception as e:  # noqa: BLE001 - a file that is not what the backbone loads: one line, not a traceback
             if not self.weights or self.weights == "random-init":
                 raise
-            raise UserError(f"--weights {self.weights}: not usable as weights for {self.backbone} "
-                            f"(expected {_expected_weights(self.backbone)}): {type(e).__name__}: {str(e)[:300]}"
-                            ) from e
+            raise UserError(f"--weights {self.weights}: not usable as weights for {name} "
+                            f"(expected {_expected_weights(name)}): {type(e).__name__}: {str(e)[:300]}") from e
 
-    def _embed(self, con, bb, progress):
+    def _embed(self, con, name, bb, progress):
         from featstore.embed import DiskFullError
         from featstore.weights import WeightsMissingError
 
@@ -193,7 +194,7 @@ class EmbedJob:
                     from featstore.embed_ray import embed_ray
 
                     prog.stop()  # Ray Data draws its own progress bars
-                    return embed_ray(con, bb, dict(name=self.backbone, weights=self.weights,
+                    return embed_ray(con, bb, dict(name=name, weights=self.weights,
                                                    weights_dir=self.weights_dir, output=self.onnx_output),
                                      self.preprocess, self.batch_size, self.shards, self.ray_address, self.actors,
                                      self.limit, self.masks, self.weights_dir)
