@@ -4,7 +4,6 @@ Commands neither exit nor catch: `Commands.invoke` is the one place where a feat
 becomes one line on stderr and its exit status, and a command's returned status becomes the exit."""
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -408,103 +407,13 @@ def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps
        tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
                                                   help="default: sqlite:///./mlflow.db")):
     """Start the MLflow UI on the sweeps' tracking store (on this machine only, unless --expose)."""
-    import socket
-    import subprocess
+    from featstore.jobs import UiJob
 
-    from featstore.track import tracking_uri as default_uri
+    def warn(line):
+        head, _, rest = line.partition(": ")
+        err.print(f"[bold red]{escape(head)}:[/] {escape(rest)}")
 
-    uri = tracking_uri or default_uri()
-    if not _loopback(host):
-        if not expose:
-            raise UserError(f"--host {host} would serve the MLflow UI, which has no login, to the network; add "
-                            f"--expose to do that anyway, or use an SSH tunnel to 127.0.0.1")
-        err.print(f"[bold red]WARNING:[/] the MLflow UI has no authentication: anyone who can reach "
-                  f"{escape(host)}:{port} can read and change every run and artifact")
-    try:  # fail now, clearly, rather than print a URL and let MLflow exit 0 on a busy port
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
-            s.bind((host, port))
-    except OSError as e:
-        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}"
-                        + (" (another server, perhaps an MLflow UI, uses it; pick another --port)"
-                           if e.errno == errno.EADDRINUSE else "")) from e
-    child = subprocess.Popen(_mlflow_ui_argv(uri, host, port), preexec_fn=_die_with_parent)
-    probe = "::1" if host in ("::", "::0") else "127.0.0.1" if host == "0.0.0.0" else host
-    try:
-        ready = False
-        while not ready and child.poll() is None:  # the URL is printed once the server answers, not before
-            try:
-                socket.create_connection((probe, port), timeout=1).close()
-                ready = True
-            except OSError:
-                try:
-                    child.wait(timeout=0.5)
-                except subprocess.TimeoutExpired:
-                    pass
-        if ready:
-            from featstore.track import ui_url
-
-            shown = f"[{host}]" if ":" in host else host
-            base = f"http://{shown}:{port}"
-            err.print(f"MLflow UI for {escape(uri)} at {escape(ui_url(base))} (Ctrl-C stops it)")
-            for name, exp_id in _studies(uri):
-                err.print(f"  {escape(name)}: {escape(ui_url(base, exp_id))}")
-            child.wait()
-    except KeyboardInterrupt:
-        child.terminate()
-        child.wait()
-        return 130
-    raise CommandError(f"the MLflow UI stopped (exit code {child.returncode}); its messages are above",
-                       child.returncode if child.returncode > 0 else 1)
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-    import socket
-
-    try:
-        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
-    except OSError:
-        return False
-    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
-
-
-def _studies(uri: str, n: int = 10) -> list[tuple[str, str]]:
-    """(name, id) of the newest featstore experiments, for direct links to their runs."""
-    from featstore.track import EXPERIMENT_KIND, sqlite_path
-
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        return []
-    try:
-        from mlflow import MlflowClient
-
-        (k, v), = EXPERIMENT_KIND.items()
-        exps = MlflowClient(uri).search_experiments(filter_string=f"tags.`{k}` = '{v}'", max_results=n,
-                                                   order_by=["last_update_time DESC"])
-        return [(e.name, e.experiment_id) for e in exps]
-    except Exception:  # noqa: BLE001 - links are a convenience; the UI is up
-        return []
-
-
-def _mlflow_ui_argv(uri: str, host: str, port: int) -> list[str]:
-    from featstore.track import artifacts_destination
-
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    dest = artifacts_destination(uri)  # SQLite: runs' mlflow-artifacts: locations resolve beside the database
-    return argv + (["--artifacts-destination", str(dest)] if dest else [])
-
-
-def _die_with_parent():
-    """In the child before exec: SIGTERM when featstore dies, even by kill -9 (Linux; MLflow passes
-    it on to its server processes)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    return UiJob(host, port, expose, tracking_uri).run(say=lambda line: err.print(escape(line)), warn=warn)
 
 
 # --- shortcut forensics ---------------------------------------------------------------

@@ -427,3 +427,125 @@ class NeighborsJob:
                 raise UserError(str(e)) from e
         return run_sql(con, (sql_dir() / "nearest_neighbours.sql").read_text(),
                        dict(image_id=hits[0], backbone=backbone, preprocess=self.preprocess, k=str(self.k)))
+
+
+# --- the MLflow UI ------------------------------------------------------------------------------
+
+@dataclass
+class UiJob:
+    """`featstore ui`: the MLflow UI on the sweeps' tracking store, on loopback unless `expose`.
+    run() serves until the server ends (CommandError with its exit code) or Ctrl-C (returns 130)."""
+    host: str = "127.0.0.1"
+    port: int = 5000
+    expose: bool = False
+    tracking_uri: str | None = None
+
+    def run(self, say: Callable[[str], None] = _quiet, warn: Callable[[str], None] = _quiet) -> int:
+        import socket
+        import subprocess
+
+        from featstore.errors import CommandError
+        from featstore.track import tracking_uri as default_uri
+        from featstore.track import ui_url
+
+        host, port = self.host, self.port
+        uri = self.tracking_uri or default_uri()
+        self._check_host(warn)
+        child = subprocess.Popen(_mlflow_ui_argv(uri, host, port), preexec_fn=_die_with_parent)
+        probe = "::1" if host in ("::", "::0") else "127.0.0.1" if host == "0.0.0.0" else host
+        try:
+            ready = False
+            while not ready and child.poll() is None:  # the URL is said once the server answers, not before
+                try:
+                    socket.create_connection((probe, port), timeout=1).close()
+                    ready = True
+                except OSError:
+                    try:
+                        child.wait(timeout=0.5)
+                    except subprocess.TimeoutExpired:
+                        pass
+            if ready:
+                base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+                say(f"MLflow UI for {uri} at {ui_url(base)} (Ctrl-C stops it)")
+                for name, exp_id in _studies(uri):
+                    say(f"  {name}: {ui_url(base, exp_id)}")
+                child.wait()
+        except KeyboardInterrupt:
+            child.terminate()
+            child.wait()
+            return 130
+        raise CommandError(f"the MLflow UI stopped (exit code {child.returncode}); its messages are above",
+                           child.returncode if child.returncode > 0 else 1)
+
+    def _check_host(self, warn) -> None:
+        """Refuse a non-loopback host without `expose`, and a port that cannot be bound: now, clearly,
+        rather than print a URL and let MLflow exit 0 on a busy port."""
+        import errno
+        import socket
+
+        host, port = self.host, self.port
+        if not _loopback(host):
+            if not self.expose:
+                raise UserError(f"--host {host} would serve the MLflow UI, which has no login, to the network; add "
+                                f"--expose to do that anyway, or use an SSH tunnel to 127.0.0.1")
+            warn(f"WARNING: the MLflow UI has no authentication: anyone who can reach {host}:{port} can read and "
+                 f"change every run and artifact")
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+                s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}"
+                            + (" (another server, perhaps an MLflow UI, uses it; pick another --port)"
+                               if e.errno == errno.EADDRINUSE else "")) from e
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def _studies(uri: str, n: int = 10) -> list[tuple[str, str]]:
+    """(name, id) of the newest featstore experiments, for direct links to their runs."""
+    from featstore.track import EXPERIMENT_KIND, sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []
+    try:
+        from mlflow import MlflowClient
+
+        (k, v), = EXPERIMENT_KIND.items()
+        exps = MlflowClient(uri).search_experiments(filter_string=f"tags.`{k}` = '{v}'", max_results=n,
+                                                   order_by=["last_update_time DESC"])
+        return [(e.name, e.experiment_id) for e in exps]
+    except Exception:  # noqa: BLE001 - links are a convenience; the UI is up
+        return []
+
+
+def _mlflow_ui_argv(uri: str, host: str, port: int) -> list[str]:
+    import sys
+
+    from featstore.track import artifacts_destination
+
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    dest = artifacts_destination(uri)  # SQLite: runs' mlflow-artifacts: locations resolve beside the database
+    return argv + (["--artifacts-destination", str(dest)] if dest else [])
+
+
+def _die_with_parent():
+    """In the child before exec: SIGTERM when featstore dies, even by kill -9 (Linux; MLflow passes
+    it on to its server processes)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
