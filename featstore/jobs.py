@@ -4,8 +4,9 @@ through `progress(label)` (a featstore.progress.Ticker), lines through `say`, an
 must see as featstore.errors types, which the CLI maps to its exit status in one place.
 
 Jobs that belong to one stage module live there (query.SqlJob, export.ExportJob, masks.MasksJob,
-duplicates.DuplicatesJob, ann.NeighborsJob, probe.ProbeJob); these need two modules that must not
-import each other (ingest and its adapters, the two embed engines) or a later stage (the report)."""
+duplicates.DuplicatesJob, probe.ProbeJob). These span modules that must not import each other (ingest
+and its adapters, the two embed engines), reach the report (a sweep's headline, the report itself),
+or join several stages (neighbours: the store's API, the index and the ranking; the MLflow UI)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
