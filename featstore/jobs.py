@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from featstore.errors import Failed, Interrupted, NoSpace, UserError
 from featstore.progress import silent
 from featstore.store import open_for_command
+
+if TYPE_CHECKING:
+    from featstore.ingest import ColumnMap
 
 
 def _quiet(line: str) -> None:
@@ -34,7 +37,7 @@ class IngestJob:
     csvpath: Path | None = None
     root: Path | None = None
     source: str | None = None
-    columns: object = None  # an ingest.ColumnMap; None: the standard names
+    columns: ColumnMap | None = None  # None: the standard column names
     allow_root: list[Path] = field(default_factory=list)
     encoding: str | None = None
     max_bytes: int = 512 * 1024 * 1024
