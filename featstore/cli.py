@@ -109,6 +109,11 @@ def _help(**lazy):
 DbOpt = typer.Option(None, "--db", envvar="FEATSTORE_DB", help="DuckDB file (default ./featstore.duckdb)")
 
 
+def _job(cls, ctx: typer.Context):
+    """The command's job: its options, by name, are the job's fields (a renamed one fails at once)."""
+    return cls(**ctx.params)
+
+
 def _progress(label: str):
     """The one progress display of long commands: a bar on a terminal, plain 10% lines in logs."""
     from featstore.progress import Ticker
@@ -187,6 +192,7 @@ def _reason_kind(reason: str) -> str:
 
 @app.command(cls=_help(backbone=_backbone_names, preprocess=_preprocess_names, masks=_mask_methods))
 def embed(
+    ctx: typer.Context,
     backbone: str = typer.Option(..., **_backbone_option(),
                                  help="from the registry (listed below; `featstore backbones` describes them), "
                                       "or hf:<repo>, timm:<name>, open_clip:<arch>"),
@@ -216,8 +222,7 @@ def embed(
     """Embed every image that has no embedding yet for (backbone, weights, preprocessing)."""
     from featstore.jobs import EmbedJob
 
-    rep = EmbedJob(backbone, pooling, preprocess, masks, weights, weights_dir, onnx_output, batch_size, workers,
-                   device, limit, engine, ray_address, shards, actors, db).run(_progress, _say)
+    rep = _job(EmbedJob, ctx).run(_progress, _say)
     err.print(f"embedded {rep.n_embedded} of {rep.n_todo} missing images in {rep.seconds:.1f}s "
               f"({rep.images_per_s:.1f} img/s); {len(rep.failed)} failed (listed in embed_errors)")
     if rep.torn_shards:
@@ -230,6 +235,7 @@ def embed(
 
 @app.command(cls=_help(method=_mask_methods))
 def masks(
+    ctx: typer.Context,
     method: str = typer.Option("auto", **_one_of("mask method", _mask_methods),
                                help="auto (manifest mask, else torchxrayvision PSPNet when its weights are "
                                "present, else classical-v1), manifest, xrv-pspnet or classical-v1"),
@@ -244,7 +250,7 @@ def masks(
     from featstore.masks import MasksJob
     from featstore.query import render
 
-    rep, summary = MasksJob(method, weights_dir, redo, workers, device, db).run(_progress)
+    rep, summary = _job(MasksJob, ctx).run(_progress)
     if rep.note:
         err.print(f"note: {rep.note}")
     made = ", ".join(f"{n} {m}" for m, n in rep.by_method.items()) or "none needed"
@@ -306,7 +312,8 @@ def sql(
 
 
 @app.command()
-def export(parquet: Optional[Path] = typer.Option(None, help="new or empty output folder: Hive-partitioned "
+def export(ctx: typer.Context,
+           parquet: Optional[Path] = typer.Option(None, help="new or empty output folder: Hive-partitioned "
                                                   "Parquet by source"),
            overwrite: bool = typer.Option(False, help="--parquet DIR may hold a previous featstore export: its "
                                           "files (listed in DIR/featstore-export.json) are replaced; nothing else "
@@ -318,13 +325,14 @@ def export(parquet: Optional[Path] = typer.Option(None, help="new or empty outpu
     or a snapshot of the whole store for sweep workers. Never deletes what it did not write."""
     from featstore.export import ExportJob
 
-    ExportJob(parquet, overwrite, snapshot, db).run(say=_say)
+    _job(ExportJob, ctx).run(say=_say)
 
 
 # --- the benchmark ---------------------------------------------------------------------
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="study config (YAML or TOML), or a shipped one by name: "
                                   "cxr_shortcut, synthetic_demo"),
     trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (overrides the config's per head)"),
@@ -342,7 +350,7 @@ def sweep(
     """Run a study: every protocol x head x embedding set, Optuna per fold, MLflow + results rows."""
     from featstore.jobs import SweepJob, sweep_headline, sweep_warnings
 
-    rep = SweepJob(config, db, trials, timeout, workers, workdir, storage, tracking_uri).run(_progress)
+    rep = _job(SweepJob, ctx).run(_progress)
     err.print(f"sweep {rep.sweep_id}: {rep.n_tasks} Optuna studies, {rep.n_trials} trials, {rep.n_failed} failed, "
               f"{len(rep.rows)} result rows, {rep.seconds:.1f}s; MLflow {rep.mlflow_uri} (run {rep.parent_run_id})")
     err.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases.items())
@@ -355,6 +363,7 @@ def sweep(
 
 @app.command("sweep-worker")
 def sweep_worker(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="the same study config the coordinator runs"),
     storage: str = typer.Option(..., envvar="FEATSTORE_OPTUNA_STORAGE", help="the shared Optuna storage URL"),
     trials: Optional[int] = typer.Option(None, min=1, help="as given to the coordinator"),
@@ -367,7 +376,7 @@ def sweep_worker(
     the same --storage refits the winners and writes MLflow and the results (it also runs trials)."""
     from featstore.jobs import WorkerJob
 
-    n_studies, n_trials = WorkerJob(config, db, trials, timeout, storage, workers).run(_progress)
+    n_studies, n_trials = _job(WorkerJob, ctx).run(_progress)
     err.print(f"worker done: ran {n_trials} trials in {n_studies} Optuna studies")
 
 
@@ -381,14 +390,15 @@ def _print_headline(df):
 
 
 @app.command()
-def report(out: Path = typer.Option(Path("report"), help="output folder"),
+def report(ctx: typer.Context,
+           out: Path = typer.Option(Path("report"), help="output folder"),
            study: Optional[str] = typer.Option(None, help="study name (default: the latest swept)"),
            sweep_id: Optional[str] = typer.Option(None, help="a particular sweep (default: the study's latest)"),
            db: Optional[Path] = DbOpt):
     """Write Markdown + HTML (seen-vs-unseen tables, per-source metrics, ROC curves) from results rows."""
     from featstore.jobs import ReportJob
 
-    r = ReportJob(out, study, sweep_id, db).run()
+    r = _job(ReportJob, ctx).run()
     _print_headline(r.headline)
     err.print(f"report for {escape(r.study)} (sweep {r.sweep_id}): {escape(', '.join(map(str, r.files)))}")
     if r.attach_error is not None:
@@ -398,7 +408,8 @@ def report(out: Path = typer.Option(Path("report"), help="output folder"),
 
 
 @app.command()
-def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps it on this machine); any other "
+def ui(ctx: typer.Context,
+       host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps it on this machine); any other "
                                 "address needs --expose"),
        port: int = typer.Option(5000, min=1, max=65535),
        expose: bool = typer.Option(False, help="allow a --host other than loopback: the MLflow UI has NO login, so "
@@ -413,13 +424,14 @@ def ui(host: str = typer.Option("127.0.0.1", help="bind address (127.0.0.1 keeps
         head, _, rest = line.partition(": ")
         err.print(f"[bold red]{escape(head)}:[/] {escape(rest)}")
 
-    return UiJob(host, port, expose, tracking_uri).run(say=lambda line: err.print(escape(line)), warn=warn)
+    return _job(UiJob, ctx).run(say=lambda line: err.print(escape(line)), warn=warn)
 
 
 # --- shortcut forensics ---------------------------------------------------------------
 
 @app.command(cls=_help(preprocess=_preprocess_names))
-def probe(backbone: str = typer.Option(..., help="embedding set to probe (a backbone with embeddings in the store)"),
+def probe(ctx: typer.Context,
+          backbone: str = typer.Option(..., help="embedding set to probe (a backbone with embeddings in the store)"),
           preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
           positive: str = typer.Option("covid", help="the positive label (the GRL head's class target)"),
           grl: bool = typer.Option(True, help="also probe a cross-fitted GRL head's representation"),
@@ -430,8 +442,7 @@ def probe(backbone: str = typer.Option(..., help="embedding set to probe (a back
     from featstore.probe import ProbeJob, summary
     from featstore.report import fmt_auc
 
-    rows, sweep_id, run_id = ProbeJob(backbone, preprocess, positive, grl, folds, seed, bootstrap, maps, db
-                                      ).run(_progress)
+    rows, sweep_id, run_id = _job(ProbeJob, ctx).run(_progress)
     t = Table("representation", "images", "sources", "macro AUC [95% CI]", "per source", title=(
         f"domain probe: {backbone}/{preprocess} (0.5 = source not recoverable)"))
     for r in summary(rows):
