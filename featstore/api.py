@@ -80,6 +80,14 @@ class Store:
     def embedding_sets(self) -> pl.DataFrame:
         return self.sql("SELECT * FROM embedding_sets")
 
+    def image_ids_like(self, image: str) -> list[str]:
+        """The images `image` may name: an image_id prefix, a path, or a path's trailing part."""
+        from pathlib import Path
+
+        return [i for (i,) in self.con.execute(
+            "SELECT DISTINCT image_id FROM occurrences WHERE image_id LIKE ? || '%' OR path = ? "
+            "OR path LIKE '%/' || ?", [image, str(Path(image).resolve()), image]).fetchall()]
+
     def _set(self, backbone: str, preprocess: str, weights_id: str | None) -> tuple[str, int]:
         rows = self.con.execute(
             "SELECT weights_id, dim FROM embedding_sets WHERE backbone = ? AND preprocess = ?",

@@ -17,7 +17,9 @@ Pairs go to `near_duplicates` with both measures; a contact sheet shows them sid
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -260,3 +262,42 @@ def contact_sheet(con, out, pairs: pl.DataFrame, n: int = 60, thumb: int = 128, 
                 f"cos {cos} · dHash {p['phash_distance']} · {p['method']}" + ("  · ACROSS" if cross else ""))
         draw.multiline_text((x0, y0 + thumb + 4), text, fill=(0, 0, 0), font=font, spacing=3)
     sheet.save(out)
+
+
+@dataclass
+class DuplicatesJob:
+    """`featstore duplicates`: find the pairs, replace `near_duplicates`, draw the contact sheet.
+    run() returns (pairs, (groups of exact copies, of which across sources), pairs by source pair)."""
+    backbone: str | None = None  # also compare this set's embeddings (cosine)
+    preprocess: str = "original"
+    cosine_min: float = COSINE_MIN
+    phash_max: int = PHASH_MAX
+    sheet: Path = Path("near_duplicates.png")
+    workers: int = 2
+    accept_implausible: bool = False
+    search: str = "auto"
+    db: Path | None = None
+
+    def run(self, progress=None, say=None):
+        from featstore.ann import AnnError
+        from featstore.errors import UserError
+        from featstore.progress import silent
+        from featstore.store import open_for_command
+
+        con = open_for_command(self.db, must_exist=True)
+        try:
+            try:
+                with (progress or silent)("duplicates") as prog:
+                    pairs = find(con, self.backbone, self.preprocess, self.cosine_min, self.phash_max,
+                                 workers=self.workers, accept_implausible=self.accept_implausible,
+                                 progress=prog.update, search=self.search, say=say)
+            except (ImplausibleDuplicates, ValueError, AnnError) as e:
+                raise UserError(str(e)) from e
+            across, groups = con.sql("SELECT count(*) FILTER (WHERE cross_source), count(*) "
+                                     "FROM duplicate_groups").fetchall()[0]
+            by = con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()
+            if pairs.height:
+                contact_sheet(con, self.sheet, pairs)
+        finally:
+            con.close()
+        return pairs, (groups, across), by

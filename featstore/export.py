@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from featstore.store import embedding_tables
@@ -170,3 +171,40 @@ def _remove_own(out: Path, old: dict[str, int]) -> None:
             d.rmdir()  # only when empty
         except OSError:
             pass
+
+
+@dataclass
+class ExportJob:
+    """`featstore export`: Hive-partitioned Parquet by source (`parquet`) and/or a snapshot of the
+    whole store (`snapshot`). run() says each part as it is written."""
+    parquet: Path | None = None
+    overwrite: bool = False
+    snapshot: Path | None = None
+    db: Path | None = None
+
+    def __post_init__(self):
+        from featstore.errors import UserError
+
+        if not self.parquet and not self.snapshot:
+            raise UserError("give --parquet DIR and/or --snapshot DIR")
+
+    def run(self, say=lambda line: None) -> None:
+        from featstore.errors import UserError
+        from featstore.store import export_snapshot, open_for_command
+
+        con = open_for_command(self.db, read_only=True, advice=False)
+        try:
+            if self.parquet:
+                try:
+                    counts = export_parquet(con, self.parquet, overwrite=self.overwrite)
+                except FileExistsError as e:
+                    raise UserError(str(e)) from e
+                say(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {self.parquet}")
+            if self.snapshot:
+                try:
+                    export_snapshot(con, self.snapshot)
+                except FileExistsError as e:
+                    raise UserError(str(e)) from e
+                say(f"snapshot -> {self.snapshot} (read it with --db {self.snapshot})")
+        finally:
+            con.close()

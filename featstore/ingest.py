@@ -243,14 +243,14 @@ def _dangling(link: Path, real: Path) -> bool:
 
 def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str | Path | None = None,
                   source: str | None = None, allowed_roots: list[str | Path] | None = None,
-                  encoding: str | None = None, max_bytes: int | None = None
+                  encoding: str | None = None, max_bytes: int | None = None, extra_roots: Iterable = ()
                   ) -> tuple[list[Row], list[Rejection]]:
     """Rows of a CSV/Parquet manifest. Paths are relative to the manifest's folder unless `root`.
 
     A path that resolves (symlinks followed) outside the allowed roots - by default the folder paths
     are relative to - is refused and recorded, never read: a manifest must not make featstore open
-    `../../etc/passwd`. `allowed_roots` (CLI --allow-root) widens that on purpose. The CSV is read as
-    UTF-8 unless `encoding` names another (see manifest_text)."""
+    `../../etc/passwd`. `allowed_roots` replaces that default; `extra_roots` (CLI --allow-root) widens
+    it on purpose. The CSV is read as UTF-8 unless `encoding` names another (see manifest_text)."""
     cols = cols or ColumnMap()
     manifest = Path(manifest)
     origin = str(manifest.resolve())
@@ -262,7 +262,7 @@ def manifest_rows(manifest: str | Path, cols: ColumnMap | None = None, root: str
     if missing:
         raise ValueError(f"manifest lacks column(s) {', '.join(missing)}; it has {', '.join(df.columns)}")
     base = Path(root) if root else manifest.parent
-    allowed = list(dict.fromkeys(Path(r).resolve() for r in (allowed_roots or [base])))
+    allowed = list(dict.fromkeys(Path(r).resolve() for r in [*(allowed_roots or [base]), *extra_roots]))
     mapped = {v for k, v in names.items() if v in df.columns}
     rows: list[Row] = []
     refused: list[Rejection] = []
@@ -321,12 +321,12 @@ def _check_depth(root: Path, entries: list[Path]) -> None:
                      f"file under {root} is that deep: found {len(entries)} entries like {found}; {hint}")
 
 
-def folder_rows(root: str | Path, allowed_roots: list[str | Path] | None = None
+def folder_rows(root: str | Path, allowed_roots: list[str | Path] | None = None, extra_roots: Iterable = ()
                 ) -> tuple[list[Row], list[Rejection]]:
     """ROOT/<source>/<label>/**/file. Files directly under ROOT or ROOT/<source> are rejected.
 
-    Fenced like a manifest: a symlink that resolves outside ROOT (or the `allowed_roots`, CLI
-    --allow-root) is refused and recorded, never read. Symlinked folders are not walked into.
+    Fenced like a manifest: a symlink that resolves outside ROOT (or the `allowed_roots`, and the
+    `extra_roots`, CLI --allow-root) is refused and recorded, never read. Symlinked folders are not walked into.
     Every non-folder entry becomes a row, so FIFOs, device nodes, broken links and loops are
     recorded with their reason at read time instead of vanishing."""
     root = Path(root)
@@ -334,7 +334,7 @@ def folder_rows(root: str | Path, allowed_roots: list[str | Path] | None = None
         raise ValueError("folder not found")
     real_root = root.resolve()
     origin = str(real_root)
-    allowed = [Path(r).resolve() for r in (allowed_roots or [root])]
+    allowed = [Path(r).resolve() for r in [*(allowed_roots or [root]), *extra_roots]]
     if real_root not in allowed:
         allowed.insert(0, real_root)
     rows, bad = [], []
@@ -637,6 +637,11 @@ def _store_facts(con, report: IngestReport) -> None:
     report.n_duplicate_groups, report.n_cross_source_groups, report.n_label_conflicts = con.execute(
         "SELECT count(*), count(*) FILTER (cross_source), count(*) FILTER (label_conflict) FROM duplicate_groups"
     ).fetchone()
+
+
+def stored_counts(con) -> tuple[int, int]:
+    """(images, occurrences) in the store: what an interrupted ingest reports it kept."""
+    return con.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences)").fetchone()
 
 
 def record_failure(con, file: str, source: str, reason: str, origin: str) -> None:

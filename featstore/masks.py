@@ -270,3 +270,33 @@ def load_masks(con, image_ids: list[str]) -> dict[str, tuple[bytes | None, str, 
     finally:
         con.unregister("_ids")
     return {i: (bytes(m) if m is not None else None, meth, r) for i, m, meth, r in rows}
+
+
+@dataclass
+class MasksJob:
+    """`featstore masks`: the missing lung masks (all of them with `redo`). run() returns the
+    MaskReport and the store's `lung_mask_summary` (Arrow)."""
+    method: str = "auto"
+    weights_dir: Path | None = None
+    redo: bool = False
+    workers: int = 2
+    device: str = "cpu"
+    db: Path | None = None
+
+    def run(self, progress=None):
+        from featstore.errors import UserError
+        from featstore.progress import silent
+        from featstore.store import open_for_command
+        from featstore.weights import WeightsMissingError
+
+        con = open_for_command(self.db, must_exist=True)
+        try:
+            with (progress or silent)("masks") as prog:
+                try:
+                    rep = ensure_masks(con, None, self.method, self.weights_dir, self.workers, self.redo,
+                                       self.device, prog.update)
+                except (ValueError, WeightsMissingError) as e:
+                    raise UserError(str(e)) from e
+            return rep, con.sql("SELECT * FROM lung_mask_summary").to_arrow_table()
+        finally:
+            con.close()

@@ -11,6 +11,7 @@ the k-nearest-neighbour summary; near duplicates per source pair and their conta
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,43 @@ def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path, seed: int = 0
             contact_sheet(con, out / "near_duplicates.png", pairs, n=24)
             nd["sheet"] = dict(file="near_duplicates.png", n=min(24, pairs.height), total=pairs.height)
     return dict(sets=out_sets, neardup=nd, warnings=warnings)
+
+
+@dataclass
+class ProbeJob:
+    """`featstore probe`: the domain probe of one embedding set, rows to `results` and MLflow.
+    run() returns (rows, sweep_id, MLflow run id)."""
+    backbone: str
+    preprocess: str = "original"
+    positive: str = "covid"  # the GRL head's class target
+    grl: bool = True
+    folds: int = 5
+    seed: int = 0
+    bootstrap: int = 500
+    maps: bool = True
+    db: object = None
+
+    def run(self, progress=None):
+        from featstore.errors import UserError
+        from featstore.progress import silent
+
+        try:
+            with (progress or silent)("probe") as prog:
+                return run_probe(self.db, self.backbone, self.preprocess, self.positive, self.grl, self.maps,
+                                 self.folds, self.seed, self.bootstrap, prog.update)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from e
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per representation and image set (scope 'all'): its AUC and CI, the number of sources, and
+    the per-source AUCs as {source: auc}."""
+    out = []
+    for r in rows:
+        if r["scope"] != "all":
+            continue
+        per = {p["scope"]: p["auc"] for p in rows
+               if p["scope"] != "all" and p["head"] == r["head"] and p["test_set"] == r["test_set"]}
+        out.append(dict(head=r["head"], test_set=r["test_set"], n_sources=len(r["test_sources"]), auc=r["auc"],
+                        auc_lo=r["auc_lo"], auc_hi=r["auc_hi"], per_source=per))
+    return out

@@ -60,3 +60,10 @@ class Ticker:
                            + f", {self.elapsed():.0f}s elapsed", markup=False, highlight=False, soft_wrap=True)
         # next line at the next 10% mark; none after 100% of this phase
         self._next = 2.0 if done >= total else (int(done / total / STEP + 1e-9) + 1) * STEP
+
+
+def silent(label: str) -> Ticker:
+    """A Ticker that shows nothing: the default of a job run from Python."""
+    import io
+
+    return Ticker(label, Console(file=io.StringIO()), tty=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -174,3 +175,61 @@ def write(table: pa.Table, out: str | Path) -> Path:
     else:
         raise ValueError(f"--out {out}: use a .csv, .parquet or .json file name")
     return out
+
+
+@dataclass
+class SqlJob:
+    """`featstore sql`: the user's SQL (QUERY or -f FILE), sandboxed, on the store, read-only unless
+    `writable`; the answer written to `out` (.csv, .parquet, .json) or rendered as `fmt`."""
+    query: str | None = None
+    file: Path | None = None
+    fmt: str = "table"
+    out: Path | None = None
+    var: list[str] = field(default_factory=list)  # NAME=VALUE, read in SQL as getvariable('NAME')
+    writable: bool = False
+    allow_read: list[Path] = field(default_factory=list)
+    db: Path | None = None
+
+    def __post_init__(self):
+        from featstore.errors import UserError
+
+        if (self.query is None) == (self.file is None):
+            raise UserError("give a QUERY or -f FILE")
+        if self.out and Path(self.out).suffix.lower() not in OUT_SUFFIXES:  # before the SQL runs (it may write)
+            raise UserError(f"--out {self.out}: use a .csv, .parquet or .json file name")
+        self.variables = {}
+        for v in self.var:
+            if "=" not in v:
+                raise UserError(f"--var {v}: expected NAME=VALUE")
+            k, val = v.split("=", 1)
+            self.variables[k] = val
+
+    def run(self) -> pa.Table:
+        from featstore.errors import SqlFailed, UserError
+        from featstore.store import open_for_command
+
+        text = Path(self.file).read_text() if self.file else self.query
+        con = open_for_command(self.db, read_only=not self.writable)
+        try:
+            table = run_user_sql(con, text, self.variables, self.allow_read)
+        except FileNotFoundError as e:  # an --allow-read path
+            raise UserError(str(e)) from e
+        except (duckdb.Error, ValueError) as e:
+            raise SqlFailed(str(e)) from e
+        finally:  # the sandbox holds for the database, not the connection: let it go with it
+            con.close()
+        if self.out:
+            try:
+                write(table, self.out)
+            except (ValueError, OSError) as e:
+                raise UserError(f"--out {self.out}: {e}") from e
+        return table
+
+    def text(self, table: pa.Table) -> str:
+        """The answer as `fmt` text."""
+        from featstore.errors import UserError
+
+        try:
+            return render(table, self.fmt)
+        except ValueError as e:
+            raise UserError(str(e)) from e

@@ -128,6 +128,29 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
     return con
 
 
+
+def open_for_command(db=None, read_only: bool = False, must_exist: bool = False,
+                     advice: bool = True) -> duckdb.DuckDBPyConnection:
+    """connect() for a command: a missing path, a folder or a busy store is a UserError (one line).
+    must_exist: commands that need ingested images refuse a missing store rather than create it empty.
+    advice: a read-only open of a busy store suggests reading a snapshot meanwhile."""
+    from featstore.errors import UserError
+
+    try:
+        if must_exist:
+            path = Path(db) if db is not None else default_db_path()
+            if not path.exists():
+                raise UserError(f"no featstore at {path}: run `featstore ingest` first "
+                                f"(or pass --db / set FEATSTORE_DB to an existing store)")
+        return connect(db, read_only=read_only)
+    except StoreBusyError as e:
+        tip = ("\nMeanwhile a snapshot taken while the store was free can be read: `featstore export --snapshot "
+               "DIR` (when idle), then --db DIR." if read_only and advice else "")
+        raise UserError(str(e) + tip) from e
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+
+
 def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
     """A snapshot (`featstore export --snapshot DIR`: DuckDB's EXPORT DATABASE as Parquet) loaded
     into memory in bulk. Sweep workers read this, so none waits on the store's single writer;

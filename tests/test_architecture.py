@@ -9,9 +9,10 @@ PKG = Path(__file__).resolve().parents[1] / "featstore"
 # In data-flow order. A module may import its own stage and earlier ones.
 STAGES = [
     # used by every stage: the store file, SQL running, image decoding, weights files, the result-row
-    # contract, figures, process pools, progress, messages, the registry type, config value types, test helpers
+    # contract, figures, process pools, progress, messages, the registry type, config value types, command
+    # errors, test helpers
     ("library", {"store", "query", "decode", "weights", "results", "figures", "neighbors", "procs", "progress",
-                 "suggest", "registry", "options", "testing"}),
+                 "suggest", "registry", "options", "errors", "testing"}),
     ("ingest", {"synth", "ingest", "adapters"}),
     ("preprocess", {"lungs", "preprocess", "masks"}),
     ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),
@@ -26,8 +27,10 @@ STAGES = [
     ("report", {"report"}),
 ]
 # Front ends may import anything; no stage imports them. `featstore` itself (__init__) only re-exports
-# the API lazily; importing the package for its __version__ is not a dependency on a front end.
-FRONT_ENDS = {"__init__", "cli", "demo"}
+# the API lazily; importing the package for its __version__ is not a dependency on a front end. `jobs`
+# holds the command jobs that span modules which must not import each other (ingest + adapters, the
+# two embed engines) or reach the report.
+FRONT_ENDS = {"__init__", "cli", "demo", "jobs"}
 
 RANK = {m: i for i, (_, mods) in enumerate(STAGES) for m in mods}
 STAGE = {m: name for name, mods in STAGES for m in mods}

@@ -1,8 +1,6 @@
 """Shortcut forensics: domain probe, nearest neighbours, near duplicates (SYNTHETIC data)."""
 import csv
 import io
-import json
-import shutil
 
 import duckdb
 import numpy as np

@@ -319,9 +319,6 @@ def test_chexzero_pipeline_is_its_published_normalisation():
 
 @pytest.mark.parametrize("name", ["rad-dino", "convnext-base", "chexzero"])
 def test_embed_stores_and_resumes(name, ingested, monkeypatch):
-    from dataclasses import replace
-
-    from featstore import backbones as B
     from featstore.embed import embed
 
     con, _ = ingested

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from featstore import cli
+from featstore import jobs
 from featstore.cli import app
 from featstore.store import connect, ensure_embedding_table
 
@@ -352,13 +352,13 @@ def test_ui_on_a_busy_port_fails_clearly(tmp_path):
 def test_ui_reports_a_server_that_stops(tmp_path, monkeypatch):
     # the child binds late (another process took the port) or dies: exit non-zero, never a silent 0
     port = _port()
-    monkeypatch.setattr(cli, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", "raise SystemExit(0)"])
+    monkeypatch.setattr(jobs, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", "raise SystemExit(0)"])
     r = _run("ui", "--port", port, "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert r.exit_code == 1 and "stopped (exit code 0)" in r.text and "http://" not in r.text, r.output
     # a server that answers gets its URL printed, then its end is reported too
     serve_once = ("import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
                   f"s.bind(('127.0.0.1', {port})); s.listen(); s.accept()[0].close(); sys.exit(3)")
-    monkeypatch.setattr(cli, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", serve_once])
+    monkeypatch.setattr(jobs, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", serve_once])
     r = _run("ui", "--port", port, "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert r.exit_code == 3 and f"at http://127.0.0.1:{port}" in r.text and "stopped (exit code 3)" in r.text
 
@@ -367,7 +367,7 @@ def test_ui_on_the_network_needs_expose_and_warns(tmp_path, monkeypatch):
     # old code: served the unauthenticated UI on 0.0.0.0 without a word
     r = _run("ui", "--host", "0.0.0.0", "--port", _port())
     assert r.exit_code == 2 and "no login" in r.text and "--expose" in r.text, r.output
-    monkeypatch.setattr(cli, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", "raise SystemExit(0)"])
+    monkeypatch.setattr(jobs, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", "raise SystemExit(0)"])
     r = _run("ui", "--host", "0.0.0.0", "--expose", "--port", _port(), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert "WARNING: the MLflow UI has no authentication" in r.text, r.output
     assert "--expose" in " ".join(_run("ui", "--help").output.split())

@@ -114,7 +114,7 @@ def test_artifacts_survive_moving_the_folder(swept, tmp_path):
     assert str(src) not in unit.info.artifact_uri
     files = track.Tracker("cmp", uri).artifact_files(unit.info.run_id, tmp_path / "out")
     assert "per_source.csv" in {p.name for p in files}
-    from featstore.cli import _mlflow_ui_argv
+    from featstore.jobs import _mlflow_ui_argv
 
     argv = _mlflow_ui_argv(uri, "127.0.0.1", 5999)
     assert argv[argv.index("--artifacts-destination") + 1] == str((moved / "mlartifacts").resolve())
@@ -289,7 +289,7 @@ def test_ui_url_opens_on_runs():
 
 
 def test_ui_lists_direct_links_to_each_study(swept, tmp_path):
-    from featstore.cli import _studies
+    from featstore.jobs import _studies
 
     _, uri, _ = swept
     _, exp, _ = _runs(uri, "cmp")
