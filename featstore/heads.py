@@ -35,10 +35,12 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def fit(self, X, y, domains=None):
+    def fit(self, X, y, domains=None, scaler=None):
+        """scaler: a StandardScaler already fitted on this X (the sweep fits it once per split and
+        reuses it across trials; the same numbers as fitting it here)."""
         X, y = validate_data(self, X, y)
         check_classification_targets(y)
-        self.scaler_ = StandardScaler().fit(X)
+        self.scaler_ = scaler if scaler is not None else StandardScaler().fit(X)
         # lbfgs for pure L2; liblinear for L1 on two classes (saga needs 100x longer on CXR
         # embeddings); saga only where nothing else takes an L1 part (several classes, elastic net)
         binary_l1 = self.l1_ratio == 1 and len(np.unique(y)) == 2
@@ -481,11 +483,13 @@ class HeadSpec:
     space: Callable
     description: str
     searched: bool = True    # False: no hyperparameters, one trial per fold (nothing to search)
+    prepare: Callable | None = None  # X_fit -> fit kwargs that depend on the rows only, computed once per split
     needs_inputs: bool = False  # built with inputs beyond hyperparameters (the zero-shot head's text side)
 
 
 HEADS = {
-    "logreg": HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)"),
+    "logreg": HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)",
+                       prepare=lambda X: dict(scaler=StandardScaler().fit(X))),
     "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), paper 003 network"),
     "lightgbm": HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"),
     "zeroshot": HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding "
