@@ -8,7 +8,7 @@ and the ties would hide the ranking.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Callable
 
@@ -484,13 +484,20 @@ class HeadSpec:
     description: str
     searched: bool = True    # False: no hyperparameters, one trial per fold (nothing to search)
     prepare: Callable | None = None  # X_fit -> fit kwargs that depend on the rows only, computed once per split
+    # hyperparameters the search's trials use in place of the head's defaults (a study's fixed ones still win);
+    # the refit of the selected trial, whose predictions are scored, does not use them
+    search_defaults: dict = field(default_factory=dict)
     needs_inputs: bool = False  # built with inputs beyond hyperparameters (the zero-shot head's text side)
 
 
 HEADS = {
     "logreg": HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)",
                        prepare=lambda X: dict(scaler=StandardScaler().fit(X))),
-    "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), paper 003 network"),
+    # trials stop at the first validation plateau instead of dropping the LR up to 3 times: ~40% fewer epochs
+    # on the real set, and the same kept weights whenever the best epoch precedes the first drop (7 of 8
+    # fits sampled there); the refit keeps the full schedule
+    "grl_mlp": HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), paper 003 network",
+                        search_defaults=dict(max_drops=1)),
     "lightgbm": HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"),
     "zeroshot": HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding "
                          "set's own text tower (CLIP family, SigLIP); no training, one trial", searched=False,

@@ -297,7 +297,7 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
         res.n_ran += 1
         for k, v in attrs.items():  # the dashboard filters trials across studies by these
             trial.set_user_attr(k, v)
-        params = {**space(trial), **task.fixed}
+        params = {**space(trial), **spec.search_defaults, **task.fixed}
         _hold_for_tests(trial)
         P_all, y_all = [], []
         try:

@@ -12,6 +12,7 @@ import torch
 from sklearn.preprocessing import StandardScaler
 
 from featstore import heads as H
+from featstore.heads import GRLHead
 from featstore import sweep as S
 from featstore.benchmark import make_tasks, plan
 from featstore.split import get_selection
@@ -86,3 +87,45 @@ def test_studies_run_single_threaded_and_restore_the_threads():
         assert torch.get_num_threads() == 1
         assert all(i["num_threads"] == 1 for i in threadpool_info())
     assert torch.get_num_threads() == 2
+
+
+def test_grl_trials_stop_at_the_first_plateau_and_the_refit_keeps_the_schedule(synth_stores, monkeypatch):
+    tasks, data = _tasks(synth_stores["confounded"], {"grl_mlp": {"trials": 2}}, {"loso": {}})
+    seen = []
+    real = S.fit_head
+
+    def spy(name, params, *a, **kw):
+        seen.append(dict(params))
+        return real(name, params, *a, **kw)
+    monkeypatch.setattr(S, "fit_head", spy)
+    r = S.run_task(dataclasses.replace(tasks[0], fixed={"max_epochs": 30}), data.X, data.meta,
+                   optuna.storages.InMemoryStorage())
+    assert r.error is None and len(seen) == 3
+    assert all(p["max_drops"] == 1 for p in seen[:2])  # the trials
+    assert "max_drops" not in seen[2] and "max_drops" not in r.params  # the refit: the head's own schedule
+    # a study that fixes it gets what it asked for, in the search too
+    seen.clear()
+    S.run_task(dataclasses.replace(tasks[1], fixed={"max_epochs": 30, "max_drops": 2}), data.X, data.meta,
+               optuna.storages.InMemoryStorage())
+    assert [p["max_drops"] for p in seen] == [2, 2, 2]
+
+
+def test_grl_first_plateau_stop_keeps_the_same_weights_when_the_best_epoch_comes_first(synth_embeddings):
+    """Stopping at the first plateau (max_drops=1) trains exactly as the full schedule up to the first
+    LR drop: where the full fit's best epoch is not later than that, both keep the same network."""
+    X, meta = synth_embeddings["confounded"]
+    y = (meta["label"].to_numpy() == "covid").astype(int)
+    s = meta["source"].to_numpy()
+    same = 0
+    for seed in range(3):
+        kw = dict(hidden=(32, 16), max_epochs=60, patience=4, min_epochs=3, random_state=seed)
+        short = GRLHead(max_drops=1, **kw).fit(X, y, domains=s)
+        full = GRLHead(max_drops=3, **kw).fit(X, y, domains=s)
+        assert short.n_epochs_ <= full.n_epochs_
+        np.testing.assert_array_equal(short.val_loss_, full.val_loss_[:short.n_epochs_])
+        if short.stop_reason_ == "lr drops" and full.best_epoch_ < short.n_epochs_:
+            same += 1
+            assert short.best_epoch_ == full.best_epoch_
+            np.testing.assert_array_equal(short.decision_function(X), full.decision_function(X))
+            break
+    assert same >= 1
