@@ -8,7 +8,8 @@ featstore/studies/cxr_shortcut.yaml (its trial counts, train-val selection, seed
 Optuna journal, one process, once with the levers ("on") and once without ("off"), alternating so
 that a busy machine slows both alike. Levers: one BLAS/OpenMP/torch thread per study
 (sweep.single_threaded), the selection split drawn once per fold (sweep.attach_splits), the
-split's arrays sliced and the logistic head's scaler fitted once per study (HeadSpec.prepare).
+split's arrays sliced and the logistic head's scaler fitted once per study (HeadSpec.prepare), GRL
+trials stopped at the first validation plateau (HeadSpec.search_defaults; the refit is unchanged).
 "Same selection" compares the chosen hyperparameters and validation scores of the two paths.
 The whole study's wall time beside the 120 s goal is in end_to_end.py.
 """
@@ -50,7 +51,7 @@ def main():
             H.HEADS.update(on_spec)
             S.single_threaded = real_single
         else:  # the per-trial path: default threads, split per study, scaler per trial
-            H.HEADS[head] = dataclasses.replace(on_spec[head], prepare=None)
+            H.HEADS[head] = dataclasses.replace(on_spec[head], prepare=None, search_defaults={})
             S.single_threaded = contextlib.nullcontext
         try:
             with tempfile.TemporaryDirectory() as tmp:
