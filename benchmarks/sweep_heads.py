@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--db", type=Path, required=True, help="a store with mobilenetv3-nih-onnx embeddings of the real set")
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--heads", default="", help="comma-separated heads (default: the study's)")
     a = ap.parse_args()
     import optuna
     import yaml
@@ -69,7 +70,9 @@ def main():
         return n, wall - refit, refit, [(r.params, r.val_score) for r in res]
 
     rows = []
-    for head in [h.name for h in st.heads]:
+    import sys
+
+    for head in [h for h in a.heads.split(",") if h] or [h.name for h in st.heads]:
         acc = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}
         chosen = {}
         for _ in range(a.repeats):
@@ -82,6 +85,7 @@ def main():
         off, on = acc[False][0] / acc[False][1], acc[True][0] / acc[True][1]
         rows.append([head, acc[True][0] // a.repeats, f"{off:.2f}", f"{on:.2f}", f"{on / off:.2f}",
                      f"{acc[False][2]:.1f}", f"{acc[True][2]:.1f}", "yes" if chosen[True] == chosen[False] else "NO"])
+        print("  ", " | ".join(map(str, rows[-1])), file=sys.stderr, flush=True)  # progress: a row per head
     print("### Issue 14, goal 3: trials/s per head, speed levers off vs on (one process, alternating)\n")
     print(f"First {a.folds} leave-one-source-out folds of cxr_shortcut.yaml per head, {a.repeats} repeat(s); "
           "search = Optuna trials with their journal writes; refit = final fit + test predictions.\n")
