@@ -74,6 +74,9 @@ def main():
           f"{first.images_per_s:.0f} img/s; sweep: {sw.n_tasks} Optuna studies, {sw.n_trials} trials, "
           f"{len(sw.rows)} result rows\n")
     print(table(["stage", "wall s", "peak memory GiB (process + workers)"], stages))
+    print(f"\nIssue 14, goal 3: the study's sweep in {t_sweep:.1f} s on {os.cpu_count()} cores, goal <= 120 s: "
+          f"{'met' if t_sweep <= 120 else 'NOT met'} ({sw.n_trials / t_sweep:.2f} trials/s over all heads; "
+          f"per head: sweep_heads.py)")
     print("\n### 2. Second embed over the embedded store\n")
     print(table(["first embed s", "second embed s", "images embedded the second time", "ratio (bar <= 0.02)"],
                 [[f"{t_first:.2f}", f"{t_second:.3f}", second.n_embedded, f"{t_second / t_first:.4f}"]]))

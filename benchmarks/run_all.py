@@ -65,6 +65,7 @@ def main():
              run("store_load.py", "--db", db),
              run("head_overhead.py", "--db", db),
              run("sweep_workers.py", "--db", db),
+             run("sweep_heads.py", "--db", db),  # issue 14, goal 3: per head trials/s, levers off vs on
              run("knn_latency.py"),
              run("ann.py", "--workdir", str(a.workdir)),  # issue 14, goal 4: ~1 h on 2 cores at 1M vectors
              run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db)]

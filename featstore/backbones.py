@@ -99,7 +99,7 @@ register(BackboneSpec("pixelstats", "pixelstats", 256, 1, PIXELSTATS_PIPELINE, 6
                                   "a floor for how much source signal raw pixels carry"))
 
 
-# --- frozen foundation models (featstore/foundation.py; issue 16) -----------------------------------
+# --- frozen foundation models (featstore/foundation.py) ---------------------------------------------
 # Each fed as its own processor feeds it: shorter side to `resize` (bicubic), centre crop, mean/std
 # (timm resolve_data_config + create_transform, open_clip preprocess, HF Dinov2 / BitImageProcessor), or
 # a plain resize to size x size (HF SiglipImageProcessor). Pooling: `<name>@<pooling>` is its own entry.

@@ -24,6 +24,7 @@ import time
 import traceback
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -51,6 +52,7 @@ class Task:
     seed: int
     timeout: float | None
     n_classes: int
+    splits: list | None = None  # the selection's (fit, validate) pairs, computed once per fold (`attach_splits`)
     attrs: dict = field(default_factory=dict)  # e.g. backbone, preprocess: study attributes for optuna-dashboard
     inputs: dict = field(default_factory=dict)  # what a head is built with besides hyperparameters (zero-shot:
     #                                             the class text embeddings); never in params, never searched
@@ -101,8 +103,52 @@ def _ranking(model, X, n_classes):
     return _proba(model, X, n_classes)
 
 
-def fit_head(name, params, X, y, domains, seed, inputs=None):
-    return create_head(name, **{**params, **(inputs or {}), "random_state": seed}).fit(X, y, domains=domains)
+def fit_head(name, params, X, y, domains, seed, inputs=None, prepared=None):
+    """prepared: what HeadSpec.prepare computed once from this very X (e.g. the fitted scaler), reused by
+    every trial on the same rows instead of being recomputed; the fit is the same as without it."""
+    return create_head(name, **{**params, **(inputs or {}), "random_state": seed}).fit(X, y, domains=domains,
+                                                                                      **(prepared or {}))
+
+
+def selection_splits_for(task: Task, meta: Meta) -> list:
+    return task.splits if task.splits is not None else get_selection(task.selection).splits(meta, task.fold,
+                                                                                            task.seed)
+
+
+def attach_splits(tasks: list[Task], meta: Meta, cache: dict | None = None) -> None:
+    """Every head on a fold draws the same selection split (it depends on the fold's training rows, the
+    rule and the seed only): compute it once per fold, not once per study (StratifiedGroupKFold's
+    greedy group assignment costs about a second on the real set)."""
+    import hashlib
+
+    cache = {} if cache is None else cache
+    for t in tasks:
+        if t.splits is not None:
+            continue
+        key = (t.selection, t.seed, t.fold.protocol, t.fold.name, hashlib.sha1(t.fold.train.tobytes()).hexdigest(),
+               tuple((k, hashlib.sha1(v.tobytes()).hexdigest()) for k, v in sorted(t.fold.tests.items())))
+        if key not in cache:
+            cache[key] = get_selection(t.selection).splits(meta, t.fold, t.seed)
+        t.splits = cache[key]
+
+
+@contextmanager
+def single_threaded():
+    """One thread for BLAS/OpenMP (numpy, scikit-learn, LightGBM) and torch while a study runs. The
+    models are small: OpenBLAS threads on a busy machine (2 workers on 2 cores) spin against each
+    other, and an lbfgs logistic fit on the real set took 3-11 s instead of 0.2 s. It also makes the
+    rows independent of the machine's core count: float32 lbfgs coefficients moved by ~1e-4 between
+    1 and 2 BLAS threads (another summation order)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # a running trial on database storage proves its owner alive this often; after GRACE_S without, the
@@ -227,31 +273,42 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
     """Search (Optuna trials), then refit the best on the fold's training set and predict its tests.
     search_only (sweep workers): trials of unclaimed or abandoned studies only; a study another
     live process owns is skipped, and nothing is refitted."""
+    with single_threaded():
+        return _run_task(task, X, meta, storage, search_only, grace_s)
+
+
+def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool, grace_s: float | None) -> TaskResult:
     t0 = time.time()
     grace_s = GRACE_S if grace_s is None else grace_s
     res = TaskResult(task)
     f = task.fold
     # an oracle rule selects on the test set itself (an upper bound, reported apart); the others see f.train only
-    splits = get_selection(task.selection).splits(meta, f, task.seed)
-    space = HEADS[task.head].space
+    splits = selection_splits_for(task, meta)
+    spec = HEADS[task.head]
+    space = spec.space
     attrs = identity(task)
+    # the split's arrays, and what the head prepares from them (the scaler), once per study, not per trial
+    parts = []
+    for a, b in splits:
+        Xa = X[a]
+        parts.append((Xa, meta.y[a], meta.source[a], X[b], meta.y[b], spec.prepare(Xa) if spec.prepare else None))
 
     def objective(trial):
         res.n_ran += 1
         for k, v in attrs.items():  # the dashboard filters trials across studies by these
             trial.set_user_attr(k, v)
-        params = {**space(trial), **task.fixed}
+        params = {**space(trial), **spec.search_defaults, **task.fixed}
         _hold_for_tests(trial)
         P_all, y_all = [], []
         try:
-            for step, (a, b) in enumerate(splits):
+            for step, (Xa, ya, sa, Xb, yb, prepared) in enumerate(parts):
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", ConvergenceWarning)
-                    m = fit_head(task.head, params, X[a], meta.y[a], meta.source[a], task.seed, task.inputs)
+                    m = fit_head(task.head, params, Xa, ya, sa, task.seed, task.inputs, prepared)
                 if any(issubclass(w.category, ConvergenceWarning) for w in caught):
                     trial.set_user_attr("warning", "solver did not converge")
-                P_all.append(_ranking(m, X[b], task.n_classes))
-                y_all.append(meta.y[b])
+                P_all.append(_ranking(m, Xb, task.n_classes))
+                y_all.append(yb)
                 if len(splits) > 1:  # inner-loso: prune on the pooled score once it is defined
                     s = validation_score(np.concatenate(y_all), np.concatenate(P_all), task.n_classes)
                     if not np.isnan(s):
@@ -403,6 +460,7 @@ def run_tasks(tasks: list[Task], X, meta, storage_spec, workers: int = 1, on_don
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out: list[TaskResult | None] = [None] * len(tasks)
     if workers <= 1:
+        attach_splits(tasks, meta)
         storage = open_storage(storage_spec)
         for i, t in enumerate(tasks):
             out[i] = run_task(t, X, meta, storage, search_only)
@@ -412,7 +470,10 @@ def run_tasks(tasks: list[Task], X, meta, storage_spec, workers: int = 1, on_don
     # workers die with this process (kill -9 included); so does the resource tracker, whose pipe they hold
     with process_pool(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                       initargs=(X, meta, str(storage_spec), 1, search_only)) as ex:
-        futs = {ex.submit(_run_in_worker, t): i for i, t in enumerate(tasks)}
+        futs, cache = {}, {}
+        for i, t in enumerate(tasks):  # each split computed just before its first task goes: workers start meanwhile
+            attach_splits([t], meta, cache)
+            futs[ex.submit(_run_in_worker, t)] = i
         from concurrent.futures import as_completed
 
         for fut in as_completed(futs):
