@@ -101,6 +101,11 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def goal(what: str, bar: str, measured: str, met: bool | None) -> None:
+    """One line for the summary at the top of RESULTS.md (run_all.py takes these out of the section)."""
+    print(f"GOAL|{what}|{bar}|{measured}|{'-' if met is None else 'met' if met else 'NOT met'}")
+
+
 def best_of(fn, repeat: int = 3) -> float:
     """Smallest wall time of `repeat` runs: the least noisy estimate on a shared machine."""
     times = []

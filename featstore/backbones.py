@@ -627,6 +627,8 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
         output = model.graph.output[0].name
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the int8 graph warns about every unused initializer
+    # no busy-waiting between batches: spinning threads would take the cores the decode workers need
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     dims = [d.dim_value for d in graph_inputs[0].type.tensor_type.shape.dim]

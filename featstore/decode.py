@@ -39,7 +39,7 @@ def max_bytes_default() -> int:
 
 @dataclass
 class Decoded:
-    pixels: np.ndarray  # float32, (height, width), 0 = black, 1 = white
+    pixels: np.ndarray  # float32, (height, width), 0 = black, 1 = white (uint8 0..255 when asked, 8-bit only)
     width: int
     height: int
     bit_depth: int
@@ -142,9 +142,11 @@ def read_file(path: str | Path, max_bytes: int | None = None) -> bytes:
     return read_regular(path, max_bytes)[0]
 
 
-def decode_bytes(data: bytes, name: str = "", draft: int | None = None) -> Decoded:
+def decode_bytes(data: bytes, name: str = "", draft: int | None = None, uint8: bool = False) -> Decoded:
     """Decode file bytes. `draft` lets JPEG decode at a reduced scale no smaller than
-    draft x draft pixels (fast path for embedding; width/height stay the file's)."""
+    draft x draft pixels (fast path for embedding; width/height stay the file's). `uint8`: an 8-bit
+    image keeps its bytes (v, not v / 255 in float32: a quarter of the memory and no conversion for
+    pipelines that resize in uint8); other bit depths are float32 as always."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     kind = sniff_format(data, name)
@@ -153,7 +155,7 @@ def decode_bytes(data: bytes, name: str = "", draft: int | None = None) -> Decod
     elif kind == "NIFTI":
         d = _decode_nifti(data, name)
     else:
-        d = _decode_pil(data, draft)
+        d = _decode_pil(data, draft, uint8)
     check_finite(d.pixels)  # every format: no NaN/Inf ever leaves the decoder
     return d
 
@@ -162,7 +164,7 @@ def decode_file(path: str | Path, draft: int | None = None, max_bytes: int | Non
     return decode_bytes(read_file(path, max_bytes), str(path), draft)
 
 
-def _decode_pil(data: bytes, draft: int | None) -> Decoded:
+def _decode_pil(data: bytes, draft: int | None, uint8: bool = False) -> Decoded:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -201,8 +203,8 @@ def _decode_pil(data: bytes, draft: int | None) -> Decoded:
         if mode != "L":
             # palettes and CMYK/YCbCr go through RGB so the luma weights apply to real colours
             im = im.convert("RGB").convert("L") if mode in ("P", "PA", "CMYK", "YCbCr") else im.convert("L")
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    return Decoded(np.ascontiguousarray(arr, dtype=np.float32), width, height, bits, fmt)
+        arr = np.asarray(im, dtype=np.uint8) if uint8 else np.asarray(im, dtype=np.float32) / 255.0
+    return Decoded(np.ascontiguousarray(arr, dtype=arr.dtype if uint8 else np.float32), width, height, bits, fmt)
 
 
 def check_finite(a: np.ndarray) -> None:

@@ -16,6 +16,7 @@ Pairs go to `near_duplicates` with both measures; a contact sheet shows them sid
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -113,26 +114,113 @@ def ensure_hashes(con, workers: int = 2, progress=None) -> int:
 
 
 def bits(hashes) -> np.ndarray:
-    """[n, 256] 0/1 float32 matrix of the hashes' bits."""
-    return np.unpackbits(np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), -1), axis=1) \
-        .astype(np.float32)
+    """[n, 256] 0/1 uint8 matrix of the hashes' bits."""
+    return np.unpackbits(np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), -1), axis=1)
 
 
-def hamming_pairs(ids, hashes, max_dist: int, block: int = 1024, progress=None) -> dict[tuple, int]:
-    B = bits(hashes)
-    out = {}
-    for start in range(0, len(B), block):
-        if progress:
-            progress(start, len(B), "comparing hashes")
-        b = B[start:start + block]
-        d = np.rint(b @ (1 - B).T + (1 - b) @ B.T).astype(int)  # Hamming distance as two matmuls
+def words(hashes) -> np.ndarray:
+    """[n, 4] uint64: each 256-bit hash as four words, so popcount(a ^ b) summed is the Hamming distance."""
+    return np.frombuffer(b"".join(hashes), np.uint8).reshape(len(hashes), -1).copy().view(np.uint64)
+
+
+def distance(W: np.ndarray, i, j) -> np.ndarray:
+    """Hamming distances between rows i and j of words(...)."""
+    return np.bitwise_count(W[i] ^ W[j]).sum(-1, dtype=np.int32)
+
+
+SMALL_BUCKET = 32      # buckets up to this size: pairs by offset within the sorted bucket; larger: tiles
+MIN_CHUNK_BITS = 16    # below this the buckets are too coarse to prune: compare all pairs
+TILE_WORDS = 1 << 22   # words per tile of the all-pairs comparison (32 MiB of uint64)
+
+
+def hamming_pairs(ids, hashes, max_dist: int, workers: int = 1, progress=None) -> dict[tuple, int]:
+    """Every pair of hashes within `max_dist` bits, exactly: {(ids[i], ids[j]) with i < j: distance}.
+
+    Multi-index hashing (Norouzi et al., "Fast search in Hamming space with multi-index hashing", CVPR 2012):
+    cut the 256 bits into max_dist + 1 disjoint chunks; two hashes within max_dist bits agree on at least
+    one whole chunk (pigeonhole), so only pairs sharing a chunk value are compared. The chunks take every
+    (max_dist + 1)-th bit rather than neighbouring bits: on chest X-rays neighbouring dHash bits (the dark
+    rows at the edges) agree across most images, interleaved chunks far less often (on ../shared/cxr 0.7%
+    of all pairs are compared instead of 6%). Exact: the same pairs as comparing all of them."""
+    n_chunks = max_dist + 1
+    if len(hashes) < 2 or 256 // n_chunks < MIN_CHUNK_BITS:
+        return all_pairs(ids, hashes, max_dist)
+    W, B = words(hashes), bits(hashes)
+    # a chunk longer than 64 bits keys on its first 64: a coarser bucket, still exact after the check
+    keys = (_key(B, np.arange(c, 256, n_chunks)[:64]) for c in range(n_chunks))
+    found = []
+    with ThreadPoolExecutor(max(1, workers)) as ex:  # numpy releases the GIL in these loops
+        for c, f in enumerate(ex.map(lambda key: _bucket_pairs(W, key, max_dist), keys)):
+            found.append(f)
+            if progress:
+                progress(c + 1, n_chunks, "comparing hashes")
+    return _as_dict(ids, found)
+
+
+def all_pairs(ids, hashes, max_dist: int) -> dict[tuple, int]:
+    """What hamming_pairs returns, by comparing every pair (O(n^2): the reference it is checked against)."""
+    return _as_dict(ids, [_all_pairs(words(hashes), np.arange(len(hashes)), max_dist)] if len(hashes) > 1 else [])
+
+
+def _as_dict(ids, found) -> dict[tuple, int]:
+    if not found:
+        return {}
+    i, j, d = (np.concatenate([f[k] for f in found]) for k in range(3))
+    _, first = np.unique(i.astype(np.int64) * len(ids) + j, return_index=True)  # a pair found by several chunks
+    return {(ids[a], ids[b]): int(x) for a, b, x in zip(i[first], j[first], d[first])}
+
+
+def _key(B: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    packed = np.packbits(B[:, cols], axis=1)
+    packed = np.pad(packed, ((0, 0), (0, 8 - packed.shape[1])))
+    return np.ascontiguousarray(packed).view(">u8").ravel()
+
+
+def _bucket_pairs(W, key, max_dist):
+    """Pairs (i < j) with equal key and distance <= max_dist."""
+    n = len(key)
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    end = np.repeat(starts + sizes, sizes)
+    size = np.repeat(sizes, sizes)
+    out = []
+    p = np.flatnonzero((size >= 2) & (size <= SMALL_BUCKET))
+    for off in range(1, SMALL_BUCKET):  # p and p + off in the same small bucket
+        p = p[p + off < end[p]]
+        if not len(p):
+            break
+        a, b = order[p], order[p + off]
+        d = distance(W, a, b)
+        hit = d <= max_dist
+        out.append((np.minimum(a, b)[hit], np.maximum(a, b)[hit], d[hit]))
+    for s, m in zip(starts[sizes > SMALL_BUCKET], sizes[sizes > SMALL_BUCKET]):
+        out.append(_all_pairs(W, order[s:s + m], max_dist))
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    return tuple(np.concatenate(x) for x in zip(*out))
+
+
+def _all_pairs(W, members, max_dist):
+    """Pairs among `members` (row numbers of W) within max_dist, compared in tiles."""
+    Wm = W[members]
+    m = len(members)
+    rows = max(1, TILE_WORDS // (4 * m))
+    I, J, D = [], [], []
+    for r0 in range(0, m - 1, rows):
+        blk = Wm[r0:r0 + rows]
+        d = np.bitwise_count(blk[:, None, :] ^ Wm[None, r0 + 1:, :]).sum(-1, dtype=np.int32)
         ii, jj = np.nonzero(d <= max_dist)
-        for i, j in zip(ii + start, jj):
-            if i < j:
-                out[(ids[i], ids[j])] = int(d[i - start, j])
-    if progress:
-        progress(len(B), len(B), "comparing hashes")
-    return out
+        jj = jj + r0 + 1
+        keep = jj > ii + r0  # the upper triangle only
+        a, b = members[ii[keep] + r0], members[jj[keep]]
+        I.append(np.minimum(a, b))
+        J.append(np.maximum(a, b))
+        D.append(d[ii[keep], jj[keep] - r0 - 1])
+    if not I:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    return np.concatenate(I), np.concatenate(J), np.concatenate(D)
 
 
 def embedding_pairs(con, s, Xn: np.ndarray, eids, k: int, cosine_min: float, search: str = "auto", say=None,
@@ -174,7 +262,7 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
     ids = meta["image_id"].to_numpy()
     pos = {v: i for i, v in enumerate(ids)}
     pairs = {key: dict(phash_distance=d, cosine=None, method="phash")
-             for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max, progress=progress).items()}
+             for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max, workers, progress).items()}
     Xn = None
     if backbone:
         from featstore.ann import resolve_set, unit_vectors
@@ -191,10 +279,10 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
         for (a, b), p in pairs.items():  # both measures for every pair
             if p["cosine"] is None and a in epos and b in epos:
                 p["cosine"] = float(Xn[epos[a]] @ Xn[epos[b]])
-    B = bits(meta["dhash"].to_list())
+    W = words(meta["dhash"].to_list())
     for (a, b), p in pairs.items():
         if p["phash_distance"] is None:
-            p["phash_distance"] = int((B[pos[a]] != B[pos[b]]).sum())
+            p["phash_distance"] = int(distance(W, pos[a], pos[b]))
     src, lab = dict(zip(ids, meta["source"])), dict(zip(ids, meta["label"]))
     now = datetime.now()
     df = pl.DataFrame([dict(image_a=a, image_b=b, source_a=src[a], source_b=src[b], label_a=lab[a], label_b=lab[b],

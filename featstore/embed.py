@@ -68,7 +68,7 @@ class ImageDataset(Dataset):
             # under the old content's id (sha256 costs little next to decoding)
             if hashlib.sha256(data).hexdigest() != image_id:
                 return image_id, path, None, CHANGED
-            d = decode_bytes(data, str(path), draft=self.size)
+            d = decode_bytes(data, str(path), draft=self.size, uint8=self.fn.takes_uint8)
             if reason := _non_finite(d.pixels, "pixel values"):
                 return image_id, path, None, reason
             if mask:

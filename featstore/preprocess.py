@@ -27,6 +27,7 @@ class Preprocessing:
     description: str
     needs_mask: bool = False
     options: dict = field(default_factory=dict)
+    takes_uint8: bool = False  # fn accepts decode's uint8 (8-bit images) and is exact on it: embed skips a float copy
 
     def __call__(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         if self.needs_mask:
@@ -61,7 +62,7 @@ def register_preprocessing(p: Preprocessing) -> Preprocessing:
     return PREPROCESSINGS.register(p.name, p)
 
 
-register_preprocessing(Preprocessing("original", _original, "as decoded"))
+register_preprocessing(Preprocessing("original", _original, "as decoded", takes_uint8=True))
 register_preprocessing(Preprocessing("histeq", _histeq, "global histogram equalisation ([Tartaglione2020], [Trivedi2022])",
                                      options=dict(nbins=256)))
 register_preprocessing(Preprocessing("clahe", _clahe, "contrast-limited adaptive equalisation ([Trivedi2022], [Goldstein2021])",

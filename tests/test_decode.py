@@ -265,3 +265,47 @@ def test_size_cap(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATSTORE_MAX_BYTES", str(n - 1))
     with pytest.raises(DecodeError, match="file too large"):
         read_file(small)
+
+
+def _encoded(kind):
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (40, 52), dtype=np.uint8)
+    buf = io.BytesIO()
+    if kind == "jpeg":
+        Image.fromarray(grey).save(buf, format="JPEG", quality=90)
+    elif kind == "rgb-png":
+        Image.fromarray(np.stack([grey, grey[::-1], grey[:, ::-1]], -1)).save(buf, format="PNG")
+    elif kind == "palette-png":
+        Image.fromarray(grey).convert("P").save(buf, format="PNG")
+    elif kind == "16-bit-png":
+        Image.fromarray(grey.astype(np.uint16) * 257).save(buf, format="PNG")
+    else:
+        Image.fromarray(grey).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "grey-png", "rgb-png", "palette-png", "16-bit-png"])
+def test_uint8_decode_is_the_float_decode_in_bytes(kind):
+    """embed asks for uint8 when its preprocessing takes it: the same pixels, v instead of v / 255;
+    other bit depths stay float32."""
+    data = _encoded(kind)
+    f, u = decode_bytes(data, draft=32), decode_bytes(data, draft=32, uint8=True)
+    if kind == "16-bit-png":
+        assert u.pixels.dtype == np.float32
+        np.testing.assert_array_equal(u.pixels, f.pixels)
+    else:
+        assert u.pixels.dtype == np.uint8 and f.pixels.dtype == np.float32
+        np.testing.assert_array_equal(u.pixels.astype(np.float32) / 255.0, f.pixels)
+    assert (u.width, u.height, u.bit_depth, u.format) == (f.width, f.height, f.bit_depth, f.format)
+
+
+def test_preprocessings_that_take_uint8_give_what_they_give_on_floats():
+    from featstore.preprocess import PREPROCESSINGS, to_input
+    from featstore.backbones import NIH_ONNX_PIPELINE
+
+    u = np.random.default_rng(2).integers(0, 256, (33, 47), dtype=np.uint8)
+    takers = [p for p in PREPROCESSINGS.values() if p.takes_uint8]
+    assert takers  # 'original' at least
+    for p in takers:
+        np.testing.assert_array_equal(to_input(p(u), 24, 1, NIH_ONNX_PIPELINE),
+                                      to_input(p(u.astype(np.float32) / 255.0), 24, 1, NIH_ONNX_PIPELINE))
