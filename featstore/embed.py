@@ -137,61 +137,23 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2)))
 
 
-def _with_masks(con, items, masks: str, weights_dir, workers: int, device: str):
-    """Lung variants: attach each image's stored mask (made now if missing); refused ones come back
-    as failures to record, with the mask's reason."""
-    from featstore.masks import ensure_masks, load_masks
-
-    ensure_masks(con, [i for i, _ in items], method=masks, weights_dir=weights_dir, workers=max(1, workers),
-                 device=device)
-    found = load_masks(con, [i for i, _ in items])
-    ok, bad = [], []
-    for image_id, path in items:
-        png, method, reason = found.get(image_id, (None, "none", "no lung mask"))
-        if png is None:
-            bad.append((image_id, path, f"{reason} [mask method {method}]"))
-        else:
-            ok.append((image_id, path, png))
-    return ok, bad
-
-
 def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int = 32,
           workers: int | None = None, limit: int | None = None,
           progress: Callable[[int, int], None] | None = None,
-          before_commit: Callable[[int], None] | None = None,
-          masks: str = "auto", weights_dir=None) -> EmbedReport:
+          before_commit: Callable[[int], None] | None = None) -> EmbedReport:
     """Embed the missing images. progress(done, total) is called after each batch;
     before_commit(batch_index) runs inside each batch's transaction (tests use it to
-    kill the process mid-write). Lung variants use the stored lung masks (featstore/masks.py;
-    `masks` and `weights_dir` choose how missing ones are made)."""
+    kill the process mid-write). Lung variants read the stored lung masks and make none: make them
+    first with masks.ensure_masks (`featstore embed` does); an image whose mask was refused, or
+    that has none, is recorded in embed_errors with the mask's reason ("no lung mask [mask method
+    none]" when there is no mask)."""
     get_preprocess(preprocess)  # unknown names fail before any work
     workers = default_workers() if workers is None else workers
-    try:  # a rerun on a disk still full fails here, with the same one-line error
-        table = ensure_embedding_table(con, backbone.feature_dim)
-        # a 'running' run found now belongs to a process that died (DuckDB has one writer)
-        con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
-        items = todo(con, backbone, preprocess, limit)
-        run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
-        rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, backbone.device,
-                          n_todo=len(items))
-        con.execute(
-            "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
-            "n_todo, status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-            [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, backbone.device,
-             batch_size, workers, len(items), datetime.now()])
-    except Exception as e:
-        raise_if_disk_full(con, e, backbone, preprocess)
-        raise
-    t0 = time.perf_counter()
-    try:
-        if items and get_preprocess(preprocess).needs_mask:
-            items, refused = _with_masks(con, items, masks, weights_dir, workers,
-                                         "cuda" if backbone.device == "cuda" else "cpu")
-            _write_batch(con, table, backbone, preprocess, run_id, [], np.zeros((0, backbone.feature_dim)),
-                         refused, -1, None)
-            rep.failed.extend(refused)
-            if progress and refused:
-                progress(len(refused), rep.n_todo)
+    with EmbedRun(con, backbone, preprocess, batch_size, workers, limit=limit) as run:
+        rep = run.report
+        items, refused = run.attach_masks(run.items)
+        if progress and refused:
+            progress(len(refused), rep.n_todo)
         if items:
             spec = backbone.spec
             ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm, backbone.input_dtype)
@@ -199,9 +161,7 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
                                 pin_memory=backbone.device == "cuda", worker_init_fn=_worker_init if workers else None,
                                 prefetch_factor=4 if workers else None, persistent_workers=False)
             def write(b, ids, feats, bad):
-                _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit)
-                rep.n_embedded += len(ids)  # counted once committed
-                rep.failed.extend(bad)
+                run.write_batch(ids, feats, bad, b, before_commit)
 
             done = len(rep.failed)
             with _Writer(write) as writer:  # batch b is written while batch b+1 runs through the model
@@ -213,17 +173,131 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
                     done += n
                     if progress:
                         progress(done, rep.n_todo)
-        rep.status = "completed"
-    except KeyboardInterrupt:
-        rep.status = "interrupted"
-        raise
-    except Exception as e:
-        raise_if_disk_full(con, e, backbone, preprocess, run_id)
-        raise
-    finally:
-        rep.seconds = time.perf_counter() - t0
-        close_run(con, rep)
     return rep
+
+
+class EmbedRun:
+    """One run of either engine (embed, embed_ray): its embed_runs row, the todo query, the writes
+    made under it and a full disk told in one line. Opening marks 'running' rows of dead processes
+    interrupted and inserts this run's row; leaving the `with` closes it with its counts and how it
+    ended ('completed', 'interrupted' on Ctrl-C, else 'failed'). `items` holds the todo found at
+    opening (find_todo; the ray engine asks later, after importing a killed run's shards)."""
+
+    def __init__(self, con, backbone: Backbone, preprocess: str, batch_size: int, workers: int,
+                 device: str | None = None, limit: int | None = None, find_todo: bool = True):
+        self.con, self.backbone, self.preprocess, self.limit = con, backbone, preprocess, limit
+        self.writing: str | None = None  # what is being written when not the store (disk-full message)
+        self.extra = ""                  # said after "the store is intact" in the disk-full message
+        try:  # a rerun on a disk still full fails here, with the same one-line error
+            self.table = ensure_embedding_table(con, backbone.feature_dim)
+            # a 'running' run found now belongs to a process that died (DuckDB has one writer)
+            con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
+            self.items = self.todo() if find_todo else []
+            run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
+            self.report = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess,
+                                      device or backbone.device, n_todo=len(self.items))
+            con.execute(
+                "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
+                "n_todo, status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, self.report.device,
+                 batch_size, workers, len(self.items), datetime.now()])
+        except Exception as e:
+            raise_if_disk_full(con, e, backbone, preprocess)
+            raise
+
+    def __enter__(self) -> EmbedRun:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, e, tb) -> None:
+        rep = self.report
+        if exc_type is None:
+            rep.status = "completed"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            rep.status = "interrupted"
+        try:
+            if isinstance(e, Exception):
+                raise_if_disk_full(self.con, e, self.backbone, self.preprocess, rep.run_id, what=self.writing,
+                                   extra=self.extra)
+        finally:
+            rep.seconds = time.perf_counter() - self.t0
+            self._close()
+
+    def _close(self) -> None:
+        """The row's counts, speed and how the run ended ('failed' if it never said). On a failing run
+        a store that cannot take even this row (disk full) must not replace the run's own error: the
+        row stays 'running' and the next run marks it 'interrupted'."""
+        rep = self.report
+        try:
+            self.con.execute(
+                "UPDATE embed_runs SET n_todo = ?, n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, "
+                "status = ?, finished_at = ? WHERE run_id = ?",
+                [rep.n_todo, rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
+                 rep.status if rep.status != "running" else "failed", datetime.now(), rep.run_id])
+        except Exception:  # noqa: BLE001 - on a failing run the error in flight is the one to report
+            if rep.status == "completed":
+                raise
+
+    def todo(self) -> list[tuple[str, str]]:
+        return todo(self.con, self.backbone, self.preprocess, self.limit)
+
+    def attach_masks(self, items: list) -> tuple[list, list]:
+        """Lung variants: (items with their stored mask PNG, failures). An image whose mask was
+        refused, or that has none, is recorded as failed with the mask's reason and left out."""
+        if not items or not get_preprocess(self.preprocess).needs_mask:
+            return items, []
+        from featstore.masks import load_masks
+
+        found = load_masks(self.con, [i for i, _ in items])
+        ok, bad = [], []
+        for image_id, path in items:
+            png, method, reason = found.get(image_id, (None, "none", "no lung mask"))
+            if png is None:
+                bad.append((image_id, path, f"{reason} [mask method {method}]"))
+            else:
+                ok.append((image_id, path, png))
+        self.record_failed(bad)
+        return ok, bad
+
+    def record_failed(self, bad: list[tuple[str, str, str]]) -> None:
+        """(image_id, path, reason) refused before any model saw them, stored under this run."""
+        self.write_batch([], np.zeros((0, self.backbone.feature_dim)), bad)
+
+    def write_batch(self, ids: list, feats: np.ndarray, bad: list[tuple[str, str, str]], b: int = -1,
+                    before_commit: Callable[[int], None] | None = None) -> None:
+        """A batch's vectors and its failures in one transaction, then counted in the report.
+        before_commit(b) runs inside the transaction."""
+        con, backbone, preprocess, run_id = self.con, self.backbone, self.preprocess, self.report.run_id
+        now = datetime.now()
+        n, d = feats.shape
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).ravel()), d)
+        batch = pa.table({
+            "image_id": pa.array(ids, pa.string()),
+            "backbone": pa.array([backbone.name] * n, pa.string()),
+            "weights_id": pa.array([backbone.weights_id] * n, pa.string()),
+            "preprocess": pa.array([preprocess] * n, pa.string()),
+            "dim": pa.array([d] * n, pa.int32()),
+            "vector": vec,
+            "embed_run": pa.array([run_id] * n, pa.int32()),
+            "created_at": pa.array([now] * n, pa.timestamp("us")),
+        })
+        with transaction(con):  # one per batch: a killed run keeps its whole batches and resumes after them
+            if n:
+                con.register("_emb_batch", batch)
+                # plain INSERT: `todo` excluded what exists and DuckDB has one writer, so a duplicate here
+                # is a bug the primary key should shout about (ON CONFLICT costs a third of the write)
+                con.execute(f"INSERT INTO {self.table} SELECT * FROM _emb_batch")
+                con.unregister("_emb_batch")
+            for image_id, path, reason in bad:
+                con.execute(
+                    """INSERT INTO embed_errors VALUES (?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
+                         embed_run = excluded.embed_run, time = excluded.time""",
+                    [image_id, path, backbone.name, preprocess, reason, run_id, now])
+            if before_commit:
+                before_commit(b)
+        self.report.n_embedded += len(ids)  # counted once committed
+        self.report.failed.extend(bad)
 
 
 class DiskFullError(RuntimeError):
@@ -298,28 +372,6 @@ def _store_path(con) -> str | None:
         return None
 
 
-def close_run(con, rep: EmbedReport) -> None:
-    """finish_run, except that on a failing run a store that cannot take even this row (disk full)
-    must not replace the run's own error: the row stays 'running' and the next run marks it
-    'interrupted'."""
-    if rep.status == "completed":
-        finish_run(con, rep)
-        return
-    try:
-        finish_run(con, rep)
-    except Exception:  # noqa: BLE001 - the error in flight is the one to report
-        pass
-
-
-def finish_run(con, rep: EmbedReport) -> None:
-    """Close the run's embed_runs row: counts, speed and how it ended ('failed' if it never said)."""
-    con.execute(
-        "UPDATE embed_runs SET n_todo = ?, n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, status = ?, "
-        "finished_at = ? WHERE run_id = ?",
-        [rep.n_todo, rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
-         rep.status if rep.status != "running" else "failed", datetime.now(), rep.run_id])
-
-
 class _Writer:
     """One background thread doing the store writes, in order. An error there (or a
     KeyboardInterrupt from a test hook) stops further writes and is raised in the caller."""
@@ -351,33 +403,3 @@ class _Writer:
         if self.error is not None and exc_type is None:
             raise self.error
 
-
-def _write_batch(con, table, backbone, preprocess, run_id, ids, feats, bad, b, before_commit):
-    now = datetime.now()
-    n, d = feats.shape
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).ravel()), d)
-    batch = pa.table({
-        "image_id": pa.array(ids, pa.string()),
-        "backbone": pa.array([backbone.name] * n, pa.string()),
-        "weights_id": pa.array([backbone.weights_id] * n, pa.string()),
-        "preprocess": pa.array([preprocess] * n, pa.string()),
-        "dim": pa.array([d] * n, pa.int32()),
-        "vector": vec,
-        "embed_run": pa.array([run_id] * n, pa.int32()),
-        "created_at": pa.array([now] * n, pa.timestamp("us")),
-    })
-    with transaction(con):  # one per batch: a killed run keeps its whole batches and resumes after them
-        if n:
-            con.register("_emb_batch", batch)
-            # plain INSERT: `todo` excluded what exists and DuckDB has one writer, so a duplicate here
-            # is a bug the primary key should shout about (ON CONFLICT costs a third of the write)
-            con.execute(f"INSERT INTO {table} SELECT * FROM _emb_batch")
-            con.unregister("_emb_batch")
-        for image_id, path, reason in bad:
-            con.execute(
-                """INSERT INTO embed_errors VALUES (?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
-                     embed_run = excluded.embed_run, time = excluded.time""",
-                [image_id, path, backbone.name, preprocess, reason, run_id, now])
-        if before_commit:
-            before_commit(b)

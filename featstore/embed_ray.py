@@ -12,16 +12,13 @@ still missing are sent to workers. A worker that dies loses its in-flight block,
 from __future__ import annotations
 
 import os
-import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featstore.embed import (NON_FINITE_EMBEDDING, EmbedReport, ImageDataset, _with_masks, close_run,
-                             raise_if_disk_full, todo)
+from featstore.embed import NON_FINITE_EMBEDDING, EmbedReport, EmbedRun, ImageDataset
 from featstore.preprocess import get_preprocess
 from featstore.store import ensure_embedding_table, transaction
 
@@ -125,43 +122,27 @@ def import_shards(con, shards: Path, backbone, preprocess: str, run_id: int) -> 
 
 def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", batch_size: int = 32,
               shards: str | Path = "featstore-shards", address: str | None = None, actors: int | None = None,
-              limit: int | None = None, masks: str = "auto", weights_dir=None) -> EmbedReport:
+              limit: int | None = None) -> EmbedReport:
     """Embed the images the store lacks through Ray Data. `backbone` (built here) gives the store
     its identity; `create_args` rebuild it in each actor. `address`: None starts Ray on this machine,
     "auto" or "ray://head:10001" joins a cluster (whose workers must see the image paths, the
-    weights and this package)."""
+    weights and this package). Lung variants read stored masks only, as `embed.embed` does."""
     import ray
 
     get_preprocess(preprocess)
     shards = Path(shards).resolve()
-    try:  # a rerun on a disk still full fails here, with the same one-line error
-        table = ensure_embedding_table(con, backbone.feature_dim)
-        con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
-        run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
-        t0 = time.perf_counter()
-        rep = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess, f"ray:{backbone.device}")
-        con.execute(
-            "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
-            "n_todo, status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 'running', ?)",
-            [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, rep.device, batch_size,
-             actors or 0, datetime.now()])
-    except Exception as e:
-        raise_if_disk_full(con, e, backbone, preprocess)
-        raise
-    writing = None  # None: the store; else the shards folder
-    try:
-        ok, bad, torn = import_shards(con, shards, backbone, preprocess, run_id)  # a killed run's work
+    # the todo is asked for after a killed run's shards are imported
+    run = EmbedRun(con, backbone, preprocess, batch_size, actors or 0, device=f"ray:{backbone.device}",
+                   limit=limit, find_todo=False)
+    run.extra = f"; shards already written in {shards} are kept and imported by the next run"
+    with run:
+        rep = run.report
+        ok, bad, torn = import_shards(con, shards, backbone, preprocess, rep.run_id)  # a killed run's work
         rep.n_embedded += ok
         rep.torn_shards = torn
-        items = todo(con, backbone, preprocess, limit)
+        items = run.todo()
         rep.n_todo = len(items) + ok + bad
-        if items and get_preprocess(preprocess).needs_mask:
-            items, refused = _with_masks(con, items, masks, weights_dir, 1, "cpu")
-            from featstore.embed import _write_batch
-
-            _write_batch(con, table, backbone, preprocess, run_id, [], np.zeros((0, backbone.feature_dim)), refused,
-                         -1, None)
-            rep.failed.extend(refused)
+        items, _ = run.attach_masks(items)
         if items:
             ids = [i[0] for i in items]
             src = dict(con.execute("SELECT image_id, source FROM images WHERE image_id IN (SELECT unnest(?))",
@@ -169,26 +150,15 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
             todo_table = pa.table({"image_id": ids, "path": [i[1] for i in items],
                                    "source": [src[i] for i in ids],
                                    "mask": [i[2] if len(i) > 2 else b"" for i in items]})
-            writing = f"the shards folder {shards}"
+            run.writing = f"the shards folder {shards}"
             _run_ray(ray, todo_table, backbone, create_args, preprocess, batch_size, shards, address, actors)
-            writing = None
-            ok, bad, torn = import_shards(con, shards, backbone, preprocess, run_id)
+            run.writing = None
+            ok, bad, torn = import_shards(con, shards, backbone, preprocess, rep.run_id)
             rep.n_embedded += ok
             rep.torn_shards += torn
             failed = con.execute("SELECT image_id, path, reason FROM embed_errors WHERE embed_run = ?",
-                                 [run_id]).fetchall()
+                                 [rep.run_id]).fetchall()
             rep.failed = [tuple(f) for f in failed]
-        rep.status = "completed"
-    except KeyboardInterrupt:
-        rep.status = "interrupted"
-        raise
-    except Exception as e:
-        raise_if_disk_full(con, e, backbone, preprocess, run_id, what=writing,
-                           extra=f"; shards already written in {shards} are kept and imported by the next run")
-        raise
-    finally:
-        rep.seconds = time.perf_counter() - t0
-        close_run(con, rep)
     return rep
 
 

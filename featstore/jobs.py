@@ -194,6 +194,7 @@ class EmbedJob:
             def tick(done, total):
                 prog.update(done, total, rate=f"{done / max(prog.elapsed(), 1e-9):.1f} img/s")
             try:
+                self._make_masks(con, bb)
                 if self.engine == "ray":
                     from featstore.embed_ray import embed_ray
 
@@ -201,17 +202,39 @@ class EmbedJob:
                     return embed_ray(con, bb, dict(name=name, weights=self.weights,
                                                    weights_dir=self.weights_dir, output=self.onnx_output),
                                      self.preprocess, self.batch_size, self.shards, self.ray_address, self.actors,
-                                     self.limit, self.masks, self.weights_dir)
+                                     self.limit)
                 from featstore.embed import embed
 
-                return embed(con, bb, self.preprocess, self.batch_size, self.workers, self.limit, tick,
-                             masks=self.masks, weights_dir=self.weights_dir)
+                return embed(con, bb, self.preprocess, self.batch_size, self.workers, self.limit, tick)
             except KeyboardInterrupt:
                 raise Interrupted("finished batches are stored; run the same command to resume") from None
             except (ValueError, WeightsMissingError) as e:
                 raise UserError(str(e)) from e
             except DiskFullError as e:
                 raise NoSpace(str(e)) from e
+
+    def _make_masks(self, con, bb):
+        """Lung variants: the missing masks of the images this run will embed, made (`self.masks`)
+        before it: the embed stage only reads stored masks."""
+        from featstore.embed import default_workers, raise_if_disk_full, todo
+        from featstore.masks import ensure_masks
+        from featstore.preprocess import get_preprocess
+
+        if not get_preprocess(self.preprocess).needs_mask:
+            return
+        try:
+            ids = [i for i, _ in todo(con, bb, self.preprocess, self.limit)]
+            if not ids:
+                return
+            if self.engine == "ray":
+                workers, device = 1, "cpu"
+            else:
+                workers = max(1, default_workers() if self.workers is None else self.workers)
+                device = "cuda" if bb.device == "cuda" else "cpu"
+            ensure_masks(con, ids, method=self.masks, weights_dir=self.weights_dir, workers=workers, device=device)
+        except Exception as e:  # a full disk: the same one line as embed's own writes
+            raise_if_disk_full(con, e, bb, self.preprocess)
+            raise
 
 
 def _expected_weights(backbone: str) -> str:

@@ -135,3 +135,25 @@ def test_the_checker_sees_lazy_and_aliased_imports(tmp_path):
                  "def f():\n    from featstore.report import headline\n    import json\n")
     assert set(_imports(f, {"store", "results", "weights", "report"})) == {"store", "results", "weights", "report"}
     assert "report" in _graph()["cli"] and "track" in _graph()["benchmark"]
+
+
+def _names_from(path: Path, module: str) -> dict[str, int]:
+    """Names `path` imports from featstore.<module> -> the line of the first such import."""
+    out: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == f"featstore.{module}":
+            for a in node.names:
+                out.setdefault(a.name, node.lineno)
+    return out
+
+
+def test_the_embed_engines_share_one_public_run_seam_and_make_no_masks():
+    # both engines run through embed.EmbedRun; a private name crossing over would be a second seam
+    for m in ("embed_ray", "jobs"):
+        private = {n: line for n, line in _names_from(PKG / f"{m}.py", "embed").items() if n.startswith("_")}
+        assert not private, f"featstore/{m}.py imports private names of embed: {private}"
+    assert "EmbedRun" in _names_from(PKG / "embed_ray.py", "embed")
+    # the embed stage reads stored masks; making them (PSPNet, classical) is the caller's job, before
+    for m in ("embed", "embed_ray"):
+        used = set(_names_from(PKG / f"{m}.py", "masks"))
+        assert used <= {"load_masks", "decode"}, f"featstore/{m}.py uses {sorted(used)} of masks"

@@ -59,6 +59,7 @@ def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested, tmp_path):
 
     from featstore.backbones import create_backbone
     from featstore.embed import embed
+    from featstore.jobs import EmbedJob
 
     con, _ = ingested
     # point one image at a featureless copy; the session's synthetic files stay untouched
@@ -66,7 +67,10 @@ def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested, tmp_path):
     Image.fromarray(np.full((128, 128), 180, np.uint8)).save(blank, format="PNG")
     img = con.execute("SELECT image_id FROM images ORDER BY image_id LIMIT 1").fetchone()[0]
     con.execute("UPDATE images SET path = ? WHERE image_id = ?", [str(blank), img])
-    rep = embed(con, create_backbone("pixelstats"), "lungs-removed", batch_size=32, workers=0)
+    assert con.execute("SELECT count(*) FROM lung_masks").fetchone()[0] == 0
+    # `featstore embed` makes the missing masks first, then embeds
+    rep = EmbedJob("pixelstats", preprocess="lungs-removed", batch_size=32, workers=0,
+                   db=tmp_path / "fs.duckdb").run()
     errs = con.execute("SELECT reason FROM embed_errors WHERE preprocess = 'lungs-removed'").fetchall()
     assert rep.n_embedded + len(rep.failed) == rep.n_todo and rep.n_embedded > 0
     assert errs and all("lung mask failed" in e and "[mask method classical-v1]" in e for (e,) in errs)
@@ -78,6 +82,35 @@ def test_a_failed_mask_is_recorded_and_the_run_goes_on(ingested, tmp_path):
     rep2 = embed(con, create_backbone("pixelstats"), "lung-crop", batch_size=32, workers=0)
     assert con.execute("SELECT count(*) FROM lung_masks").fetchone()[0] == n_masks == rep.n_todo
     assert {i for i, _, _ in rep2.failed} == {i for i, _, _ in rep.failed}
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_embed_reads_masks_and_makes_none(ingested, engine, tmp_path):
+    """The embed stage (either engine) only reads stored masks: without them every image of a lung
+    variant is recorded as failed, and nothing is added to lung_masks; once made, a rerun embeds them."""
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.embed_ray import embed_ray
+    from featstore.masks import ensure_masks
+
+    con, _ = ingested
+    bb = create_backbone("pixelstats")
+    if engine == "local":
+        rep = embed(con, bb, "lungs-isolated", batch_size=32, workers=0, limit=5)
+    else:  # nothing left to embed once the maskless are refused: Ray is not even started
+        rep = embed_ray(con, bb, dict(name="pixelstats"), "lungs-isolated", shards=tmp_path / "shards", limit=5)
+    assert rep.n_todo == 5 and rep.n_embedded == 0 and rep.status == "completed"
+    assert {r for _, _, r in rep.failed} == {"no lung mask [mask method none]"}
+    assert con.execute("SELECT count(*) FROM lung_masks").fetchone()[0] == 0
+    assert con.execute("SELECT count(*), min(reason), max(embed_run) FROM embed_errors").fetchall() == [
+        (5, "no lung mask [mask method none]", rep.run_id)]
+    if engine == "ray":
+        return
+    ids = [i for i, _, _ in rep.failed]
+    ensure_masks(con, ids, workers=1)
+    again = embed(con, bb, "lungs-isolated", batch_size=32, workers=0, limit=5)
+    refused = {i for (i,) in con.execute("SELECT image_id FROM lung_masks WHERE NOT ok").fetchall()}
+    assert {i for i, _, _ in again.failed} == refused and again.n_embedded == 5 - len(refused) > 0
 
 
 def test_checks_apply_to_any_method():

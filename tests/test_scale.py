@@ -50,11 +50,11 @@ def _start(args, env=None, **kw):
 REPORT_COMMITS = """
 import sys
 import featstore.embed as E
-_write = E._write_batch
-def _write_batch(*a, **kw):
-    _write(*a, **kw)
-    print("committed", a[8], flush=True)
-E._write_batch = _write_batch
+_write = E.EmbedRun.write_batch
+def write_batch(self, ids, feats, bad, b=-1, *a, **kw):
+    _write(self, ids, feats, bad, b, *a, **kw)
+    print("committed", b, flush=True)
+E.EmbedRun.write_batch = write_batch
 from featstore.cli import main
 sys.argv[0] = "featstore"
 main()
