@@ -56,6 +56,7 @@ class ImageDataset(Dataset):
         self.items, self.size, self.channels, self.norm, self.dtype = items, size, channels, norm, dtype
         self.preprocess_name = preprocess
         self.fn = get_preprocess(preprocess)
+        self.uint8 = self.fn.takes_uint8  # 8-bit images stay uint8 up to the model's own resize
 
     def __len__(self):
         return len(self.items)
@@ -68,7 +69,7 @@ class ImageDataset(Dataset):
             # under the old content's id (sha256 costs little next to decoding)
             if hashlib.sha256(data).hexdigest() != image_id:
                 return image_id, path, None, CHANGED
-            d = decode_bytes(data, str(path), draft=self.size, uint8=self.fn.takes_uint8)
+            d = decode_bytes(data, str(path), draft=self.size, uint8=self.uint8)
             if reason := _non_finite(d.pixels, "pixel values"):
                 return image_id, path, None, reason
             if mask:

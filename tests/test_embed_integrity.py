@@ -121,7 +121,7 @@ def test_dataset_rejects_non_finite_pixels_after_decode_and_after_preprocessing(
 
     nan = np.full((64, 64), 0.5, np.float32)
     nan[3, 4] = np.nan
-    monkeypatch.setattr(featstore.decode, "_decode_pil", lambda data, draft: Decoded(nan, 64, 64, 32, "TIFF"))
+    monkeypatch.setattr(featstore.decode, "_decode_pil", lambda data, draft, uint8=False: Decoded(nan, 64, 64, 32, "TIFF"))
     _, _, x, reason = ds[0]
     assert x is None and reason.startswith("non-finite pixel values") and "1 NaN" in reason
     monkeypatch.undo()
