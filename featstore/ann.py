@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from featstore.neighbors import normalize, pair_sims, rank  # noqa: F401 - one ranking for exact and approximate search
+from featstore.store import registered
 
 FORMAT = 1
 METRIC = "cos"
@@ -375,12 +376,9 @@ def _vectors(con, s: EmbeddingSet, ids: np.ndarray, Xn: np.ndarray | None, pos: 
 
         w, p = s.where
         want = [b.decode() for b in ids[~hit]]
-        con.register("_ann_ids", pa.table({"image_id": want}))
-        try:
+        with registered(con, "_ann_ids", pa.table({"image_id": want})):
             tbl = con.sql(f"SELECT image_id, vector FROM {s.table} SEMI JOIN _ann_ids USING (image_id) WHERE {w}",
                           params=p).to_arrow_table()
-        finally:
-            con.unregister("_ann_ids")
         got = {i: n for n, i in enumerate(tbl.column("image_id").to_pylist())}
         vec = tbl.column("vector").combine_chunks()
         V = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), s.dim)
@@ -579,15 +577,12 @@ def nearest(con, s: EmbeddingSet, image_id: str, k: int = 10, say=_say):
             sims = con.sql(f"SELECT image_id, list_cosine_similarity(vector::FLOAT[], ?::FLOAT[]) AS sim "
                            f"FROM {s.table} WHERE image_id = ANY(?::VARCHAR[]) AND {w}",
                            params=[qv, cand_ids] + p).to_arrow_table()
-    con.register("_ann_top", sims)
-    try:
+    with registered(con, "_ann_top", sims):
         return con.sql(f"""
             WITH top AS (SELECT * FROM _ann_top ORDER BY sim DESC, image_id LIMIT {int(k)})
             SELECT t.image_id, i.source, i.label, i.class, round(t.sim, 4) AS similarity, i.path
             FROM top t JOIN images i USING (image_id)
             ORDER BY t.sim DESC, t.image_id""").to_arrow_table()
-    finally:
-        con.unregister("_ann_top")
 
 
 def _fetch(con, s: EmbeddingSet, rowids: list[int], expect: list[str]) -> np.ndarray | None:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
 from featstore.procs import process_pool  # workers die with this process
-from featstore.store import insert_frame
+from featstore.store import insert_frame, transaction
 
 PHASH_MAX = 10
 COSINE_MIN = 0.98
@@ -296,11 +296,10 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
                                   phash_max=pl.Int32, found_at=pl.Datetime))
     if not accept_implausible:
         check_plausible(list(pairs), len(ids), phash_max, cosine_min)
-    con.execute("BEGIN")
-    con.execute("DELETE FROM near_duplicates")
-    if df.height:
-        insert_frame(con, "near_duplicates", df)
-    con.execute("COMMIT")
+    with transaction(con):  # the old pairs stay unless the new ones are all in
+        con.execute("DELETE FROM near_duplicates")
+        if df.height:
+            insert_frame(con, "near_duplicates", df)
     return df
 
 

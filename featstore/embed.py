@@ -26,7 +26,7 @@ from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_bytes, read_file
 from featstore.lungs import MaskError
 from featstore.preprocess import get_preprocess, to_input
-from featstore.store import embedding_table, ensure_embedding_table, transaction
+from featstore.store import embedding_table, ensure_embedding_table, registered, transaction
 
 
 @dataclass
@@ -284,11 +284,10 @@ class EmbedRun:
         })
         with transaction(con):  # one per batch: a killed run keeps its whole batches and resumes after them
             if n:
-                con.register("_emb_batch", batch)
                 # plain INSERT: `todo` excluded what exists and DuckDB has one writer, so a duplicate here
                 # is a bug the primary key should shout about (ON CONFLICT costs a third of the write)
-                con.execute(f"INSERT INTO {self.table} SELECT * FROM _emb_batch")
-                con.unregister("_emb_batch")
+                with registered(con, "_emb_batch", batch):
+                    con.execute(f"INSERT INTO {self.table} SELECT * FROM _emb_batch")
             for image_id, path, reason in bad:
                 con.execute(
                     """INSERT INTO embed_errors VALUES (?, ?, ?, ?, ?, ?, ?)

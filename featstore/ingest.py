@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
-from featstore.store import insert_frame as _insert, transaction
+from featstore.store import insert_frame as _insert, registered, transaction
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
@@ -524,9 +524,8 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
     known = set()
     ids = list({p.image_id for p in probes if p.image_id and not p.same})
     if ids:
-        con.register("_ids", pl.DataFrame({"image_id": ids}).to_arrow())
-        known = {x for (x,) in con.execute("SELECT image_id FROM images JOIN _ids USING (image_id)").fetchall()}
-        con.unregister("_ids")
+        with registered(con, "_ids", pl.DataFrame({"image_id": ids})):
+            known = {x for (x,) in con.execute("SELECT image_id FROM images JOIN _ids USING (image_id)").fetchall()}
     new_images, new_occ, same, changed = {}, [], [], []
     for r, job, p in zip(todo, jobs, probes):
         if p.error:
@@ -570,25 +569,22 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
                 ch = pl.DataFrame(changed, schema=_CHANGE_SCHEMA).with_columns(
                     ingest_run=pl.lit(run_id, pl.Int32), changed_at=pl.lit(now, pl.Datetime("us")))
                 _insert(con, "ingest_changes", ch)
-                con.register("_changed", ch.select("source", "path").to_arrow())
-                con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
-                con.unregister("_changed")
+                with registered(con, "_changed", ch.select("source", "path")):
+                    con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
             if new_images:
                 _insert(con, "images", pl.DataFrame(list(new_images.values()), schema=_IMAGE_SCHEMA))
             if new_occ:
                 _insert(con, "occurrences", pl.DataFrame(new_occ, schema=_OCC_SCHEMA))
                 canonical_images(con)
             if same:  # remember size and mtime, so the next ingest need not read them
-                con.register("_same", pl.DataFrame(same, schema=_IDENT_SCHEMA).to_arrow())
-                con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
-                               FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
-                con.unregister("_same")
+                with registered(con, "_same", pl.DataFrame(same, schema=_IDENT_SCHEMA)):
+                    con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
+                                   FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
             ok = [(o["source"], o["path"]) for o in new_occ] + [(o["source"], o["path"]) for o in same]
             if ok:  # files that failed before and are now in: mark their errors resolved
-                con.register("_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row").to_arrow())
-                con.execute("""UPDATE ingest_errors SET resolved = true
-                               WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
-                con.unregister("_ok")
+                with registered(con, "_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row")):
+                    con.execute("""UPDATE ingest_errors SET resolved = true
+                                   WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
             for e in errors:
                 con.execute(
                     """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)

@@ -258,11 +258,19 @@ def refresh_embedding_views(con) -> None:
     )
 
 
+@contextmanager
+def registered(con, name: str, data):
+    """`data` (Arrow table, or Polars frame) as a view `name` for the statements of the block, then
+    gone, whatever happens: the one way featstore hands row sets (ids, batches) to SQL."""
+    con.register(name, data.to_arrow() if hasattr(data, "to_arrow") else data)
+    try:
+        yield name
+    finally:
+        con.unregister(name)
+
+
 def insert_frame(con, table: str, df) -> None:
     """Insert a Polars frame's columns (by name) into a store table in one statement."""
-    con.register("_batch", df.to_arrow())
-    try:
-        cols = ", ".join(f'"{c}"' for c in df.columns)
+    cols = ", ".join(f'"{c}"' for c in df.columns)
+    with registered(con, "_batch", df):
         con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
-    finally:
-        con.unregister("_batch")

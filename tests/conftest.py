@@ -100,7 +100,7 @@ def postgres(tmp_path_factory):
         pytest.skip(str(e))
 
 
-# --- tiny image-text models for the zero-shot head (issue 16) -----------------------------------
+# --- tiny image-text models for the zero-shot head -----------------------------------
 
 # CheXzero's configuration made tiny (image and text towers), for random-init sets
 CHEXZERO_TINY = dict(layers=2, width=32, head_width=16, patch_size=8, image_size=32,

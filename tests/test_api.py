@@ -1,4 +1,4 @@
-"""The notebook API (issue 13): labelled arrays, unknown names refused, results, predictions, images."""
+"""The notebook API: labelled arrays, unknown names refused, results, predictions, images."""
 from __future__ import annotations
 
 import shutil

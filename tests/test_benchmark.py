@@ -281,7 +281,7 @@ def test_ui_serves_the_sweeps_on_localhost(synth_stores, tmp_path):
         proc.wait(timeout=30)
 
 
-# --- the zero-shot head (issue 16) -------------------------------------------------------------------
+# --- the zero-shot head -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def zeroshot_store(synth_stores, tmp_path_factory):

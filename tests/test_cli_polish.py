@@ -1,4 +1,4 @@
-"""CLI polish (issue 13): did-you-mean, choices in --help, progress in logs, refusing a missing store,
+"""CLI polish: did-you-mean, choices in --help, progress in logs, refusing a missing store,
 the wrong --folder depth said once."""
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def test_missing_file(tmp_path):
         decode_file(tmp_path / "nope.png")
 
 
-# --- issue 11: non-finite pixels, special files, size cap --------------------------------------------
+# --- hostile input: non-finite pixels, special files, size cap --------------------------------------------
 
 def _float_tiff(a):
     buf = io.BytesIO()

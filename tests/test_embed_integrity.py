@@ -1,4 +1,4 @@
-"""Embed stores only what it can vouch for (issue 11, items 3, 6 and 12, embed side):
+"""Embed stores only what it can vouch for (the embed side):
 
 - an image whose pixels are NaN/Inf is an embed_errors row, never a vector (the run goes on);
 - every batch of vectors is checked to be finite before it is stored;

@@ -1,4 +1,4 @@
-"""Frozen foundation-model backbones (issue 16): hf, timm and open_clip families, offline.
+"""Frozen foundation-model backbones: hf, timm and open_clip families, offline.
 
 Tiny random configurations (config_overrides) keep the suite fast on 2 cores; full-size entries are
 checked for their declared dimension and input size from the configuration alone. Parity bounds

@@ -1,4 +1,4 @@
-"""GRL head, known answers on synthetic confounded sources (issue 12, item 3).
+"""GRL head, known answers on synthetic confounded sources.
 
 The generator: four sources of 200 images, 32-d embeddings. Each source shifts 8 dimensions by its
 own strong offset, and the sources' positive rates differ (80%, 60%, 35%, 15%), so the source

@@ -1,4 +1,4 @@
-"""Issue 12's smaller guards: duplicates that cannot wreck a study, plain-words group collapse,
+"""Honest answers, the smaller guards: duplicates that cannot wreck a study, plain-words group collapse,
 a report that picks the benchmark study and writes nothing when it fails."""
 from __future__ import annotations
 

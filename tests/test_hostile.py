@@ -1,4 +1,4 @@
-"""Issue 11's hostile corpus: well over 80 generated files and manifest rows - every kind of bad input
+"""The hostile corpus: well over 80 generated files and manifest rows - every kind of bad input
 featstore has met (broken PNG/JPEG/DICOM, NaN/Inf TIFF and NIfTI, FIFOs, device nodes, symlink loops
 and escapes, a sparse file over the size cap, Latin-1 names and manifests, odd ages, duplicate rows and
 headers) mixed with good images - goes through the real `featstore ingest` command in a child process.

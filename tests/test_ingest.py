@@ -183,7 +183,7 @@ def test_real_manifest_ingests_as_documented(tmp_path):
         assert len(X) == 96
 
 
-# --- issue 11 ----------------------------------------------------------------------------------------
+# --- hostile input ----------------------------------------------------------------------------------------
 
 def _png_bytes(value: int, size=(12, 10)) -> bytes:
     import io

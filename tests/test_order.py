@@ -1,4 +1,4 @@
-"""Same data, same numbers: ingest order must not change a single result row (issue 12, item 4)."""
+"""Same data, same numbers: ingest order must not change a single result row."""
 from __future__ import annotations
 
 import polars as pl

@@ -1,4 +1,4 @@
-"""Each backbone is fed as its own library / training code feeds it (issue 12, item 5).
+"""Each backbone is fed as its own library / training code feeds it.
 
 featstore's input tensor (decode -> to_input with the spec's pipeline) against the library's own
 transform applied to the same decoded image. Bounds, as max |difference| of the input tensor:

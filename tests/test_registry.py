@@ -1,6 +1,6 @@
 """Registries: one type for backbones' builders, preprocessings, protocols, selections and heads; and the
 identities stored embeddings are keyed by, pinned to what the code gave before the registries were
-rebuilt (issue 15): a changed string here makes every user's stored set stale."""
+rebuilt: a changed string here makes every user's stored set stale."""
 import pytest
 
 from featstore import backbones as B

@@ -1,4 +1,4 @@
-"""The study report as a researcher reads it (issue 13): one self-contained HTML file, the verdict and
+"""The study report as a researcher reads it: one self-contained HTML file, the verdict and
 figures first, coloured cells, an interactive embedding map, the contact sheet as a grid, and a
 report that fails writes nothing. Rendered once on a small synthetic sweep."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11, items 1, 2, 8, 13 and 14 (command-line values): nothing lost, nothing let in.
+"""Command-line values: nothing lost, nothing let in.
 
 Each test fails on the code before the fix (noted per test). Stores are tiny and made by hand, so
 the file runs in seconds; nothing waits on the wall clock (subprocesses say when they are ready).

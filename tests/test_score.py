@@ -57,7 +57,7 @@ def test_gap_and_mcnemar():
     assert mcnemar_p(y, y, 1 - y) < 1e-6
 
 
-# --- issue 12: uncertainty at the level of sources, paired tests, selection repeats -------------------------
+# --- uncertainty at the level of sources, paired tests, selection repeats -------------------------
 import math
 
 from scipy import stats
@@ -237,7 +237,7 @@ def test_gap_interval_covers_and_pairs_shared_sources():
 
 
 def test_image_level_gap_p_is_overconfident_where_sources_vary():
-    """Issue 12 item 2: seen and unseen sources drawn alike, differing only by which sources they are.
+    """Seen and unseen sources drawn alike, differing only by which sources they are.
     The image-level z-test calls the gap certain; the source-level one does not."""
     rng = np.random.default_rng(12)
     ys, ss, gs = _sources(rng, [0.9, 2.2, 1.6], n=(500, 800), name="seen")

@@ -286,7 +286,7 @@ def test_no_patient_straddles_train_and_test_in_any_protocol(protocol, linked):
         assert not set(m.groups[f.train]) & set(m.groups[test]), (protocol, f.name)
 
 
-# folds and selection splits of `_meta()` / `_linked_meta()`, as the code of cce6fbe made them (issue 15
+# folds and selection splits of `_meta()` / `_linked_meta()`, as the code of cce6fbe made them (the registry refactor
 # rebuilt the protocol registry: the same folds before and after)
 FOLD_DIGEST = {"mixed": ("111c5ce532ac6578", "cae2f706c7db3edc"), "loso": ("916b3176a5fd1d70", "4c53a04a577c7cf4"),
                "leave-pair-out": ("727e6b0c977f0cb6", "414ac984a73814e1"),

@@ -1,4 +1,4 @@
-"""Issue 14, goal 3: the sweep's speed levers change no selection where the search is deterministic.
+"""The sweep's speed levers change no selection where the search is deterministic.
 
 Each lever is checked against the path it replaced, run side by side on the synthetic stores: the
 same trials (parameters and validation scores) and the same chosen hyperparameters. No timing here.
