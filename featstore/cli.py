@@ -247,15 +247,15 @@ def masks(
     db: Optional[Path] = DbOpt,
 ):
     """Make the lung masks the lung-ROI variants use, once per image, recording how each was made."""
-    from featstore.masks import MasksJob
+    from featstore.jobs import MasksJob
     from featstore.query import render
 
-    rep, summary = _job(MasksJob, ctx).run(_progress)
+    rep, summary, n_invalidated = _job(MasksJob, ctx).run(_progress)
     if rep.note:
         err.print(f"note: {rep.note}")
     made = ", ".join(f"{n} {m}" for m, n in rep.by_method.items()) or "none needed"
     err.print(f"masks made: {made}; refused {len(rep.refused)} (they are left out of the lung variants)"
-              + (f"; {rep.n_invalidated} lung-variant embeddings deleted for re-made masks" if rep.n_invalidated else ""))
+              + (f"; {n_invalidated} lung-variant embeddings deleted for re-made masks" if n_invalidated else ""))
     err.print(render(summary, "table"), end="")
 
 

@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_bytes, read_file
 from featstore.lungs import MaskError
-from featstore.preprocess import get_preprocess, to_input
-from featstore.store import embedding_table, ensure_embedding_table, registered, transaction
+from featstore.preprocess import PREPROCESSINGS, get_preprocess, to_input
+from featstore.store import (embedding_table, embedding_tables, ensure_embedding_table, in_transaction, registered,
+                             transaction)
 
 
 @dataclass
@@ -298,6 +299,26 @@ class EmbedRun:
                 before_commit(b)
         self.report.n_embedded += len(ids)  # counted once committed
         self.report.failed.extend(bad)
+
+
+def forget_lung_variants(con, image_ids: list[str]) -> int:
+    """Delete the lung-variant embeddings (and their embed_errors rows) of `image_ids`, whose lung masks
+    were re-made: they were built on the old masks. Returns the embeddings deleted. One transaction:
+    the caller's when one is open (masks.ensure_masks's on_replace, replacing the masks), else its own."""
+    if not image_ids:
+        return 0
+    if not in_transaction(con):
+        with transaction(con):
+            return forget_lung_variants(con, image_ids)
+    variants = list(PREPROCESSINGS.where(lambda p: p.needs_mask))
+    n = 0
+    with registered(con, "_forget_ids", pa.table({"image_id": pa.array(list(image_ids), pa.string())})):
+        for table, _ in embedding_tables(con):
+            n += con.execute(f"DELETE FROM {table} WHERE list_contains(?, preprocess) "
+                             "AND image_id IN (SELECT image_id FROM _forget_ids)", [variants]).fetchone()[0]
+        con.execute("DELETE FROM embed_errors WHERE list_contains(?, preprocess) "
+                    "AND image_id IN (SELECT image_id FROM _forget_ids)", [variants])
+    return n
 
 
 class DiskFullError(RuntimeError):

@@ -3,10 +3,11 @@
 through `progress(label)` (a featstore.progress.Ticker), lines through `say`, and failures the user
 must see as featstore.errors types, which the CLI maps to its exit status in one place.
 
-Jobs that belong to one stage module live there (query.SqlJob, export.ExportJob, masks.MasksJob,
+Jobs that belong to one stage module live there (query.SqlJob, export.ExportJob,
 duplicates.DuplicatesJob, probe.ProbeJob). These span modules that must not import each other (ingest
 and its adapters, the two embed engines), reach the report (a sweep's headline, the report itself),
-or join several stages (neighbours: the store's API, the index and the ranking; the MLflow UI)."""
+or join several stages (masks and the embeddings built on them; neighbours: the store's API, the index
+and the ranking; the MLflow UI)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -244,6 +245,44 @@ def _expected_weights(backbone: str) -> str:
     return {"onnx": "an ONNX model file (.onnx)",
             "tv-densenet": "a torchvision DenseNet121 state dict (.pth)",
             "tv-resnet": "a torchvision ResNet50 state dict (.pth)"}.get(family, f"the {family} weight file")
+
+
+# --- lung masks ---------------------------------------------------------------------------
+
+@dataclass
+class MasksJob:
+    """`featstore masks`: the missing lung masks (all of them with `redo`). run() returns the
+    MaskReport, the store's `lung_mask_summary` (Arrow) and how many lung-variant embeddings were
+    deleted because their mask was re-made."""
+    method: str = "auto"
+    weights_dir: Path | None = None
+    redo: bool = False
+    workers: int = 2
+    device: str = "cpu"
+    db: Path | None = None
+
+    def run(self, progress: Callable = silent):
+        from featstore.masks import ensure_masks
+        from featstore.weights import WeightsMissingError
+
+        forgot = [0]
+
+        def forget(con, ids):  # in the transaction that replaces the masks: never old vectors on new masks
+            from featstore.embed import forget_lung_variants  # torch: only when a redo needs it
+
+            forgot[0] = forget_lung_variants(con, ids)
+
+        con = open_for_command(self.db, must_exist=True)
+        try:
+            with progress("masks") as prog:
+                try:
+                    rep = ensure_masks(con, None, self.method, self.weights_dir, self.workers, self.redo,
+                                       self.device, prog.update, on_replace=forget)
+                except (ValueError, WeightsMissingError) as e:
+                    raise UserError(str(e)) from e
+            return rep, con.sql("SELECT * FROM lung_mask_summary").to_arrow_table(), forgot[0]
+        finally:
+            con.close()
 
 
 # --- the benchmark ------------------------------------------------------------------------

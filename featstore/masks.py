@@ -11,7 +11,9 @@ Where a mask comes from (method "auto"), in order:
 3. `classical-v1`: the weight-free fallback in featstore/lungs.py.
 Every mask then passes [BenAhmed2021]'s checks (featstore/lungs.py:check). A refused mask is kept with
 `ok = false` and its reason; embedding a lung variant records that image in `embed_errors` and
-leaves it out. Re-making masks (`redo`) deletes the lung-variant embeddings built on the old ones.
+leaves it out. Re-making masks (`redo`) replaces the old rows only once every new mask is made, in one
+transaction; this module writes no other table: dropping the embeddings built on the old masks is the
+embed stage's (embed.forget_lung_variants, which `featstore masks` runs in that same transaction).
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
+import duckdb
 import numpy as np
 import polars as pl
 from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
-from featstore.lungs import VARIANTS, WORK, LungMask, MaskError, check, classical_mask
+from featstore.lungs import WORK, LungMask, MaskError, check, classical_mask
 from featstore.procs import process_pool  # workers die with this process
-from featstore.store import embedding_tables, insert_frame
+from featstore.store import insert_frame, registered, transaction
 
 METHODS = ("auto", "manifest", "xrv-pspnet", "classical-v1")
 PSPNET_FILE = "pspnet_chestxray_best_model_4.pth"
@@ -42,7 +46,7 @@ class MaskReport:
     n_todo: int = 0
     by_method: Counter = field(default_factory=Counter)   # masks made, per method
     refused: list[tuple[str, str, str]] = field(default_factory=list)   # (image_id, method, reason)
-    n_invalidated: int = 0   # lung-variant embeddings deleted because their mask was re-made
+    remade: list[str] = field(default_factory=list)   # redo: images whose mask row was replaced
     note: str = ""
 
 
@@ -168,59 +172,35 @@ def _manifest_paths(con, ids: list[str]) -> dict[str, str]:
     """image_id -> the first mask file any of its occurrences names."""
     if not ids:
         return {}
-    con.register("_ids", pl.DataFrame({"image_id": ids}).to_arrow())
-    try:
+    with registered(con, "_ids", pl.DataFrame({"image_id": ids})):
         rows = con.execute("""SELECT image_id, min(json_extract_string(extra, '$.mask_path')) FROM occurrences
                               WHERE image_id IN (SELECT image_id FROM _ids)
                                 AND json_extract_string(extra, '$.mask_path') IS NOT NULL GROUP BY 1""").fetchall()
-    finally:
-        con.unregister("_ids")
     return dict(rows)
 
 
-def _invalidate(con, ids: list[str]) -> int:
-    """Drop lung-variant embeddings (and their errors) made with masks that are being replaced."""
-    if not ids:
-        return 0
-    con.register("_ids", pl.DataFrame({"image_id": ids}).to_arrow())
-    variants = ", ".join(f"'{v}'" for v in VARIANTS)
-    n = 0
-    try:
-        for table, _ in embedding_tables(con):
-            n += con.execute(f"DELETE FROM {table} WHERE preprocess IN ({variants}) "
-                             "AND image_id IN (SELECT image_id FROM _ids)").fetchall()[0][0]
-        con.execute(f"DELETE FROM embed_errors WHERE preprocess IN ({variants}) "
-                    "AND image_id IN (SELECT image_id FROM _ids)")
-        con.execute("DELETE FROM lung_masks WHERE image_id IN (SELECT image_id FROM _ids)")
-    finally:
-        con.unregister("_ids")
-    return n
-
-
 def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", weights_dir=None,
-                 workers: int = 2, redo: bool = False, device: str = "cpu", progress=None) -> MaskReport:
-    """Make the masks that are missing (all of `image_ids`' masks with redo) and record them."""
+                 workers: int = 2, redo: bool = False, device: str = "cpu", progress=None,
+                 on_replace: Callable[[object, list[str]], object] | None = None) -> MaskReport:
+    """Make the masks that are missing (all of `image_ids`' masks with redo) and record them.
+
+    Without redo each method's masks are stored as made (a killed run keeps them; the next one makes
+    the rest). With redo the new rows are staged and replace the old ones in one transaction at the
+    end, so a redo that fails or is killed leaves every old mask; on_replace(con, ids) runs inside
+    that transaction (`featstore masks` drops the embeddings built on the old masks there)."""
     if method not in METHODS:
         raise ValueError(f"unknown mask method '{method}' (known: {', '.join(METHODS)})")
     psp = None
     if method == "xrv-pspnet":  # asked for by name: download when allowed, else say where the file goes
         psp = pspnet_weights(weights_dir, download=True)
     where = "" if image_ids is None else "WHERE image_id IN (SELECT image_id FROM _want)"
-    if image_ids is not None:
-        con.register("_want", pl.DataFrame({"image_id": list(image_ids)}, schema={"image_id": pl.Utf8}).to_arrow())
-    try:
+    want = pl.DataFrame({"image_id": list(image_ids or [])}, schema={"image_id": pl.Utf8})
+    with registered(con, "_want", want):
         have = "" if redo else f"{'AND' if where else 'WHERE'} image_id NOT IN (SELECT image_id FROM lung_masks)"
         todo = con.execute(f"SELECT image_id, path FROM images {where} {have} ORDER BY image_id").fetchall()
-    finally:
-        if image_ids is not None:
-            con.unregister("_want")
     rep = MaskReport(n_todo=len(todo))
     if not todo:
         return rep
-    if redo:
-        rep.n_invalidated = _invalidate(con, [i for i, _ in todo])
-    from_manifest = _manifest_paths(con, [i for i, _ in todo]) if method in ("auto", "manifest") else {}
-    rest = [(i, p) for i, p in todo if i not in from_manifest]
     done = [0]
 
     def tick(n):
@@ -229,28 +209,45 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
             progress(done[0], len(todo))
 
     def save(results, m, made_from):
-        insert_frame(con, "lung_masks", _rows(results, m, made_from))
+        insert_frame(con, "_new_masks" if redo else "lung_masks", _rows(results, m, made_from))
         rep.by_method[m] += len(results)
         rep.refused += [(i, m, r) for i, lm, r in results if lm is None]
         tick(len(results))
 
-    if from_manifest:
-        save(_map(_manifest_one, sorted(from_manifest.items()), workers), "manifest", from_manifest)
-    if method == "manifest" and rest:
-        save([(i, None, "no mask file in the manifest's mask_path column") for i, _ in rest], "manifest", None)
-        rest = []
-    if rest and method == "auto":
-        psp = pspnet_weights(weights_dir)
-        if psp is None:
-            rep.note = (f"lung masks by classical-v1: torchxrayvision's segmentation weights ({PSPNET_FILE}) are not "
-                        "in --weights-dir / FEATSTORE_WEIGHTS_DIR or ~/.torchxrayvision")
-    if rest and psp is not None:
-        masker = PSPNetMasker(psp, device)
-        base = done[0]
-        step = (lambda n: progress(base + n, len(todo))) if progress else None
-        save(_pspnet_all(rest, masker, progress=step), "xrv-pspnet", masker.weights_id)
-    elif rest:
-        save(_map(_classical_one, rest, workers), "classical-v1", None)
+    if redo:  # the new rows wait here (memory, spilling to disk) until every one is made
+        con.execute("CREATE OR REPLACE TEMP TABLE _new_masks AS SELECT * FROM lung_masks LIMIT 0")
+    try:
+        from_manifest = _manifest_paths(con, [i for i, _ in todo]) if method in ("auto", "manifest") else {}
+        rest = [(i, p) for i, p in todo if i not in from_manifest]
+        if from_manifest:
+            save(_map(_manifest_one, sorted(from_manifest.items()), workers), "manifest", from_manifest)
+        if method == "manifest" and rest:
+            save([(i, None, "no mask file in the manifest's mask_path column") for i, _ in rest], "manifest", None)
+            rest = []
+        if rest and method == "auto":
+            psp = pspnet_weights(weights_dir)
+            if psp is None:
+                rep.note = (f"lung masks by classical-v1: torchxrayvision's segmentation weights ({PSPNET_FILE}) are "
+                            "not in --weights-dir / FEATSTORE_WEIGHTS_DIR or ~/.torchxrayvision")
+        if rest and psp is not None:
+            masker = PSPNetMasker(psp, device)
+            base = done[0]
+            step = (lambda n: progress(base + n, len(todo))) if progress else None
+            save(_pspnet_all(rest, masker, progress=step), "xrv-pspnet", masker.weights_id)
+        elif rest:
+            save(_map(_classical_one, rest, workers), "classical-v1", None)
+        if redo:
+            with transaction(con):
+                con.execute("INSERT OR REPLACE INTO lung_masks BY NAME SELECT * FROM _new_masks")
+                rep.remade = [i for (i,) in con.execute("SELECT image_id FROM _new_masks ORDER BY 1").fetchall()]
+                if on_replace:
+                    on_replace(con, rep.remade)
+    finally:
+        if redo:
+            try:
+                con.execute("DROP TABLE IF EXISTS _new_masks")
+            except duckdb.Error:  # a store already broken: the error in flight is the one to report
+                pass
     return rep
 
 
@@ -263,40 +260,7 @@ def _map(fn, items, workers):
 
 def load_masks(con, image_ids: list[str]) -> dict[str, tuple[bytes | None, str, str | None]]:
     """image_id -> (1-bit PNG or None when refused, method, reason)."""
-    con.register("_ids", pl.DataFrame({"image_id": image_ids}, schema={"image_id": pl.Utf8}).to_arrow())
-    try:
+    with registered(con, "_ids", pl.DataFrame({"image_id": image_ids}, schema={"image_id": pl.Utf8})):
         rows = con.execute("SELECT image_id, mask, method, reason FROM lung_masks "
                            "WHERE image_id IN (SELECT image_id FROM _ids)").fetchall()
-    finally:
-        con.unregister("_ids")
     return {i: (bytes(m) if m is not None else None, meth, r) for i, m, meth, r in rows}
-
-
-@dataclass
-class MasksJob:
-    """`featstore masks`: the missing lung masks (all of them with `redo`). run() returns the
-    MaskReport and the store's `lung_mask_summary` (Arrow)."""
-    method: str = "auto"
-    weights_dir: Path | None = None
-    redo: bool = False
-    workers: int = 2
-    device: str = "cpu"
-    db: Path | None = None
-
-    def run(self, progress=None):
-        from featstore.errors import UserError
-        from featstore.progress import silent
-        from featstore.store import open_for_command
-        from featstore.weights import WeightsMissingError
-
-        con = open_for_command(self.db, must_exist=True)
-        try:
-            with (progress or silent)("masks") as prog:
-                try:
-                    rep = ensure_masks(con, None, self.method, self.weights_dir, self.workers, self.redo,
-                                       self.device, prog.update)
-                except (ValueError, WeightsMissingError) as e:
-                    raise UserError(str(e)) from e
-            return rep, con.sql("SELECT * FROM lung_mask_summary").to_arrow_table()
-        finally:
-            con.close()

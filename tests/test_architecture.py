@@ -157,3 +157,41 @@ def test_the_embed_engines_share_one_public_run_seam_and_make_no_masks():
     for m in ("embed", "embed_ray"):
         used = set(_names_from(PKG / f"{m}.py", "masks"))
         assert used <= {"load_masks", "decode"}, f"featstore/{m}.py uses {sorted(used)} of masks"
+
+
+# Each store table is written by the stage that makes it, and read by later ones; a stage that wrote
+# another's table (masks deleting embeddings) would tie the two together behind the import graph's back.
+# Interpolated names (`{table}`) are the per-dimension embedding tables; `_name`s are a connection's own
+# scratch (temporary) tables. The library (the store layer, test fixtures) writes for whoever calls it.
+OWNS = {
+    "ingest": {"images", "occurrences", "ingest_errors", "ingest_runs"},
+    "preprocess": {"lung_masks"},
+    "embed": {"{embeddings}", "embed_errors", "embed_runs"},
+    "split": {"image_hashes", "near_duplicates"},
+    "track": {"results", "predictions"},
+}
+_WRITE = r"\b(?:DELETE\s+FROM|INSERT\s+(?:OR\s+REPLACE\s+)?INTO|(?<!DO )UPDATE)\s+(\{[^}]*\}|\w+)|insert_frame\(\s*\w+,\s*\"(\w+)\""
+
+
+def _writes(text: str) -> set[str]:
+    import re
+
+    names = {t or f for t, f in re.findall(_WRITE, text)}
+    return {"{embeddings}" if n.startswith("{") else n for n in names if not n.startswith("_")}
+
+
+def test_each_stage_writes_only_its_own_tables():
+    bad = []
+    for m in sorted(_modules()):
+        if STAGE.get(m) == "library":
+            continue
+        wrong = _writes((PKG / f"{m}.py").read_text()) - OWNS.get(STAGE.get(m), set())
+        if wrong:
+            bad.append(f"featstore/{m}.py ({STAGE.get(m, 'front end')}) writes {sorted(wrong)}")
+    assert not bad, "\n".join(bad)
+    # the checker sees the writes featstore makes, or the rule above would pass vacuously
+    assert _writes('con.execute(f"DELETE FROM {table} WHERE x")\ninsert_frame(con, "lung_masks", df)\n'
+                   "INSERT OR REPLACE INTO a ON CONFLICT DO UPDATE SET y = 1; UPDATE b SET") == \
+        {"{embeddings}", "lung_masks", "a", "b"}
+    assert _writes((PKG / "embed.py").read_text()) == OWNS["embed"]
+    assert _writes((PKG / "masks.py").read_text()) == {"lung_masks"}

@@ -116,3 +116,33 @@ def test_allow_root_widens_the_default_root_without_replacing_it(tmp_path):
     rows, refused = I.manifest_rows(m, extra_roots=[there])
     assert [Path(r.path).parent.name for r in rows] == ["here", "there"]
     assert [e.file for e in refused] == ["../elsewhere/a.png"] and "outside the allowed root" in refused[0].reason
+
+
+def test_masks_redo_says_how_many_lung_variant_embeddings_it_dropped(tmp_path):
+    # the masks job (front end) joins the preprocess stage's masks and the embed stage's embeddings
+    import duckdb
+
+    from featstore.jobs import MasksJob
+    from featstore.synth import generate
+
+    db = tmp_path / "fs.duckdb"
+    assert _run("ingest", "--manifest", generate(tmp_path / "data", n_per_source=3, size=96, seed=2),
+                "--workers", 1, "--db", db).exit_code == 0
+    for p in ("original", "lungs-isolated"):
+        r = _run("embed", "--backbone", "pixelstats", "--preprocess", p, "--masks", "classical-v1", "--workers", 0,
+                 "--db", db)
+        assert r.exit_code == 0, r.output
+
+    def count(preprocess):
+        with duckdb.connect(str(db), read_only=True) as c:
+            return c.execute("SELECT count(*) FROM embeddings WHERE preprocess = ?", [preprocess]).fetchone()[0]
+
+    lung, orig = count("lungs-isolated"), count("original")
+    assert lung > 0 and orig > 0
+    r = _run("masks", "--redo", "--method", "classical-v1", "--workers", 1, "--db", db)
+    assert r.exit_code == 0, r.output
+    assert f"{lung} lung-variant embeddings deleted for re-made masks" in r.text, r.output
+    assert (count("lungs-isolated"), count("original")) == (0, orig)
+    # nothing is built on the new masks yet: a second redo drops nothing
+    rep, summary, n = MasksJob(method="classical-v1", redo=True, workers=1, db=db).run()
+    assert n == 0 and len(rep.remade) == rep.n_todo > 0 and summary.num_rows > 0

@@ -170,11 +170,93 @@ def test_masks_from_the_manifest_come_first_and_are_checked(con, tmp_path):
     refused = con.execute("SELECT count(*) FROM lung_masks WHERE NOT ok").fetchone()[0]
     assert len(emb.failed) == refused >= 2 and emb.n_embedded == 6 - refused
     assert all("[mask method" in r for _, _, r in emb.failed)
-    # nothing left to do; redo re-makes them and deletes the embeddings built on the old masks
+    # nothing left to do; redo re-makes them and (the embed stage, in the same transaction) drops the
+    # embeddings built on the old masks
+    from featstore.embed import forget_lung_variants
+
     assert ensure_masks(con, workers=1).n_todo == 0
-    again = ensure_masks(con, method="classical-v1", workers=1, redo=True)
-    assert again.n_invalidated == emb.n_embedded and again.by_method == {"classical-v1": 6}
+    forgot = []
+    again = ensure_masks(con, method="classical-v1", workers=1, redo=True,
+                         on_replace=lambda c, ids: forgot.append(forget_lung_variants(c, ids)))
+    assert forgot == [emb.n_embedded] and again.by_method == {"classical-v1": 6} and len(again.remade) == 6
     assert con.execute("SELECT count(*) FROM embeddings WHERE preprocess = 'lungs-isolated'").fetchone()[0] == 0
+    assert con.execute("SELECT count(*) FROM embed_errors WHERE preprocess = 'lungs-isolated'").fetchone()[0] == 0
+    assert con.execute("SELECT count(*), count(*) FILTER (method = 'classical-v1') FROM lung_masks").fetchone() == (6, 6)
+
+
+def _masked_and_embedded(con, tmp_path):
+    """The six manifest-mask images with masks (4 manifest, 2 classical) and pixelstats embeddings for
+    original and two lung variants (refused masks: embed_errors rows)."""
+    from featstore import ingest as I
+    from featstore.backbones import create_backbone
+    from featstore.embed import embed
+    from featstore.masks import ensure_masks
+
+    m = _manifest_with_masks(tmp_path)
+    I.ingest_rows(con, I.manifest_rows(m)[0], str(m), workers=1)
+    ensure_masks(con, workers=1)
+    bb = create_backbone("pixelstats")
+    for p in ("original", "lungs-isolated", "lung-crop"):
+        embed(con, bb, p, batch_size=8, workers=0)
+
+
+def _snapshot(con) -> dict[str, list]:
+    q = {"lung_masks": "SELECT * FROM lung_masks ORDER BY image_id",
+         "embeddings": "SELECT image_id, preprocess, vector FROM embeddings ORDER BY ALL",
+         "embed_errors": "SELECT image_id, preprocess, reason FROM embed_errors ORDER BY ALL"}
+    return {k: con.execute(v).fetchall() for k, v in q.items()}
+
+
+@pytest.mark.parametrize("where", ["making", "replacing"])
+def test_a_redo_that_fails_keeps_every_old_mask_and_embedding(con, tmp_path, monkeypatch, where):
+    from featstore import masks as M
+    from featstore.embed import forget_lung_variants
+
+    _masked_and_embedded(con, tmp_path)
+    before = _snapshot(con)
+    assert any(p == "lungs-isolated" for _, p, _ in before["embeddings"]) and before["embed_errors"]
+
+    def on_replace(c, ids):
+        forget_lung_variants(c, ids)
+        if where == "replacing":
+            raise RuntimeError("killed while replacing")
+
+    if where == "making":  # the manifest masks are made, then the classical method dies
+        def boom(item):
+            raise RuntimeError("killed while making")
+        monkeypatch.setattr(M, "_classical_one", boom)
+    with pytest.raises(RuntimeError, match=f"killed while {where}"):
+        M.ensure_masks(con, workers=1, redo=True, on_replace=on_replace)
+    assert _snapshot(con) == before
+    # the store takes the next redo: nothing half-done is left on the connection
+    monkeypatch.undo()
+    assert len(M.ensure_masks(con, workers=1, redo=True).remade) == 6
+
+
+def test_a_redo_drops_exactly_the_lung_variant_rows_of_the_remade_images(con, tmp_path):
+    from featstore.embed import forget_lung_variants
+    from featstore.masks import ensure_masks
+
+    _masked_and_embedded(con, tmp_path)
+    before = _snapshot(con)
+    ids = sorted(r[0] for r in before["lung_masks"])[:3]
+    forgot = []
+    rep = ensure_masks(con, ids, method="classical-v1", workers=1, redo=True,
+                       on_replace=lambda c, x: forgot.append(forget_lung_variants(c, x)))
+    after = _snapshot(con)
+    assert rep.remade == ids and rep.n_todo == 3
+
+    def kept(rows):  # what must stay: other images' rows, and every row that is no lung variant
+        return [r for r in rows if r[0] not in ids or r[1] == "original"]
+
+    assert after["embeddings"] == kept(before["embeddings"])
+    assert after["embed_errors"] == kept(before["embed_errors"])
+    gone = len(before["embeddings"]) - len(after["embeddings"])
+    assert forgot == [gone] and gone > 0
+    assert any(r[0] in ids for r in before["embed_errors"]) and not any(r[0] in ids for r in after["embed_errors"])
+    # the other images keep their masks as they were; the remade ones are new rows
+    assert [r for r in after["lung_masks"] if r[0] not in ids] == [r for r in before["lung_masks"] if r[0] not in ids]
+    assert [r[1] for r in after["lung_masks"] if r[0] in ids] == ["classical-v1"] * 3
 
 
 def test_masks_manifest_only_refuses_images_without_a_file(con, tmp_path):
