@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -194,8 +195,8 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
     if method == "xrv-pspnet":  # asked for by name: download when allowed, else say where the file goes
         psp = pspnet_weights(weights_dir, download=True)
     where = "" if image_ids is None else "WHERE image_id IN (SELECT image_id FROM _want)"
-    want = pl.DataFrame({"image_id": list(image_ids or [])}, schema={"image_id": pl.Utf8})
-    with registered(con, "_want", want):
+    want = None if image_ids is None else pl.DataFrame({"image_id": list(image_ids)}, schema={"image_id": pl.Utf8})
+    with registered(con, "_want", want) if want is not None else nullcontext():
         have = "" if redo else f"{'AND' if where else 'WHERE'} image_id NOT IN (SELECT image_id FROM lung_masks)"
         todo = con.execute(f"SELECT image_id, path FROM images {where} {have} ORDER BY image_id").fetchall()
     rep = MaskReport(n_todo=len(todo))

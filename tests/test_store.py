@@ -122,11 +122,8 @@ def test_a_failed_commit_raises_its_own_error_not_a_rollback_one(db):
 def test_no_module_writes_begin_or_commit_by_hand():
     """Every BEGIN/COMMIT/ROLLBACK goes through store.transaction (two sites once had no rollback)."""
     stmt = re.compile(r"""execute\(\s*["'](BEGIN|COMMIT|ROLLBACK)\b""", re.I)
-    # duplicates.py: its one transaction is in another change in flight; this fails once it is gone,
-    # so the exemption cannot outlive it
-    pending = {"duplicates.py"}
     found = {p.name for p in PKG.glob("*.py") if p.name != "store.py" and stmt.search(p.read_text())}
-    assert found == pending
+    assert found == set()
 
 
 def test_a_failed_migration_leaves_the_store_at_its_version(tmp_path, monkeypatch):
@@ -174,3 +171,19 @@ def test_an_interrupted_ingest_stores_nothing_and_leaves_no_transaction_open(con
     assert _no_transaction_open(con)
     assert con.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences), "
                        "(SELECT count(*) FROM ingest_runs)").fetchone() == before
+
+
+def test_registered_rows_are_gone_after_the_block_even_when_it_fails(tmp_path):
+    import duckdb
+    import pyarrow as pa
+
+    from featstore.store import registered
+
+    con = connect(tmp_path / "fs.duckdb")
+    with registered(con, "_ids", pa.table({"image_id": ["a", "b"]})):
+        assert con.execute("SELECT count(*) FROM _ids").fetchone() == (2,)
+    with pytest.raises(ZeroDivisionError):
+        with registered(con, "_ids", pa.table({"image_id": ["c"]})):
+            1 / 0
+    with pytest.raises(duckdb.CatalogException):
+        con.execute("SELECT * FROM _ids")
