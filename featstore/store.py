@@ -266,6 +266,10 @@ def registered(con, name: str, data):
     try:
         yield name
     finally:
+        try:  # DuckDB 2.0 refuses unregister while a result (a fetchone's) is still open
+            con.complete()
+        except duckdb.Error:  # a statement that failed has no result left to finish
+            pass
         con.unregister(name)
 
 
