@@ -26,7 +26,7 @@ postgres:
 test: install postgres
 	$(VENV)/bin/python -m pytest
 
-# every performance figure, side by side, into benchmarks/RESULTS.md (about 20 min on 2 cores)
+# every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py
 
