@@ -11,7 +11,7 @@ that a busy machine slows both alike. Levers: one BLAS/OpenMP/torch thread per s
 split's arrays sliced and the logistic head's scaler fitted once per study (HeadSpec.prepare), GRL
 trials stopped at the first validation plateau (HeadSpec.search_defaults; the refit is unchanged).
 "Same hyperparameters": the studies chose the same hyperparameters with the levers on and off;
-"max |Δ val score|": the largest difference between the two paths' validation scores of the chosen
+"max abs Δ val score": the largest difference between the two paths' validation scores of the chosen
 trials (the scaler fitted once per study moves logreg's scores in the last digits; GRL search trials that
 stop at their first plateau score differently by design: their refit keeps the full schedule).
 The whole study's wall time beside the 120 s goal is in end_to_end.py.
@@ -96,7 +96,7 @@ def main():
     print(f"First {a.folds} leave-one-source-out folds of cxr_shortcut.yaml per head, {a.repeats} repeat(s); "
           "search = Optuna trials with their journal writes; refit = final fit + test predictions.\n")
     print(table(["head", "trials", "trials/s off", "trials/s on", "on / off", "refit s off", "refit s on",
-                 "same hyperparameters", "max |Δ val score|"], rows))
+                 "same hyperparameters", "max abs Δ val score"], rows))
 
 
 if __name__ == "__main__":
