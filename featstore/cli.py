@@ -493,7 +493,8 @@ def neighbors(image: Optional[str] = typer.Argument(None, help="image_id (or a u
 def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare embeddings of this set (cosine)"),
                preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
                cosine_min: float = typer.Option(0.98, help="embedding rule: cosine similarity at least this"),
-               phash_max: int = typer.Option(10, help="perceptual rule: dHash Hamming distance at most this (of 256)"),
+               phash_max: int = typer.Option(10, min=0, max=256,
+                                             help="perceptual rule: dHash Hamming distance at most this (of 256)"),
                sheet: Path = typer.Option(Path("near_duplicates.png"), help="contact sheet of the pairs"),
                workers: int = typer.Option(2, help="processes that hash images"),
                accept_implausible: bool = typer.Option(False, help="link the pairs even when they are implausibly "

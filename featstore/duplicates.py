@@ -142,6 +142,8 @@ def hamming_pairs(ids, hashes, max_dist: int, workers: int = 1, progress=None) -
     (max_dist + 1)-th bit rather than neighbouring bits: on chest X-rays neighbouring dHash bits (the dark
     rows at the edges) agree across most images, interleaved chunks far less often (on ../shared/cxr 0.7%
     of all pairs are compared instead of 6%). Exact: the same pairs as comparing all of them."""
+    if max_dist < 0:  # no distance is that small
+        return {}
     n_chunks = max_dist + 1
     if len(hashes) < 2 or 256 // n_chunks < MIN_CHUNK_BITS:
         return all_pairs(ids, hashes, max_dist)

@@ -56,3 +56,14 @@ def test_pairs_are_ordered_by_position_and_progress_counts_chunks():
     got = hamming_pairs(ids, h, 10, progress=lambda done, total, phase: seen.append((done, total, phase)))
     assert got and all(ids.index(a) < ids.index(b) for a, b in got)
     assert seen[-1] == (11, 11, "comparing hashes")
+
+
+def test_a_negative_threshold_finds_nothing_and_the_cli_refuses_it(tmp_path):
+    h = planted(1, 20, 2, 3)
+    assert hamming_pairs(list(range(20)), h, -1) == {} == all_pairs(list(range(20)), h, -1)
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+
+    r = CliRunner().invoke(app, ["duplicates", "--phash-max", "-1", "--db", str(tmp_path / "none.duckdb")])
+    assert r.exit_code == 2 and "phash-max" in r.output
