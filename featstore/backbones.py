@@ -166,6 +166,7 @@ register(BackboneSpec(
                 "weights: a checkpoint from the CheXzero repository's Google Drive, --weights PATH",
     licence="see model card (github.com/rajpurkarlab/CheXzero)",
     options=dict(arch="ViT-B-32", pooling="pooler", poolings=("pooler",), files=["best_64_5e-05_original_22000_0.864.pt"],
+                 download="the CheXzero repository's Google Drive (github.com/rajpurkarlab/CheXzero, README: checkpoints)",
                  model_cfg=dict(embed_dim=512, quick_gelu=True,
                                 vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
                                 # OpenAI CLIP's text transformer, as CheXzero fine-tuned it (77 tokens)
@@ -676,3 +677,66 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
 
     dim = spec.feature_dim or run(torch.zeros(1, channels, size, size)).shape[1]
     return Backbone(spec, with_pipeline(W.weights_identity(path), spec.pipeline), run, dim, device)
+
+
+# --- which files an entry needs, and where they go (`featstore backbones --files`) -------------------
+
+_WHERE_HF = ("<weights-dir>/{flat}/, a git clone <weights-dir>/{name}/ (`git lfs pull` in it), or the "
+             "Hugging Face hub cache (`hf download {repo}`; HF_HOME / HF_HUB_CACHE, read offline too)")
+
+
+def needed_files(spec: BackboneSpec) -> list[tuple[str, str, str]]:
+    """(what, files, where they go) for each download an entry needs: its weights, and for a zero-shot
+    head whatever else its text tower needs (BiomedCLIP's tokenizer lives in a second repository)."""
+    o = spec.options
+    if spec.family == "pixelstats":
+        return [("weights", "none (weight-free)", "-")]
+    if spec.family in ("hf", "timm", "open_clip") and o.get("repo") or spec.family == "timm":
+        repo = o.get("repo") or spec.weights
+        where = _WHERE_HF.format(flat=repo.replace("/", "--"), name=repo.rpartition("/")[2], repo=repo)
+        if spec.family == "hf":
+            out = [("weights", "config.json, model.safetensors (or its shards with model.safetensors.index.json, or "
+                               "pytorch_model.bin), preprocessor_config.json (checked against the entry's pipeline)",
+                    f"from https://huggingface.co/{repo} into {where}")]
+            if "text_config" in o:
+                out.append(("zero-shot", "the same snapshot's tokenizer files (tokenizer.json or spiece.model, "
+                                         "tokenizer_config.json, special_tokens_map.json)", "beside the weights"))
+            return out
+        if spec.family == "timm":
+            return [("weights", f"model.safetensors (or {o['arch']}.safetensors, pytorch_model.bin)",
+                     f"from https://huggingface.co/{repo} into {where}, or <weights-dir>/{o['arch']}.safetensors, "
+                     f"or --weights FILE")]
+        names = o.get("files") or ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        out = [("weights", " or ".join(names) + " (and open_clip_config.json)", f"from https://huggingface.co/{repo} "
+                f"into {where}, or --weights FILE")]
+        text = (o.get("model_cfg") or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+        if text:
+            out.append(("zero-shot", f"the text model {text}: config.json, vocab.txt, tokenizer_config.json, "
+                                     f"special_tokens_map.json",
+                        f"from https://huggingface.co/{text} into <weights-dir>/{text.replace('/', '--')}/"))
+        return out
+    if spec.family == "open_clip":  # no hub repository: one file, under its exact upstream name
+        names = o.get("files") or []
+        if not names:
+            return [("weights", "an open_clip checkpoint", "--weights FILE")]
+        src = f"from {o['download']} " if o.get("download") else ""
+        return [("weights", f"{names[0]} (exactly this name)", f"{src}into <weights-dir>/{names[0]}, or --weights FILE")]
+    if spec.family.startswith("xrv"):
+        import torchxrayvision as xrv
+
+        url = xrv.models.model_urls[spec.weights]["weights_url"]
+        return [("weights", os.path.basename(url), f"from {url} into <weights-dir>/ or {xrv.utils.get_cache_dir()} "
+                                                   f"(downloaded when online)")]
+    if spec.family.startswith("tv-"):
+        import torchvision.models as tvm
+
+        enum_name, member = spec.weights.split(".")
+        url = getattr(getattr(tvm, enum_name), member).url
+        return [("weights", os.path.basename(url), f"from {url} into <weights-dir>/ or "
+                                                   f"{Path(torch.hub.get_dir()) / 'checkpoints'} (downloaded when online)")]
+    if spec.family == "onnx":
+        if not spec.weights:
+            return [("weights", "any .onnx file", "--weights FILE")]
+        return [("weights", spec.weights, f"from {spec.url} into <weights-dir>/ or ~/.cache/featstore/ "
+                                          f"(downloaded when online)")]
+    return [("weights", spec.weights or "-", "-")]
