@@ -492,7 +492,13 @@ def build_hf(spec, weights: str | None, wdir: Path | None, pooling: str, overrid
         wid = tensors_identity(files, spec.name)  # reads (so checks) every file before anything is built
         with library_chatter(chatter):
             check_processor(spec, found.path)
-    cfg, tower = _hf_config(opts, overrides, found.path if found else None, repo)
+    try:
+        cfg, tower = _hf_config(opts, overrides, found.path if found else None, repo)
+    except Exception as e:  # noqa: BLE001 - a config.json transformers refuses: one line naming it
+        if found is None:
+            raise
+        raise WeightsError(f"{found.path / 'config.json'}: not a valid configuration of {spec.name} "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
     if found is None:
         model, wid, n = transformers.AutoModel.from_config(cfg), None, None
     else:
