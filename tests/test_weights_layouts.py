@@ -437,3 +437,30 @@ def test_dinov2_pooler_is_its_cls_token_one_set():
     with torch.no_grad():  # HF's Dinov2 pooler_output is the CLS token: the vectors are the same
         out = b.module.model(pixel_values=x)
     np.testing.assert_allclose(out.pooler_output.numpy(), out.last_hidden_state[:, 0].numpy())
+
+
+def test_embed_says_one_summary_line_and_records_the_chatter(tmp_path, synth_manifest):
+    """A whole SigLIP through the CLI: no LOAD REPORT on the terminal, one line saying what was loaded from
+    where; the library's messages are in embed_runs.weights_source."""
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+    from featstore.store import connect
+
+    folder, _, _ = tiny_siglip_snapshot(tmp_path / "w")
+    db = tmp_path / "fs.duckdb"
+    r = CliRunner().invoke(app, ["ingest", "--manifest", str(synth_manifest), "--workers", "1", "--db", str(db)])
+    assert r.exit_code in (0, 1), r.output
+    r = CliRunner().invoke(app, ["embed", "--backbone", "siglip-base", "--weights-dir", str(tmp_path / "w"), "--limit", "2",
+                                 "--workers", "0", "--db", str(db)], terminal_width=400)
+    assert r.exit_code == 0, r.output
+    assert "LOAD REPORT" not in r.output and "text_model." not in r.output, r.output
+    said = [ln for ln in r.output.splitlines() if "tensors from" in ln]
+    assert len(said) == 1 and str(folder) in said[0] and "text-tower tensors not used" in said[0], r.output
+    con = connect(db)
+    try:
+        src = json.loads(con.execute("SELECT weights_source FROM embed_runs").fetchone()[0])
+    finally:
+        con.close()
+    assert src["path"] == str(folder) and src["via"] == "weights-dir"
+    assert any("LOAD REPORT" in m for m in src["messages"])
