@@ -2,8 +2,9 @@
 
 Each entry carries what the rest of the pipeline needs: input size, channels, the input
 pipeline (how its own library / training code resized and normalised images) and feature
-dimension; the built Backbone adds its identity: the weight file's sha256 (or `random-init`),
-plus the input pipeline's identity, so vectors made by different pipelines never share a set.
+dimension; the built Backbone adds its identity: the weight file's sha256 (foundation models: the hash of
+their tensors, foundation.state_identity; or `random-init`), plus the input pipeline's identity, so vectors
+made by different pipelines never share a set.
 """
 from __future__ import annotations
 
@@ -380,7 +381,8 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
     weights: None for the entry's published weights; "random-init" for seeded random
     initialisation (recorded as such); or a path to a weight file. For the generic
     `onnx` entry weights is the .onnx path and output the tensor to read. For foundation-model
-    entries weights may also be a Hugging Face snapshot folder; config_overrides changes their
+    entries weights may be a file or a folder (a Hugging Face snapshot, or the folder holding a timm /
+    open_clip file), checked to be the entry's (foundation.WeightsError otherwise); config_overrides changes their
     configuration (tests: tiny random models; the registry entries stay full-size). pooling (cls, mean,
     pooler; foundation-model entries) is the same as a `@pooling` suffix: the backbone's name becomes
     canonical_name(name, pooling), its own embedding set.

@@ -262,7 +262,8 @@ def local_folder(repo: str, wdir: Path | None, explicit: str | None, files: tupl
 
 def find_file(spec, explicit: str | None, wdir: Path | None, repo: str | None, names: list[str]) -> Found:
     """One weight file (timm, open_clip): --weights PATH (the file, or a folder holding one of `names`),
-    else <wdir>/<name> itself, else one of `names` in candidate_folders(repo), else the hub unless offline."""
+    else <wdir>/<names[0]> itself (a name that says which model: `<arch>.safetensors`, CheXzero's exact
+    upstream name), else one of `names` in candidate_folders(repo), else the hub unless offline."""
     if explicit:
         p = Path(explicit).expanduser()
         if p.is_dir():
@@ -274,10 +275,10 @@ def find_file(spec, explicit: str | None, wdir: Path | None, repo: str | None, n
             raise W.WeightsMissingError(f"weights file {p} for {spec.name} not found")
         return Found(p, (p,), "--weights", git_revision(p.parent))
     looked = []
-    dirs = [(wdir, "weights-dir", None)] if wdir is not None else []
-    dirs += candidate_folders(repo, wdir, tuple(names)) if repo else []
-    for d, via, rev in dirs:
-        for n in names:
+    dirs = [(wdir, "weights-dir", None, names[:1])] if wdir is not None else []
+    dirs += [(*c, names) for c in candidate_folders(repo, wdir, tuple(names))] if repo else []
+    for d, via, rev, these in dirs:
+        for n in these:
             looked.append(str(d / n))
             if (d / n).is_file():
                 return Found(d / n, (d / n,), via, rev)
@@ -311,15 +312,19 @@ def library_chatter(lines: list[str]):
     for n in names:  # transformers' own handler holds sys.stderr itself: redirecting it would not reach it
         lg = logging.getLogger(n)
         lg.handlers, lg.propagate = [handler], False
+    caught = []
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(buf), \
+        with warnings.catch_warnings(record=True) as rec, contextlib.redirect_stdout(buf), \
                 contextlib.redirect_stderr(buf):
             warnings.simplefilter("always")
-            yield
+            try:
+                yield
+            finally:
+                caught.extend(rec)
     finally:
         for n, (hs, prop) in saved.items():
             logging.getLogger(n).handlers, logging.getLogger(n).propagate = hs, prop
-        for w in caught if "caught" in locals() else []:
+        for w in caught:
             buf.write(f"{w.category.__name__}: {w.message}\n")
         text = buf.getvalue()
         lines.extend(line for line in text.splitlines() if line.strip())
