@@ -81,7 +81,11 @@ def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says it in one line
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, a pickled object: one line
         raise WeightsError(f"{path}: not a readable weight file for {what} ({type(e).__name__}: {_first_line(e)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):

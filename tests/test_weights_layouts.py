@@ -117,6 +117,16 @@ def test_timm_refuses_a_checkpoint_of_another_model(tmp_path):
     convnext_file(tmp_path / "wide" / "model.safetensors", dims=(16, 32, 64, 128))
     with pytest.raises(WeightsError, match="of another shape"):
         create_backbone("convnext-base", weights=str(tmp_path / "wide" / "model.safetensors"), config_overrides=CONVNEXT)
+    # a truncated download, a stray file that is no checkpoint: one line naming it
+    good = tmp_path / "cut" / "model.safetensors"
+    convnext_file(good)
+    good.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match=f"{good}: not a readable weight file for convnext-base"):
+        create_backbone("convnext-base", weights=str(good.parent), config_overrides=CONVNEXT)
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / CHEXZERO_FILE).write_bytes(b"\x80\x04 not a pickle of tensors" * 20)
+    with pytest.raises(WeightsError, match="not a readable weight file for chexzero"):
+        create_backbone("chexzero", weights_dir=tmp_path / "stray", config_overrides=CHEXZERO_TINY)
     # its own checkpoint, with the classifier it was trained with: the classifier is the one thing let through
     ref = convnext_file(tmp_path / "own" / "model.safetensors", num_classes=10)
     bb = create_backbone("convnext-base", weights=str(tmp_path / "own" / "model.safetensors"), config_overrides=CONVNEXT)
