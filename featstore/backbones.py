@@ -114,7 +114,8 @@ register(BackboneSpec(
                                             mean=(0.5307,) * 3, std=(0.2583,) * 3),
     768, "microsoft/rad-dino", description="RAD-DINO (DINOv2 ViT-B/14 on chest X-rays) at 518 px; CLS token",
     licence="MSRLA (Microsoft Research License Agreement, non-commercial)",
-    options=dict(repo="microsoft/rad-dino", pooling="cls", poolings=("cls", "mean"), pooling_aliases=_DINOV2_POOLER, config_class="Dinov2Config",
+    options=dict(repo="microsoft/rad-dino", pooling="cls", poolings=("cls", "mean"), pooling_aliases=_DINOV2_POOLER,
+                 config_class="Dinov2Config",
                  config=dict(_VIT_B, image_size=518, patch_size=14))))
 register(BackboneSpec(
     "medsiglip-448", "hf", 448, 3, InputPipeline("pil-uint8", resample="bicubic", crop="none", **_HALF),
@@ -140,7 +141,8 @@ register(BackboneSpec(
     "dinov2-base", "hf", 224, 3, InputPipeline("pil-uint8", crop="short-side-floor", resize=256, resample="bicubic", **_IMAGENET),
     768, "facebook/dinov2-base", description="DINOv2 ViT-B/14 (natural images) at 224 px; CLS token",
     licence="apache-2.0",
-    options=dict(repo="facebook/dinov2-base", pooling="cls", poolings=("cls", "mean"), pooling_aliases=_DINOV2_POOLER, config_class="Dinov2Config",
+    options=dict(repo="facebook/dinov2-base", pooling="cls", poolings=("cls", "mean"), pooling_aliases=_DINOV2_POOLER,
+                 config_class="Dinov2Config",
                  config=dict(_VIT_B, image_size=518, patch_size=14))))
 register(BackboneSpec(
     "biomedclip", "open_clip", 224, 3, InputPipeline("pil-uint8", crop="short-side", resize=224, resample="bicubic", **_OPENAI_CLIP),

@@ -1,9 +1,9 @@
 """Zero-shot classification from an embedding set's own text tower.
 
 Class prompts become text embeddings through the text tower of the very weights the embedding set was
-made with (its weights_id: the hash of the weight tensors, or of the files for older sets, checked again here, or random-init with its
-seed and configuration); heads.ZeroShotHead scores the stored image embeddings against them. No
-training: the one head that never saw a source.
+made with (its weights_id: the hash of the weight tensors, or of the files for older sets, checked again
+here, or random-init with its seed and configuration); heads.ZeroShotHead scores the stored image
+embeddings against them. No training: the one head that never saw a source.
 
 Only embeddings in the joint image-text space qualify:
 - open_clip entries store `encode_image`: the image tower's output after its projection (`pooler`, the
