@@ -2,8 +2,9 @@
 
 Each entry carries what the rest of the pipeline needs: input size, channels, the input
 pipeline (how its own library / training code resized and normalised images) and feature
-dimension; the built Backbone adds its identity: the weight file's sha256 (or `random-init`),
-plus the input pipeline's identity, so vectors made by different pipelines never share a set.
+dimension; the built Backbone adds its identity: the weight file's sha256 (foundation models: the hash of
+their tensors, foundation.state_identity; or `random-init`), plus the input pipeline's identity, so vectors
+made by different pipelines never share a set.
 """
 from __future__ import annotations
 
@@ -105,13 +106,16 @@ register(BackboneSpec("pixelstats", "pixelstats", 256, 1, PIXELSTATS_PIPELINE, 6
 # a plain resize to size x size (HF SiglipImageProcessor). Pooling: `<name>@<pooling>` is its own entry.
 _OPENAI_CLIP = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 _HALF = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+# HF's Dinov2Model pooler_output is the layer-normed CLS token, the same vectors as `cls`: `pooler` names that set
+_DINOV2_POOLER = {"pooler": "cls"}
 _VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 register(BackboneSpec(
     "rad-dino", "hf", 518, 3, InputPipeline("pil-uint8", crop="short-side-floor", resize=518, resample="bicubic",
                                             mean=(0.5307,) * 3, std=(0.2583,) * 3),
     768, "microsoft/rad-dino", description="RAD-DINO (DINOv2 ViT-B/14 on chest X-rays) at 518 px; CLS token",
     licence="MSRLA (Microsoft Research License Agreement, non-commercial)",
-    options=dict(repo="microsoft/rad-dino", pooling="cls", poolings=("cls", "mean", "pooler"), config_class="Dinov2Config",
+    options=dict(repo="microsoft/rad-dino", pooling="cls", poolings=("cls", "mean"), pooling_aliases=_DINOV2_POOLER,
+                 config_class="Dinov2Config",
                  config=dict(_VIT_B, image_size=518, patch_size=14))))
 register(BackboneSpec(
     "medsiglip-448", "hf", 448, 3, InputPipeline("pil-uint8", resample="bicubic", crop="none", **_HALF),
@@ -137,7 +141,8 @@ register(BackboneSpec(
     "dinov2-base", "hf", 224, 3, InputPipeline("pil-uint8", crop="short-side-floor", resize=256, resample="bicubic", **_IMAGENET),
     768, "facebook/dinov2-base", description="DINOv2 ViT-B/14 (natural images) at 224 px; CLS token",
     licence="apache-2.0",
-    options=dict(repo="facebook/dinov2-base", pooling="cls", poolings=("cls", "mean", "pooler"), config_class="Dinov2Config",
+    options=dict(repo="facebook/dinov2-base", pooling="cls", poolings=("cls", "mean"), pooling_aliases=_DINOV2_POOLER,
+                 config_class="Dinov2Config",
                  config=dict(_VIT_B, image_size=518, patch_size=14))))
 register(BackboneSpec(
     "biomedclip", "open_clip", 224, 3, InputPipeline("pil-uint8", crop="short-side", resize=224, resample="bicubic", **_OPENAI_CLIP),
@@ -164,6 +169,7 @@ register(BackboneSpec(
                 "weights: a checkpoint from the CheXzero repository's Google Drive, --weights PATH",
     licence="see model card (github.com/rajpurkarlab/CheXzero)",
     options=dict(arch="ViT-B-32", pooling="pooler", poolings=("pooler",), files=["best_64_5e-05_original_22000_0.864.pt"],
+                 download="the CheXzero repository's Google Drive (github.com/rajpurkarlab/CheXzero, README: checkpoints)",
                  model_cfg=dict(embed_dim=512, quick_gelu=True,
                                 vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=32),
                                 # OpenAI CLIP's text transformer, as CheXzero fine-tuned it (77 tokens)
@@ -181,8 +187,9 @@ def list_backbones() -> list[BackboneSpec]:
     return list(REGISTRY.values())
 
 
-def poolings(name: str) -> tuple[str, tuple[str, ...]]:
-    """(default pooling, valid poolings) of a foundation-model entry or generic name (no `@`)."""
+def poolings(name: str, weights_dir: str | os.PathLike | None = None) -> tuple[str, tuple[str, ...]]:
+    """(default pooling, valid poolings) of a foundation-model entry or generic name (no `@`). A generic
+    hf:<repo> reads its snapshot's config (a SigLIP has no CLS token: its pooler is the default)."""
     from featstore import foundation as F
 
     if name in REGISTRY:
@@ -192,16 +199,35 @@ def poolings(name: str) -> tuple[str, tuple[str, ...]]:
                              f"open_clip) take a pooling")
         return spec.options["pooling"], tuple(spec.options.get("poolings") or F.GENERIC_POOLING[spec.family][1])
     kind = name.partition(":")[0]
+    if name.startswith("hf:"):
+        try:
+            o = get_spec(name, weights_dir).options
+            return o["pooling"], tuple(o.get("poolings") or F.GENERIC_POOLING[kind][1])
+        except ValueError:  # no processor to be had: the name is refused when built, with what is needed
+            return F.GENERIC_POOLING[kind]
     if name.startswith(GENERIC_PREFIXES):
         return F.GENERIC_POOLING[kind]
     get_spec(name)  # raises: unknown backbone, with the known ones
     raise AssertionError(name)
 
 
-def canonical_name(name: str, pooling: str | None = None) -> str:
+def pooling_aliases(name: str, weights_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Poolings that are another by construction (HF's Dinov2 pooler output is its CLS token): one set."""
+    if name in REGISTRY:
+        return dict(REGISTRY[name].options.get("pooling_aliases", {}))
+    if name.startswith("hf:"):
+        try:
+            return dict(get_spec(name, weights_dir).options.get("pooling_aliases", {}))
+        except ValueError:
+            return {}
+    return {}
+
+
+def canonical_name(name: str, pooling: str | None = None, weights_dir: str | os.PathLike | None = None) -> str:
     """The embedding set's backbone name for `name` with `pooling` (or its `@pooling` suffix): the entry's
     own name for its default pooling, `<entry>@<pooling>` for another. Two poolings are two sets; one
-    pooling is one set however it is spelled (`rad-dino`, `rad-dino@cls`, `--pooling cls`)."""
+    pooling is one set however it is spelled (`rad-dino`, `rad-dino@cls`, `--pooling cls`, and
+    `rad-dino@pooler`: an alias of cls for DINOv2 models)."""
     from featstore import foundation as F
 
     base, at, suffix = name.partition("@")
@@ -212,24 +238,29 @@ def canonical_name(name: str, pooling: str | None = None) -> str:
     want = pooling or suffix
     if not want:
         return name
-    default, valid = poolings(base)
+    default, valid = poolings(base, weights_dir)
+    aliases = pooling_aliases(base, weights_dir)
+    want = aliases.get(want, want)
     if want not in valid:
         what = f"unknown pooling '{want}'" if want not in F.POOLINGS else f"pooling '{want}' is not available"
-        raise ValueError(f"backbone '{base}': {what} (valid for {base}: {', '.join(valid)})")
+        also = "".join(f"; {a} = {b}" for a, b in aliases.items())
+        raise ValueError(f"backbone '{base}': {what} (valid for {base}: {', '.join(valid)}{also})")
     return base if want == default else f"{base}@{want}"
 
 
-def get_spec(name: str) -> BackboneSpec:
+def get_spec(name: str, weights_dir: str | os.PathLike | None = None, weights: str | None = None) -> BackboneSpec:
     """A registered entry; `<entry>@<pooling>` (cls, mean, pooler) for another pooling of it, which is its
-    own name and so its own embedding set; `hf:<repo>`, `timm:<name>`, `open_clip:<arch>` for generic ones."""
+    own name and so its own embedding set; `hf:<repo>`, `timm:<name>`, `open_clip:<arch>` for generic ones
+    (a hf: snapshot is looked for as its weights are: weights, weights_dir, the hub cache)."""
     if name in REGISTRY:
         return REGISTRY[name]
     base = name.partition("@")[0]
     if base in REGISTRY or base.startswith(GENERIC_PREFIXES):
         from featstore import foundation as F
 
-        name = canonical_name(name) if "@" in name else name
-        spec = REGISTRY[base] if base in REGISTRY else BackboneSpec(**F.generic_spec_fields(base))
+        name = canonical_name(name, weights_dir=weights_dir) if "@" in name else name
+        spec = REGISTRY[base] if base in REGISTRY else BackboneSpec(**F.generic_spec_fields(
+            base, W.weights_dir(weights_dir), weights))
         pooling = name.partition("@")[2]
         if pooling:
             default = spec.options["pooling"]
@@ -289,6 +320,9 @@ class Backbone:
         # what the embed pipeline hands over: bf16 on CUDA, where the model computes in bf16
         # anyway, halves the bytes workers share, pin and copy to the GPU
         self.input_dtype = input_dtype
+        # where the weights were found (folder or file, revision, files) and the one line said about it;
+        # recorded beside weights_id in embed_runs.weights_source, not part of the identity
+        self.weights_source: dict | None = None
 
     @property
     def name(self) -> str:
@@ -349,15 +383,17 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
     weights: None for the entry's published weights; "random-init" for seeded random
     initialisation (recorded as such); or a path to a weight file. For the generic
     `onnx` entry weights is the .onnx path and output the tensor to read. For foundation-model
-    entries weights may also be a Hugging Face snapshot folder; config_overrides changes their
+    entries weights may be a file or a folder (a Hugging Face snapshot, or the folder holding a timm /
+    open_clip file), checked to be the entry's (foundation.WeightsError otherwise); config_overrides changes their
     configuration (tests: tiny random models; the registry entries stay full-size). pooling (cls, mean,
     pooler; foundation-model entries) is the same as a `@pooling` suffix: the backbone's name becomes
     canonical_name(name, pooling), its own embedding set.
     """
-    spec = get_spec(canonical_name(name, pooling) if pooling or "@" in name else name)
+    wdir = W.weights_dir(weights_dir)
+    spec = get_spec(canonical_name(name, pooling, wdir) if pooling or "@" in name else name, wdir, weights)
     build = BUILDERS.get(spec.family)
     dev = pick_device(device)
-    req = BuildRequest(weights, W.weights_dir(weights_dir), dev, output, seed, config_overrides)
+    req = BuildRequest(weights, wdir, dev, output, seed, config_overrides)
     return build(spec, req)
 
 
@@ -378,7 +414,7 @@ def _build_foundation(spec: BackboneSpec, req: BuildRequest) -> Backbone:
 
     wid = req.seeded() if req.random else None
     pooling = spec.options.get("pooling", "cls")
-    net, fwid, dim = F.BUILDERS[spec.family](spec, req.weights, req.wdir, pooling, req.config_overrides)
+    net, fwid, dim, source = F.BUILDERS[spec.family](spec, req.weights, req.wdir, pooling, req.config_overrides)
     spec = dataclasses.replace(spec, feature_dim=dim)
     # the pooling is recorded in every row's weights_id too, not only in the entry name
     wid = f"{wid or fwid};pool={pooling}"
@@ -389,7 +425,9 @@ def _build_foundation(spec: BackboneSpec, req: BuildRequest) -> Backbone:
         spec = dataclasses.replace(spec, input_size=size, pipeline=p._replace(
             resize=round(p.resize * size / spec.input_size)) if p.resize else p)
         wid += ";config=" + config_hash(o)
-    return _torch_backbone(spec, wid, net, req.device, net)
+    bb = _torch_backbone(spec, wid, net, req.device, net)
+    bb.weights_source = source
+    return bb
 
 
 for _family in ("hf", "timm", "open_clip"):  # featstore.foundation.FAMILIES, without importing it here
@@ -643,3 +681,66 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
 
     dim = spec.feature_dim or run(torch.zeros(1, channels, size, size)).shape[1]
     return Backbone(spec, with_pipeline(W.weights_identity(path), spec.pipeline), run, dim, device)
+
+
+# --- which files an entry needs, and where they go (`featstore backbones --files`) -------------------
+
+_WHERE_HF = ("<weights-dir>/{flat}/, a git clone <weights-dir>/{name}/ (`git lfs pull` in it), or the "
+             "Hugging Face hub cache (`hf download {repo}`; HF_HOME / HF_HUB_CACHE, read offline too)")
+
+
+def needed_files(spec: BackboneSpec) -> list[tuple[str, str, str]]:
+    """(what, files, where they go) for each download an entry needs: its weights, and for a zero-shot
+    head whatever else its text tower needs (BiomedCLIP's tokenizer lives in a second repository)."""
+    o = spec.options
+    if spec.family == "pixelstats":
+        return [("weights", "none (weight-free)", "-")]
+    if spec.family in ("hf", "timm", "open_clip") and o.get("repo") or spec.family == "timm":
+        repo = o.get("repo") or spec.weights
+        where = _WHERE_HF.format(flat=repo.replace("/", "--"), name=repo.rpartition("/")[2], repo=repo)
+        if spec.family == "hf":
+            out = [("weights", "config.json, model.safetensors (or its shards with model.safetensors.index.json, or "
+                               "pytorch_model.bin), preprocessor_config.json (checked against the entry's pipeline)",
+                    f"from https://huggingface.co/{repo} into {where}")]
+            if "text_config" in o:
+                out.append(("zero-shot", "the same snapshot's tokenizer files (tokenizer.json or spiece.model, "
+                                         "tokenizer_config.json, special_tokens_map.json)", "beside the weights"))
+            return out
+        if spec.family == "timm":
+            return [("weights", f"model.safetensors (or {o['arch']}.safetensors, pytorch_model.bin)",
+                     f"from https://huggingface.co/{repo} into {where}, or <weights-dir>/{o['arch']}.safetensors, "
+                     f"or --weights FILE")]
+        names = o.get("files") or ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        out = [("weights", " or ".join(names) + " (and open_clip_config.json)", f"from https://huggingface.co/{repo} "
+                f"into {where}, or --weights FILE")]
+        text = (o.get("model_cfg") or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+        if text:
+            out.append(("zero-shot", f"the text model {text}: config.json, vocab.txt, tokenizer_config.json, "
+                                     f"special_tokens_map.json",
+                        f"from https://huggingface.co/{text} into <weights-dir>/{text.replace('/', '--')}/"))
+        return out
+    if spec.family == "open_clip":  # no hub repository: one file, under its exact upstream name
+        names = o.get("files") or []
+        if not names:
+            return [("weights", "an open_clip checkpoint", "--weights FILE")]
+        src = f"from {o['download']} " if o.get("download") else ""
+        return [("weights", f"{names[0]} (exactly this name)", f"{src}into <weights-dir>/{names[0]}, or --weights FILE")]
+    if spec.family.startswith("xrv"):
+        import torchxrayvision as xrv
+
+        url = xrv.models.model_urls[spec.weights]["weights_url"]
+        return [("weights", os.path.basename(url), f"from {url} into <weights-dir>/ or {xrv.utils.get_cache_dir()} "
+                                                   f"(downloaded when online)")]
+    if spec.family.startswith("tv-"):
+        import torchvision.models as tvm
+
+        enum_name, member = spec.weights.split(".")
+        url = getattr(getattr(tvm, enum_name), member).url
+        return [("weights", os.path.basename(url), f"from {url} into <weights-dir>/ or "
+                                                   f"{Path(torch.hub.get_dir()) / 'checkpoints'} (downloaded when online)")]
+    if spec.family == "onnx":
+        if not spec.weights:
+            return [("weights", "any .onnx file", "--weights FILE")]
+        return [("weights", spec.weights, f"from {spec.url} into <weights-dir>/ or ~/.cache/featstore/ "
+                                          f"(downloaded when online)")]
+    return [("weights", spec.weights or "-", "-")]

@@ -203,8 +203,13 @@ def embed(
                                    help="as decoded, histogram-equalised, CLAHE, or a lung variant (needs masks)"),
     masks: str = typer.Option("auto", **_one_of("mask method", _mask_methods),
                               help="lung variants: how missing lung masks are made (see `featstore masks`)"),
-    weights: Optional[str] = typer.Option(None, help="weight file, or 'random-init' (recorded as such)"),
-    weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR", help="look for weight files here first"),
+    weights: Optional[str] = typer.Option(None, help="a weight file or a folder, for every family (a Hugging Face "
+                                          "snapshot, a timm or open_clip file or the folder holding it), or "
+                                          "'random-init' (recorded as such)"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR",
+                                               help="look for weights here first: <org>--<name>/ snapshots, <name>/ "
+                                                    "git clones, a hub cache, single files (`featstore backbones "
+                                                    "--files NAME` says which)"),
     onnx_output: Optional[str] = typer.Option(None, help="generic onnx backbone: tensor to read"),
     batch_size: int = typer.Option(32, min=1),
     workers: Optional[int] = typer.Option(None, min=0, help="DataLoader decode processes (default: cores, at most 4)"),
@@ -260,12 +265,15 @@ def masks(
 
 
 @app.command()
-def backbones():
-    """List the backbone registry."""
+def backbones(files: Optional[str] = typer.Option(None, "--files", metavar="NAME|all",
+                                                  help="the files entry NAME (or all) needs, and where they go")):
+    """List the backbone registry (--files NAME: which weight files an entry needs, and where to put them)."""
     from featstore.backbones import list_backbones, poolings
     from featstore.foundation import FAMILIES
     from featstore.zeroshot import has_text_tower
 
+    if files is not None:
+        return _backbone_files(files)
     t = Table("name", "input", "ch", "dim", "pooling", "zero-shot", "weights", "licence", "what")
     t.columns[6].overflow = "fold"  # hub repositories are long; cut, they could not be copied
     for s in list_backbones():
@@ -273,9 +281,24 @@ def backbones():
         if s.family in FAMILIES:  # the default, then the others --pooling / <name>@<pooling> offers
             default, valid = poolings(s.name)
             others = [p for p in valid if p != default]
-            pool = default + (f" (or {', '.join(others)})" if others else "")
+            pool = default + (f" (or {', '.join(others)})" if others else "") + "".join(
+                f"; {a} = {b}" for a, b in s.options.get("pooling_aliases", {}).items())  # the same set
         t.add_row(s.name, str(s.input_size), str(s.channels), str(s.feature_dim or "?"), pool,
                   "text tower" if has_text_tower(s) else "", s.weights or "none", s.licence or "-", s.description)
+    Console(width=220).print(t)
+    err.print("which files each entry needs, and where they go: featstore backbones --files NAME (or all)")
+
+
+def _backbone_files(name: str) -> None:
+    from featstore.backbones import get_spec, list_backbones, needed_files
+
+    specs = list_backbones() if name == "all" else [get_spec(_backbone_option()["parser"](name))]
+    t = Table("name", "for", "files", "where they go")
+    for c in t.columns[2:]:
+        c.overflow = "fold"
+    for s in specs:
+        for what, f, where in needed_files(s):
+            t.add_row(s.name, what, f, where)
     Console(width=220).print(t)
 
 

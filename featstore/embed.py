@@ -178,6 +178,14 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
     return rep
 
 
+def _weights_source(backbone: Backbone) -> str | None:
+    """embed_runs.weights_source: where the weights were found (folder / file, revision, files), JSON."""
+    import json
+
+    src = getattr(backbone, "weights_source", None)
+    return json.dumps(src) if src else None
+
+
 class EmbedRun:
     """One run of either engine (embed, embed_ray): its embed_runs row, the todo query, the writes
     made under it and a full disk told in one line. Opening marks 'running' rows of dead processes
@@ -200,9 +208,9 @@ class EmbedRun:
                                       device or backbone.device, n_todo=len(self.items))
             con.execute(
                 "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
-                "n_todo, status, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                "n_todo, status, started_at, weights_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, self.report.device,
-                 batch_size, workers, len(self.items), datetime.now()])
+                 batch_size, workers, len(self.items), datetime.now(), _weights_source(backbone)])
         except Exception as e:
             raise_if_disk_full(con, e, backbone, preprocess)
             raise

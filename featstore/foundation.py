@@ -5,14 +5,26 @@ Named entries carry a full-size configuration, so `--weights random-init` needs 
 names (`hf:<repo>`, `timm:<name>`, `open_clip:<arch>`) take theirs from the library or the hub.
 
 Pooling is part of the identity: `<entry>@<pooling>` (or `--pooling`, backbones.canonical_name) is its
-own backbone name (its own embedding set) and every weights_id records `;pool=<pooling>`. Weights: `--weights-dir` (a Hugging Face snapshot
-folder, a timm file, an open_clip checkpoint), else the hub download unless offline; identity =
-sha256 over the weight files.
+own backbone name (its own embedding set) and every weights_id records `;pool=<pooling>`.
+
+Weights (`featstore backbones --files` lists them per entry): `--weights PATH` (a file or a folder, every
+family), else in `--weights-dir` a `<org>--<name>/` snapshot, a `<name>/` git clone or a hub cache, else
+the Hugging Face hub cache (HF_HUB_CACHE / HF_HOME, read offline too), else a download unless offline.
+An entry loads only weights that are what it says: config.json's model_type is the entry's, every tensor
+of the model is loaded and none is left over beyond TOWER_EXTRAS (a whole image-text model's text side)
+or a timm classifier; a named entry's snapshot preprocessor_config.json must be its pipeline. Anything
+else is one WeightsError line naming the file. Identity = state_identity: a hash of the tensors (name,
+dtype, shape, bytes), whatever the sharding or format; where they came from (folder, revision) is
+recorded beside it, in embed_runs.weights_source.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,22 +36,119 @@ FAMILIES = ("hf", "timm", "open_clip")
 POOLINGS = ("cls", "mean", "pooler")
 # generic entries: (default pooling, valid poolings). open_clip gives the model's own image embedding
 # only (its projection to the joint image-text space); hf/timm models that lack a CLS token or a
-# pooler say so when built
+# pooler say so when built; a generic hf: SigLIP defaults to its pooler (generic_spec_fields)
 GENERIC_POOLING = {"hf": ("cls", POOLINGS), "timm": ("pooler", POOLINGS), "open_clip": ("pooler", ("pooler",))}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+# what a checkpoint may hold beyond the image tower an entry loads, and nothing else: the text tower and
+# the joint projections / temperature of a whole CLIP- or SigLIP-style model (the zero-shot head uses them)
+TOWER_EXTRAS = ("text_model.", "text_projection", "visual_projection", "logit_scale", "logit_bias")
+log = logging.getLogger("featstore.foundation")
+
+
+class WeightsError(ValueError):
+    """Weights that are not what the entry says, or not readable: one line naming the file, the entry and
+    what was found (the CLI exits 2; nothing is stored)."""
 
 
 def hub_offline() -> bool:
     return W.offline() or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "no")
 
 
+# --- identity: the tensors, whatever the files ------------------------------------------------------
+
+def check_not_lfs_pointer(path: Path, what: str) -> None:
+    """A clone made without git-lfs holds ~130-byte text pointers under the weight files' names."""
+    try:
+        if path.stat().st_size < 1024 and path.read_bytes().startswith(LFS_POINTER):
+            raise WeightsError(f"{path}: this is a git-lfs pointer, not the weights of {what}: run `git lfs pull` "
+                               f"in {path.parent} (the clone was made without git-lfs)")
+    except OSError as e:
+        raise WeightsError(f"{path}: not readable as weights of {what} ({type(e).__name__}: {e})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def read_state(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file (safetensors, or a torch.save state dict, possibly under
+    'state_dict', keys possibly prefixed 'module.'); anything else is a WeightsError."""
+    check_not_lfs_pointer(path, what)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            import warnings
+
+            with warnings.catch_warnings():  # torch's notes on odd pickles: the error below says it in one line
+                warnings.simplefilter("ignore")
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, a pickled object: one line
+        raise WeightsError(f"{path}: not a readable weight file for {what} ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise WeightsError(f"{path}: holds a {type(sd).__name__}, not a state dict of tensors, for {what}")
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise WeightsError(f"{path}: holds no tensors, so no weights of {what}")
+    return sd
+
+
+def state_identity(state: dict[str, torch.Tensor]) -> str:
+    """'tensors:' + sha256 over every tensor's name, dtype, shape and bytes, in name order: the same for
+    the same weights however they are sharded or saved (safetensors, .bin, a 'state_dict' wrapper)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().contiguous()
+        h.update(f"{k}\t{str(t.dtype).removeprefix('torch.')}\t{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "tensors:" + h.hexdigest()
+
+
+def tensors_identity(files: list[Path], what: str = "") -> str:
+    """state_identity of the union of `files` (the shards of one checkpoint). Reading every file also
+    checks it (truncated, a git-lfs pointer, not a checkpoint): a WeightsError before anything is built."""
+    state, seen = {}, {}
+    for f in sorted(files):
+        for k, t in read_state(f, what or f.name).items():
+            if k in seen:
+                raise WeightsError(f"{f}: tensor {k} is also in {seen[k].name}: two checkpoints in one folder?")
+            seen[k], state[k] = f, t
+    return state_identity(state)
+
+
 def files_identity(files: list[Path]) -> str:
-    """sha256 of one file; several (sharded checkpoints): sha256 over 'name sha256' lines, sorted."""
+    """sha256 of one file; several (sharded checkpoints): sha256 over 'name sha256' lines, sorted. The
+    identity embedding sets made before tensors_identity record."""
     files = sorted(files, key=lambda p: p.name)
     if len(files) == 1:
         return W.weights_identity(files[0])
     h = hashlib.sha256("".join(f"{p.name} {W.sha256_file(p)}\n" for p in files).encode())
     return "sha256:" + h.hexdigest()
+
+
+def identity_of(files: list[Path], like: str) -> str:
+    """The identity of `files` in the form `like` has (an older set's file sha256, else the tensors')."""
+    return files_identity(files) if like.startswith("sha256:") else tensors_identity(files)
+
+
+# --- where the weights are -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Found:
+    """Where an entry's weights were found: the folder (HF) or file (timm, open_clip), the weight files,
+    how (--weights, weights-dir, git clone, hub cache, download) and the revision when known."""
+    path: Path
+    files: tuple[Path, ...]
+    via: str
+    revision: str | None = None
+
+    def record(self) -> dict:
+        return dict(path=str(self.path), files=[f.name for f in self.files], via=self.via, revision=self.revision)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -50,36 +159,206 @@ def _weight_files(folder: Path) -> list[Path]:
     return []
 
 
+def hub_caches(wdir: Path | None) -> list[Path]:
+    """Hugging Face hub caches to read (huggingface_hub's models--<org>--<name>/snapshots/<rev>/ layout):
+    --weights-dir itself or its hub/ (a copied cache or HF_HOME), then HF_HUB_CACHE, else $HF_HOME/hub
+    (read now, not when huggingface_hub was imported)."""
+    out = [wdir, wdir / "hub"] if wdir is not None else []
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        out.append(Path(env).expanduser())
+    else:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+        out.append(Path(home).expanduser() / "hub")
+    return out
+
+
+def git_revision(folder: Path) -> str | None:
+    """The commit a `git clone` folder is at (its .git/HEAD), or None."""
+    git = folder / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head or None
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []:
+            sha, _, name = line.partition(" ")
+            if name == ref:
+                return sha
+    except OSError:
+        pass
+    return None
+
+
+def candidate_folders(repo: str, wdir: Path | None, probe: tuple[str, ...]) -> list[tuple[Path, str, str | None]]:
+    """(folder, how found, revision) where `repo`'s snapshot may be, in order: <wdir>/<org>--<name>/,
+    a `git clone` <wdir>/<name>/, <wdir>/<org>/<name>/, then the hub caches (a snapshot holding one of
+    `probe`). Never <wdir> itself: another model's files there would be taken for this one."""
+    out = []
+    if wdir is not None:
+        for c, via in ((wdir / repo.replace("/", "--"), "weights-dir"), (wdir / repo.rpartition("/")[2], "git clone"),
+                       (wdir / repo, "weights-dir")):
+            out.append((c, via, git_revision(c)))
+    from huggingface_hub import try_to_load_from_cache
+
+    for cache in hub_caches(wdir):
+        if not (cache / f"models--{repo.replace('/', '--')}").is_dir():
+            continue
+        for f in probe:
+            p = try_to_load_from_cache(repo, f, cache_dir=str(cache))
+            if isinstance(p, str):
+                out.append((Path(p).parent, f"hub cache {cache}", Path(p).parent.name))
+                break
+    return out
+
+
 def _missing(what: str, files: str, repo: str, looked: list[str], wdir: Path | None, why: str) -> W.WeightsMissingError:
-    where = (f"{wdir}/{repo.replace('/', '--')}/" if wdir else
-             f"a folder given by --weights-dir / FEATSTORE_WEIGHTS_DIR, as <dir>/{repo.replace('/', '--')}/")
+    flat, name = repo.replace("/", "--"), repo.rpartition("/")[2]
+    where = (f"{wdir}/{flat}/ (or a git clone {wdir}/{name}/)" if wdir else
+             f"a folder given by --weights-dir / FEATSTORE_WEIGHTS_DIR, as <dir>/{flat}/ (or a git clone <dir>/{name}/)")
     return W.WeightsMissingError(
         f"weights for {what} not found ({why}; looked in: {', '.join(looked) or 'no --weights-dir'}): download "
-        f"{files} from https://huggingface.co/{repo} (huggingface-cli download {repo}) and put them in {where}")
+        f"{files} from https://huggingface.co/{repo} (`hf download {repo}` fills the hub cache, which is read "
+        f"offline too) and put them in {where}")
 
 
-def local_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple[str, ...], what: str) -> Path:
-    """A Hugging Face snapshot folder for `repo`: --weights PATH (a folder), <wdir>/<org>--<name>, <wdir>
-    itself when it holds the files, else the hub (snapshot_download) unless offline."""
-    looked = []
-    cands = [Path(explicit).expanduser()] if explicit else []
-    if wdir is not None:
-        cands += [wdir / repo.replace("/", "--"), wdir / repo, wdir]
-    for c in cands:
-        looked.append(str(c))
-        if c.is_dir() and _weight_files(c):
-            return c
+def find_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple[str, ...], what: str) -> Found:
+    """A Hugging Face snapshot of `repo`: --weights PATH (a folder, or a weight file in one), else
+    candidate_folders, else the hub (snapshot_download) unless offline."""
     if explicit:
-        raise W.WeightsMissingError(f"--weights {explicit}: no weight files ({', '.join(_WEIGHT_GLOBS)}) there for {what}")
+        p = Path(explicit).expanduser()
+        if p.is_file():  # a weight file: its folder holds config.json
+            return Found(p.parent, (p,), "--weights", git_revision(p.parent))
+        if p.is_dir():
+            wf = _weight_files(p)
+            if not wf:
+                raise W.WeightsMissingError(f"--weights {explicit}: no weight files ({', '.join(_WEIGHT_GLOBS)}) "
+                                            f"there for {what}")
+            return Found(p, tuple(wf), "--weights", git_revision(p))
+        raise W.WeightsMissingError(f"--weights {explicit}: no such file or folder (for {what})")
+    looked = []
+    for c, via, rev in candidate_folders(repo, wdir, ("config.json",)):
+        looked.append(str(c))
+        if c.is_dir() and (_weight_files(c) or (c / "config.json").is_file()):
+            wf = _weight_files(c)
+            if not wf:
+                raise W.WeightsMissingError(f"{c}: a snapshot of {repo} without weight files "
+                                            f"({', '.join(_WEIGHT_GLOBS)}) for {what}: download them too "
+                                            f"(`hf download {repo}`)")
+            return Found(c, tuple(wf), via, rev)
     desc = " and ".join(files)
     if hub_offline():
         raise _missing(what, desc, repo, looked, wdir, "offline: FEATSTORE_OFFLINE / HF_HUB_OFFLINE is set")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, allow_patterns=list(files)))
+        path = Path(snapshot_download(repo, allow_patterns=list(files)))
     except Exception as e:  # gated repo, no network, unknown repo: one message naming the files and the place
         raise _missing(what, desc, repo, looked, wdir, f"{type(e).__name__}: {str(e)[:200]}") from e
+    return Found(path, tuple(_weight_files(path)), "download", path.name)
+
+
+def local_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple[str, ...], what: str) -> Path:
+    return find_folder(repo, wdir, explicit, files, what).path
+
+
+def find_file(spec, explicit: str | None, wdir: Path | None, repo: str | None, names: list[str]) -> Found:
+    """One weight file (timm, open_clip): --weights PATH (the file, or a folder holding one of `names`),
+    else <wdir>/<names[0]> itself (a name that says which model: `<arch>.safetensors`, CheXzero's exact
+    upstream name), else one of `names` in candidate_folders(repo), else the hub unless offline."""
+    if explicit:
+        p = Path(explicit).expanduser()
+        if p.is_dir():
+            hits = [p / n for n in names if (p / n).is_file()]
+            if not hits:
+                raise W.WeightsMissingError(f"--weights {explicit}: a folder without {' or '.join(names)} (for {spec.name})")
+            return Found(hits[0], (hits[0],), "--weights", git_revision(p))
+        if not p.is_file():
+            raise W.WeightsMissingError(f"weights file {p} for {spec.name} not found")
+        return Found(p, (p,), "--weights", git_revision(p.parent))
+    looked = []
+    dirs = [(wdir, "weights-dir", None, names[:1])] if wdir is not None else []
+    dirs += [(*c, names) for c in candidate_folders(repo, wdir, tuple(names))] if repo else []
+    for d, via, rev, these in dirs:
+        for n in these:
+            looked.append(str(d / n))
+            if (d / n).is_file():
+                return Found(d / n, (d / n,), via, rev)
+    if not repo:
+        raise W.WeightsMissingError(f"weights for {spec.name} not found (looked in: {', '.join(looked) or 'no --weights-dir'});"
+                                    f" no hub repository is registered: give --weights PATH to {names[0]}, or put "
+                                    f"it, under exactly that name, in --weights-dir")
+    if hub_offline():
+        raise _missing(spec.name, " or ".join(names), repo, looked, wdir, "offline: FEATSTORE_OFFLINE / HF_HUB_OFFLINE is set")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        p = Path(hf_hub_download(repo, names[-1]))
+    except Exception as e:
+        raise _missing(spec.name, " or ".join(names), repo, looked, wdir, f"{type(e).__name__}: {str(e)[:200]}") from e
+    return Found(p, (p,), "download", p.parent.name)
+
+
+@contextlib.contextmanager
+def library_chatter(lines: list[str]):
+    """What transformers / timm / open_clip / huggingface_hub print while loading (LOAD REPORT tables,
+    tokenizer and deprecation warnings, progress bars): into `lines` and the featstore.foundation log
+    (DEBUG), not the terminal. The builder says one summary line instead."""
+    import io
+    import warnings
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    names = ("transformers", "timm", "open_clip", "huggingface_hub", "safetensors")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate) for n in names}
+    for n in names:  # transformers' own handler holds sys.stderr itself: redirecting it would not reach it
+        lg = logging.getLogger(n)
+        lg.handlers, lg.propagate = [handler], False
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as rec, contextlib.redirect_stdout(buf), \
+                contextlib.redirect_stderr(buf):
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                caught.extend(rec)
+    finally:
+        for n, (hs, prop) in saved.items():
+            logging.getLogger(n).handlers, logging.getLogger(n).propagate = hs, prop
+        for w in caught:
+            buf.write(f"{w.category.__name__}: {w.message}\n")
+        text = buf.getvalue()
+        lines.extend(line for line in text.splitlines() if line.strip())
+        if text.strip():
+            log.debug("library messages while loading weights:\n%s", text)
+
+
+def _keys_problem(missing, unexpected, mismatched=()) -> str:
+    out = []
+    if missing:
+        out.append(f"{len(missing)} of the model's tensors missing (e.g. {', '.join(sorted(missing)[:3])})")
+    if unexpected:
+        out.append(f"{len(unexpected)} unexpected (e.g. {', '.join(sorted(unexpected)[:3])})")
+    if mismatched:
+        out.append(f"{len(mismatched)} of another shape (e.g. {', '.join(sorted(str(m[0]) for m in mismatched)[:3])})")
+    return "; ".join(out)
+
+
+def strict_load(module: torch.nn.Module, state: dict, allowed_extra: tuple[str, ...], path, what: str) -> int:
+    """Load `state` into `module`: every tensor of the module, none unexpected beyond the `allowed_extra`
+    prefixes, shapes equal; else one line naming the file, the entry and what was found. -> tensors loaded."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(allowed_extra)]
+    mismatched = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        raise WeightsError(f"{path}: not the weights of {what}: {_keys_problem(missing, unexpected, mismatched)}")
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+    return len(own)
 
 
 # --- pooling -----------------------------------------------------------------------------------
@@ -112,6 +391,7 @@ class _HFVision(torch.nn.Module):
 
 
 def _hf_config(opts: dict, overrides: dict | None, folder: Path | None, repo: str):
+    """-> (the image tower's configuration, whether it was taken out of a whole image-text model's)."""
     import transformers
 
     if folder is not None and (folder / "config.json").is_file():
@@ -119,36 +399,146 @@ def _hf_config(opts: dict, overrides: dict | None, folder: Path | None, repo: st
     elif "config_class" in opts:
         cfg = getattr(transformers, opts["config_class"])(**opts.get("config", {}))
     else:  # generic hf:<repo>: its config.json from the hub or the local cache
-        cfg = transformers.AutoConfig.from_pretrained(repo)
-    if hasattr(cfg, "vision_config") and opts.get("vision_tower", True):
+        cfg = transformers.AutoConfig.from_pretrained(repo, local_files_only=hub_offline())
+    tower = hasattr(cfg, "vision_config") and opts.get("vision_tower", True)
+    if tower:
         cfg = cfg.vision_config  # CLIP/SigLIP-style: the image tower only
     for k, v in (overrides or {}).items():
         if k != "text_config":  # the text tower's (zero-shot head), not the image tower's
             setattr(cfg, k, v)
-    return cfg
+    return cfg, tower
+
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    """The files transformers loads from a snapshot (an index's shards, else model.safetensors, else
+    pytorch_model.bin), so that the identity is of what is loaded; else any weight file found."""
+    import json
+
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            try:
+                shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise WeightsError(f"{folder / index}: not a shard index ({type(e).__name__}: {e})") from None
+            return [folder / s for s in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    return _weight_files(folder)
+
+
+def _expected_model_types(opts: dict) -> set[str] | None:
+    """The config.json model_type a named entry loads (its image tower's, or the whole model's that holds
+    it: siglip for siglip_vision_model); None for a generic hf:<repo>, which names its repository only."""
+    if "config_class" not in opts:
+        return None
+    import transformers
+
+    mt = getattr(transformers, opts["config_class"]).model_type
+    return {mt, mt.removesuffix("_vision_model")}
+
+
+def check_hf_config(folder: Path, opts: dict, what: str) -> str:
+    """config.json is there and names the architecture the entry is: -> its model_type."""
+    import json
+
+    f, repo = folder / "config.json", opts.get("repo", "")
+    if not f.is_file():
+        raise WeightsError(f"{folder}: no config.json beside the weights of {what}: a Hugging Face snapshot has one "
+                           f"(`hf download {repo} config.json`)")
+    check_not_lfs_pointer(f, what)
+    try:
+        raw = json.loads(f.read_text())
+        mt = raw.get("model_type")
+    except (ValueError, AttributeError, OSError) as e:
+        raise WeightsError(f"{f}: not a model configuration for {what} ({type(e).__name__}: {_first_line(e)})") from None
+    want = _expected_model_types(opts)
+    if want and mt not in want:
+        raise WeightsError(f"{f}: model_type '{mt}' (architectures {raw.get('architectures')}) is not {what}'s "
+                           f"({', '.join(sorted(want))}): these are another model's weights")
+    return str(mt)
+
+
+def check_processor(spec, folder: Path) -> None:
+    """A named entry feeds the model its own pipeline; a snapshot whose preprocessor_config.json says
+    otherwise (a fine-tune at another size, other mean/std) is refused, naming the difference, rather
+    than fed the entry's pipeline silently. No preprocessor_config.json: the entry's pipeline."""
+    f = folder / "preprocessor_config.json"
+    if "config_class" not in spec.options or not f.is_file():
+        return
+    from transformers import AutoImageProcessor
+
+    try:
+        size, pipe = pipeline_from_hf_processor(AutoImageProcessor.from_pretrained(folder))
+    except Exception as e:  # noqa: BLE001 - unreadable, or a processor featstore does not reproduce
+        raise WeightsError(f"{f}: not the preprocessing of {spec.name} ({type(e).__name__}: {_first_line(e)})") from None
+    diffs = [] if size == spec.input_size else [f"input size {size} (entry: {spec.input_size})"]
+    for field in pipe._fields:
+        a, b = getattr(pipe, field), getattr(spec.pipeline, field)
+        same = a == b
+        if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+            same = all(abs(float(x) - float(y)) <= 1e-6 for x, y in zip(a, b, strict=True))
+        if not same:
+            diffs.append(f"{field} {a} (entry: {b})")
+    if diffs:
+        raise WeightsError(f"{f}: its preprocessing differs from {spec.name}'s: {'; '.join(diffs)}: these weights "
+                           f"were trained on other inputs; embed them as hf:{spec.options['repo']} (which follows "
+                           f"the snapshot's processor) or use the entry's own snapshot")
 
 
 def build_hf(spec, weights: str | None, wdir: Path | None, pooling: str, overrides: dict | None):
-    """-> (module, weights identity, feature dim)."""
+    """-> (module, weights identity, feature dim, where the weights came from or None)."""
     import transformers
 
     opts, repo = spec.options, spec.options["repo"]
-    folder = None
+    found, chatter = None, []
     if weights != W.RANDOM_INIT:
-        folder = local_folder(repo, wdir, weights, ("config.json", "*.safetensors", "preprocessor_config.json"),
-                              spec.name)
-    cfg = _hf_config(opts, overrides, folder, repo)
-    if folder is None:
-        model = transformers.AutoModel.from_config(cfg)
-        wid = None
+        found = find_folder(repo, wdir, weights, ("config.json", "*.safetensors", "preprocessor_config.json"),
+                            spec.name)
+        mt = check_hf_config(found.path, opts, spec.name)
+        files = hf_weight_files(found.path)
+        found = dataclasses.replace(found, files=tuple(files))
+        wid = tensors_identity(files, spec.name)  # reads (so checks) every file before anything is built
+        with library_chatter(chatter):
+            check_processor(spec, found.path)
+    try:
+        cfg, tower = _hf_config(opts, overrides, found.path if found else None, repo)
+    except Exception as e:  # noqa: BLE001 - a config.json transformers refuses: one line naming it
+        if found is None:
+            raise
+        raise WeightsError(f"{found.path / 'config.json'}: not a valid configuration of {spec.name} "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
+    if found is None:
+        model, wid, n = transformers.AutoModel.from_config(cfg), None, None
     else:
-        cls = transformers.AutoModel
-        model = cls.from_pretrained(folder, config=cfg) if not opts.get("vision_tower_class") else \
-            getattr(transformers, opts["vision_tower_class"]).from_pretrained(folder, config=cfg)
-        wid = files_identity(_weight_files(folder))
+        cls = getattr(transformers, opts["vision_tower_class"]) if opts.get("vision_tower_class") else transformers.AutoModel
+        with library_chatter(chatter):
+            try:
+                model, info = cls.from_pretrained(found.path, config=cfg, output_loading_info=True,
+                                                  ignore_mismatched_sizes=True)
+            except Exception as e:  # noqa: BLE001 - transformers' own refusal: one line, not its traceback
+                raise WeightsError(f"{found.path}: not loadable as {spec.name} ({type(e).__name__}: "
+                                   f"{_first_line(e)})") from None
+        extra = [k for k in info["unexpected_keys"] if tower and k.startswith(TOWER_EXTRAS)]
+        unexpected = [k for k in info["unexpected_keys"] if k not in extra]
+        if info["missing_keys"] or unexpected or info["mismatched_keys"]:
+            raise WeightsError(f"{found.path}: not the weights of {spec.name} ({mt}): "
+                               f"{_keys_problem(info['missing_keys'], unexpected, info['mismatched_keys'])}")
+        n = (len(model.state_dict()), len(extra))
     model.eval()
     n_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0) if opts.get("cls_token", True) else 0
-    return _HFVision(model, pooling, n_prefix), wid, int(cfg.hidden_size)
+    return _HFVision(model, pooling, n_prefix), wid, int(cfg.hidden_size), _source(spec, found, n, chatter)
+
+
+def _source(spec, found: Found | None, n: tuple[int, int] | None, chatter: list[str]) -> dict | None:
+    """What embed_runs.weights_source records (where the weights came from) and the one line said."""
+    if found is None:
+        return None
+    rev = f", revision {found.revision[:12]}" if found.revision else ""
+    skipped = f"; {n[1]} text-tower tensors not used" if n and n[1] else ""
+    said = (f"{spec.name}: {n[0] if n else '?'} tensors from {found.path} ({found.via}{rev}){skipped}"
+            + (f"; {len(chatter)} lines of library messages recorded (embed_runs.weights_source)" if chatter else ""))
+    return dict(found.record(), tensors=n[0] if n else None, said=said, messages=chatter[:200])
 
 
 # --- timm ---------------------------------------------------------------------------------------
@@ -175,38 +565,24 @@ def build_timm(spec, weights: str | None, wdir: Path | None, pooling: str, overr
     arch = spec.options["arch"]
     kw = dict(spec.options.get("kwargs", {}), **(overrides or {}))
     model = timm.create_model(arch, pretrained=False, num_classes=0, **kw)
-    wid = None
+    wid = found = n = None
     if weights != W.RANDOM_INIT:
-        path = _timm_file(spec, model, weights, wdir)
-        timm.models.load_checkpoint(model, str(path), strict=False, filter_fn=None)
-        wid = W.weights_identity(path)
+        found = _timm_file(spec, model, weights, wdir)
+        state = read_state(found.path, spec.name)
+        wid = state_identity(state)
+        # built without a classifier (num_classes=0): the checkpoint's classifier is the one thing let through
+        head = model.pretrained_cfg.get("classifier") or ()
+        head = tuple(f"{c}." for c in ((head,) if isinstance(head, str) else head))
+        n = (strict_load(model, state, head, found.path, f"{spec.name} (timm {arch})"), 0)
     model.eval()
     dim = model.num_features if pooling != "pooler" else getattr(model, "head_hidden_size", model.num_features)
-    return _TimmPooled(model, pooling), wid, int(dim)
+    return _TimmPooled(model, pooling), wid, int(dim), _source(spec, found, n, [])
 
 
-def _timm_file(spec, model, weights: str | None, wdir: Path | None) -> Path:
-    if weights:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise W.WeightsMissingError(f"weights file {p} for {spec.name} not found")
-        return p
+def _timm_file(spec, model, weights: str | None, wdir: Path | None) -> Found:
     hub = model.pretrained_cfg.get("hf_hub_id") or f"timm/{spec.options['arch']}"
     names = [f"{spec.options['arch']}.safetensors", "model.safetensors", "pytorch_model.bin"]
-    looked = []
-    for d in ([wdir / hub.replace("/", "--"), wdir] if wdir else []):
-        for n in names:
-            looked.append(str(d / n))
-            if (d / n).is_file():
-                return d / n
-    if hub_offline():
-        raise _missing(spec.name, "model.safetensors", hub, looked, wdir, "offline: FEATSTORE_OFFLINE / HF_HUB_OFFLINE is set")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(hub, "model.safetensors"))
-    except Exception as e:
-        raise _missing(spec.name, "model.safetensors", hub, looked, wdir, f"{type(e).__name__}: {str(e)[:200]}") from e
+    return find_file(spec, weights, wdir, hub, names)
 
 
 # --- open_clip ----------------------------------------------------------------------------------
@@ -252,58 +628,45 @@ def build_open_clip(spec, weights: str | None, wdir: Path | None, pooling: str, 
 
     if pooling != "pooler":
         raise ValueError(f"{spec.name}: open_clip entries give the model's image embedding only (pooling 'pooler')")
-    path = None
+    found = n = state = None
     if weights != W.RANDOM_INIT:
-        path = _open_clip_file(spec, weights, wdir)
-    cfg = open_clip_config(spec, path.parent if path else None, overrides)
-    visual = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]) if isinstance(
-        cfg["vision_cfg"], dict) else cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        found = _find_open_clip(spec, weights, wdir)
+        state = read_state(found.path, spec.name)
+    cfg = open_clip_config(spec, found.path.parent if found else None, overrides)
+    chatter = []
+    with library_chatter(chatter):
+        visual = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]) if isinstance(
+            cfg["vision_cfg"], dict) else cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
     wid = None
-    if path is not None:
-        sd = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else \
-            __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path))
-        sd = sd.get("state_dict", sd)
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        vis = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
-        missing, unexpected = visual.load_state_dict(vis, strict=False)
-        if missing:
-            raise ValueError(f"{path}: not an open_clip checkpoint of {spec.options.get('arch')} "
-                             f"(image tower keys missing, e.g. {missing[:3]})")
-        wid = W.weights_identity(path)
+    if state is not None:
+        # the image tower, strictly; what is outside visual.* (text tower, logit_scale) is the zero-shot head's
+        vis = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        if not vis:
+            raise WeightsError(f"{found.path}: not an open_clip checkpoint of {spec.name}: no visual.* tensors "
+                               f"(it holds {len(state)}, e.g. {', '.join(sorted(state)[:3])})")
+        n = (strict_load(visual, vis, (), found.path, f"{spec.name} (open_clip image tower)"), len(state) - len(vis))
+        wid = state_identity(state)
     visual.eval()
-    return _ClipImage(visual, spec.options.get("normalize", False)), wid, int(cfg["embed_dim"])
+    return (_ClipImage(visual, spec.options.get("normalize", False)), wid, int(cfg["embed_dim"]),
+            _source(spec, found, n, chatter))
 
 
-def _open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
-    if weights:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise W.WeightsMissingError(f"weights file {p} for {spec.name} not found")
-        return p
+def _find_open_clip(spec, weights: str | None, wdir: Path | None) -> Found:
     repo = spec.options.get("repo")
     names = spec.options.get("files", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
-    looked = []
-    for d in ([wdir / repo.replace("/", "--"), wdir] if (wdir and repo) else [wdir] if wdir else []):
-        for n in names:
-            looked.append(str(d / n))
-            if (d / n).is_file():
-                return d / n
-    if not repo:
-        raise W.WeightsMissingError(f"weights for {spec.name} not found (looked in: {', '.join(looked) or 'no --weights-dir'});"
-                                    f" no hub repository is registered: give --weights PATH to an open_clip checkpoint")
-    if hub_offline():
-        raise _missing(spec.name, " or ".join(names), repo, looked, wdir, "offline: FEATSTORE_OFFLINE / HF_HUB_OFFLINE is set")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        p = Path(hf_hub_download(repo, names[-1]))
+    found = find_file(spec, weights, wdir, repo, names)
+    if found.via == "download":
         try:
+            from huggingface_hub import hf_hub_download
+
             hf_hub_download(repo, "open_clip_config.json")
         except Exception:  # noqa: BLE001 - older repos have none; the entry's own config is used
             pass
-        return p
-    except Exception as e:
-        raise _missing(spec.name, " or ".join(names), repo, looked, wdir, f"{type(e).__name__}: {str(e)[:200]}") from e
+    return found
+
+
+def _open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
+    return _find_open_clip(spec, weights, wdir).path
 
 
 # family -> build(spec, weights, wdir, pooling, overrides) -> (module, weights identity, feature dim);
@@ -354,9 +717,10 @@ def pipeline_from_hf_processor(proc):
     raise ValueError(f"HF processor with size {size} and crop {crop} is not reproduced by featstore")
 
 
-def generic_spec_fields(name: str) -> dict:
+def generic_spec_fields(name: str, wdir: Path | None = None, weights: str | None = None) -> dict:
     """The BackboneSpec fields of a generic entry (backbones builds the spec: this module does not
-    import backbones, which imports it)."""
+    import backbones, which imports it). wdir / weights: where a hf: snapshot is looked for (as its
+    weights are), for its processor and config.json."""
     kind, _, arg = name.partition(":")
     if not arg:
         raise ValueError(f"backbone '{name}': give the model after the colon ({kind}:<name>)")
@@ -392,28 +756,49 @@ def generic_spec_fields(name: str) -> dict:
                     description=f"open_clip {arg} image tower; projected embedding (weights: --weights PATH)",
                     licence="see model card", options=dict(arch=arg, pooling="pooler"))
     if kind == "hf":
-        from transformers import AutoImageProcessor
-
-        src = arg
-        wdir = W.weights_dir()
-        if wdir is not None and (wdir / arg.replace("/", "--") / "preprocessor_config.json").is_file():
-            src = str(wdir / arg.replace("/", "--"))
-        try:
-            proc = AutoImageProcessor.from_pretrained(src, local_files_only=hub_offline())
-        except Exception as e:  # noqa: BLE001 - offline without a cached copy: say what is needed
-            raise ValueError(f"backbone '{name}': its image processor (preprocessor_config.json of {arg}) is needed "
-                             f"to feed it as it was trained; not in the hub cache and not downloadable "
-                             f"({type(e).__name__}); put the snapshot in <weights-dir>/{arg.replace('/', '--')}/") from e
-        size, pipe = pipeline_from_hf_processor(proc)
-        opts = dict(repo=arg, pooling="cls")
-        try:  # the model type: SigLIP has no CLS token, and its pooler output is the joint image-text embedding
-            from transformers import AutoConfig
-
-            opts["model_type"] = AutoConfig.from_pretrained(src, local_files_only=hub_offline()).model_type
-        except Exception:  # noqa: BLE001 - a processor without its config.json: the type stays unknown
-            pass
-        if opts.get("model_type", "").startswith("siglip"):
-            opts["cls_token"] = False
-        return dict(name=name, family="hf", input_size=size, channels=3, pipeline=pipe, feature_dim=None, weights=arg,
-                    description=f"Hugging Face {arg}; CLS token", licence="see model card", options=opts)
+        return _generic_hf_fields(name, arg, wdir, weights)
     raise ValueError(f"unknown backbone family '{kind}' (hf, timm, open_clip)")
+
+
+def _generic_hf_folder(repo: str, wdir: Path | None, weights: str | None) -> Path | None:
+    """The local snapshot a hf:<repo> entry's processor and config come from: --weights (a folder, or a
+    file in one), else the first candidate folder holding preprocessor_config.json; None: the hub."""
+    if weights and weights != W.RANDOM_INIT:
+        p = Path(weights).expanduser()
+        return p.parent if p.is_file() else p
+    for c, _, _ in candidate_folders(repo, wdir, ("preprocessor_config.json",)):
+        if (c / "preprocessor_config.json").is_file():
+            return c
+    return None
+
+
+def _generic_hf_fields(name: str, repo: str, wdir: Path | None, weights: str | None) -> dict:
+    from transformers import AutoConfig, AutoImageProcessor
+
+    folder = _generic_hf_folder(repo, wdir, weights)
+    src = str(folder) if folder is not None else repo
+    chatter: list[str] = []
+    try:
+        with library_chatter(chatter):
+            proc = AutoImageProcessor.from_pretrained(src, local_files_only=hub_offline() or folder is not None)
+    except Exception as e:  # noqa: BLE001 - offline without a cached copy: say what is needed
+        raise ValueError(f"backbone '{name}': its image processor (preprocessor_config.json of {repo}) is needed "
+                         f"to feed it as it was trained; not in {folder or 'the hub cache'} and not downloadable "
+                         f"({type(e).__name__}); put the snapshot in <weights-dir>/{repo.replace('/', '--')}/ "
+                         f"(or `hf download {repo}`)") from e
+    size, pipe = pipeline_from_hf_processor(proc)
+    opts = dict(repo=repo, pooling="cls")
+    try:  # the model type: SigLIP has no CLS token, and its pooler output is the joint image-text embedding
+        with library_chatter(chatter):
+            opts["model_type"] = AutoConfig.from_pretrained(
+                src, local_files_only=hub_offline() or folder is not None).model_type
+    except Exception:  # noqa: BLE001 - a processor without its config.json: the type stays unknown
+        pass
+    what = "CLS token"
+    if opts.get("model_type", "").startswith("siglip"):  # no CLS token: the model's own (MAP-head) pooler
+        opts.update(cls_token=False, pooling="pooler", poolings=("pooler", "mean"))
+        what = "its pooler (MAP head; no CLS token)"
+    elif opts.get("model_type") == "dinov2":  # HF's Dinov2 pooler output is the (layer-normed) CLS token
+        opts.update(poolings=("cls", "mean"), pooling_aliases={"pooler": "cls"})
+    return dict(name=name, family="hf", input_size=size, channels=3, pipeline=pipe, feature_dim=None, weights=repo,
+                description=f"Hugging Face {repo}; {what}", licence="see model card", options=opts)

@@ -163,6 +163,8 @@ class EmbedJob:
         try:
             name, bb = self._backbone()
             say(f"{bb.name}: weights {bb.weights_id}, {bb.feature_dim}-d, {bb.spec.input_size}px, device {bb.device}")
+            if bb.weights_source and bb.weights_source.get("said"):
+                say(bb.weights_source["said"])
             return self._embed(con, name, bb, progress)
         finally:
             con.close()
@@ -176,14 +178,17 @@ class EmbedJob:
         try:
             # one name for the set however the pooling is given (--pooling mean == rad-dino@mean)
             if self.pooling or "@" in name:
-                name = canonical_name(name, self.pooling)
+                name = canonical_name(name, self.pooling, self.weights_dir)
             return name, create_backbone(name, weights=self.weights, weights_dir=self.weights_dir,
                                          device=self.device, output=self.onnx_output)
         except (WeightsMissingError, ValueError) as e:
             raise UserError(str(e)) from e
         except Exception as e:  # noqa: BLE001 - a file that is not what the backbone loads: one line, not a traceback
-            if not self.weights or self.weights == "random-init":
+            if self.weights == "random-init":  # no file read: a fault of featstore's, its traceback helps
                 raise
+            if not self.weights:  # found through --weights-dir, the hub cache or a download
+                raise UserError(f"the weights found for {name} are not usable (expected {_expected_weights(name)}): "
+                                f"{type(e).__name__}: {str(e)[:300]}") from e
             raise UserError(f"--weights {self.weights}: not usable as weights for {name} "
                             f"(expected {_expected_weights(name)}): {type(e).__name__}: {str(e)[:300]}") from e
 

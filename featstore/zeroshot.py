@@ -1,9 +1,9 @@
 """Zero-shot classification from an embedding set's own text tower.
 
 Class prompts become text embeddings through the text tower of the very weights the embedding set was
-made with (its weights_id: the sha256 of the weight files, checked again here, or random-init with its
-seed and configuration); heads.ZeroShotHead scores the stored image embeddings against them. No
-training: the one head that never saw a source.
+made with (its weights_id: the hash of the weight tensors, or of the files for older sets, checked again
+here, or random-init with its seed and configuration); heads.ZeroShotHead scores the stored image
+embeddings against them. No training: the one head that never saw a source.
 
 Only embeddings in the joint image-text space qualify:
 - open_clip entries store `encode_image`: the image tower's output after its projection (`pooler`, the
@@ -131,7 +131,7 @@ def _open_clip_text(spec, w: str, seed: int | None, wdir: Path | None, overrides
             path = F._open_clip_file(spec, None, wdir)
         except W.WeightsMissingError as e:
             raise ZeroShotError(f"zero-shot head: {e}") from None
-        _check_identity(spec.name, w, W.weights_identity(path), path)
+        _check_identity(spec.name, w, F.identity_of([path], w), path)
     cfg = F.open_clip_config(spec, path.parent if path else None, overrides)
     folder_cfg = path.parent / "open_clip_config.json" if path else None
     if folder_cfg is not None and folder_cfg.is_file() and "model_cfg" in spec.options:
@@ -226,7 +226,8 @@ def _hf_text(spec, w: str, seed: int | None, wdir: Path | None, overrides: dict)
             folder = F.local_folder(repo, wdir, None, _HF_TEXT_FILES, spec.name)
         except W.WeightsMissingError as e:
             raise ZeroShotError(f"zero-shot head: {e}") from None
-        _check_identity(spec.name, w, F.files_identity(F._weight_files(folder)), folder)
+        files = F._weight_files(folder) if w.startswith("sha256:") else F.hf_weight_files(folder)
+        _check_identity(spec.name, w, F.identity_of(files, w), folder)
         model = transformers.AutoModel.from_pretrained(folder)
     else:
         cfg = _hf_full_config(spec, overrides)

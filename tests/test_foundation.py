@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from featstore.backbones import REGISTRY, create_backbone, get_spec
-from featstore.weights import WeightsMissingError, sha256_file
+from featstore.foundation import state_identity
+from featstore.weights import WeightsMissingError
 
 from conftest import CHEXZERO_TINY, CXR, needs_cxr, tiny_siglip_snapshot
 
@@ -170,7 +171,7 @@ def test_generic_hf_offline_without_a_processor_says_what_is_needed(monkeypatch)
 # --- weights: local folders and files, identity, messages ----------------------------------------
 
 def test_hf_snapshot_folder_offline(tmp_path):
-    """A Hugging Face snapshot in <weights-dir>/<org>--<name>; identity = sha256 of its weight file."""
+    """A Hugging Face snapshot in <weights-dir>/<org>--<name>; identity = the hash of its tensors."""
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(1)
@@ -178,7 +179,10 @@ def test_hf_snapshot_folder_offline(tmp_path):
     folder = tmp_path / "microsoft--rad-dino"
     ref.save_pretrained(folder)
     bb = create_backbone("rad-dino", weights_dir=tmp_path)
-    assert bb.weights_id.startswith(f"sha256:{sha256_file(folder / 'model.safetensors')};pool=cls;input=")
+    from safetensors.torch import load_file
+
+    # the tensors as saved (transformers 5 saves Dinov2's attention under its published key names)
+    assert bb.weights_id.startswith(f"{state_identity(load_file(folder / 'model.safetensors'))};pool=cls;input=")
     x = torch.rand(2, 3, 56, 56)
     with torch.no_grad():
         want = ref(pixel_values=x).last_hidden_state[:, 0].numpy()
@@ -211,7 +215,7 @@ def test_timm_and_open_clip_files_offline(tmp_path):
     d.mkdir()
     safetensors.torch.save_file(ref.state_dict(), d / "model.safetensors")
     bb = create_backbone("convnext-base", weights_dir=tmp_path, config_overrides=TINY["convnext-base"])
-    assert bb.weights_id.startswith(f"sha256:{sha256_file(d / 'model.safetensors')};pool=pooler")
+    assert bb.weights_id.startswith(f"{state_identity(ref.state_dict())};pool=pooler")
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         np.testing.assert_allclose(bb(x), ref(x).numpy(), rtol=1e-4, atol=1e-5)
@@ -220,10 +224,10 @@ def test_timm_and_open_clip_files_offline(tmp_path):
     o = TINY["chexzero"]
     donor = create_backbone("chexzero", weights="random-init", config_overrides=o, seed=5)
     ckpt = tmp_path / "best_64_5e-05_original_22000_0.864.pt"
-    torch.save({f"visual.{k}": v for k, v in donor.module.visual.state_dict().items()} | {"logit_scale": torch.ones(())},
-               ckpt)
+    sd = {f"visual.{k}": v for k, v in donor.module.visual.state_dict().items()} | {"logit_scale": torch.ones(())}
+    torch.save(sd, ckpt)
     bb = create_backbone("chexzero", weights=str(ckpt), config_overrides=o)
-    assert bb.weights_id.startswith(f"sha256:{sha256_file(ckpt)};pool=pooler")
+    assert bb.weights_id.startswith(f"{state_identity(sd)};pool=pooler")
     x = torch.rand(2, 3, 32, 32)
     np.testing.assert_allclose(bb(x), donor(x), rtol=1e-5, atol=1e-6)
 
@@ -420,7 +424,7 @@ def test_zeroshot_open_clip_random_init_is_the_models_own_zero_shot():
 
 
 def test_zeroshot_open_clip_checkpoint_by_identity(tmp_path):
-    """A whole-model checkpoint in --weights-dir: found again by the set's sha256, its text tower loaded;
+    """A whole-model checkpoint in --weights-dir: found again by the set's tensor hash, its text tower loaded;
     a checkpoint with the image tower only, or other weights under the same name, are refused."""
     from open_clip.model import CLIP
 
@@ -434,7 +438,7 @@ def test_zeroshot_open_clip_checkpoint_by_identity(tmp_path):
     name = "best_64_5e-05_original_22000_0.864.pt"
     torch.save(clip.state_dict(), tmp_path / name)
     bb = create_backbone("chexzero", weights_dir=tmp_path, config_overrides=CHEXZERO_TINY)
-    assert bb.weights_id.startswith(f"sha256:{sha256_file(tmp_path / name)};pool=pooler;config=")
+    assert bb.weights_id.startswith(f"{state_identity(clip.state_dict())};pool=pooler;config=")
     x = torch.rand(3, 3, 32, 32)
     X = bb(x)
     head, _ = _head(text_tower("chexzero", bb.weights_id, tmp_path, CHEXZERO_TINY), X, {"normal": ["normal chest x-ray"],
@@ -515,9 +519,12 @@ def test_zeroshot_generic_hf_siglip(tmp_path, monkeypatch):
     SiglipImageProcessor().save_pretrained(folder)
     monkeypatch.setenv("FEATSTORE_WEIGHTS_DIR", str(tmp_path))
     assert get_spec("hf:someone/tiny-siglip").options["model_type"] == "siglip"
-    with pytest.raises(ValueError, match="no CLS token"):
-        create_backbone("hf:someone/tiny-siglip")(torch.rand(1, 3, 224, 224))
-    bb = create_backbone("hf:someone/tiny-siglip", pooling="pooler")
+    # no CLS token: the model's own pooler is the default, and `@pooler` names that same set
+    bb = create_backbone("hf:someone/tiny-siglip")
+    assert bb.name == create_backbone("hf:someone/tiny-siglip", pooling="pooler").name == "hf:someone/tiny-siglip"
+    assert ";pool=pooler;" in bb.weights_id
+    with pytest.raises(ValueError, match="pooling 'cls' is not available"):
+        create_backbone("hf:someone/tiny-siglip@cls")
     x = torch.rand(2, 3, 224, 224)
     head, _ = _head(text_tower(bb.name, bb.weights_id), bb(x), {"normal": ["normal"], "covid": ["covid pneumonia"]})
     t = tok(["normal", "covid pneumonia"], padding="max_length", max_length=16, return_tensors="pt")

@@ -28,11 +28,9 @@ IDENTITY = {
     "chexzero": ("pil-uint8.v1.8c37630c", 224, 3, 512),
     "convnext-base": ("pil-uint8.v1.6d3eae6b", 224, 3, 1024),
     "rad-dino@mean": ("pil-uint8.v1.9e686f2e", 518, 3, None),
-    "rad-dino@pooler": ("pil-uint8.v1.9e686f2e", 518, 3, None),
     "medsiglip-448@mean": ("pil-uint8.v1.c38a580a", 448, 3, None),
     "siglip-base@mean": ("pil-uint8.v1.c38a580a", 224, 3, None),
     "dinov2-base@mean": ("pil-uint8.v1.e8b4b4e2", 224, 3, None),
-    "dinov2-base@pooler": ("pil-uint8.v1.e8b4b4e2", 224, 3, None),
     "convnext-base@mean": ("pil-uint8.v1.6d3eae6b", 224, 3, None),
     "timm:convnext_atto": ("pil-uint8.v1.6d3eae6b", 224, 3, None),
     "open_clip:ViT-B-16": ("pil-uint8.v1.75a33d1b", 224, 3, 512),
@@ -62,6 +60,12 @@ def test_identity_strings_are_unchanged(name, monkeypatch):
     assert (s.pipeline.identity, s.input_size, s.channels, s.feature_dim) == (pid, size, channels, dim)
     assert B.with_pipeline("sha256:ab", s.pipeline) == (f"sha256:ab;input={pid}" if pid else "sha256:ab")
     assert B.stale_pipeline(name, B.with_pipeline("sha256:ab", s.pipeline)) is None
+
+
+def test_dinov2_pooler_is_an_alias_of_cls():
+    # HF's Dinov2 pooler output is the CLS token: `@pooler` names the entry's own (cls) set, not another
+    for n in ("rad-dino", "dinov2-base"):
+        assert B.canonical_name(f"{n}@pooler") == n and B.get_spec(f"{n}@pooler") is B.REGISTRY[n]
 
 
 def test_config_hash_is_unchanged():
