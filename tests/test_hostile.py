@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
+import pytest
 from PIL import Image
 
 from featstore.decode import DEFAULT_MAX_BYTES
@@ -361,3 +363,117 @@ def test_hostile_folder_tree(tmp_path):
     assert got["fifo.png"].startswith("a FIFO")
     assert got["caf\\udce9.png"].startswith("file name is not valid UTF-8")
     assert got["empty.png"] == "empty file (0 bytes)"
+
+
+# --- still let in, or still lost: the commands around the store, tried as a hostile or careless user --------
+# Each test below failed on the code before its fix (noted per test). In-process (CliRunner) where the
+# command allows it, so the file stays quick; stores are tiny and made by hand.
+
+def _cli(*args, env=None):
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    r.text = " ".join(r.output.split())  # rich wraps long lines
+    return r
+
+
+def _tiny(db: Path, sources=("a", "b"), n=3) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_safety import _tiny_store
+
+    return _tiny_store(db, sources, n)
+
+
+def _error_lines(text: str) -> list[str]:
+    return [x for x in text.splitlines() if x.startswith(("error:", "SQL error:"))]
+
+
+def _evil_folder(folder: Path, schema: str, load: str = "") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "schema.sql").write_text(schema)
+    (folder / "load.sql").write_text(load)
+    return folder
+
+
+def test_sql_pragma_cannot_import_a_database_that_overwrites_the_store(tmp_path):
+    """Item 10a (before: `PRAGMA import_database` passed the prefix check, and its schema.sql's COPY
+    replaced the store with a 14-byte CSV, in read-only mode)."""
+    db = _tiny(tmp_path / "victim.duckdb")
+    before = db.read_bytes()
+    allowed = tmp_path / "allowed"
+    evil = _evil_folder(allowed / "evil", f"COPY (SELECT 'pwned' AS x) TO '{db}' (FORMAT csv, USE_TMP_FILE false);\n")
+    for q in (f"PRAGMA import_database('{evil}')", f"IMPORT DATABASE '{evil}'",
+              f"EXPLAIN ANALYZE PRAGMA import_database('{evil}')", "PRAGMA copy_database('memory', 'x')",
+              f"SELECT 1; PRAGMA import_database('{evil}')"):
+        r = _cli("sql", "--db", db, "--allow-read", allowed, q)
+        assert r.exit_code == 1 and "not allowed in featstore sql" in r.text, (q, r.output)
+        assert db.read_bytes() == before, q
+    # a PRAGMA that only reads is refused too, and the refusal says what to use instead
+    r = _cli("sql", "--db", db, "PRAGMA table_info('images')")
+    assert r.exit_code == 1 and "pragma_table_info" in r.text, r.output
+    r = _cli("sql", "--db", db, "SELECT count(*) AS n FROM pragma_table_info('images')")
+    assert r.exit_code == 0 and "(1 row)" in r.output, r.output
+
+
+def test_a_snapshot_folder_from_a_stranger_runs_none_of_its_sql(tmp_path):
+    """Item 10b (before: `--db FOLDER` with a load.sql ran IMPORT DATABASE before any sandbox: its
+    schema.sql copied /etc/hostname out and overwrote a user file, on `sql "SELECT 42"` and `export`)."""
+    user = tmp_path / "thesis.txt"
+    user.write_text("my thesis")
+    leak = tmp_path / "leak.csv"
+    schema = (f"COPY (SELECT * FROM read_text('/etc/hostname')) TO '{leak}' (FORMAT csv);\n"
+              f"COPY (SELECT 'gone' AS x) TO '{user}' (FORMAT csv);\n")
+    quiet = _evil_folder(tmp_path / "snapevil", schema)
+    loud = _evil_folder(tmp_path / "snaploud", schema, f"COPY images FROM '/etc/passwd' (FORMAT csv);\n"
+                                                     f"COPY (SELECT 1) TO '{user}';\n")
+    for snap in (quiet, loud):
+        for args in (("sql", "--db", snap, "SELECT 42 AS x"),
+                     ("export", "--db", snap, "--parquet", tmp_path / f"out-{snap.name}")):
+            r = _cli(*args)
+            assert not leak.exists() and user.read_text() == "my thesis", (args, r.output)
+            assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+    # a load.sql that is not plain `COPY <table> FROM '<file in the folder>'` is refused in one line
+    r = _cli("sql", "--db", loud, "SELECT 42 AS x")
+    assert r.exit_code == 2 and len(_error_lines(r.output)) == 1 and "load.sql" in r.text, r.output
+
+
+def test_a_real_snapshot_still_reads_as_the_store(tmp_path):
+    """Item 10b, the other side: featstore's own snapshot reads (tables, embedding sets, views) without
+    its SQL being run."""
+    db = _tiny(tmp_path / "fs.duckdb")
+    r = _cli("export", "--db", db, "--snapshot", tmp_path / "snap")
+    assert r.exit_code == 0, r.output
+    for q, want in (("SELECT count(*) AS n FROM images", "6"),
+                    ("SELECT n_images FROM embedding_sets WHERE backbone = 'tiny'", "6"),
+                    ("SELECT count(*) AS n FROM embeddings_d4", "6")):
+        r = _cli("sql", "--db", tmp_path / "snap", "--format", "csv", q)
+        assert r.exit_code == 0 and r.output.split() == [r.output.split()[0], want], (q, r.output)
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "json", "memory", "md", "empty", "devnull", "text"])
+def test_a_db_that_is_not_a_duckdb_store_is_refused(tmp_path, kind):
+    """Item 14 (before: an existing .csv/.parquet/.json or :memory: opened as an in-memory database and
+    `ingest` reported new images with rc 0 and nothing stored; md: tried a network install; a 0-byte
+    file or /dev/null gave a traceback)."""
+    (tmp_path / "a.png").write_bytes(_png(1))
+    m = tmp_path / "m.csv"
+    m.write_text("path,source,label\na.png,s,covid\n")
+    db = {"csv": tmp_path / "x.csv", "parquet": tmp_path / "x.parquet", "json": tmp_path / "x.json",
+          "memory": ":memory:", "md": "md:foo", "empty": tmp_path / "empty.duckdb", "devnull": "/dev/null",
+          "text": tmp_path / "notes.duckdb"}[kind]
+    content = {"csv": b"a,b\n1,2\n", "json": b'{"a": 1}\n', "empty": b"", "text": b"patient notes\n" * 10}
+    if kind == "parquet":
+        pl.DataFrame({"a": [1]}).write_parquet(db)
+    elif kind in content:
+        Path(db).write_bytes(content[kind])
+    before = Path(db).read_bytes() if kind not in ("memory", "md", "devnull") else None
+    for args in (("ingest", "--manifest", m, "--db", db, "--workers", "1"), ("sql", "--db", db, "SELECT 1 AS x")):
+        r = _cli(*args)
+        assert r.exit_code == 2 and "Traceback" not in r.output, (args, r.output)
+        lines = _error_lines(r.output)
+        assert len(lines) == 1 and "not a DuckDB store" in r.text, (args, r.output)
+        if before is not None:
+            assert Path(db).read_bytes() == before
+    assert not list(tmp_path.glob("*.wal")) and not (tmp_path / "md:foo").exists()
