@@ -530,7 +530,8 @@ def synth(out: Path = typer.Option(Path("featstore-demo/data")), n_per_source: i
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("featstore-demo"), help="working folder (replaced)"),
+def demo(out: Path = typer.Option(Path("featstore-demo"), help="working folder: new, empty, or an earlier "
+                                  "demo's (only the files that demo made are replaced; anything else stops it)"),
          n_per_source: int = 150,
          weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR"),
          trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (default: the demo "

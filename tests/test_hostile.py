@@ -477,3 +477,154 @@ def test_a_db_that_is_not_a_duckdb_store_is_refused(tmp_path, kind):
         if before is not None:
             assert Path(db).read_bytes() == before
     assert not list(tmp_path.glob("*.wal")) and not (tmp_path / "md:foo").exists()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_export_never_reads_as_complete_and_the_next_overwrite_cleans_up(tmp_path, monkeypatch):
+    """Item 13 (before: the manifest was written before the files moved, so a kill left it claiming every
+    file; the hidden staging folder survived a later --overwrite)."""
+    import featstore.export as E
+
+    db = _tiny(tmp_path / "fs.duckdb")
+    out = tmp_path / "exp"
+    assert _cli("export", "--db", db, "--parquet", out).exit_code == 0
+    first = _tree(out)
+    real, calls = os.rename, [0]
+
+    def killed(a, b):  # the process dies after two files have moved
+        calls[0] += 1
+        if calls[0] > 2:
+            raise KeyboardInterrupt
+        real(a, b)
+    monkeypatch.setattr(E.os, "rename", killed)
+    con = connect(db, read_only=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            E.export_parquet(con, out, overwrite=True)
+    finally:
+        con.close()
+    monkeypatch.setattr(E.os, "rename", real)
+    assert not (out / E.MANIFEST).exists(), "a killed export must not read as complete"
+    r = _cli("export", "--db", db, "--parquet", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert not [p for p in out.iterdir() if p.name.startswith(".featstore-export") or "partial" in p.name]
+    assert _tree(out).keys() == first.keys()
+    listed = __import__("json").loads((out / E.MANIFEST).read_text())
+    assert all((out / f).stat().st_size == n for f, n in listed["files"].items())
+    got = pl.read_parquet(out / "embeddings" / "**" / "*.parquet", hive_partitioning=True)
+    assert got.height == listed["counts"]["embeddings"] == 6
+
+
+def test_export_overwrite_needs_a_previous_export(tmp_path):
+    """Item 13 (before: `--overwrite` into a folder with user files and no earlier export wrote into it)."""
+    db = _tiny(tmp_path / "fs.duckdb")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.txt").write_text("mine")
+    r = _cli("export", "--db", db, "--parquet", out, "--overwrite")
+    assert r.exit_code == 2 and "no featstore export" in r.text, r.output
+    assert _tree(out) == {"thesis.txt": b"mine"}
+
+
+@pytest.mark.parametrize("here", [False, True])
+def test_demo_never_deletes_what_it_did_not_make(tmp_path, monkeypatch, here):
+    """Item 11 (before: `demo --out DIR` removed DIR whole: DIR/thesis.txt and DIR/sub/ gone; with
+    `--out .` every file of the current folder)."""
+    import featstore.demo as D
+
+    def stop(*a, **k):  # the demo's work is not what is tested: only what happens to the folder first
+        raise RuntimeError("generate reached")
+    monkeypatch.setattr(D, "generate", stop)
+    folder = tmp_path / "d"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.txt").write_text("four years")
+    (folder / "sub" / "data.csv").write_text("a,b\n")
+    before = _tree(folder)
+    if here:
+        monkeypatch.chdir(folder)
+    r = _cli("demo", "--out", "." if here else folder)
+    assert r.exit_code == 2 and "did not make" in r.text, r.output
+    assert _tree(folder) == before
+
+
+def test_demo_replaces_its_own_files_only(tmp_path, monkeypatch):
+    """Item 11: a folder a previous demo made is replaced (its files only); a file the user added there
+    since stops the demo before anything is removed."""
+    import featstore.demo as D
+
+    def fake(data, *a, **k):  # a demo run that writes a few files (in DIR/data), then fails
+        Path(data).mkdir(parents=True)
+        (Path(data) / "m.csv").write_text("made")
+        raise RuntimeError("stopped here")
+    monkeypatch.setattr(D, "generate", fake)
+    folder = tmp_path / "demo"
+    r = _cli("demo", "--out", folder)
+    assert isinstance(r.exception, RuntimeError) and (folder / "data" / "m.csv").exists()
+    (folder / "data" / "mine.txt").write_text("mine")
+    r = _cli("demo", "--out", folder)
+    assert r.exit_code == 2 and "data/mine.txt" in r.text, r.output
+    assert (folder / "data" / "m.csv").exists() and (folder / "data" / "mine.txt").exists()
+    (folder / "data" / "mine.txt").unlink()
+    r = _cli("demo", "--out", folder)  # its own files only: replaced
+    assert isinstance(r.exception, RuntimeError) and (folder / "data" / "m.csv").read_text() == "made"
+
+
+def _fake_report(monkeypatch, fail_at: str | None = None):
+    """report.write_report's renderer replaced by one that writes the report's file names (the
+    write-out path is what is tested, not the rendering)."""
+    import itertools
+
+    import featstore.report as R
+    run = itertools.count(1)
+
+    def render(con, out, *a, **k):
+        names = ["dumbbell_seen_unseen.png", "headline.json", "report.html", "report.md"]
+        i = next(run)
+        for n in names:
+            if n == fail_at:
+                raise RuntimeError(f"failed at {n}")
+            (out / n).write_text(f"new {n}" if n == "report.md" else f"run {i}: {n}")
+        return dict(files=names)
+    monkeypatch.setattr(R, "_write_report", render)
+    return R
+
+
+def test_report_never_overwrites_a_users_files(tmp_path, monkeypatch):
+    """Item 12 (before: `report --out DIR` replaced a user's report.md / headline.json / figures of the
+    same names)."""
+    R = _fake_report(monkeypatch)
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "report.md").write_text("my notes")
+    (out / "headline.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="report.md"):
+        R.write_report(None, out)
+    assert _tree(out) == {"report.md": b"my notes", "headline.json": b"{}"}
+    assert [p.name for p in tmp_path.iterdir()] == ["rep"]
+    # a previous report's own files are replaced, a user's file beside them is kept
+    (out / "report.md").unlink()
+    (out / "headline.json").unlink()
+    (out / "thesis.txt").write_text("mine")
+    R.write_report(None, out)
+    R.write_report(None, out)
+    assert _tree(out)["thesis.txt"] == b"mine" and _tree(out)["report.md"] == b"new report.md"
+
+
+def test_a_report_that_cannot_be_placed_writes_nothing(tmp_path, monkeypatch):
+    """Item 12 (before: a report.html that is a folder stopped the report after 4 files were replaced)."""
+    R = _fake_report(monkeypatch)
+    out = tmp_path / "rep"
+    R.write_report(None, out)
+    (out / "report.html").unlink()
+    (out / "report.html").mkdir()
+    before = _tree(out)
+    with pytest.raises(FileExistsError, match="report.html"):
+        R.write_report(None, out)
+    assert _tree(out) == before and (out / "report.html").is_dir()
+    _fake_report(monkeypatch, fail_at="report.html")
+    with pytest.raises(RuntimeError):
+        R.write_report(None, out)
+    assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
