@@ -162,6 +162,8 @@ def ingest(
 def _print_ingest(rep, note=""):
     from collections import Counter
 
+    from featstore.ingest import clip
+
     from rich.markup import escape
 
     t = Table(title="ingest", show_header=False)
@@ -178,10 +180,10 @@ def _print_ingest(rep, note=""):
         err.print(f"note: {escape(n)}")
     if rep.errors:
         err.print(f"[yellow]{len(rep.errors)} rejected[/] (featstore sql \"SELECT * FROM open_ingest_errors\"):")
-        for reason, n in Counter(_reason_kind(e.reason) for e in rep.errors).most_common():
-            err.print(f"  {n:6d}  {escape(reason)}")
-        for e in rep.errors[:10]:
-            err.print(f"    {escape(e.file)}: {escape(e.reason)}")  # names are data, not markup
+        for reason, n in Counter(_reason_kind(e.reason) for e in rep.errors).most_common(20):
+            err.print(f"  {n:6d}  {escape(clip(reason, 200))}")
+        for e in rep.errors[:10]:  # names are data, not markup; a huge cell is cut, saying its length
+            err.print(f"    {escape(clip(e.file, 300))}: {escape(clip(e.reason, 300))}")
 
 
 def _reason_kind(reason: str) -> str:

@@ -628,3 +628,62 @@ def test_a_report_that_cannot_be_placed_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         R.write_report(None, out)
     assert _tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+class _Counting:
+    """A store connection that counts the statements writing ingest_errors."""
+
+    def __init__(self, con):
+        self._con, self.n = con, 0
+
+    def execute(self, q, *a, **k):
+        self.n += "INTO ingest_errors" in q
+        return self._con.execute(q, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
+def test_many_rejections_are_written_in_one_statement(tmp_path):
+    """Item 16 (before: one INSERT ... ON CONFLICT per rejection: a 200,000-row manifest of missing files
+    ran for more than 10 minutes after reaching 100%)."""
+    from featstore import ingest as I
+
+    (tmp_path / "a.png").write_bytes(_png(1))
+    n = 3000
+    rows = ["path,source,label", "a.png,s,covid"] + [f"missing/{i}.png,s{i % 3},covid" for i in range(n)]
+    m = tmp_path / "m.csv"
+    m.write_text("\n".join(rows) + "\n")
+    con = connect(tmp_path / "fs.duckdb")
+    try:
+        counting = _Counting(con)
+        rows_, pre = I.manifest_rows(m)
+        rep = I.ingest_rows(counting, rows_, str(m), workers=1)
+        assert rep.n_new_images == 1 and len(rep.errors) == n
+        assert counting.n == 1  # one statement, whatever the number of rejections
+        got = con.execute("SELECT count(*), count(DISTINCT file), min(row_number), max(row_number) "
+                          "FROM ingest_errors WHERE reason = 'file not found'").fetchone()
+        assert got == (n, n, 2, n + 1)
+        # the same manifest again: the same rows updated (last_seen, ingest_run), none added
+        rep = I.ingest_rows(counting, *I.manifest_rows(m)[:1], str(m), workers=1)
+        assert counting.n == 2 and con.execute("SELECT count(*), count(DISTINCT ingest_run) FROM ingest_errors"
+                                               ).fetchone() == (n, 1)
+        assert con.execute("SELECT min(ingest_run) FROM ingest_errors").fetchone()[0] == rep.run_id
+    finally:
+        con.close()
+
+
+def test_a_huge_cell_is_cut_in_the_reason_and_on_the_terminal(tmp_path):
+    """Item 16 (before: a 10 MB label was echoed whole into the reason and the terminal)."""
+    (tmp_path / "a.png").write_bytes(_png(1))
+    big = "x" * 2_000_000
+    m = tmp_path / "m.csv"
+    m.write_text(f"path,source,label\na.png,s,{big}\n")
+    db = tmp_path / "fs.duckdb"
+    r = _run("ingest", "--manifest", m, "--db", db, "--workers", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stdout) + len(r.stderr) < 20_000 and "2,000,000 characters" in r.stderr
+    con = connect(db, read_only=True)
+    (reason,) = con.execute("SELECT reason FROM ingest_errors").fetchone()
+    con.close()
+    assert reason.startswith("unknown label 'xxx") and "(2,000,000 characters)" in reason and len(reason) < 1100
