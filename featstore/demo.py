@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from featstore import ingest as I
 from featstore.backbones import create_backbone
@@ -76,7 +77,7 @@ def _run_demo(folder: Path, n_per_source: int, weights_dir: Path | None, trials:
     out.print("4 synthetic sources with planted acquisition confounders (contrast curve, corner marker, border, "
               "noise, field of view) and COVID prevalence tied to source; see featstore/synth.py.")
     manifest = generate(folder / "data", n_per_source=n_per_source, seed=0, plant_bad=True, plant_duplicates=3)
-    out.print(f"generated {manifest}")
+    out.print(f"generated {escape(str(manifest))}")
 
     con = connect(db)
     rows, pre = I.manifest_rows(manifest)
@@ -97,7 +98,7 @@ def _run_demo(folder: Path, n_per_source: int, weights_dir: Path | None, trials:
         try:
             bb = create_backbone(name, weights_dir=weights_dir)
         except WeightsMissingError as e:
-            out.print(f"[yellow]skipped {name}:[/] {e}")
+            out.print(f"[yellow]skipped {name}:[/] {escape(str(e))}")
             continue
         r = embed(con, bb, "original", batch_size=32, workers=2)
         again = embed(con, bb, "original", batch_size=32, workers=2)
@@ -115,7 +116,7 @@ def _run_demo(folder: Path, n_per_source: int, weights_dir: Path | None, trials:
          {"backbone": embedded[-1], "k": "5"} if embedded else {}),
     ]:
         out.rule(title)
-        out.print(f"[dim]featstore sql -f {sql_dir() / f} --db {db}[/]")
+        out.print(f"[dim]featstore sql -f {escape(str(sql_dir() / f))} --db {escape(str(db))}[/]")
         text = (sql_dir() / f).read_text()
         tbl = run_sql(con, text, variables)
         if "paths" in tbl.column_names:
@@ -126,8 +127,9 @@ def _run_demo(folder: Path, n_per_source: int, weights_dir: Path | None, trials:
     con.close()
     status = max(status, _benchmark(folder, db, embedded, trials))
     out.rule()
-    out.print(f"store: {db}  — try: featstore sql \"SELECT * FROM embedding_sets\" --db {db}")
-    out.print(f"MLflow: featstore ui  (run in {folder}); report: {folder / 'report' / 'report.html'}")
+    out.print(f"store: {escape(str(db))}  — try: featstore sql \"SELECT * FROM embedding_sets\" --db {escape(str(db))}")
+    out.print(f"MLflow: featstore ui  (run in {escape(str(folder))}); report: "
+              f"{escape(str(folder / 'report' / 'report.html'))}")
     return status
 
 

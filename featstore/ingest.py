@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -28,7 +27,7 @@ from typing import Callable, Iterable
 import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
-from featstore.store import insert_frame as _insert, registered, transaction
+from featstore.store import disk_full as _disk_full, insert_frame as _insert, registered, transaction
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
@@ -451,13 +450,6 @@ def _unchanged(path: str, size: int | None, mtime_ns: int | None) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns
 
 
-def _disk_full(e: BaseException | None) -> bool:
-    while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):  # DuckDB: text only
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _db_file(con) -> str:

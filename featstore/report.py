@@ -195,10 +195,16 @@ def pairs(res: pl.DataFrame) -> pl.DataFrame:
                     "balanced_accuracy", "dor").sort("backbone", "preprocess", "head", "fold")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]()!|#])")
+
+
 def _md(text) -> str:
     """Text from the store (source names, labels, errors) as inert Markdown: raw HTML would pass
-    through a Markdown renderer, | and line breaks would break a table."""
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    through a Markdown renderer, | and line breaks would break a table, and link or image syntax
+    (`[x](javascript:...)`, `![x](https://...)`) would make a viewer follow or fetch a URL; every
+    Markdown punctuation character is backslash-escaped (CommonMark shows it as itself)."""
+    t = html.escape(str(text), quote=False).replace("\r", " ").replace("\n", " ")
+    return _MD_SPECIAL.sub(r"\\\1", t)
 
 
 def markdown_table(df: pl.DataFrame) -> str:

@@ -127,6 +127,18 @@ def check_store_file(path: Path) -> None:
         raise NotAStoreError(f"--db {text} is not a DuckDB store: {why}")
 
 
+def disk_full(e: BaseException | None) -> bool:
+    """Whether e (or what caused it) is a full disk or quota: DuckDB says so in its text only."""
+    import errno
+
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def busy_message(path, error: Exception, read_only: bool) -> str:
     """Who holds the store, as far as DuckDB's lock error tells: a read-only open only fails while a
     writer holds it; a read-write open fails for readers too, and DuckDB then adds that a read-only
@@ -303,12 +315,23 @@ def migrate(con) -> int:
     if mig.is_dir():
         for f in sorted(mig.glob("[0-9][0-9][0-9]_*.sql")):
             steps[int(f.name[:3])] = f
-    for version in sorted(v for v in steps if v > current):
+    todo = sorted(v for v in steps if v > current)
+    for version in todo:
         with transaction(con):
             con.execute(steps[version].read_text())
             con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
-    refresh_embedding_views(con)
+    if todo or not _views_current(con):  # a plain open writes nothing: it must work on a full disk
+        refresh_embedding_views(con)
     return schema_version(con)
+
+
+def _views_current(con) -> bool:
+    """Whether `embeddings` and `embedding_sets` exist and the first unions exactly today's tables."""
+    views = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND view_name IN "
+                             "('embeddings', 'embedding_sets')").fetchall())
+    if len(views) != 2:
+        return False
+    return set(re.findall(r"\bembeddings_d\d+\b", views["embeddings"])) == {t for t, _ in embedding_tables(con)}
 
 
 def embedding_table(dim: int) -> str:

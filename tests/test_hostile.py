@@ -687,3 +687,216 @@ def test_a_huge_cell_is_cut_in_the_reason_and_on_the_terminal(tmp_path):
     (reason,) = con.execute("SELECT reason FROM ingest_errors").fetchone()
     con.close()
     assert reason.startswith("unknown label 'xxx") and "(2,000,000 characters)" in reason and len(reason) < 1100
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 8 MiB filesystem (tmpfs), returned with a function that fills it: needs root and mount
+    rights, else skips (the write-out of `sql --out` is also tested by an injected error below)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip() or r.returncode}")
+
+    def fill():
+        with open(d / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+    try:
+        yield d, fill
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_commands_on_a_full_disk_open_the_store_and_fail_in_one_line(full_disk, tmp_path):
+    """Item 17 (before: every read-write open recreated the embedding views, so on a full disk `ingest` and
+    `duplicates` died with a TransactionException traceback before doing anything)."""
+    disk, fill = full_disk
+    db = disk / "fs.duckdb"
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(_png(i))
+    first = tmp_path / "first.csv"
+    first.write_text("path,source,label\n" + "".join(f"{i}.png,s{i % 2},covid\n" for i in range(6)))
+    assert _run("ingest", "--manifest", first, "--db", db, "--workers", "1").returncode == 0
+    (tmp_path / "a.png").write_bytes(_png(99))
+    m = tmp_path / "m.csv"
+    m.write_text("path,source,label\na.png,s,covid\n")
+    fill()
+    for args in (("ingest", "--manifest", m, "--db", db, "--workers", "1"),
+                 ("duplicates", "--db", db, "--workers", "1", "--sheet", tmp_path / "sheet.png"),
+                 ("sql", "--write", "--db", db, "SELECT count(*) AS n FROM images")):
+        r = _run(*args)
+        assert "Traceback" not in r.stderr and "TransactionException" not in r.stderr, (args, r.stderr[-3000:])
+        if args[0] == "sql":  # writes nothing: answers
+            assert r.returncode == 0 and "6" in r.stdout, r.stderr
+        else:
+            lines = [x for x in r.stderr.splitlines() if "disk full" in x]
+            assert r.returncode in (1, 3) and len(lines) == 1, (args, r.stderr[-3000:])
+    (disk / "filler").unlink()
+    con = connect(db, read_only=True)  # intact
+    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == 6
+    con.close()
+
+
+def test_sql_out_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    """Item 17 (before: `sql --out existing.csv` on a full disk replaced the old file with a truncated one):
+    the write fails midway (injected ENOSPC after part of the file), the old file stays whole."""
+    import errno
+
+    import polars
+
+    db = _tiny(tmp_path / "fs.duckdb")
+    out = tmp_path / "answer.csv"
+    out.write_text("the previous answer\n")
+    real = polars.DataFrame.write_csv
+
+    def half(self, file=None, *a, **k):
+        if file is None:
+            return real(self, file, *a, **k)
+        Path(file).write_text(real(self)[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(polars.DataFrame, "write_csv", half)
+    r = _cli("sql", "--db", db, "--out", out, "SELECT * FROM images")
+    assert r.exit_code != 0 and "No space left on device" in r.text, r.output
+    assert out.read_text() == "the previous answer\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.csv", "fs.duckdb"]
+
+
+MARKUP = "[/x]"  # rich reads it as a closing tag: a crash wherever data was printed as markup
+
+
+def test_sql_prints_markup_and_odd_types_as_they_are(tmp_path):
+    """Item 15 (before: `SELECT '[/x]'` crashed `sql` (rich MarkupError), [bold]..[/bold] vanished from
+    names, and INTERVAL, UNION, BLOB, VARIANT, BIGNUM, MAP columns crashed polars)."""
+    db = _tiny(tmp_path / "fs.duckdb")
+    q = ("SELECT '[/x]' AS \"[bold]c[/bold]\", '[bold]f.png[/bold]' AS f, INTERVAL 3 DAY AS i, "
+         "union_value(k := 1)::UNION(k INT, s VARCHAR) AS u, '\\xAA'::BLOB AS b, 1::VARIANT AS v, "
+         "12345678901234567890123::BIGNUM AS n, '{\"a\": 1}'::JSON AS j, MAP {'a': 1} AS m, "
+         "[INTERVAL 1 HOUR] AS li")
+    r = _cli("sql", "--db", db, q)
+    assert r.exit_code == 0, r.output
+    for text in ("[bold]c[/bold]", "[/x]", "[bold]f.png[/bold]", "3 days", "12345678901234567890123", "\\xaa"):
+        assert text in r.output, (text, r.output)
+    r = _cli("sql", "--db", db, "--format", "csv", q)
+    assert r.exit_code == 0 and r.output.splitlines()[1].startswith("[/x],[bold]f.png[/bold],3 days,1,\\xaa,1,"), \
+        r.output
+    assert _cli("sql", "--db", db, "--format", "json", q).exit_code == 0
+    for name in ("a.parquet", "a.csv", "a.json"):
+        r = _cli("sql", "--db", db, "--out", tmp_path / name, q)
+        assert r.exit_code == 0, (name, r.output)
+    got = pl.read_parquet(tmp_path / "a.parquet")
+    assert got["i"][0] == "3 days" and got["b"][0] == b"\xaa" and got["[bold]c[/bold]"][0] == MARKUP
+
+
+def test_csv_header_cells_are_neutralised(tmp_path):
+    """Item 15 (before: a source named `=1+2` became a formula in a PIVOT's CSV header)."""
+    db = _tiny(tmp_path / "fs.duckdb", sources=("=1+2", "@SUM(A1)", "b"), n=2)
+    r = _cli("sql", "--db", db, "--format", "csv",
+             "PIVOT (SELECT source, label FROM images) ON source USING count(*) GROUP BY label ORDER BY label")
+    assert r.exit_code == 0, r.output
+    header = r.output.splitlines()[0].split(",")
+    assert header == ["label", "'=1+2", "'@SUM(A1)", "b"], header
+
+
+def test_neighbors_and_masks_print_a_source_named_like_markup(tmp_path):
+    """Item 15 (before: a source named `[/x]` crashed `neighbors --summary`, and `masks` after storing
+    its masks, exit 1)."""
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(_png(i))
+    m = tmp_path / "m.csv"
+    m.write_text("path,source,label\n" + "".join(f"{i}.png,{MARKUP if i % 2 else 'b'},covid\n" for i in range(6)))
+    db = tmp_path / "fs.duckdb"
+    assert _cli("ingest", "--manifest", m, "--db", db, "--workers", "1").exit_code == 0
+    r = _cli("masks", "--db", db, "--method", "classical-v1", "--workers", "1")
+    assert r.exit_code == 0 and MARKUP in r.output, r.output
+    con = connect(db)
+    t = __import__("featstore.store", fromlist=["x"]).ensure_embedding_table(con, 4)
+    con.execute(f"INSERT INTO {t} SELECT image_id, 'tiny', 'none', 'original', 4, "
+                f"[hash(image_id) % 7, 1, 2, 3]::FLOAT[4], 1, now() FROM images")
+    con.close()
+    r = _cli("neighbors", "--summary", "--db", db, "--k", "2", "--exact")
+    assert r.exit_code == 0 and MARKUP in r.output, r.output
+
+
+def test_odd_source_names_are_valid_mlflow_metric_names(tmp_path):
+    """Item 15 (before: a source named with `//` crashed the sweep in MLflow with 0 rows: metric names
+    may not be changed by path normalisation)."""
+    from featstore import results as R
+    from featstore.track import Tracker
+
+    odd = ["a//b", "../x", "/x", "x/", "./x", "[/x]", "=1+2", "a/./b", "plain"]
+    names = {R.mlflow_name("auc", "unseen", s): s for s in odd}
+    assert len(names) == len(odd)  # none collapses onto another
+    t = Tracker("odd", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rid = t.run("unit", metrics={n: i / 10 for i, n in enumerate(names)}, params={"held_out": ",".join(odd)})
+    run = t.client.get_run(rid)
+    assert set(run.data.metrics) == set(names) and run.data.params["held_out"] == ",".join(odd)
+
+
+def test_report_markdown_cannot_link_or_fetch():
+    """Item 15 (before: Markdown link and image syntax in data passed through report.md, so a viewer
+    would fetch a remote image or offer a javascript: link)."""
+    from markdown_it import MarkdownIt
+
+    from featstore.report import _md, markdown_table
+
+    evil = ["![x](https://evil.example/track.png)", "[click](javascript:alert(1))", "<img src=x>",
+            "[a]: https://evil.example", "`code`", "a|b"]
+    md = MarkdownIt("commonmark").enable("table")
+    for text in evil:
+        out = md.render(_md(text))
+        assert "<img" not in out and "<a " not in out and "<code" not in out, (text, out)
+        assert md.renderInline(_md(text)).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">") \
+            .replace("&quot;", '"') == text
+    table = md.render(markdown_table(pl.DataFrame({"source": evil, "auc": [0.5] * len(evil)})))
+    assert "<img" not in table and "<a " not in table and table.count("<tr>") == len(evil) + 1
+
+
+def test_map_legend_keeps_a_source_named_proto(tmp_path):
+    """Item 15 (before: a source named `__proto__` showed as `[object Object]` in the map's legend: the
+    counts lived in a plain object). The report's own script runs in node on a minimal page."""
+    import json
+    import re
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    from importlib.resources import files
+
+    html = (files("featstore") / "templates" / "report.html.j2").read_text(encoding="utf-8")
+    script = re.findall(r"<script>(.*?)</script>", html, re.S)[-1]
+    data = {"points": [{"x": 0.1, "y": 0.2, "id": "a", "source": "__proto__", "label": "covid"},
+                       {"x": 0.3, "y": 0.4, "id": "b", "source": "constructor", "label": "covid"},
+                       {"x": 0.5, "y": 0.6, "id": "c", "source": "__proto__", "label": "non_covid"}],
+            "palettes": {"source": {"__proto__": "#111111", "constructor": "#222222"},
+                         "label": {"covid": "#333333", "non_covid": "#444444"}}}
+    page = """
+    const texts = [], fills = [];
+    function el(sel) { return { hidden: false, style: {}, textContent: "", children: [],
+      appendChild(c) { this.children.push(c); if (c.text !== undefined) texts.push(c.text); },
+      querySelector(s) { return el(s); }, addEventListener() {}, getBoundingClientRect() { return {left: 0, top: 0}; },
+      classList: { toggle() {} } }; }
+    const ctx = { clearRect() {}, beginPath() {}, arc() {}, fill() {}, stroke() {},
+                  set fillStyle(v) { fills.push(v); }, get fillStyle() { return ""; } };
+    const root = el("root");
+    root.querySelector = (s) => s === ".imap-data" ? { textContent: DATA } :
+                                s === "canvas" ? Object.assign(el(s), { width: 100, height: 100, getContext: () => ctx }) :
+                                s === ".imap-legend" ? LEGEND : el(s);
+    root.querySelectorAll = () => [];
+    const LEGEND = el("legend");
+    globalThis.window = { addEventListener() {} };
+    globalThis.document = { querySelectorAll: () => [root], createElement: (t) => el(t),
+                            createTextNode: (t) => ({ text: t }) };
+    """.replace("DATA", json.dumps(json.dumps(data)))
+    (tmp_path / "page.js").write_text(page + script + "\nconsole.log(JSON.stringify({texts, fills}));")
+    r = subprocess.run([node, tmp_path / "page.js"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["texts"] == ["__proto__ (2)", "constructor (1)"]
+    assert got["fills"] == ["#111111", "#222222", "#111111"]
