@@ -21,8 +21,8 @@ from featstore.store import connect
 TIMEOUT = 300  # a safety net against hangs (a FIFO opened, /dev/zero read), not a timing assumption
 
 
-def _run(*args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400"}
+def _run(*args, env_extra=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", **(env_extra or {})}
     env.pop("FEATSTORE_MAX_BYTES", None)
     return subprocess.run([sys.executable, "-m", "featstore.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=TIMEOUT, env=env, stdin=subprocess.DEVNULL)
@@ -900,3 +900,148 @@ def test_map_legend_keeps_a_source_named_proto(tmp_path):
     got = json.loads(r.stdout)
     assert got["texts"] == ["__proto__ (2)", "constructor (1)"]
     assert got["fills"] == ["#111111", "#222222", "#111111"]
+
+
+# --- item 18: smaller holes -------------------------------------------------------------------------
+
+def test_a_journal_lock_left_by_a_dead_process_is_taken_at_once(tmp_path, caplog):
+    """Item 18 (before: a leftover optuna/<study>.journal.lock stalled a resumed sweep 30 s with three
+    "forcibly releasing" warnings). The holder is a process that has exited: the lock is taken without
+    Optuna's grace-period wait, which would log its warnings."""
+    import logging
+    import socket
+
+    import optuna
+
+    from featstore.journal_lock import HolderSymlinkLock
+    from featstore.sweep import journal
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "optuna" / "s.journal"
+    path.parent.mkdir()
+    os.symlink(f"{path}{HolderSymlinkLock.SEP}{dead.pid}@{socket.gethostname()}", f"{path}.lock")
+    optuna.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            study = optuna.create_study(study_name="s", storage=journal(path))
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    finally:
+        optuna.logging.disable_propagation()
+    assert len(study.trials) == 2 and not os.path.lexists(f"{path}.lock")
+    assert not [r for r in caplog.records if "lock" in r.getMessage().lower()], caplog.text
+    # a live holder's lock is not taken: this process holds it, another waiter gives up only by Optuna's rules
+    lock = HolderSymlinkLock(str(path))
+    assert lock.acquire() and lock.holder() == (os.getpid(), socket.gethostname())
+    lock.release()
+
+
+@pytest.mark.parametrize("name, value", [("FEATSTORE_WRITE_WAIT_S", "soon"), ("FEATSTORE_SWEEP_GRACE_S", "-3"),
+                                         ("FEATSTORE_SWEEP_GRACE_S", "1.5"), ("FEATSTORE_SWEEP_HEARTBEAT_S", "nan")])
+def test_bad_timing_variables_are_one_line(tmp_path, name, value):
+    """Item 18 (before: a bad FEATSTORE_WRITE_WAIT_S / FEATSTORE_SWEEP_GRACE_S crashed with a traceback
+    (the latter at import))."""
+    db = _tiny(tmp_path / "fs.duckdb")
+    r = _run("sweep", "synthetic_demo", "--db", db, "--workdir", tmp_path, "--trials", "1",
+             env_extra={name: value})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and name in lines[0] and repr(value) in lines[0], r.stderr
+
+
+def test_masks_print_ten_percent_lines_into_a_log(tmp_path):
+    """Item 18 (before: `masks` with stderr not a terminal printed no 10% lines: progress came only
+    when every mask was made)."""
+    n = 40
+    for i in range(n):
+        (tmp_path / f"{i}.png").write_bytes(_png(i))
+    m = tmp_path / "m.csv"
+    m.write_text("path,source,label\n" + "".join(f"{i}.png,s,covid\n" for i in range(n)))
+    db = tmp_path / "fs.duckdb"
+    assert _run("ingest", "--manifest", m, "--db", db, "--workers", "1").returncode == 0
+    r = _run("masks", "--db", db, "--method", "classical-v1", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    shares = [int(x.split("(")[1].split("%")[0]) for x in r.stderr.splitlines() if x.startswith("masks: ")]
+    assert len(set(shares)) >= 6 and shares[-1] == 100, r.stderr
+
+
+def test_too_many_folds_name_the_real_cause():
+    """Item 18 (before: `folds: 100000` blamed near-duplicate links when there were none)."""
+    from featstore.split import make_meta, mixed
+
+    meta = make_meta(["a", "b"] * 10, [0, 1] * 10)
+    with pytest.raises(ValueError) as e:
+        mixed(meta, folds=100000)
+    assert "only 20 images" in str(e.value) and "near-duplicate" not in str(e.value)
+
+
+_REAPER = r"""
+import ctypes, json, os, signal, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans become ours
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+def children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+import select
+while len(children(p.pid)) < 2:  # the DataLoader workers are up
+    if p.poll() is not None:
+        print(json.dumps({"error": "embed ended first", "stderr": p.stderr.read()[-2000:]}))
+        sys.exit(0)
+    select.select([], [], [], 0.01)
+kids = children(p.pid)
+os.kill(p.pid, signal.SIGKILL)
+p.wait()
+ends, polls = {}, 0
+while True:  # every orphan, reaped as it ends: how it ended
+    try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        break
+    if pid == 0:  # none ended yet
+        polls += 1
+        if polls > 12000:  # a safety net (about 2 min), not a measure: what still lives is reported, then killed
+            for k in set(kids) - set(ends):
+                ends[k] = ("survived", 0)
+                os.kill(k, signal.SIGKILL)
+            kids = []
+        select.select([], [], [], 0.01)
+        continue
+    if pid in kids:
+        ends[pid] = ("signal", os.WTERMSIG(status)) if os.WIFSIGNALED(status) else ("exit", os.WEXITSTATUS(status))
+print(json.dumps({"ends": list(ends.values()), "n": len(ends)}))
+"""
+
+
+def test_dataloader_workers_die_with_a_killed_embed(tmp_path):
+    """Item 18 (before: the DataLoader workers of a killed `embed` lived on until their own watchdog
+    noticed, ~6 s later, and then exited normally). Event-driven: the test process adopts the orphans
+    (a subreaper) and reads how each ended: killed by the kernel when its parent died."""
+    import json
+
+    n = 200
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(n):
+        (data / f"{i}.png").write_bytes(_save(np.random.default_rng(i).integers(0, 256, (128, 128), dtype=np.uint8),
+                                              "PNG"))
+    m = data / "m.csv"
+    m.write_text("path,source,label\n" + "".join(f"{i}.png,s,covid\n" for i in range(n)))
+    db = tmp_path / "fs.duckdb"
+    assert _run("ingest", "--manifest", m, "--db", db, "--workers", "2").returncode == 0
+    r = subprocess.run([sys.executable, "-c", _REAPER, sys.executable, "-m", "featstore.cli", "embed", "--backbone",
+                        "pixelstats", "--db", db, "--workers", "2", "--batch-size", "1"],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in got, got
+    assert got["n"] >= 2 and len(got["ends"]) == got["n"]
+    # SIGKILL from the kernel (PR_SET_PDEATHSIG); exit 1: a worker that saw its parent gone at start
+    assert all(e in (["signal", 9], ["exit", 1]) for e in got["ends"]), got
