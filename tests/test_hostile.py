@@ -913,14 +913,13 @@ def test_a_journal_lock_left_by_a_dead_process_is_taken_at_once(tmp_path, caplog
 
     import optuna
 
-    from featstore.journal_lock import HolderSymlinkLock
     from featstore.sweep import journal
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path = tmp_path / "optuna" / "s.journal"
     path.parent.mkdir()
-    os.symlink(f"{path}{HolderSymlinkLock.SEP}{dead.pid}@{socket.gethostname()}", f"{path}.lock")
+    os.symlink(f"{path}#featstore-holder={dead.pid}@{socket.gethostname()}", f"{path}.lock")
     optuna.logging.enable_propagation()
     try:
         with caplog.at_level(logging.WARNING):
@@ -930,7 +929,9 @@ def test_a_journal_lock_left_by_a_dead_process_is_taken_at_once(tmp_path, caplog
         optuna.logging.disable_propagation()
     assert len(study.trials) == 2 and not os.path.lexists(f"{path}.lock")
     assert not [r for r in caplog.records if "lock" in r.getMessage().lower()], caplog.text
-    # a live holder's lock is not taken: this process holds it, another waiter gives up only by Optuna's rules
+    # the lock names its holder: this process
+    from featstore.journal_lock import HolderSymlinkLock
+
     lock = HolderSymlinkLock(str(path))
     assert lock.acquire() and lock.holder() == (os.getpid(), socket.gethostname())
     lock.release()
