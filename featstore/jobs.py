@@ -302,7 +302,7 @@ class StudyJob:
     def run(self, progress: Callable = silent):
         """Load the config and run the study; a config, data or busy-store error is a UserError."""
         from featstore.options import env_number
-        from featstore.store import StoreBusyError
+        from featstore.store import NotAStoreError, SnapshotError, StoreBusyError
         from featstore.study import StudyError, load_study
         from featstore.sweep import grace_period_s, heartbeat_interval_s
 
@@ -314,7 +314,7 @@ class StudyJob:
                 def tick(done, total, what):
                     prog.update(done, total, what, rate="studies")
                 return self._run(st, db, tick)
-        except (StudyError, FileNotFoundError, StoreBusyError) as e:
+        except (StudyError, FileNotFoundError, StoreBusyError, NotAStoreError, SnapshotError) as e:
             raise UserError(str(e)) from e
         except KeyboardInterrupt:
             raise Interrupted(self.on_interrupt) from None
