@@ -310,7 +310,9 @@ def _connect_when_free(db, workdir: Path, sweep_id: str, rows, preds, wait_s: fl
 
     from featstore.store import StoreBusyError, connect
 
-    wait_s = float(os.environ.get("FEATSTORE_WRITE_WAIT_S", 600)) if wait_s is None else wait_s
+    from featstore.options import env_number
+
+    wait_s = env_number("FEATSTORE_WRITE_WAIT_S", 600) if wait_s is None else wait_s
     t0 = time.time()
     while True:
         try:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from featstore.errors import CommandError, UserError
@@ -32,6 +33,16 @@ class Commands(TyperGroup):
             colour = "yellow" if e.exit_code == 130 else "red"
             err.print(f"[{colour}]{e.label}:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             code = e.exit_code
+        except Exception as e:  # a full disk is the user's to fix, wherever the write was: one line
+            from featstore.errors import NoSpace
+            from featstore.store import disk_full
+
+            if not disk_full(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            err.print(f"[red]error:[/] disk full: {escape(first)}; nothing of this step was kept. Free space "
+                      f"on that disk and run the command again", soft_wrap=True, highlight=False)
+            code = NoSpace.exit_code
         if isinstance(code, int) and code:
             raise typer.Exit(code)
         return code
@@ -162,6 +173,8 @@ def ingest(
 def _print_ingest(rep, note=""):
     from collections import Counter
 
+    from featstore.ingest import clip
+
     from rich.markup import escape
 
     t = Table(title="ingest", show_header=False)
@@ -178,10 +191,10 @@ def _print_ingest(rep, note=""):
         err.print(f"note: {escape(n)}")
     if rep.errors:
         err.print(f"[yellow]{len(rep.errors)} rejected[/] (featstore sql \"SELECT * FROM open_ingest_errors\"):")
-        for reason, n in Counter(_reason_kind(e.reason) for e in rep.errors).most_common():
-            err.print(f"  {n:6d}  {escape(reason)}")
-        for e in rep.errors[:10]:
-            err.print(f"    {escape(e.file)}: {escape(e.reason)}")  # names are data, not markup
+        for reason, n in Counter(_reason_kind(e.reason) for e in rep.errors).most_common(20):
+            err.print(f"  {n:6d}  {escape(clip(reason, 200))}")
+        for e in rep.errors[:10]:  # names are data, not markup; a huge cell is cut, saying its length
+            err.print(f"    {escape(clip(e.file, 300))}: {escape(clip(e.reason, 300))}")
 
 
 def _reason_kind(reason: str) -> str:
@@ -257,11 +270,11 @@ def masks(
 
     rep, summary, n_invalidated = _job(MasksJob, ctx).run(_progress)
     if rep.note:
-        err.print(f"note: {rep.note}")
+        err.print(f"note: {escape(rep.note)}")
     made = ", ".join(f"{n} {m}" for m, n in rep.by_method.items()) or "none needed"
     err.print(f"masks made: {made}; refused {len(rep.refused)} (they are left out of the lung variants)"
               + (f"; {n_invalidated} lung-variant embeddings deleted for re-made masks" if n_invalidated else ""))
-    err.print(render(summary, "table"), end="")
+    err.print(render(summary, "table"), end="", markup=False, highlight=False)  # already rendered: data stays text
 
 
 @app.command()
@@ -405,10 +418,10 @@ def sweep_worker(
 
 def _print_headline(df):
     t = Table(title="AUC [95% CI]: seen vs unseen sources")
-    for c in df.columns:
-        t.add_column(c, overflow="fold")
+    for c in df.columns:  # source names are data: Text, never rich markup
+        t.add_column(Text(c), overflow="fold")
     for r in df.iter_rows():
-        t.add_row(*[str(v) for v in r])
+        t.add_row(*[Text(str(v)) for v in r])
     Console(width=220).print(t)
 
 
@@ -474,8 +487,9 @@ def probe(ctx: typer.Context,
     t = Table("representation", "images", "sources", "macro AUC [95% CI]", "per source", title=(
         f"domain probe: {backbone}/{preprocess} (0.5 = source not recoverable)"))
     for r in summary(rows):
-        t.add_row(r["head"], r["test_set"], str(r["n_sources"]), fmt_auc(r["auc"], r["auc_lo"], r["auc_hi"]),
-                  ", ".join(f"{s}: {a:.2f}" for s, a in r["per_source"].items()))
+        t.add_row(Text(r["head"]), Text(r["test_set"]), str(r["n_sources"]),
+                  fmt_auc(r["auc"], r["auc_lo"], r["auc_hi"]),
+                  Text(", ".join(f"{s}: {a:.2f}" for s, a in r["per_source"].items())))
     Console(width=200).print(t)
     err.print(f"{len(rows)} rows in `results` (study 'domain-probe', sweep {sweep_id}); MLflow run {run_id}")
 
@@ -553,7 +567,8 @@ def synth(out: Path = typer.Option(Path("featstore-demo/data")), n_per_source: i
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("featstore-demo"), help="working folder (replaced)"),
+def demo(out: Path = typer.Option(Path("featstore-demo"), help="working folder: new, empty, or an earlier "
+                                  "demo's (only the files that demo made are replaced; anything else stops it)"),
          n_per_source: int = 150,
          weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR"),
          trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (default: the demo "

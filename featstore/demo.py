@@ -5,10 +5,11 @@ with planted source confounders, planted duplicates and planted bad files.
 """
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from featstore import ingest as I
 from featstore.backbones import create_backbone
@@ -25,17 +26,58 @@ EXPECTED_REJECTIONS = {"truncated", "empty file", "not an image", "file not foun
                        "unknown label", "duplicate manifest row"}
 
 
+MARKER = ".featstore-demo.json"  # the files a demo made in its folder: the only ones a later demo removes
+
+
+def claim_folder(folder: Path) -> None:
+    """Make `folder` the demo's: new, empty, or holding only what an earlier demo made (listed in its
+    MARKER), which is removed. Anything else in it refuses the demo before a file is touched."""
+    from featstore.errors import UserError
+    from featstore.ownfiles import is_own, listing, read_manifest, remove_own, shown, write_json_atomic
+
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file; give a new folder for the demo")
+    if folder.is_dir() and os.listdir(folder):
+        try:
+            own = read_manifest(folder / MARKER)
+        except ValueError as e:
+            raise UserError(f"--out {folder}: {e}; nothing was removed") from e
+        present = listing(folder, skip=(MARKER,))
+        foreign = [rel for rel in present if own is None or not is_own(folder, rel, own)]
+        if own is None or foreign:
+            raise UserError(f"--out {folder} holds files featstore demo did not make ({shown(foreign or present)}); "
+                            f"nothing was removed. Give a new or empty folder")
+        remove_own(folder, own)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / MARKER, {"featstore_demo": 1, "files": {}, "complete": False})
+
+
+def _record(folder: Path) -> None:
+    """List every file now in the folder as the demo's own: it was empty of others when the demo began."""
+    from featstore.ownfiles import listing, read_manifest, write_json_atomic
+
+    if read_manifest(folder / MARKER) == {}:  # this run's marker (not one a user replaced meanwhile)
+        write_json_atomic(folder / MARKER, {"featstore_demo": 1, "files": listing(folder, skip=(MARKER,
+                                                                                              MARKER + ".tmp")),
+                                            "complete": True})
+
+
 def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = None, trials: int | None = None) -> int:
     folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    claim_folder(folder)
+    try:
+        return _run_demo(folder, n_per_source, weights_dir, trials)
+    finally:  # also when it fails or is interrupted: what it made so far is its own, for the next demo
+        _record(folder)
+
+
+def _run_demo(folder: Path, n_per_source: int, weights_dir: Path | None, trials: int | None) -> int:
     db = folder / "featstore.duckdb"
     out.rule("[bold]featstore demo — SYNTHETIC data[/]")
     out.print("4 synthetic sources with planted acquisition confounders (contrast curve, corner marker, border, "
               "noise, field of view) and COVID prevalence tied to source; see featstore/synth.py.")
     manifest = generate(folder / "data", n_per_source=n_per_source, seed=0, plant_bad=True, plant_duplicates=3)
-    out.print(f"generated {manifest}")
+    out.print(f"generated {escape(str(manifest))}")
 
     con = connect(db)
     rows, pre = I.manifest_rows(manifest)
@@ -56,7 +98,7 @@ def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = N
         try:
             bb = create_backbone(name, weights_dir=weights_dir)
         except WeightsMissingError as e:
-            out.print(f"[yellow]skipped {name}:[/] {e}")
+            out.print(f"[yellow]skipped {name}:[/] {escape(str(e))}")
             continue
         r = embed(con, bb, "original", batch_size=32, workers=2)
         again = embed(con, bb, "original", batch_size=32, workers=2)
@@ -74,7 +116,7 @@ def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = N
          {"backbone": embedded[-1], "k": "5"} if embedded else {}),
     ]:
         out.rule(title)
-        out.print(f"[dim]featstore sql -f {sql_dir() / f} --db {db}[/]")
+        out.print(f"[dim]featstore sql -f {escape(str(sql_dir() / f))} --db {escape(str(db))}[/]")
         text = (sql_dir() / f).read_text()
         tbl = run_sql(con, text, variables)
         if "paths" in tbl.column_names:
@@ -85,8 +127,9 @@ def run_demo(folder: Path, n_per_source: int = 150, weights_dir: Path | None = N
     con.close()
     status = max(status, _benchmark(folder, db, embedded, trials))
     out.rule()
-    out.print(f"store: {db}  — try: featstore sql \"SELECT * FROM embedding_sets\" --db {db}")
-    out.print(f"MLflow: featstore ui  (run in {folder}); report: {folder / 'report' / 'report.html'}")
+    out.print(f"store: {escape(str(db))}  — try: featstore sql \"SELECT * FROM embedding_sets\" --db {escape(str(db))}")
+    out.print(f"MLflow: featstore ui  (run in {escape(str(folder))}); report: "
+              f"{escape(str(folder / 'report' / 'report.html'))}")
     return status
 
 

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime
 from typing import Callable
 
@@ -120,7 +121,10 @@ def collate(samples):
     return ids, paths, x, bad
 
 
-def _worker_init(_):
+def _worker_init(parent_pid, _):
+    from featstore.procs import die_with_parent
+
+    die_with_parent(parent_pid)  # a killed embed takes its decoders with it, at once (not at their watchdog)
     torch.set_num_threads(1)  # decoding is per-process; leave the cores to the model
 
 
@@ -160,7 +164,7 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
             spec = backbone.spec
             ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm, backbone.input_dtype)
             loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                                pin_memory=backbone.device == "cuda", worker_init_fn=_worker_init if workers else None,
+                                pin_memory=backbone.device == "cuda", worker_init_fn=partial(_worker_init, os.getpid()) if workers else None,
                                 prefetch_factor=4 if workers else None, persistent_workers=False)
             def write(b, ids, feats, bad):
                 run.write_batch(ids, feats, bad, b, before_commit)

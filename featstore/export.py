@@ -9,18 +9,17 @@ DIR/featstore-export.json          what this export wrote (files, sizes): the on
 
 An export never deletes what it did not write: DIR must be new or empty, or hold a previous export
 (then only the files its featstore-export.json lists are removed, and only if nothing else is in
-the way). The files are written into a fresh folder inside DIR first and moved into place last.
+the way). The files are written into a staging folder inside DIR first and moved into place last;
+featstore-export.json is written after them, so a killed export never reads as complete.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from featstore.ownfiles import is_own, listing, read_manifest, remove_own, shown, write_json_atomic
 from featstore.store import embedding_tables
 
 _META = "i.image_id, i.label, i.class, i.patient_id, i.view, i.sex, i.age, i.source"
@@ -32,26 +31,44 @@ class ExportRefused(FileExistsError):
     """DIR holds something this export did not write, where it would write."""
 
 
+STAGE = ".featstore-export-staging"   # the files are written here first; a killed export's is replaced
+PARTIAL = "featstore-export.partial.json"  # while files move: every file the folder may hold of an export
+
+
 def export_parquet(con, out: str | Path, overwrite: bool = False) -> dict[str, int]:
+    """The export, written into DIR/.featstore-export-staging, then moved into place file by file;
+    DIR/featstore-export.json (what says the export is complete) is written last, atomically. While
+    files move, DIR/featstore-export.partial.json lists the old export's files and the new ones, so
+    that a run killed then leaves no complete-looking export and the next --overwrite knows them."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportRefused(f"{out} is a file, not a folder; give a new folder for the export")
     out.mkdir(parents=True, exist_ok=True)
     old = _previous_export(out, overwrite)
-    stage = Path(tempfile.mkdtemp(prefix=".featstore-export-", dir=out))
+    stage = out / STAGE
+    if os.path.lexists(stage):  # a killed export's: only ever written by featstore
+        if stage.is_symlink() or not stage.is_dir():
+            raise ExportRefused(f"{stage} is not a folder featstore made; nothing was removed")
+        shutil.rmtree(stage)
+    stage.mkdir()
     try:
         counts = _write(con, stage)
     except BaseException:
-        shutil.rmtree(stage)  # made by mkdtemp above; only this export wrote into it
+        shutil.rmtree(stage, ignore_errors=True)  # made above; only this export wrote into it
         raise
-    new = _listing(stage)
-    _remove_own(out, old)
-    _write_manifest(out, new, counts)  # before the moves: a crash between them leaves only listed files
+    new = listing(stage)
+    write_json_atomic(out / PARTIAL, {"featstore_export": 1, "complete": False, "files": new,
+                                      "old": {k: v for d in old for k, v in d.items()}})
+    if os.path.lexists(out / MANIFEST):
+        (out / MANIFEST).unlink()  # from here until the end the folder does not read as a complete export
+    for files in old:
+        remove_own(out, {k: v for k, v in files.items() if k.split("/")[0] in _TOP})
     for rel in sorted(new):  # file by file: folders already there (even a user's empty ones) are kept
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.rename(stage / rel, out / rel)  # no file is in the way: checked, then our old ones removed
-    for d, _, _ in sorted(os.walk(stage), key=lambda w: len(w[0]), reverse=True):
-        os.rmdir(d)  # stage's own folders, now empty
+    shutil.rmtree(stage)  # its own folders, now empty
+    write_json_atomic(out / MANIFEST, {"featstore_export": 1, "complete": True, "counts": counts, "files": new})
+    (out / PARTIAL).unlink()
     return counts
 
 
@@ -85,41 +102,27 @@ def _write(con, dest: Path) -> dict[str, int]:
     return counts
 
 
-def _listing(root: Path) -> dict[str, int]:
-    """Every file under root (relative POSIX path -> size)."""
-    files = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = Path(d) / n
-            files[p.relative_to(root).as_posix()] = p.lstat().st_size
-    return files
-
-
-def _write_manifest(out: Path, files: dict[str, int], counts: dict[str, int]) -> None:
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"featstore_export": 1, "counts": counts, "files": files}, indent=1))
-    os.replace(tmp, out / MANIFEST)
-
-
-def _previous_export(out: Path, overwrite: bool) -> dict[str, int]:
-    """The files of the previous export in `out` that may be removed; refuses (before anything is
-    touched) when `out` is not empty and not allowed to be replaced, or when any file in the way was
-    not written by that export."""
-    if not os.listdir(out):
-        return {}
+def _previous_export(out: Path, overwrite: bool) -> list[dict[str, int]]:
+    """The file lists of the previous export in `out` whose files may be removed (two after an export
+    killed while moving files: the old export's and the new one's); refuses (before anything is
+    touched) when `out` is not empty and not allowed to be replaced, when it holds no previous export,
+    or when any file in the way was not written by that export."""
+    entries = set(os.listdir(out)) - {STAGE}
+    if not entries:
+        return []
     if not overwrite:
         raise ExportRefused(f"{out} is not empty; give a new or empty folder, or --overwrite to replace a "
                             f"previous featstore export there (only the files it wrote are removed)")
-    old = {}
-    if os.path.lexists(out / MANIFEST):
-        try:
-            if not stat.S_ISREG((out / MANIFEST).lstat().st_mode):
-                raise ValueError("not a regular file")
-            old = json.loads((out / MANIFEST).read_text())["files"]
-            if not isinstance(old, dict):
-                raise ValueError("no file list")
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise ExportRefused(f"{out / MANIFEST} cannot be read ({e}); nothing was removed") from e
+    try:  # an export killed while moving files leaves the partial list (old and new files), no manifest
+        partial = read_manifest(out / PARTIAL)
+        old = [partial, read_manifest(out / PARTIAL, "old")] if partial is not None else \
+            [read_manifest(out / MANIFEST)]
+    except ValueError as e:
+        raise ExportRefused(f"{e}; nothing was removed") from e
+    if old[0] is None:
+        raise ExportRefused(f"{out} holds {shown(listing(out, skip=(STAGE,)))} but no featstore export ({MANIFEST} "
+                            f"is missing): --overwrite only replaces a previous export; nothing was removed. Export "
+                            f"into a new folder")
     foreign = []
     for top in _TOP:
         p = out / top
@@ -128,49 +131,13 @@ def _previous_export(out: Path, overwrite: bool) -> dict[str, int]:
         if p.is_symlink() or not (p.is_dir() or p.is_file()):
             foreign.append(top)
             continue
-        if p.is_file():
-            if not _own(out, top, old):
-                foreign.append(top)
-            continue
-        for d, dirs, names in os.walk(p):  # os.walk does not follow links below the top
-            for n in names + [x for x in dirs if (Path(d) / x).is_symlink()]:
-                rel = (Path(d) / n).relative_to(out).as_posix()
-                if not _own(out, rel, old):
-                    foreign.append(rel)
+        for rel in ([top] if p.is_file() else [f"{top}/{r}" for r in listing(p)]):
+            if not any(is_own(out, rel, files) for files in old):
+                foreign.append(rel)
     if foreign:
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         raise ExportRefused(f"{out} holds files a featstore export did not write where the export goes: "
-                            f"{', '.join(foreign[:5])}{more}; nothing was removed. Export into a new folder"
-                            + ("" if old else f" ({out / MANIFEST} is missing)"))
+                            f"{shown(foreign)}; nothing was removed. Export into a new folder")
     return old
-
-
-def _own(out: Path, rel: str, old: dict[str, int]) -> bool:
-    """rel is a regular file the previous export listed, unchanged in size, reached without links."""
-    if rel not in old or rel.startswith("/") or ".." in rel.split("/") or rel.split("/")[0] not in _TOP:
-        return False
-    p = out
-    for part in rel.split("/")[:-1]:
-        p = p / part
-        if p.is_symlink():
-            return False
-    st = (p / rel.split("/")[-1]).lstat()
-    return stat.S_ISREG(st.st_mode) and st.st_size == old[rel]
-
-
-def _remove_own(out: Path, old: dict[str, int]) -> None:
-    """Remove the previous export's files (each checked again), then the folders they leave empty."""
-    dirs = set()
-    for rel in old:
-        p = out / rel
-        if os.path.lexists(p) and _own(out, rel, old):
-            p.unlink()
-            dirs.update(p.parents)
-    for d in sorted((d for d in dirs if out in d.parents), key=lambda d: len(d.parts), reverse=True):
-        try:
-            d.rmdir()  # only when empty
-        except OSError:
-            pass
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import errno
 import hashlib
 import io
 import json
@@ -28,7 +27,7 @@ from typing import Callable, Iterable
 import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
-from featstore.store import insert_frame as _insert, registered, transaction
+from featstore.store import disk_full as _disk_full, insert_frame as _insert, registered, transaction
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
@@ -155,6 +154,16 @@ def _utf8(*texts: str | None) -> bool:
 def _printable(t: str | None) -> str | None:
     """t as valid UTF-8 for the store: undecodable name bytes shown as \\udcXX escapes."""
     return None if t is None else t.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def clip(t: str | None, n: int) -> str | None:
+    """t cut to n characters, saying how long it was: a 10 MB manifest cell must not become a 10 MB reason
+    (nor 30 MB of terminal output)."""
+    return t if t is None or len(t) <= n else f"{t[:n]}… ({len(t):,} characters)"
+
+
+REASON_MAX = 1000   # characters of a rejection's reason (what it echoes of the input is cut shorter)
+FILE_MAX = 8192     # a path longer than any file system allows is a manifest cell, not a path
 
 
 def normalise_label(v) -> str | None:
@@ -441,13 +450,6 @@ def _unchanged(path: str, size: int | None, mtime_ns: int | None) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns
 
 
-def _disk_full(e: BaseException | None) -> bool:
-    while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):  # DuckDB: text only
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _db_file(con) -> str:
@@ -498,8 +500,8 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
             errors.append(Rejection(shown, r.source, "empty label", r.row_number))
             continue
         if allowed is not None and r.label not in allowed:
-            errors.append(Rejection(shown, r.source, f"unknown label '{r.label}' (allowed: {', '.join(sorted(allowed))})",
-                                    r.row_number))
+            errors.append(Rejection(shown, r.source, f"unknown label '{clip(r.label, 100)}' (allowed: "
+                                    f"{clip(', '.join(sorted(allowed)), 200)})", r.row_number))
             continue
         key = (r.source, r.path)
         if key in seen:
@@ -554,8 +556,8 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
             new_images[p.image_id] = img
     report.n_changed = len(changed)
     # names from the disk may hold undecodable bytes: stored and printed as escapes, never as a crash
-    errors = [Rejection(_printable(e.file), _printable(e.source) or "", _printable(e.reason), e.row_number)
-              for e in errors]
+    errors = [Rejection(clip(_printable(e.file), FILE_MAX), clip(_printable(e.source), FILE_MAX) or "",
+                        clip(_printable(e.reason), REASON_MAX), e.row_number) for e in errors]
 
     n_before = con.execute("SELECT count(*) FROM images").fetchall()[0][0]
     db_file = _db_file(con)
@@ -585,15 +587,21 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
                 with registered(con, "_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row")):
                     con.execute("""UPDATE ingest_errors SET resolved = true
                                    WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
-            for e in errors:
-                con.execute(
-                    """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT (file, source, reason) DO UPDATE SET
-                         last_seen = excluded.last_seen, ingest_run = excluded.ingest_run,
-                         row_number = excluded.row_number, resolved = false""",
-                    [e.file, e.source, e.reason, origin, e.row_number, run_id, now, now],
-                )
+            if errors:  # one statement for all of them (one each took minutes for 100,000 missing files)
+                rej = pl.DataFrame({"file": [e.file for e in errors], "source": [e.source for e in errors],
+                                    "reason": [e.reason for e in errors],
+                                    "row_number": [e.row_number for e in errors]},
+                                   schema={"file": _STR, "source": _STR, "reason": _STR, "row_number": pl.Int32})
+                # ON CONFLICT may touch a row once per statement: the last of equal keys wins, as before
+                rej = rej.unique(["file", "source", "reason"], keep="last", maintain_order=True)
+                with registered(con, "_rejected", rej):
+                    con.execute(
+                        """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
+                           SELECT file, source, reason, ?, row_number, ?, ?, ? FROM _rejected
+                           ON CONFLICT (file, source, reason) DO UPDATE SET
+                             last_seen = excluded.last_seen, ingest_run = excluded.ingest_run,
+                             row_number = excluded.row_number, resolved = false""",
+                        [origin, run_id, now, now])
             report.n_new_images = len(new_images)
             report.n_new_occurrences = len(new_occ)
             report.errors = errors

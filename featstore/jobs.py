@@ -306,9 +306,12 @@ class StudyJob:
 
     def run(self, progress: Callable = silent):
         """Load the config and run the study; a config, data or busy-store error is a UserError."""
-        from featstore.store import StoreBusyError
+        from featstore.options import env_number
+        from featstore.store import NotAStoreError, SnapshotError, StoreBusyError
         from featstore.study import StudyError, load_study
+        from featstore.sweep import grace_period_s, heartbeat_interval_s
 
+        grace_period_s(), heartbeat_interval_s(), env_number("FEATSTORE_WRITE_WAIT_S", 600)  # bad ones: one line, now
         try:
             st = load_study(self.config)
             db = self.db or (Path(st.db) if st.db else None)
@@ -316,7 +319,7 @@ class StudyJob:
                 def tick(done, total, what):
                     prog.update(done, total, what, rate="studies")
                 return self._run(st, db, tick)
-        except (StudyError, FileNotFoundError, StoreBusyError) as e:
+        except (StudyError, FileNotFoundError, StoreBusyError, NotAStoreError, SnapshotError) as e:
             raise UserError(str(e)) from e
         except KeyboardInterrupt:
             raise Interrupted(self.on_interrupt) from None

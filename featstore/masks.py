@@ -209,11 +209,12 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
         if progress:
             progress(done[0], len(todo))
 
-    def save(results, m, made_from):
+    def save(results, m, made_from, ticked=False):
         insert_frame(con, "_new_masks" if redo else "lung_masks", _rows(results, m, made_from))
         rep.by_method[m] += len(results)
         rep.refused += [(i, m, r) for i, lm, r in results if lm is None]
-        tick(len(results))
+        if not ticked:
+            tick(len(results))
 
     if redo:  # the new rows wait here (memory, spilling to disk) until every one is made
         con.execute("CREATE OR REPLACE TEMP TABLE _new_masks AS SELECT * FROM lung_masks LIMIT 0")
@@ -221,7 +222,7 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
         from_manifest = _manifest_paths(con, [i for i, _ in todo]) if method in ("auto", "manifest") else {}
         rest = [(i, p) for i, p in todo if i not in from_manifest]
         if from_manifest:
-            save(_map(_manifest_one, sorted(from_manifest.items()), workers), "manifest", from_manifest)
+            save(_map(_manifest_one, sorted(from_manifest.items()), workers, tick), "manifest", from_manifest, True)
         if method == "manifest" and rest:
             save([(i, None, "no mask file in the manifest's mask_path column") for i, _ in rest], "manifest", None)
             rest = []
@@ -236,7 +237,7 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
             step = (lambda n: progress(base + n, len(todo))) if progress else None
             save(_pspnet_all(rest, masker, progress=step), "xrv-pspnet", masker.weights_id)
         elif rest:
-            save(_map(_classical_one, rest, workers), "classical-v1", None)
+            save(_map(_classical_one, rest, workers, tick), "classical-v1", None, True)
         if redo:
             with transaction(con):
                 con.execute("INSERT OR REPLACE INTO lung_masks BY NAME SELECT * FROM _new_masks")
@@ -252,11 +253,22 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
     return rep
 
 
-def _map(fn, items, workers):
+def _map(fn, items, workers, progress=None):
+    """[fn(x) for x in items], in worker processes when there are many; progress(n) after each result
+    (a log then shows 10% lines as the masks are made, not one line when all are done)."""
+    out = []
     if workers > 1 and len(items) > 32:
         with process_pool(workers) as ex:
-            return list(ex.map(fn, items, chunksize=16))
-    return [fn(x) for x in items]
+            for r in ex.map(fn, items, chunksize=max(1, min(16, len(items) // (10 * workers)))):
+                out.append(r)
+                if progress:
+                    progress(1)
+        return out
+    for x in items:
+        out.append(fn(x))
+        if progress:
+            progress(1)
+    return out
 
 
 def load_masks(con, image_ids: list[str]) -> dict[str, tuple[bytes | None, str, str | None]]:

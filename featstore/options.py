@@ -34,3 +34,26 @@ class Section(BaseModel):
     """A config section: unknown keys are refused, numbers must be numbers (no "5" -> 5, no true -> 1)."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     what: ClassVar[str] = "key"  # what this section's keys are called in messages
+
+
+def env_number(name: str, default: float, minimum: float = 0, integer: bool = False) -> float:
+    """A number from the environment variable `name` (default when unset or empty); anything else, or
+    a value below `minimum`, is a UserError naming the variable and the value, not a traceback."""
+    import math
+    import os
+
+    from featstore.errors import UserError
+
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        v = int(raw) if integer else float(raw)
+        ok = math.isfinite(v) and v >= minimum
+    except ValueError:
+        ok = False
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        raise UserError(f"{name}={raw[:40]!r} is not {kind} of seconds >= {minimum:g}; unset it for the default "
+                        f"({default:g})")
+    return v

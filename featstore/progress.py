@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 STEP = 0.10  # a plain line each time another 10% of the items is done
@@ -52,7 +53,8 @@ class Ticker:
         self._done, self._total = done, total
         desc = f"{self.label} {what}".strip()
         if self.prog is not None:
-            self.prog.update(self.task, completed=done, total=total, description=desc, rate=rate)
+            # a phase may be named after data (a file, a source): escaped, never read as rich markup
+            self.prog.update(self.task, completed=done, total=total, description=escape(desc), rate=escape(rate))
             return
         if not total or done / total + 1e-12 < self._next:
             return

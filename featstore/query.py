@@ -31,7 +31,9 @@ _WHY = {"COPY": "COPY writes or reads files; write an answer with --out FILE, re
         "EXPORT": "EXPORT DATABASE writes files; use `featstore export`",
         "ATTACH": "ATTACH opens other databases", "DETACH": "DETACH is not needed here",
         "LOAD": "INSTALL/LOAD of extensions is off (no network, no foreign code)",
-        "PREPARE": "PREPARE/EXECUTE could hide a refused statement", "EXECUTE": "PREPARE/EXECUTE is off"}
+        "PREPARE": "PREPARE/EXECUTE could hide a refused statement", "EXECUTE": "PREPARE/EXECUTE is off",
+        "PRAGMA": "PRAGMA and IMPORT DATABASE are off: they can import databases and copy files; read settings "
+                  "and table layouts with the table functions, e.g. SELECT * FROM pragma_table_info('images')"}
 
 
 def check_statements(text: str) -> None:
@@ -42,10 +44,10 @@ def check_statements(text: str) -> None:
             kind = st.type.name
         except ValueError:  # e.g. UPDATE EXTENSIONS: a statement type the Python API cannot name
             kind = "?"
+        # PRAGMA is refused whole: IMPORT DATABASE and COPY FROM DATABASE parse as PRAGMAs, and
+        # import_database runs a folder's schema.sql/load.sql (any COPY ... TO in it) unchecked
         ok = kind in _ALLOWED
-        if kind == "PRAGMA":  # IMPORT DATABASE and COPY FROM DATABASE parse as PRAGMA too
-            ok = re.match(r"pragma\b", q, re.I) is not None
-        elif kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: check that one too
+        if kind == "EXPLAIN":  # EXPLAIN ANALYZE runs its statement: check that one too
             m = re.match(r"explain\s+(?:analy[sz]e\s+)?", q, re.I)
             if m:
                 try:
@@ -83,15 +85,21 @@ def sandbox(con, allow_read=()) -> None:
 
 
 def run_user_sql(con, query: str, variables: dict[str, str] | None = None, allow_read=()) -> pa.Table:
-    """run_sql for SQL from a user: the statements are checked, then the database is sandboxed."""
+    """run_sql for SQL from a user: the statements are checked, then the database is sandboxed; columns
+    of types with no plain Arrow/Polars form come back as DuckDB's own text of them."""
     check_statements(query)
     sandbox(con, allow_read)
-    return run_sql(con, query, variables)
+    return run_sql(con, query, variables, as_text=True)
 
 
-def run_sql(con, query: str, variables: dict[str, str] | None = None) -> pa.Table:
+# DuckDB types whose Arrow form Polars cannot import or write (or panics on): shown as DuckDB's text
+_TEXT_TYPES = re.compile(r"\b(INTERVAL|UNION|VARIANT|BIGNUM|BIT|MAP|JSON|GEOMETRY)\b")
+
+
+def run_sql(con, query: str, variables: dict[str, str] | None = None, as_text: bool = False) -> pa.Table:
     """Run one query or a script (the last statement's result is returned).
-    variables are set with SET VARIABLE, read in SQL with getvariable('name')."""
+    variables are set with SET VARIABLE, read in SQL with getvariable('name'). as_text: columns of the
+    types above (also nested) are cast to VARCHAR."""
     for k, v in (variables or {}).items():
         if not k.isidentifier():
             raise ValueError(f"bad variable name '{k}'")
@@ -99,6 +107,10 @@ def run_sql(con, query: str, variables: dict[str, str] | None = None) -> pa.Tabl
     rel = con.sql(query)
     if rel is None:  # the last statement returned nothing (DDL, SET, ...)
         return pa.table({})
+    if as_text and any(_TEXT_TYPES.search(str(t)) for t in rel.types):
+        q = lambda c: '"' + c.replace('"', '""') + '"'
+        rel = rel.project(", ".join(f"CAST({q(c)} AS VARCHAR) AS {q(c)}" if _TEXT_TYPES.search(str(t)) else q(c)
+                                    for c, t in zip(rel.columns, rel.types)))
     return rel.to_arrow_table()
 
 
@@ -106,13 +118,18 @@ _FORMULA = r"^[=+\-@\t\r]"
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
-def csv_safe(df: pl.DataFrame) -> pl.DataFrame:
+def csv_safe(df: pl.DataFrame, header: bool = True) -> pl.DataFrame:
     """Text cells a spreadsheet would run as a formula (=, +, -, @, tab, CR first; OWASP) get a
-    leading single quote; numbers, and text that is just a number such as "-5", stay as they are."""
+    leading single quote; numbers, and text that is just a number such as "-5", stay as they are.
+    The header cells too (a column named by the data, e.g. a PIVOT over source names)."""
     text = [n for n, t in df.schema.items() if t in (pl.Utf8, pl.Categorical, pl.Enum)]
-    return df.with_columns(
+    df = df.with_columns(
         pl.when(pl.col(n).cast(pl.Utf8).str.contains(_FORMULA) & ~pl.col(n).cast(pl.Utf8).str.contains(_NUMBER))
         .then(pl.lit("'") + pl.col(n).cast(pl.Utf8)).otherwise(pl.col(n).cast(pl.Utf8)).alias(n) for n in text)
+    if not header:
+        return df
+    safe = {n: "'" + n for n in df.columns if re.match(_FORMULA, n) and not re.match(_NUMBER, n)}
+    return df.rename(safe) if safe and not set(safe.values()) & set(df.columns) else df
 
 
 def _flat(df: pl.DataFrame, width: int | None = None) -> pl.DataFrame:
@@ -134,24 +151,63 @@ def _short(v, width):
     return text
 
 
+_PLAIN = (pl.Utf8, pl.Boolean, pl.Date, pl.Time, pl.Null)
+
+
+def _plain(dtype, binary_ok: bool = False) -> bool:
+    """Whether Polars can hold and write this column as it is (nested: if every part can)."""
+    if isinstance(dtype, (pl.List, pl.Array)):
+        return _plain(dtype.inner, binary_ok)
+    if isinstance(dtype, pl.Struct):
+        return all(_plain(f.dtype, binary_ok) for f in dtype.fields)
+    return (dtype.is_numeric() or dtype in _PLAIN or isinstance(dtype, (pl.Datetime, pl.Duration, pl.Decimal,
+                                                                         pl.Categorical, pl.Enum))
+            or (binary_ok and dtype == pl.Binary))
+
+
+def _as_text(v) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(v).hex()
+    return str(v)
+
+
+def _frame(table: pa.Table, binary_ok: bool = False) -> pl.DataFrame:
+    """The answer as a Polars frame. A column Polars cannot import or write (INTERVAL, UNION, VARIANT,
+    BIGNUM, MAP, BLOB outside Parquet, ...) becomes text, value by value, instead of failing the command."""
+    cols = []
+    for name, col in zip(table.column_names, table.columns):
+        try:
+            s = pl.from_arrow(col)
+            s = s.to_series() if isinstance(s, pl.DataFrame) else s
+            if _plain(s.dtype, binary_ok):
+                cols.append(s.alias(name))
+                continue
+        except BaseException as e:  # ComputeError, or a Rust panic (pyo3's PanicException is a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+        cols.append(pl.Series(name, [_as_text(v) for v in col.to_pylist()], dtype=pl.Utf8))
+    return pl.DataFrame(cols) if cols else pl.DataFrame()
+
+
 def render(table: pa.Table, fmt: str = "table") -> str:
-    df = pl.from_arrow(table) if table.num_columns else pl.DataFrame()
-    if isinstance(df, pl.Series):
-        df = df.to_frame()
+    if fmt not in ("table", "csv", "json"):
+        raise ValueError(f"unknown format '{fmt}' (table, csv or json)")
+    df = _frame(table)
     if fmt == "csv":
-        return csv_safe(_flat(df)).write_csv()
+        return csv_safe(_flat(df), header=True).write_csv()
     if fmt == "json":
         return df.write_json()
-    if fmt != "table":
-        raise ValueError(f"unknown format '{fmt}' (table, csv or json)")
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(show_lines=False)
-    for c in df.columns:
-        t.add_column(c, overflow="fold")
+    for c in df.columns:  # names and cells are data: Text, never parsed as rich markup ("[/x]")
+        t.add_column(Text(c), overflow="fold")
     for row in _flat(df, width=60).iter_rows():
-        t.add_row(*["" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row])
+        t.add_row(*[Text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))) for v in row])
     buf = io.StringIO()
     Console(file=buf, width=200, force_terminal=False).print(t)
     buf.write(f"({df.height} row{'s' if df.height != 1 else ''})\n")
@@ -162,18 +218,31 @@ OUT_SUFFIXES = (".parquet", ".pq", ".csv", ".json", ".ndjson", ".jsonl")
 
 
 def write(table: pa.Table, out: str | Path) -> Path:
+    """The answer as a file, written beside `out` under a temporary name and renamed over it when
+    whole: a full disk or a crash midway leaves the old file as it was, never a truncated one."""
+    import tempfile
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df = pl.from_arrow(table)
     suffix = out.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        df.write_parquet(out)
-    elif suffix == ".csv":
-        csv_safe(_flat(df)).write_csv(out)
-    elif suffix in (".json", ".ndjson", ".jsonl"):
-        (df.write_ndjson if suffix != ".json" else df.write_json)(out)
-    else:
+    if suffix not in OUT_SUFFIXES:
         raise ValueError(f"--out {out}: use a .csv, .parquet or .json file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df = _frame(table, binary_ok=suffix in (".parquet", ".pq"))
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if suffix in (".parquet", ".pq"):
+            df.write_parquet(tmp)
+        elif suffix == ".csv":
+            csv_safe(_flat(df)).write_csv(tmp)
+        else:
+            (df.write_ndjson if suffix != ".json" else df.write_json)(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return out
 
 

@@ -195,10 +195,16 @@ def pairs(res: pl.DataFrame) -> pl.DataFrame:
                     "balanced_accuracy", "dor").sort("backbone", "preprocess", "head", "fold")
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]()!|#])")
+
+
 def _md(text) -> str:
     """Text from the store (source names, labels, errors) as inert Markdown: raw HTML would pass
-    through a Markdown renderer, | and line breaks would break a table."""
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    through a Markdown renderer, | and line breaks would break a table, and link or image syntax
+    (`[x](javascript:...)`, `![x](https://...)`) would make a viewer follow or fetch a URL; every
+    Markdown punctuation character is backslash-escaped (CommonMark shows it as itself)."""
+    t = html.escape(str(text), quote=False).replace("\r", " ").replace("\n", " ")
+    return _MD_SPECIAL.sub(r"\\\1", t)
 
 
 def markdown_table(df: pl.DataFrame) -> str:
@@ -264,6 +270,9 @@ def html_table(df: pl.DataFrame) -> str:
 
 # --- the report: render into a fresh folder, move in ----------------------------------------------
 
+REPORT_MANIFEST = ".featstore-report.json"  # the files the last report wrote: the only ones a report replaces
+
+
 def write_report(con, out: str | Path, study: str | None = None, sweep_id: str | None = None,
                  tracking_uri: str | None = None) -> dict:
     """Render into a fresh folder beside `out`, then move the files in: a report that fails writes
@@ -278,16 +287,42 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         r = _write_report(con, tmp, study, sweep_id, tracking_uri)
-        out.mkdir(exist_ok=True)
-        for f in sorted(tmp.iterdir()):
-            dest = out / f.name
-            if dest.is_dir() and not dest.is_symlink():
-                raise FileExistsError(f"{dest} is a folder; the report would replace it with a file")
-            os.replace(f, dest)
+        _place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     r["files"] = [out / Path(f).name for f in r["files"]]
     return r
+
+
+def _place(tmp: Path, out: Path) -> None:
+    """Move the rendered files from tmp into out. A new out is the renamed tmp (one step). Into an
+    existing out, every file is checked first: a file in the way must be one the previous report wrote
+    (listed in out/.featstore-report.json, unchanged), else nothing moves; the list is written last."""
+    from featstore.ownfiles import is_own, listing, read_manifest, remove_own, shown, write_json_atomic
+
+    new = listing(tmp)
+    if not os.path.lexists(out):
+        write_json_atomic(tmp / REPORT_MANIFEST, {"featstore_report": 1, "files": new})
+        os.rename(tmp, out)
+        tmp.mkdir()  # for the caller's cleanup
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise FileExistsError(f"--out {out} is not a folder; give a folder for the report")
+    try:  # "previous": set while files move, so a report killed then still knows its files
+        old = read_manifest(out / REPORT_MANIFEST) or {}
+        prev = read_manifest(out / REPORT_MANIFEST, "previous", optional=True) or {}
+    except ValueError as e:
+        raise FileExistsError(f"{e}; nothing was written") from e
+    in_way = [n for n in new if os.path.lexists(out / n) and not (is_own(out, n, old) or is_own(out, n, prev))]
+    if in_way:
+        raise FileExistsError(f"{out} holds {shown(in_way)}, not written by an earlier featstore report; nothing "
+                              f"was written (move them, or give another --out)")
+    write_json_atomic(out / REPORT_MANIFEST, {"featstore_report": 1, "files": new, "previous": {**prev, **old}})
+    gone = {k: v for k, v in {**prev, **old}.items() if k not in new and "/" not in k}
+    remove_own(out, gone)  # figures this report no longer makes
+    for n in sorted(new):
+        os.replace(tmp / n, out / n)
+    write_json_atomic(out / REPORT_MANIFEST, {"featstore_report": 1, "files": new})
 
 
 def _template(name: str):

@@ -146,8 +146,17 @@ def mlflow_name(metric: str, test_set: str | None = None, scope: str | None = No
 
 
 def mlflow_safe(text: str) -> str:
-    """A source name (any text) as part of an MLflow metric name, which allows few characters."""
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", str(text))
+    """A source name (any text) as part of an MLflow metric name, which allows few characters and
+    refuses a name that path normalisation would change ("a//b", "../x", "x/", "a/./b"): other
+    characters, and empty, "." and ".." segments, become underscores. The real name stays in the
+    run's params and tags."""
+    import hashlib
+
+    text = str(text)
+    s = re.sub(r"[^0-9A-Za-z_\-. /]", "_", text)
+    s = "/".join(p if p not in ("", ".", "..") else "_" * max(len(p), 1) for p in s.split("/"))
+    # a changed name carries a short hash of the real one, so two sources never share a metric
+    return s if s == text else f"{s}_{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
 def _json(v):

@@ -94,14 +94,20 @@ def _without_shared(meta: Meta, train: np.ndarray, test_sources, test: np.ndarra
 
 
 def _need_groups(groups, n_splits: int, what: str) -> None:
-    """sklearn says "n_splits=5 greater than the number of groups: 4"; say why that happens."""
-    n = len(set(groups))
-    if n < n_splits:
-        raise ValueError(
-            f"{what} needs {n_splits} groups of images but they form only {n}: images are grouped by patient "
-            "and joined by near-duplicate links, and these join almost everything. Check the links "
-            "(`featstore sql \"SELECT count(*) FROM near_duplicates\"`; re-run `featstore duplicates` with "
-            "tighter thresholds) or set `near_duplicates: ignore` in the study")
+    """sklearn says "n_splits=5 greater than the number of groups: 4"; say why that happens: too few
+    images for the folds asked for, or images joined into few groups (by patient, by near-duplicate
+    links)."""
+    n_images, n = len(groups), len(set(groups))
+    if n >= n_splits:
+        return
+    if n == n_images:  # nothing was joined: the folds outnumber the images
+        raise ValueError(f"{what} needs {n_splits} groups of images but there are only {n_images} images: ask for "
+                         f"at most {max(n_images, 2)} folds (`folds` in the study's protocol), or add images")
+    raise ValueError(
+        f"{what} needs {n_splits} groups of images but its {n_images} images form only {n}: images are grouped "
+        "by patient and joined by near-duplicate links. Ask for fewer folds, or check the links "
+        "(`featstore sql \"SELECT count(*) FROM near_duplicates\"`; re-run `featstore duplicates` with "
+        "tighter thresholds) or set `near_duplicates: ignore` in the study")
 
 
 def _sources(meta: Meta) -> list[str]:

@@ -83,6 +83,62 @@ def _check_path(path: Path) -> None:
                                 f"`featstore export --snapshot`)")
 
 
+class NotAStoreError(ValueError):
+    """--db names something that is not a DuckDB store (a data file, :memory:, md:, a device)."""
+
+
+_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq", ".json", ".ndjson", ".jsonl", ".arrow", ".feather",
+                  ".xlsx", ".xls", ".sqlite", ".sqlite3")
+
+
+def check_store_file(path: Path) -> None:
+    """Refuse what DuckDB would open as something other than a store file: `:memory:` and `md:` or other
+    URLs (an in-memory or remote database: nothing would be stored), names of data files (DuckDB opens
+    an existing .csv/.parquet/.json as an in-memory database reading it), files that are not a DuckDB
+    file (header magic "DUCK" at byte 8) and anything that is not a regular file (/dev/null)."""
+    text = str(path)
+    why = None
+    if text.startswith(":") or re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", text):
+        why = "an in-memory or remote database name, where nothing would be stored"
+    elif os.path.lexists(path):
+        try:
+            st = path.stat()
+        except OSError as e:
+            why = f"it cannot be read ({e.strerror})"
+        else:
+            import stat as S
+
+            if not S.S_ISREG(st.st_mode):
+                why = "not a regular file"
+            elif st.st_size == 0:
+                why = "an empty file (0 bytes)"
+            else:
+                try:
+                    with open(path, "rb") as f:
+                        head = f.read(12)
+                except OSError as e:
+                    why = f"it cannot be read ({e.strerror})"
+                else:
+                    if head[8:12] != b"DUCK":
+                        why = "this file is not a DuckDB database"
+    elif path.suffix.lower() in _DATA_SUFFIXES:
+        why = f"a {path.suffix} name is a data file's, not a store's (stores are .duckdb files)"
+    if why:
+        raise NotAStoreError(f"--db {text} is not a DuckDB store: {why}")
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether e (or what caused it) is a full disk or quota: DuckDB says so in its text only."""
+    import errno
+
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def busy_message(path, error: Exception, read_only: bool) -> str:
     """Who holds the store, as far as DuckDB's lock error tells: a read-only open only fails while a
     writer holds it; a read-write open fails for readers too, and DuckDB then adds that a read-only
@@ -106,6 +162,7 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
     if path.is_dir() and (path / "load.sql").exists():
         return open_snapshot(path)
     _check_path(path)
+    check_store_file(path)
     if read_only and not path.exists():
         raise FileNotFoundError(f"no featstore at {path} (run `featstore ingest` first, or pass --db)")
     try:
@@ -147,17 +204,85 @@ def open_for_command(db=None, read_only: bool = False, must_exist: bool = False,
         tip = ("\nMeanwhile a snapshot taken while the store was free can be read: `featstore export --snapshot "
                "DIR` (when idle), then --db DIR." if read_only and advice else "")
         raise UserError(str(e) + tip) from e
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotAStoreError, SnapshotError) as e:
         raise UserError(str(e)) from e
+
+
+class SnapshotError(ValueError):
+    """A snapshot folder featstore will not read: its load.sql is not what `featstore export --snapshot`
+    writes."""
+
+
+_LOAD_LINE = re.compile(r"""COPY\s+("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_]*)\s+FROM\s+'((?:[^']|'')*)'"""
+                        r"""\s*\(\s*FORMAT\s+'?parquet'?\s*\)\s*;?""", re.I)
+
+
+def snapshot_files(path: Path, known: set[str]) -> list[tuple[str, Path]]:
+    """(table, Parquet file) for each table of a snapshot, read from its load.sql without running
+    it: every statement must be DuckDB's plain `COPY <table> FROM '<file>.parquet' (FORMAT parquet)`
+    naming a featstore table (`known`, or an embedding table) and a regular file in the folder
+    itself; anything else is refused."""
+    load = path / "load.sql"
+    if load.stat().st_size > 1 << 20:
+        raise SnapshotError(f"{load}: too large for the load.sql of a featstore snapshot")
+    try:
+        statements = duckdb.extract_statements(load.read_text(encoding="utf-8"))
+    except (duckdb.Error, UnicodeDecodeError) as e:
+        raise SnapshotError(f"{load}: not the load.sql of a featstore snapshot ({str(e).splitlines()[0]})") from e
+    out = []
+    for st in statements:
+        q = " ".join(st.query.split())
+        m = _LOAD_LINE.fullmatch(q)
+        if m is None:
+            raise SnapshotError(f"{load}: not a featstore snapshot, it holds `{q[:80]}` (featstore reads only "
+                                f"`COPY <table> FROM '<file>' (FORMAT parquet)` lines; nothing of it was run)")
+        table = m.group(1).strip('"').replace('""', '"')
+        if table not in known and not re.fullmatch(r"embeddings_d\d+", table):
+            raise SnapshotError(f"{load}: table {table!r} is not a featstore table; nothing of it was run")
+        f = path / Path(m.group(2).replace("''", "'")).name  # the folder may have moved since the export
+        if f.is_symlink() or not f.is_file():
+            raise SnapshotError(f"{load}: {f} is not a file in the snapshot folder; nothing of it was run")
+        out.append((table, f))
+    return out
 
 
 def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
     """A snapshot (`featstore export --snapshot DIR`: DuckDB's EXPORT DATABASE as Parquet) loaded
     into memory in bulk. Sweep workers read this, so none waits on the store's single writer;
-    writes go nowhere."""
+    writes go nowhere. Its schema.sql and load.sql are never run (a folder from someone else could
+    hold any statement): the schema is featstore's own, and each table's Parquet file is read by
+    pyarrow and inserted, so no SQL from the folder executes and DuckDB touches no file."""
+    import pyarrow.parquet as pq
+
     con = duckdb.connect(":memory:")
-    con.execute("SET python_enable_replacements = false")
-    con.execute(f"IMPORT DATABASE '{_quote(path)}'")
+    try:
+        con.execute("SET python_enable_replacements = false")
+        migrate(con)
+        known = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        for table, f in snapshot_files(path, known):
+            m = re.fullmatch(r"embeddings_d(\d+)", table)
+            if m:
+                ensure_embedding_table(con, int(m.group(1)))
+            try:
+                data = pq.read_table(f)
+            except Exception as e:  # pyarrow raises several kinds for a file that is not Parquet
+                raise SnapshotError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
+            if table == "schema_version":
+                newer = [v for v in data.column("version").to_pylist() if v and v > SCHEMA_VERSION] \
+                    if "version" in data.column_names else []
+                if newer:
+                    raise SnapshotError(f"{path} was made by a newer featstore (schema {max(newer)}; this one "
+                                        f"reads up to {SCHEMA_VERSION})")
+                continue  # migrate() above wrote this featstore's own
+            with registered(con, "_snapshot_table", data):
+                try:
+                    con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM _snapshot_table')
+                except duckdb.Error as e:
+                    raise SnapshotError(f"{f}: does not fit featstore's table {table} "
+                                        f"({str(e).splitlines()[0]})") from e
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
@@ -190,12 +315,23 @@ def migrate(con) -> int:
     if mig.is_dir():
         for f in sorted(mig.glob("[0-9][0-9][0-9]_*.sql")):
             steps[int(f.name[:3])] = f
-    for version in sorted(v for v in steps if v > current):
+    todo = sorted(v for v in steps if v > current)
+    for version in todo:
         with transaction(con):
             con.execute(steps[version].read_text())
             con.execute("INSERT INTO schema_version (version) VALUES (?)", [version])
-    refresh_embedding_views(con)
+    if todo or not _views_current(con):  # a plain open writes nothing: it must work on a full disk
+        refresh_embedding_views(con)
     return schema_version(con)
+
+
+def _views_current(con) -> bool:
+    """Whether `embeddings` and `embedding_sets` exist and the first unions exactly today's tables."""
+    views = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND view_name IN "
+                             "('embeddings', 'embedding_sets')").fetchall())
+    if len(views) != 2:
+        return False
+    return set(re.findall(r"\bembeddings_d\d+\b", views["embeddings"])) == {t for t, _ in embedding_tables(con)}
 
 
 def embedding_table(dim: int) -> str:

@@ -153,8 +153,21 @@ def single_threaded():
 
 # a running trial on database storage proves its owner alive this often; after GRACE_S without, the
 # trial is failed as dead and its study is open to takeover (environment overrides are for tests)
-HEARTBEAT_S = int(os.environ.get("FEATSTORE_SWEEP_HEARTBEAT_S", 5))
-GRACE_S = int(os.environ.get("FEATSTORE_SWEEP_GRACE_S", 30))
+# (read when used, so a bad value is one line naming it; None: from the environment, else the default)
+HEARTBEAT_S: int | None = None
+GRACE_S: int | None = None
+
+
+def heartbeat_interval_s() -> int:
+    from featstore.options import env_number
+
+    return HEARTBEAT_S or int(env_number("FEATSTORE_SWEEP_HEARTBEAT_S", 5, minimum=1, integer=True))
+
+
+def grace_period_s() -> int:
+    from featstore.options import env_number
+
+    return GRACE_S or int(env_number("FEATSTORE_SWEEP_GRACE_S", 30, minimum=1, integer=True))
 
 
 def is_shared(storage) -> bool:
@@ -279,7 +292,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
 
 def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool, grace_s: float | None) -> TaskResult:
     t0 = time.time()
-    grace_s = GRACE_S if grace_s is None else grace_s
+    grace_s = grace_period_s() if grace_s is None else grace_s
     res = TaskResult(task)
     f = task.fold
     # an oracle rule selects on the test set itself (an upper bound, reported apart); the others see f.train only
@@ -402,8 +415,10 @@ def journal(path: str | Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from featstore.journal_lock import HolderSymlinkLock
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=HolderSymlinkLock(str(path))))
 
 
 def open_storage(spec: str | Path):
@@ -422,7 +437,7 @@ def open_storage(spec: str | Path):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them knowingly
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(spec, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                return RDBStorage(spec, heartbeat_interval=heartbeat_interval_s(), grace_period=grace_period_s(),
                                   heartbeat_stale_trial_callback=_retry, engine_kwargs={"pool_pre_ping": True})
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # workers starting together on an empty database race to create Optuna's tables
