@@ -28,8 +28,8 @@ from featstore.split import SELECTIONS, oracle_selections
 from featstore.store import transaction
 from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
 from featstore.sweep import Task, TaskResult, run_tasks
-from featstore.track import (OBJECTIVE, ModelRuns, Tracker, code_version, log_sweep_headline, unit_artifacts,
-                             unit_metrics, write_predictions, write_results)
+from featstore.track import (OBJECTIVE, ModelRuns, Tracker, code_version, log_sweep_headline, portable_path,
+                             unit_artifacts, unit_metrics, write_predictions, write_results)
 
 
 @dataclass
@@ -205,8 +205,8 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
 
     started = datetime.now(timezone.utc)
     parent = tracker.run(f"{st.study} {started:%Y-%m-%d %H:%M}", params=_config_params(st), tags=dict(
-        level="sweep", study=st.study, sweep_id=sweep_id, code_version=code_version(), config=str(st.path or ""),
-        optuna_storage=_redact(str(storage)), host=socket.gethostname(), pid=os.getpid()),
+        level="sweep", study=st.study, sweep_id=sweep_id, code_version=code_version(), config=portable_path(st.path),
+        optuna_storage=_redact(portable_path(storage)), host=socket.gethostname(), pid=os.getpid()),
         status=None, start=started, artifacts=[st.path] if st.path else ())
     tracker.sweep_run = rep.parent_run_id = parent
     tracker.models = ModelRuns(tracker, parent, started)  # one run per model, the parent of its units

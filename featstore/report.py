@@ -50,10 +50,30 @@ def latest_sweep(con, study: str | None) -> tuple[str, str]:
     rows = con.execute(q, [study] if study else []).fetchall()  # fetchall: DuckDB 2 refuses work beside an open result
     row = rows[0] if rows else None
     if not row:
-        have = [r[0] for r in con.execute("SELECT DISTINCT study FROM results").fetchall()]
-        raise ValueError(f"no results for study '{study}' in the store; studies: {have or 'none'} "
-                         "(run `featstore sweep CONFIG` first)")
+        have = [r[0] for r in con.execute("SELECT DISTINCT study FROM results WHERE study <> 'domain-probe' "
+                                          "ORDER BY 1").fetchall()]
+        named = _study_of_config(study) if study else None
+        if named and named != study and named in have:  # a config's name, e.g. synthetic_demo -> synthetic-demo
+            return latest_sweep(con, named)
+        from featstore.suggest import did_you_mean
+
+        if study and have:
+            raise ValueError(f"no results for study '{study}' in the store{did_you_mean(study, have)}; "
+                             f"studies: {', '.join(have)}")
+        raise ValueError(f"no results for study '{study}' in the store; studies: {', '.join(have) or 'none'} "
+                         "(run `featstore sweep CONFIG` first)" if study else
+                         "no results in the store (run `featstore sweep CONFIG` first)")
     return row[0], row[1]
+
+
+def _study_of_config(name: str) -> str | None:
+    """The study a config names (`study:`), where `name` is a config file or a shipped config's name."""
+    from featstore.study import StudyError, load_study
+
+    try:
+        return load_study(name).study
+    except (StudyError, OSError, ValueError):
+        return None
 
 
 def _ci(x, lo, hi, d=3, low=0.0) -> str:

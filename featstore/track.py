@@ -80,6 +80,22 @@ def ui_url(base: str, experiment_id: str | None = None, view: str | None = None)
     return f"{base.rstrip('/')}/#/{path}?{share}workflowType=machine_learning"
 
 
+def portable_path(path) -> str:
+    """A path as a run records it: a shipped config by its package name (`featstore/studies/x.yaml`), a
+    file under the working folder relative to it, a URL as given; never the checkout's absolute path."""
+    text = str(path or "")
+    if not text or "://" in text:
+        return text
+    p = Path(text).resolve()
+    pkg = Path(featstore.__file__).resolve().parent
+    for root, prefix in ((pkg, "featstore/"), (Path.cwd().resolve(), "")):
+        try:
+            return prefix + p.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return text
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "_"
 
