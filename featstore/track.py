@@ -531,18 +531,19 @@ def log_sweep_headline(tracker: "Tracker", sweep_run: str, models: ModelRuns) ->
 # `mlflow.sharedViewState.<key>` holds the view (MLflow 3.17 reads it for `?viewStateShareKey=<key>`:
 # the search facets and the table's ui state, as JSON)
 MODEL_VIEW = "featstore-models"
-MODEL_COLUMNS = ["params.`verdict`", "metrics.`auc_seen`", "metrics.`auc_unseen_mean`",
-                 "metrics.`auc_unseen_mean_lo`", "metrics.`auc_unseen_mean_hi`", "metrics.`auc_unseen_worst`",
-                 "metrics.`n_unseen_sources`", "metrics.`auc_pairs_mean`", "metrics.`auc_pairs_worst`",
-                 "metrics.`gap_within_source`", "metrics.`gap_cross_source`", "params.`head`",
-                 "params.`backbone`", "params.`preprocess`", "params.`selection`"]
+# the headline's columns; MLflow puts metrics (alphabetically) before params and draws only the columns
+# that fit the window, so the list is short and the verdict column narrow enough to be on screen
+MODEL_COLUMNS = ["metrics.`auc_seen`", "metrics.`auc_unseen_mean`", "metrics.`auc_unseen_worst`",
+                 "metrics.`auc_pairs_mean`", "metrics.`gap_within_source`", "metrics.`gap_cross_source`",
+                 "params.`verdict`"]
 
 
 def share_model_view(client, experiment_id: str) -> None:
     """Store the model-runs view on the experiment (idempotent)."""
     view = dict(searchFilter="tags.level = 'model'", orderByKey="metrics.`auc_unseen_mean`", orderByAsc=False,
                 startTime="ALL", lifecycleFilter="Active", datasetsFilter=[], modelVersionFilter="All Runs",
-                selectedColumns=MODEL_COLUMNS, runsHiddenMode="SHOW_ALL", columnOrder=[], columnWidths={})
+                selectedColumns=MODEL_COLUMNS, runsHiddenMode="SHOW_ALL", columnOrder=[],
+                columnWidths={c: 130 for c in MODEL_COLUMNS})
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{MODEL_VIEW}",
                               json.dumps(view, separators=(",", ":")))
 

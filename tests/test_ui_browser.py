@@ -43,6 +43,8 @@ class Browser:
         def child():
             os.dup2(cmd_r, 3)  # dup2 leaves them inheritable; the originals close on exec
             os.dup2(out_w, 4)
+            os.set_inheritable(3, True)  # dup2 onto itself (a pipe that got fd 3) keeps close-on-exec
+            os.set_inheritable(4, True)
             os.setsid()
         self.proc = subprocess.Popen(
             [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -155,7 +157,7 @@ def served(synth_stores, tmp_path_factory):
     db = tmp / "fs.duckdb"
     shutil.copy(synth_stores["confounded"], db)  # never write to the shared session store
     cfg = first / "study.yaml"
-    cfg.write_text("study: ui-check\nbackbones: [pixelstats]\nheads: {logreg: {trials: 2}, lightgbm: {trials: 1}}\n"
+    cfg.write_text("study: ui-check\nbackbones: [pixelstats]\nheads: {logreg: {trials: 1}, lightgbm: {trials: 1}}\n"
                    "protocols: {mixed: {folds: 2}, loso: {}, leave-pair-out: {}}\nbootstrap: 20\n")
     run_study(load_study(cfg), db, first, f"sqlite:///{first / 'mlflow.db'}")
     moved = tmp / "moved"
@@ -323,7 +325,7 @@ def test_report_map_leaves_the_wheel_to_the_page(served):
     _viewport(b, 1400, 900)
     try:
         b.goto(served["report"].as_uri())
-        b.wait_for("document.querySelector('.imap canvas')", "the interactive map")
+        b.wait_for("!!document.querySelector('.imap canvas')", "the interactive map")
         b.js("document.querySelector('.imap canvas').scrollIntoView({block: 'center'})")
         r = b.js("(() => { const r = document.querySelector('.imap canvas').getBoundingClientRect(); "
                  "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
@@ -333,9 +335,11 @@ def test_report_map_leaves_the_wheel_to_the_page(served):
         assert prevented is False  # a plain wheel is the page's
         assert b.js("!document.querySelector('.imap canvas').dispatchEvent(new WheelEvent('wheel', "
                     "{deltaY: 100, ctrlKey: true, cancelable: true, bubbles: true}))") is True
-        # and a real wheel over the map scrolls the page
-        before = b.js("window.scrollY")
-        b.call("Input.dispatchMouseEvent", type="mouseWheel", x=r[0], y=r[1], deltaX=0, deltaY=240, session=True)
-        b.wait_for(f"window.scrollY > {before}", "the page scrolled by a wheel over the map")
+        # and a real wheel over the map reaches the page unprevented (it scrolls); with Ctrl it zooms the map
+        b.js("window._wheel = []; window.addEventListener('wheel', e => window._wheel.push(e.defaultPrevented))")
+        for mod in (0, 2):  # 2: Ctrl
+            b.call("Input.dispatchMouseEvent", type="mouseWheel", x=r[0], y=r[1], deltaX=0, deltaY=120,
+                   modifiers=mod, session=True)
+        assert b.wait_for("window._wheel.length === 2 && window._wheel", "both wheel events") == [False, True]
     finally:
         _viewport(b, 1600, 2000)
