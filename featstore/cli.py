@@ -141,7 +141,12 @@ def _help(**lazy):
                         p.metavar = "[" + "|".join(names) + "]"
                     else:  # too long for the type column: listed below the options, full width
                         p.metavar = "NAME "
-                        self.epilog = f"--{p.name.replace('_', '-')} is one of: {', '.join(names)}"
+                        import textwrap
+
+                        # "\b": click keeps these lines; wrapped here, never inside a hyphenated name
+                        self.epilog = "\b\n" + textwrap.fill(
+                            f"--{p.name.replace('_', '-')} is one of: {', '.join(names)}", 78,
+                            break_on_hyphens=False, break_long_words=False)
             return super().format_help(ctx, formatter)
     return ChoicesHelp
 
