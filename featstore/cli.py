@@ -22,8 +22,9 @@ err = Console(stderr=True)
 
 class Commands(TyperGroup):
     """The one error-to-exit mapping: a CommandError is one line (no traceback) and its exit_code; a
-    command that returns an int exits with it (its own verdict: some images failed, ...). Anything
-    else is a bug and keeps its traceback."""
+    usage error (unknown option, a misspelt name, a missing argument) is one line and exit 2, not a
+    framed panel; a command that returns an int exits with it (its own verdict: some images failed,
+    ...). Anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
@@ -32,13 +33,9 @@ class Commands(TyperGroup):
             colour = "yellow" if e.exit_code == 130 else "red"
             err.print(f"[{colour}]{e.label}:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             code = e.exit_code
-        if isinstance(code, int) and code:
-            raise typer.Exit(code)
         return code
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        """A usage error (unknown option, a misspelt name, a missing argument) is one line and exit 2,
-        like every other refusal, not a framed panel."""
         try:
             from typer import _click as click  # typer vendors click (and raises its exceptions)
         except ImportError:  # an older typer: click itself
@@ -48,18 +45,19 @@ class Commands(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
         except click.exceptions.NoArgsIsHelpError as e:  # `featstore` alone, `featstore sweep` alone: the help
             err.print(e.ctx.get_help() if e.ctx else str(e), soft_wrap=True, highlight=False, markup=False)
-            sys.exit(2)
+            code = 2
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             err.print(f"[red]error:[/] {escape(e.format_message())}{escape(hint)}", soft_wrap=True, highlight=False)
-            sys.exit(e.exit_code)
-        except click.exceptions.Abort:
+            code = e.exit_code
+        except typer.Abort:
             err.print("[yellow]aborted[/]")
-            sys.exit(1)
-        sys.exit(rv if isinstance(rv, int) else 0)
+            code = 1
+        sys.exit(code)
 
 
 # plain help text (rich_markup_mode=None): usage reads `sweep [OPTIONS] CONFIG`, flags show no `<bool>`
@@ -67,12 +65,12 @@ app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich
                   help="featstore: a chest X-ray feature store. Ingest once, embed once, query with SQL.")
 
 
-def _print_version(value: bool):
+def _print_version(ctx: typer.Context, value: bool):
     if value:
         import featstore
 
         typer.echo(f"featstore {featstore.__version__}")
-        raise typer.Exit()
+        ctx.exit(0)
 
 
 @app.callback()
