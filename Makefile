@@ -23,11 +23,19 @@ postgres:
 	          apt-get install -y -q postgresql >/dev/null 2>&1)) ; } \
 	  || echo "PostgreSQL not installed: the PostgreSQL sweep tests will skip"
 
-test: install postgres
+# the browser tests (tests/test_ui_browser.py) drive headless Chromium; install Debian's the same way, else they skip
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null && (DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -q chromium \
+	      >/dev/null 2>&1 || (timeout 300 apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+	          timeout 900 apt-get install -y -q chromium >/dev/null 2>&1)) ; } \
+	  || echo "Chromium not installed: the browser tests (tests/test_ui_browser.py) will skip"
+
+test: install postgres chromium
 	$(VENV)/bin/python -m pytest
 
 # every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py
 
-.PHONY: install demo test bench postgres
+.PHONY: install demo test bench postgres chromium

@@ -28,7 +28,8 @@ from featstore.split import SELECTIONS, oracle_selections
 from featstore.store import transaction
 from featstore.study import Study, StudyData, StudyError, check_feasible, load_data
 from featstore.sweep import Task, TaskResult, run_tasks
-from featstore.track import Tracker, code_version, unit_artifacts, write_predictions, write_results
+from featstore.track import (OBJECTIVE, ModelRuns, Tracker, code_version, log_sweep_headline, portable_path,
+                             unit_artifacts, unit_metrics, write_predictions, write_results)
 
 
 @dataclass
@@ -204,10 +205,11 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
 
     started = datetime.now(timezone.utc)
     parent = tracker.run(f"{st.study} {started:%Y-%m-%d %H:%M}", params=_config_params(st), tags=dict(
-        level="sweep", study=st.study, sweep_id=sweep_id, code_version=code_version(), config=str(st.path or ""),
-        optuna_storage=_redact(str(storage)), host=socket.gethostname(), pid=os.getpid()),
+        level="sweep", study=st.study, sweep_id=sweep_id, code_version=code_version(), config=portable_path(st.path),
+        optuna_storage=_redact(portable_path(storage)), host=socket.gethostname(), pid=os.getpid()),
         status=None, start=started, artifacts=[st.path] if st.path else ())
     tracker.sweep_run = rep.parent_run_id = parent
+    tracker.models = ModelRuns(tracker, parent, started)  # one run per model, the parent of its units
     # SIGTERM (a scheduler's kill, `kill`) unwinds like Ctrl-C, so the runs are closed as KILLED
     old_term = None
     if threading.current_thread() is threading.main_thread():
@@ -260,6 +262,7 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
     rep.rows = all_rows
     rep.seconds = time.time() - t0
     rep.phases["write"] = time.time() - t3
+    log_sweep_headline(tracker, parent, tracker.models)
     tracker.end(parent, "FINISHED", dict(seconds=f"{rep.seconds:.1f}", n_trials=rep.n_trials,
                                          n_failed_studies=rep.n_failed))
     return rep
@@ -388,6 +391,8 @@ class Units:
     def __init__(self, st, sweep_id, bb, pre, data: StudyData, tasks: list[Task], tracker, parent, on_unit=None):
         self.ctx = (st, sweep_id, bb, pre, data)
         self.tracker, self.parent, self.on_unit = tracker, parent, on_unit
+        if getattr(tracker, "models", None) is None:  # the models' runs, shared by every embedding set's Units
+            tracker.models = ModelRuns(tracker, parent)
         self.units: dict[tuple, list[int]] = {}   # unit -> its tasks' places, in task order
         self.at: dict[str, int] = {}
         for i, t in enumerate(tasks):
@@ -429,9 +434,17 @@ class Units:
         if len(data.class_names) == 2:
             seen_rs = rs if proto == "seen-unseen" else (self.scored[need][0] if need else None)
             unit_rows = unit_rows + source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs)
-        uid = _track_unit(self.tracker, st, self.parent, proto, head, sel, bb, pre, data, unit_rows, preds,
+        # the unit's parent is its model's run (backbone, preprocessing, head, selection), made on first use
+        model = (bb, pre, head, sel)
+        model_run = self.tracker.models.parent(model, dict(
+            backbone=bb, weights_id=data.weights_id, preprocess=pre, head=head, selection=sel, target=st.target),
+            dict(study=st.study, sweep_id=sweep_id, backbone=bb, preprocess=pre, head=head, selection=sel,
+                 code_version=code_version()))
+        uid = _track_unit(self.tracker, st, model_run, proto, head, sel, bb, pre, data, unit_rows, preds,
                           trials, seed)
         self.tracked[key] = (unit_rows, preds)
+        self.tracker.models.unit_done(model, unit_rows, last=all(
+            k in self.tracked for k in self.units if (k[1], k[2]) == (head, sel)))
         if self.on_unit:
             self.on_unit(key, unit_rows, uid)
 
@@ -607,7 +620,7 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
     """Unit run -> fold runs -> trial runs, with artifacts on the unit run; returns the unit's run id.
     Runs carry the times the work happened (trials: Optuna's; folds: their trials' span; units:
     first trial to scoring, which is when the unit's last fold finished)."""
-    metrics = R.unit_summary(unit_rows)
+    metrics = unit_metrics(unit_rows)
     sweep_id = unit_rows[0]["sweep_id"] if unit_rows else None
     tags = dict(level="unit", study=st.study, sweep_id=sweep_id, protocol=proto, head=head, backbone=bb,
                 weights_id=data.weights_id, preprocess=pre, selection=sel, oracle=sel == "oracle", seed=st.seed,
@@ -646,8 +659,8 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
                 if x.get(k) is not None and k not in ("n", "n_pos", "n_neg"):
                     m[R.mlflow_name(k, x["test_set"], x["scope"])] = x[k]
         x0 = xs[0]
-        if x0.get("val_score") is not None:
-            m["val_score"] = x0["val_score"]
+        if x0.get("val_score") is not None:  # named as the Optuna studies name their objective
+            m[OBJECTIVE] = x0["val_score"]
         f_start, f_end = fold_times.get(fold, (None, None))
         fid = tracker.run(f"fold {fold}", parent=uid, metrics=m,
                           params=dict(identity, held_out=",".join(x0["test_sources"]) or "-", fold=fold,
@@ -661,7 +674,7 @@ def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows,
             x["mlflow_run_id"] = fid
         for t in trials.get(fold, []):
             tracker.run(f"trial {t['number']}", parent=fid, params=t["params"],
-                        metrics={"val_score": t["value"]} if t["value"] is not None else {},
+                        metrics={OBJECTIVE: t["value"]} if t["value"] is not None else {},
                         tags=dict(tags, level="trial", fold=fold, state=t["state"], error=t.get("error")),
                         start=t["start"], end=t["end"] or t["start"],
                         status={"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(t["state"], "FAILED"))

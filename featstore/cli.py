@@ -23,8 +23,9 @@ err = Console(stderr=True)
 
 class Commands(TyperGroup):
     """The one error-to-exit mapping: a CommandError is one line (no traceback) and its exit_code; a
-    command that returns an int exits with it (its own verdict: some images failed, ...). Anything
-    else is a bug and keeps its traceback."""
+    usage error (unknown option, a misspelt name, a missing argument) is one line and exit 2, not a
+    framed panel; a command that returns an int exits with it (its own verdict: some images failed,
+    ...). Anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
@@ -43,13 +44,50 @@ class Commands(TyperGroup):
             err.print(f"[red]error:[/] disk full: {escape(first)}; nothing of this step was kept. Free space "
                       f"on that disk and run the command again", soft_wrap=True, highlight=False)
             code = NoSpace.exit_code
-        if isinstance(code, int) and code:
-            raise typer.Exit(code)
         return code
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            from typer import _click as click  # typer vendors click (and raises its exceptions)
+        except ImportError:  # an older typer: click itself
+            import click
 
-app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True,
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.NoArgsIsHelpError as e:  # `featstore` alone, `featstore sweep` alone: the help
+            err.print(e.ctx.get_help() if e.ctx else str(e), soft_wrap=True, highlight=False, markup=False)
+            code = 2
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            err.print(f"[red]error:[/] {escape(e.format_message())}{escape(hint)}", soft_wrap=True, highlight=False)
+            code = e.exit_code
+        except typer.Abort:
+            err.print("[yellow]aborted[/]")
+            code = 1
+        sys.exit(code)
+
+
+# plain help text (rich_markup_mode=None): usage reads `sweep [OPTIONS] CONFIG`, flags show no `<bool>`
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="featstore: a chest X-ray feature store. Ingest once, embed once, query with SQL.")
+
+
+def _print_version(ctx: typer.Context, value: bool):
+    if value:
+        import featstore
+
+        typer.echo(f"featstore {featstore.__version__}")
+        ctx.exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print featstore's version and exit")):
+    pass
 
 
 def _backbone_names() -> list[str]:
@@ -112,7 +150,12 @@ def _help(**lazy):
                         p.metavar = "[" + "|".join(names) + "]"
                     else:  # too long for the type column: listed below the options, full width
                         p.metavar = "NAME "
-                        self.epilog = f"--{p.name.replace('_', '-')} is one of: {', '.join(names)}"
+                        import textwrap
+
+                        # "\b": click keeps these lines; wrapped here, never inside a hyphenated name
+                        self.epilog = "\b\n" + textwrap.fill(
+                            f"--{p.name.replace('_', '-')} is one of: {', '.join(names)}", 78,
+                            break_on_hyphens=False, break_long_words=False)
             return super().format_help(ctx, formatter)
     return ChoicesHelp
 
@@ -369,8 +412,8 @@ def export(ctx: typer.Context,
 @app.command()
 def sweep(
     ctx: typer.Context,
-    config: Path = typer.Argument(..., help="study config (YAML or TOML), or a shipped one by name: "
-                                  "cxr_shortcut, synthetic_demo"),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="study config (YAML or TOML), or a shipped one "
+                                  "by name: cxr_shortcut, synthetic_demo"),
     trials: Optional[int] = typer.Option(None, min=1, help="trials per Optuna study (overrides the config's per head)"),
     timeout: Optional[float] = typer.Option(None, help="seconds per Optuna study"),
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes (default: the config's, else 1)"),
@@ -465,7 +508,7 @@ def ui(ctx: typer.Context,
         head, _, rest = line.partition(": ")
         err.print(f"[bold red]{escape(head)}:[/] {escape(rest)}")
 
-    return _job(UiJob, ctx).run(say=lambda line: err.print(escape(line)), warn=warn)
+    return _job(UiJob, ctx).run(say=_say, warn=warn)  # soft-wrapped: a link is never cut across lines
 
 
 # --- shortcut forensics ---------------------------------------------------------------

@@ -525,10 +525,21 @@ class UiJob:
         from featstore.track import tracking_uri as default_uri
         from featstore.track import ui_url
 
+        import os
+
+        from featstore.track import MODEL_VIEW, sqlite_path
+
         host, port = self.host, self.port
         uri = self.tracking_uri or default_uri()
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():  # MLflow would create an empty store and serve it
+            raise UserError(f"{db}: no MLflow store here (`featstore sweep` makes one in the folder it runs in); "
+                            f"run `featstore ui` there, or give --tracking-uri")
         self._check_host(warn)
-        child = subprocess.Popen(_mlflow_ui_argv(uri, host, port), preexec_fn=_die_with_parent)
+        studies = _studies(uri)  # before the server starts: the links are ready the moment it answers
+        # MLflow's background job runners serve GenAI features featstore does not use
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        child = subprocess.Popen(_mlflow_ui_argv(uri, host, port), preexec_fn=_die_with_parent, env=env)
         probe = "::1" if host in ("::", "::0") else "127.0.0.1" if host == "0.0.0.0" else host
         try:
             ready = False
@@ -543,9 +554,11 @@ class UiJob:
                         pass
             if ready:
                 base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-                say(f"MLflow UI for {uri} at {ui_url(base)} (Ctrl-C stops it)")
-                for name, exp_id in _studies(uri):
-                    say(f"  {name}: {ui_url(base, exp_id)}")
+                # first, the newest study's models as the headline table (runs table, classic view)
+                lines = [f"{name} — models: {ui_url(base, exp_id, MODEL_VIEW)}" for name, exp_id in studies[:1]]
+                lines.append(f"MLflow UI for {uri} at {ui_url(base)} (Ctrl-C stops it)")
+                lines += [f"  {name} — models: {ui_url(base, exp_id, MODEL_VIEW)}" for name, exp_id in studies[1:]]
+                say("\n".join(lines))
                 child.wait()
         except KeyboardInterrupt:
             child.terminate()
@@ -599,8 +612,14 @@ def _studies(uri: str, n: int = 10) -> list[tuple[str, str]]:
         from mlflow import MlflowClient
 
         (k, v), = EXPERIMENT_KIND.items()
-        exps = MlflowClient(uri).search_experiments(filter_string=f"tags.`{k}` = '{v}'", max_results=n,
-                                                   order_by=["last_update_time DESC"])
+        from featstore.track import MODEL_VIEW, share_model_view
+
+        client = MlflowClient(uri)
+        exps = client.search_experiments(filter_string=f"tags.`{k}` = '{v}'", max_results=n,
+                                         order_by=["last_update_time DESC"])
+        for e in exps:  # a study tracked by an older featstore: its model-runs view, for the link
+            if f"mlflow.sharedViewState.{MODEL_VIEW}" not in e.tags:
+                share_model_view(client, e.experiment_id)
         return [(e.name, e.experiment_id) for e in exps]
     except Exception:  # noqa: BLE001 - links are a convenience; the UI is up
         return []
@@ -611,7 +630,9 @@ def _mlflow_ui_argv(uri: str, host: str, port: int) -> list[str]:
 
     from featstore.track import artifacts_destination
 
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # one server process (MLflow's default is 4, too many on a laptop); its access log would bury the links
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", "1", "--uvicorn-opts", "--log-level warning"]
     dest = artifacts_destination(uri)  # SQLite: runs' mlflow-artifacts: locations resolve beside the database
     return argv + (["--artifacts-destination", str(dest)] if dest else [])
 

@@ -297,6 +297,10 @@ def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path, seed: int = 0
         nd = dict(table=pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()),
                   sheet=None)
         pairs = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
+        # an empty table is what a store holds before `featstore duplicates` ever ran: say so, not "(none)"
+        nd["ran"] = pairs.height > 0
+        nd["exact_across"] = con.execute("SELECT count(*) FILTER (WHERE cross_source) FROM duplicate_groups"
+                                         ).fetchall()[0][0]
         if pairs.height:
             from featstore.duplicates import contact_sheet
 

@@ -50,16 +50,43 @@ def latest_sweep(con, study: str | None) -> tuple[str, str]:
     rows = con.execute(q, [study] if study else []).fetchall()  # fetchall: DuckDB 2 refuses work beside an open result
     row = rows[0] if rows else None
     if not row:
-        have = [r[0] for r in con.execute("SELECT DISTINCT study FROM results").fetchall()]
-        raise ValueError(f"no results for study '{study}' in the store; studies: {have or 'none'} "
-                         "(run `featstore sweep CONFIG` first)")
+        have = [r[0] for r in con.execute("SELECT DISTINCT study FROM results WHERE study <> 'domain-probe' "
+                                          "ORDER BY 1").fetchall()]
+        named = _study_of_config(study) if study else None
+        if named and named != study and named in have:  # a config's name, e.g. synthetic_demo -> synthetic-demo
+            return latest_sweep(con, named)
+        from featstore.suggest import did_you_mean
+
+        if study and have:
+            raise ValueError(f"no results for study '{study}' in the store{did_you_mean(study, have)}; "
+                             f"studies: {', '.join(have)}")
+        raise ValueError(f"no results for study '{study}' in the store; studies: {', '.join(have) or 'none'} "
+                         "(run `featstore sweep CONFIG` first)" if study else
+                         "no results in the store (run `featstore sweep CONFIG` first)")
     return row[0], row[1]
 
 
-def _ci(x, lo, hi, d=3) -> str:
+def _study_of_config(name: str) -> str | None:
+    """The study a config names (`study:`), where `name` is a config file or a shipped config's name."""
+    from featstore.study import StudyError, load_study
+
+    try:
+        return load_study(name).study
+    except (StudyError, OSError, ValueError):
+        return None
+
+
+def _ci(x, lo, hi, d=3, low=0.0) -> str:
+    """`x [lo, hi]`; `x, CI n/a` where an interval was computed but spans the whole scale (low..1: two
+    sources give [0, 1]), so it is not printed as if it meant something."""
+    from featstore.track import interval
+
     if x is None:
         return "—"
-    return f"{x:.{d}f}" if lo is None else f"{x:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
+    if lo is None:
+        return f"{x:.{d}f}"
+    ci = interval(lo, hi, low)
+    return f"{x:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else f"{x:.{d}f}, CI n/a"
 
 
 def _flag(auc) -> str:
@@ -106,12 +133,12 @@ def headline(res: pl.DataFrame, probe: dict | None = None) -> pl.DataFrame:
         if su:
             seen = (su["metrics"].get("gap") or {}).get("seen")
             row["seen-unseen: seen / unseen mean"] = (f"{seen:.3f} / " if seen is not None else "— / ") + \
-                _ci(su["auc"], su["auc_lo"], su["auc_hi"]) + _flag(su["auc"])
+                _ci(su["auc"], su["auc_lo"], su["auc_hi"]) + f" ({su['n_sources']} sources)" + _flag(su["auc"])
         else:
             row["seen-unseen: seen / unseen mean"] = "—"
         if main and main.get("gap") is not None:
             gi = main["metrics"].get("gap") or {}
-            row["gap seen − unseen [CI], p"] = (_ci(main["gap"], main.get("gap_lo"), main.get("gap_hi"))
+            row["gap seen − unseen [CI], p"] = (_ci(main["gap"], main.get("gap_lo"), main.get("gap_hi"), low=-1.0)
                                                 + f", p {format_p(main.get('gap_p'))}"
                                                 + f" (seen: {gi.get('seen_from', '?')})")
         else:
@@ -125,6 +152,40 @@ def headline(res: pl.DataFrame, probe: dict | None = None) -> pl.DataFrame:
     if not out:
         return pl.DataFrame()
     return pl.DataFrame(out).sort("_rank", descending=True, maintain_order=True).drop("_rank")
+
+
+def verdict_cards(res: pl.DataFrame, head: pl.DataFrame) -> list[dict]:
+    """One card per model, in the headline's order, every card the same rows so they compare at a
+    glance: verdict, seen → unseen (each with its interval, or why it has none), worst held-out source,
+    leave-pair-out, both gaps (measured or not), and the verdict's reason once."""
+    from featstore.track import ModelRuns, interval, model_figures
+
+    cards = []
+    for r in head.iter_rows(named=True) if head.height else []:
+        key = tuple(r[k] for k in MODEL)
+        g = res.filter(pl.all_horizontal([pl.col(k) == v for k, v in zip(MODEL, key)]))
+        f = model_figures(g)
+        m, t = f["metrics"], f["text"]
+
+        def gap(name, what):
+            if name not in m:
+                return f"{what}: not measured"
+            k = ((_gap_row(g, "leave-pair-out" if "cross" in name else None) or {}).get("n_sources"))
+            ci = interval(m.get(f"{name}_lo"), m.get(f"{name}_hi"), -1.0)
+            unit = "pairs" if "cross" in name else "sources"
+            return f"{what}: {m[name]:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else
+                                                 ", CI n/a" + (f" ({k} {unit})" if k is not None else ""))
+        cards.append(dict(model=ModelRuns.name((key[0], key[1], key[2], key[3])), verdict=r["verdict"], why=r["why"],
+                          cls=VERDICT_CLASS.get(r["verdict"], ""),
+                          seen=t.get("seen", "— (no mixed k-fold)"), unseen=t.get("unseen", "— (no held-out source "
+                                                                                         "with both classes)"),
+                          worst=t.get("worst", "—"), pairs=t.get("pairs", "— (no leave-pair-out)"),
+                          gaps=[gap("gap_within_source", "within-source"), gap("gap_cross_source", "cross-source")]))
+    return cards
+
+
+def _gap_row(g: pl.DataFrame, proto: str | None) -> dict | None:
+    return source_mean(g, proto) if proto else (source_mean(g, "loso") or source_mean(g, "seen-unseen"))
 
 
 def probe_aucs(con) -> dict:
@@ -164,7 +225,7 @@ def compare_models(res: pl.DataFrame, preds: pl.DataFrame) -> pl.DataFrame:
                                       seed=int(best["seed"]))
         out.append({"best": f"{best['head']} {best['backbone']}/{best['preprocess']}",
                     "vs": f"{r['head']} {r['backbone']}/{r['preprocess']}",
-                    "difference [CI]": _ci(d.get("estimate"), d.get("lo"), d.get("hi")),
+                    "difference [CI]": _ci(d.get("estimate"), d.get("lo"), d.get("hi"), low=-1.0),
                     "p": format_p(d.get("p")), "sources": d.get("n_sources"), "uncertainty": d.get("uncertainty")})
     return pl.DataFrame(out)
 
@@ -423,12 +484,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
     if failed.height:
         sections.append(("Failed", failed.select("protocol", "head", "fold", "error"), ""))
     sections = [dict(name=n, note=note, md=markdown_table(df), html=Markup(html_table(df))) for n, df, note in sections]
-    verdicts = [dict(model=f"{r['head']} · {r['backbone']}/{r['preprocess']}"
-                     + ("" if r["selection"] == "train-val" else f" ({r['selection']})"),
-                     verdict=r["verdict"], why=r["why"], cls=VERDICT_CLASS.get(r["verdict"], ""),
-                     unseen=r["LOSO mean per-source AUC (unseen)"] if r["LOSO mean per-source AUC (unseen)"] != "—"
-                     else r["seen-unseen: seen / unseen mean"]) for r in head.iter_rows(named=True)] \
-        if head.height else []
+    verdicts = verdict_cards(honest, head)
     dropped = res.filter(pl.col("n_dropped_shared") > 0).select("protocol", "fold", "n_dropped_shared").unique()
     shared_note = ("Images that also occur in a test source (the same file in two collections) were dropped "
                    "from training: " + ", ".join(f"{r[0]} {r[1]}: {r[2]}" for r in dropped.iter_rows())
@@ -485,9 +541,17 @@ def evidence_sections(ev: dict, out: Path) -> dict:
     nd = None
     if ev["neardup"] is not None:
         tab = ev["neardup"]["table"]
-        nd = dict(note="Near duplicates (same picture, different bytes) per source pair, from `featstore duplicates`; "
-                       "exact copies are counted in `duplicate_groups`.",
-                  md=markdown_table(tab), html=Markup(html_table(tab)), sheet=None)
+        exact = ev["neardup"].get("exact_across")
+        exact_txt = (f" Exact copies (same bytes) listed under more than one source: {exact} groups "
+                     "(`duplicate_groups`)." if exact is not None else "")
+        if ev["neardup"].get("ran", True):
+            nd = dict(note="Near duplicates (same picture, different bytes) per source pair, from `featstore "
+                           "duplicates`; exact copies are counted in `duplicate_groups`." + exact_txt,
+                      md=markdown_table(tab), html=Markup(html_table(tab)), sheet=None)
+        else:  # no pair recorded: the search was not run (it replaces the table with what it finds)
+            note = ("Near-duplicate search: not run (no pairs recorded in this store; `featstore duplicates` finds "
+                    "the same picture saved with different bytes)." + exact_txt)
+            nd = dict(note=note, md="_not run_\n", html=Markup("<p><em>not run</em></p>"), sheet=None)
         if ev["neardup"]["sheet"]:
             sh = ev["neardup"]["sheet"]
             nd["sheet"] = dict(sh, uri=_data_uri(out / sh["file"]))

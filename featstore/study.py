@@ -425,7 +425,10 @@ def load_study(path: str | Path) -> Study:
     if not path.exists() and path.parent == Path("."):
         path = shipped.get(path.name) or shipped.get(path.name + ".yaml") or path
     if not path.is_file():
+        from featstore.suggest import did_you_mean
+
         raise StudyError(f"{path}: no such study config" + (" (a folder)" if path.is_dir() else "")
+                         + did_you_mean(path.stem, [p.stem for p in shipped.values()])
                          + f" (shipped: {', '.join(p.stem for p in shipped.values())})")
     kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:

@@ -1,15 +1,19 @@
 """Track: MLflow runs (SQLite tracking store by default) and self-describing rows in the store.
 
 MLflow layout, one experiment per study (tagged as ML model development):
-    <study> <YYYY-MM-DD HH:MM>               the sweep: config params + file, progress, the report
-      <protocol> · <head> · <backbone>/<pre>  a unit: identity params, results.UNIT_METRICS, ROC +
-                                              confusion + per-source CSV, the embedding set as input
-        fold <name>                           selected hyperparameters, test metrics
-          trial <n>                           one Optuna trial: params, validation score, state
+    <study> <YYYY-MM-DD HH:MM>               the sweep: config params + file, progress, the report, and
+                                              the study's headline figures (its best model's, MODEL_METRICS)
+      <head> · <backbone>/<pre>               a model: identity params, the verdict (param + tag), every
+                                              headline figure under one name (MODEL_METRICS)
+        <protocol> · <head> · <backbone>/<pre>  a unit: identity params, results.UNIT_METRICS, ROC +
+                                                confusion + per-source CSV, the embedding set as input
+          fold <name>                         selected hyperparameters, test metrics
+            trial <n>                         one Optuna trial: params, validation score (val_auc), state
 Artifacts of a SQLite store live in mlartifacts/ beside it (mlflow-artifacts: locations).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -52,6 +56,8 @@ def _finite(v) -> bool:
 # `workflowType=machine_learning` sets (see `ui_url`).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ARTIFACTS_DIR = "mlartifacts"
+# The selection objective, one name in MLflow (fold and trial runs) and in the Optuna studies
+OBJECTIVE = "val_auc"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -66,10 +72,28 @@ def artifacts_destination(uri: str) -> Path | None:
     return db.resolve().parent / ARTIFACTS_DIR if db else None
 
 
-def ui_url(base: str, experiment_id: str | None = None) -> str:
-    """A UI link that opens on runs (the ML workflow), not on GenAI traces."""
+def ui_url(base: str, experiment_id: str | None = None, view: str | None = None) -> str:
+    """A UI link that opens on runs (the ML workflow), not on GenAI traces; `view`: a shared view
+    state of the experiment (`MODEL_VIEW`, written by `share_model_view`)."""
     path = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
-    return f"{base.rstrip('/')}/#/{path}?workflowType=machine_learning"
+    share = f"viewStateShareKey={view}&" if view else ""
+    return f"{base.rstrip('/')}/#/{path}?{share}workflowType=machine_learning"
+
+
+def portable_path(path) -> str:
+    """A path as a run records it: a shipped config by its package name (`featstore/studies/x.yaml`), a
+    file under the working folder relative to it, a URL as given; never the checkout's absolute path."""
+    text = str(path or "")
+    if not text or "://" in text:
+        return text
+    p = Path(text).resolve()
+    pkg = Path(featstore.__file__).resolve().parent
+    for root, prefix in ((pkg, "featstore/"), (Path.cwd().resolve(), "")):
+        try:
+            return prefix + p.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return text
 
 
 def _safe(name: str) -> str:
@@ -87,6 +111,7 @@ class Tracker:
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(self.uri)
         self.open: set[str] = set()  # runs this tracker left RUNNING (closed by `close_open`)
+        self.models: ModelRuns | None = None  # a sweep's model runs (benchmark sets them)
         self.store: str | None = None  # the feature store the sweep read (the runs' input dataset)
         self.dest = artifacts_destination(self.uri)
         exp = self.client.get_experiment_by_name(study)
@@ -99,6 +124,7 @@ class Tracker:
             if "mlflow.experimentKind" not in exp.tags:  # made by an older featstore
                 for k, v in EXPERIMENT_KIND.items():
                     self.client.set_experiment_tag(self.experiment_id, k, v)
+        share_model_view(self.client, self.experiment_id)
 
     @classmethod
     def for_run(cls, run_id: str, uri: str | None = None) -> "Tracker":
@@ -108,7 +134,7 @@ class Tracker:
         t = cls.__new__(cls)
         t.uri = uri or tracking_uri()
         t.client = MlflowClient(t.uri)
-        t.open, t.store, t.dest = set(), None, artifacts_destination(t.uri)
+        t.open, t.store, t.dest, t.models = set(), None, artifacts_destination(t.uri), None
         t.experiment_id = t.client.get_run(run_id).info.experiment_id
         return t
 
@@ -264,6 +290,262 @@ def attach_report(study: str, sweep_id: str, files, uri: str | None = None) -> s
         return None
     t.log_artifacts(runs[0].info.run_id, files, subdir="report", run=runs[0])
     return runs[0].info.run_id
+
+
+# --- one run per model ------------------------------------------------------------------------
+
+# The model run's metric vocabulary: every figure of the headline under one name, whatever protocols
+# a study runs, so that the compare view of model runs is the headline table. A figure a model does
+# not have is not logged (MLflow would draw a missing value at the top of a parallel-coordinates axis);
+# an interval that says nothing (none, or the whole scale: two sources give [0, 1]) is not logged either.
+MODEL_METRICS = {
+    "auc_seen": "AUC on held-out images of the training sources (mixed k-fold pooled out-of-fold; else "
+                "seen-unseen's seen set)",
+    "auc_seen_lo": "its image-level 95% CI, low", "auc_seen_hi": "its image-level 95% CI, high",
+    "auc_unseen_mean": "mean over held-out sources (both classes) of the per-source AUC (LOSO, else seen-unseen)",
+    "auc_unseen_mean_lo": "its source-level 95% CI, low", "auc_unseen_mean_hi": "its source-level 95% CI, high",
+    "auc_unseen_worst": "the lowest per-source AUC among held-out sources",
+    "n_unseen_sources": "held-out sources behind the mean",
+    "auc_pairs_mean": "leave-pair-out: mean AUC over held-out pairs of sources",
+    "auc_pairs_worst": "leave-pair-out: the worst pair's AUC",
+    "n_pairs": "held-out pairs behind the mean",
+    "gap_within_source": "seen - unseen mean per-source AUC (the verdict's within-source gap)",
+    "gap_within_source_lo": "its source-level 95% CI, low", "gap_within_source_hi": "its 95% CI, high",
+    "gap_cross_source": "mixed pooled AUC - leave-pair-out mean (the verdict's cross-source gap)",
+    "gap_cross_source_lo": "its source-level 95% CI, low", "gap_cross_source_hi": "its 95% CI, high",
+}
+# Protocols in the order their extra figures are named (the first one to have a figure logs it bare)
+PROTOCOL_ORDER = ("mixed", "loso", "seen-unseen", "leave-pair-out")
+# What MODEL_METRICS already covers; any other metric the contract declares (results.UNIT_METRICS, or a
+# metric column of a source-mean row) is logged too, under its own name
+_UNIT_COVERED = {"auc_seen", "auc_unseen_mean", "auc_unseen_mean_lo", "auc_unseen_mean_hi", "auc_unseen_worst",
+                 "auc_unseen_pooled", "gap", "gap_lo", "gap_hi", "balanced_accuracy_unseen_mean",
+                 "n_unseen_sources"}
+_ROW_COVERED = set(results.METRICS) | {"gap", "gap_p", "gap_lo", "gap_hi", "n_sources", "auc_worst"}
+
+
+def interval(lo, hi, low: float = 0.0, high: float = 1.0) -> tuple[float, float] | None:
+    """A 95% CI as it may be shown or logged: None where there is none, or where it spans the whole
+    scale (with two held-out sources a t interval is [0, 1] once clipped: no information)."""
+    if lo is None or hi is None or not (_finite(lo) and _finite(hi)):
+        return None
+    if lo <= low + 1e-9 and hi >= high - 1e-9:
+        return None
+    return float(lo), float(hi)
+
+
+def ci_text(x, lo, hi, k: int | None = None, low: float = 0.0, d: int = 3, what: str = "sources") -> str:
+    """`0.812 [0.700, 0.901]`, or `0.812, CI n/a (2 sources)` where the interval says nothing."""
+    if x is None:
+        return "—"
+    ci = interval(lo, hi, low, 1.0)
+    if ci:
+        return f"{x:.{d}f} [{ci[0]:.{d}f}, {ci[1]:.{d}f}]"
+    return f"{x:.{d}f}, CI n/a" + (f" ({k} {what})" if k is not None else "")
+
+
+def _source_mean(g: pl.DataFrame, proto: str) -> dict | None:
+    d = g.filter(pl.col("kind") == "source-mean")
+    if "seed" in d.columns:
+        d = d.sort("seed")
+    return results.source_mean(d, proto)
+
+
+def model_figures(g: pl.DataFrame, probe_auc: float | None = None) -> dict:
+    """One model's headline figures from its rows (the results table's columns): `metrics` (the
+    MODEL_METRICS vocabulary plus any further metric the contract declares), the verdict and its
+    reason, and the texts a card shows (seen, unseen mean, worst source, pairs)."""
+    from featstore.verdict import judge
+
+    g = g.filter(pl.col("status") == "ok")
+    m: dict = {}
+    txt: dict = {}
+    allrows = g.filter(pl.col("scope") == "all")
+    mixed = allrows.filter((pl.col("protocol") == "mixed") & (pl.col("kind") == "pooled")
+                           & (pl.col("test_set") == "seen") & pl.col("auc").is_not_null())
+    lo = _source_mean(g, "loso")
+    su = _source_mean(g, "seen-unseen")
+    main = lo or su
+    lpo = _source_mean(g, "leave-pair-out")
+    if mixed.height == 1:
+        r = mixed.row(0, named=True)
+        m["auc_seen"] = r["auc"]
+        ci = interval(r.get("auc_lo"), r.get("auc_hi"))
+        if ci:
+            m["auc_seen_lo"], m["auc_seen_hi"] = ci
+        txt["seen"] = ci_text(r["auc"], r.get("auc_lo"), r.get("auc_hi"), None) + " (mixed k-fold)"
+    elif mixed.height > 1:
+        m["auc_seen"] = float(mixed["auc"].mean())
+        txt["seen"] = f"{m['auc_seen']:.3f} ± {mixed['auc'].std():.3f} ({mixed.height} repeats of mixed k-fold)"
+    elif su and (su.get("metrics") or {}).get("gap", {}).get("seen") is not None:
+        m["auc_seen"] = float(su["metrics"]["gap"]["seen"])
+        txt["seen"] = f"{m['auc_seen']:.3f} (seen-unseen's seen images)"
+    if main and main.get("auc") is not None:
+        k = main.get("n_sources")
+        m["auc_unseen_mean"] = main["auc"]
+        ci = interval(main.get("auc_lo"), main.get("auc_hi"))
+        if ci:
+            m["auc_unseen_mean_lo"], m["auc_unseen_mean_hi"] = ci
+        if k is not None:
+            m["n_unseen_sources"] = k
+        txt["unseen"] = ci_text(main["auc"], main.get("auc_lo"), main.get("auc_hi"), k) + \
+            f" (mean of {k} held-out sources, {'LOSO' if lo else 'seen-unseen'})"
+        if main.get("auc_worst") is not None:
+            m["auc_unseen_worst"] = main["auc_worst"]
+            txt["worst"] = f"{main['auc_worst']:.3f} ({main.get('worst_source')})"
+    if lpo and lpo.get("auc") is not None:
+        m["auc_pairs_mean"] = lpo["auc"]
+        if lpo.get("n_sources") is not None:
+            m["n_pairs"] = lpo["n_sources"]
+        if lpo.get("auc_worst") is not None:
+            m["auc_pairs_worst"] = lpo["auc_worst"]
+        txt["pairs"] = f"{lpo['auc']:.3f}" + (f" (worst pair {lpo['auc_worst']:.3f}, {lpo.get('worst_source')})"
+                                               if lpo.get("auc_worst") is not None else "")
+    for row, name in ((main, "gap_within_source"), (lpo, "gap_cross_source")):
+        if row and row.get("gap") is not None:
+            m[name] = row["gap"]
+            ci = interval(row.get("gap_lo"), row.get("gap_hi"), -1.0)
+            if ci:
+                m[f"{name}_lo"], m[f"{name}_hi"] = ci
+    m.update(_declared_extras(g))
+    v = judge(main, lpo, probe_auc)
+    return dict(metrics={k: float(x) for k, x in m.items() if _finite(x)}, verdict=v.verdict, reason=v.reason,
+                text=txt)
+
+
+def _declared_extras(g: pl.DataFrame) -> dict:
+    """Figures the contract declares beyond MODEL_METRICS (e.g. a shortcut estimand): UNIT_METRICS keys
+    from each protocol's unit summary, and metric columns of the source-mean rows, named as declared
+    (suffixed with the protocol where an earlier protocol already gave that name)."""
+    out: dict = {}
+    extra_cols = [c.name for c in results.COLUMNS if c.metric and c.name not in _ROW_COVERED]
+    extra_unit = [k for k in results.UNIT_METRICS if k not in _UNIT_COVERED]
+    if not extra_cols and not extra_unit:
+        return out
+    protos = sorted(set(g["protocol"].to_list()), key=lambda p: (PROTOCOL_ORDER + (p,)).index(p))
+    for proto in protos:
+        rows = g.filter(pl.col("protocol") == proto)
+        found = {}
+        unit_rows = [dict(r, metrics=None) for r in rows.iter_rows(named=True)]
+        for k, v in (results.unit_summary(unit_rows) if extra_unit else {}).items():
+            if k in extra_unit:
+                found[k] = v
+        sm = results.source_mean(rows, proto) if extra_cols else None
+        for c in extra_cols:
+            if sm and sm.get(c) is not None:
+                found[c] = sm[c]
+        for k, v in found.items():
+            out[k if k not in out else f"{k}_{results.mlflow_safe(proto).replace(' ', '_')}"] = v
+    return out
+
+
+def unit_metrics(unit_rows: list[dict]) -> dict:
+    """A unit run's metrics: results.UNIT_METRICS from its rows, less any interval that says nothing
+    (logged as 0 and 1 it would read as a measured one)."""
+    m = results.unit_summary(unit_rows)
+    for name, low in (("auc_unseen_mean", 0.0), ("gap", -1.0)):
+        if interval(m.get(f"{name}_lo"), m.get(f"{name}_hi"), low) is None:
+            m.pop(f"{name}_lo", None)
+            m.pop(f"{name}_hi", None)
+    return m
+
+
+class ModelRuns:
+    """One MLflow run per model (backbone, preprocessing, head, selection): the parent of its protocol
+    units. Made (RUNNING) when its first unit is tracked; finished with the model's figures and verdict
+    when its last one is (`unit_done`). Keeps every model's figures for the sweep run's headline."""
+
+    def __init__(self, tracker: "Tracker", sweep_run: str, start=None):
+        self.tracker, self.sweep_run, self.start = tracker, sweep_run, start
+        self.ids: dict[tuple, str] = {}
+        self.rows: dict[tuple, list[dict]] = {}
+        self.done: dict[tuple, dict] = {}   # model -> model_figures(...) plus name
+
+    @staticmethod
+    def name(key: tuple) -> str:
+        bb, pre, head, sel = key
+        return f"{head} · {bb}/{pre}" + ("" if sel == "train-val" else f" ({sel.upper() if sel == 'oracle' else sel})")
+
+    def parent(self, key: tuple, identity: dict, tags: dict) -> str:
+        """The model's run id, made on first use."""
+        if key not in self.ids:
+            params = {k: identity[k] for k in ("backbone", "weights_id", "preprocess", "head", "selection", "target")
+                      if k in identity}
+            self.ids[key] = self.tracker.run(self.name(key), parent=self.sweep_run, params=params,
+                                             tags=dict(tags, level="model"), status=None, start=self.start)
+            self.rows[key] = []
+        return self.ids[key]
+
+    def unit_done(self, key: tuple, unit_rows: list[dict], last: bool) -> None:
+        self.rows[key] += unit_rows
+        if last:
+            self.finish(key)
+
+    def finish(self, key: tuple) -> dict:
+        rid = self.ids[key]
+        f = model_figures(results_frame(self.rows[key]))
+        c = self.tracker.client
+        from mlflow.entities import Metric, Param, RunTag
+
+        ts = _now_ms()
+        c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in f["metrics"].items()],
+                    params=[Param("verdict", f["verdict"])],
+                    tags=[RunTag("verdict", f["verdict"]), RunTag("verdict_reason", f["reason"][:5000]),
+                          RunTag("mlflow.note.content", f"**{f['verdict']}**: {f['reason']}")])
+        self.tracker.end(rid, "FINISHED")
+        self.done[key] = dict(f, name=self.name(key), run_id=rid)
+        return self.done[key]
+
+    def sweep_headline(self) -> tuple[dict, dict]:
+        """(metrics, tags) for the sweep run: the best honest model's figures (by unseen mean, else the
+        pairs' mean, else seen) under the same names, and how many models got each verdict."""
+        from featstore.verdict import GENERALISES, INCONCLUSIVE, SHORTCUT
+
+        honest = {k: v for k, v in self.done.items() if k[3] != "oracle"}
+        if not honest:
+            return {}, {}
+
+        def rank(kv):
+            mm = kv[1]["metrics"]
+            return next((mm[n] for n in ("auc_unseen_mean", "auc_pairs_mean", "auc_seen") if n in mm), -1.0)
+        key, best = max(honest.items(), key=rank)
+        metrics = dict(best["metrics"], n_models=len(honest))
+        for v, n in ((SHORTCUT, "n_shortcut_likely"), (GENERALISES, "n_generalises"), (INCONCLUSIVE, "n_inconclusive")):
+            metrics[n] = sum(f["verdict"] == v for f in honest.values())
+        tags = dict(best_model=best["name"], best_model_verdict=best["verdict"], best_model_run=best["run_id"])
+        return metrics, tags
+
+
+def log_sweep_headline(tracker: "Tracker", sweep_run: str, models: ModelRuns) -> None:
+    """The sweep (parent) run carries the study's headline figures (MLflow's parent/child pattern)."""
+    from mlflow.entities import Metric, RunTag
+
+    metrics, tags = models.sweep_headline()
+    ts = _now_ms()
+    if metrics or tags:
+        tracker.client.log_batch(sweep_run, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                                 tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+# The runs table of a study's model runs, as `featstore ui`'s first link opens it: an experiment tag
+# `mlflow.sharedViewState.<key>` holds the view (MLflow 3.17 reads it for `?viewStateShareKey=<key>`:
+# the search facets and the table's ui state, as JSON)
+MODEL_VIEW = "featstore-models"
+# the headline's columns; MLflow puts metrics (alphabetically) before params and draws only the columns
+# that fit the window, so the list is short and the verdict column narrow enough to be on screen
+MODEL_COLUMNS = ["metrics.`auc_seen`", "metrics.`auc_unseen_mean`", "metrics.`auc_unseen_worst`",
+                 "metrics.`auc_pairs_mean`", "metrics.`gap_within_source`", "metrics.`gap_cross_source`",
+                 "params.`verdict`"]
+
+
+def share_model_view(client, experiment_id: str) -> None:
+    """Store the model-runs view on the experiment (idempotent)."""
+    view = dict(searchFilter="tags.level = 'model'", orderByKey="metrics.`auc_unseen_mean`", orderByAsc=False,
+                startTime="ALL", lifecycleFilter="Active", datasetsFilter=[], modelVersionFilter="All Runs",
+                selectedColumns=MODEL_COLUMNS, runsHiddenMode="SHOW_ALL", columnOrder=[],
+                columnWidths={c: 130 for c in MODEL_COLUMNS})
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{MODEL_VIEW}",
+                              json.dumps(view, separators=(",", ":")))
 
 
 def _alive(pid: int) -> bool:

@@ -193,13 +193,15 @@ def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
     levels = {}
     for run in runs:
         levels.setdefault(run.data.tags["level"], []).append(run)
-    assert len(levels["sweep"]) == 1 and len(levels["unit"]) == 8
+    assert len(levels["sweep"]) == 1 and len(levels["unit"]) == 8 and len(levels["model"]) == 2  # two heads
     by_id = {run.info.run_id: run for run in runs}
     trial = levels["trial"][0]
     fold = by_id[trial.data.tags["mlflow.parentRunId"]]
     unit = by_id[fold.data.tags["mlflow.parentRunId"]]
     assert fold.data.tags["level"] == "fold" and unit.data.tags["level"] == "unit"
-    assert unit.data.tags["mlflow.parentRunId"] == levels["sweep"][0].info.run_id
+    model = by_id[unit.data.tags["mlflow.parentRunId"]]
+    assert model.data.tags["level"] == "model" and model.data.params["head"] == unit.data.params["head"]
+    assert model.data.tags["mlflow.parentRunId"] == levels["sweep"][0].info.run_id
     for k in ("protocol", "head", "backbone", "weights_id", "preprocess", "seed", "code_version", "selection"):
         assert k in fold.data.tags
     from featstore.track import Tracker  # artifacts live beside mlflow.db (mlflow-artifacts:, served by `featstore ui`)
@@ -275,7 +277,7 @@ def test_ui_serves_the_sweeps_on_localhost(synth_stores, tmp_path):
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         levels = {t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "level"}
-        assert levels == {"sweep", "unit", "fold", "trial"}
+        assert levels == {"sweep", "model", "unit", "fold", "trial"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -242,3 +242,47 @@ def test_templates_ship_with_the_package():
     py = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "templates/*.j2" in py["tool"]["setuptools"]["package-data"]["featstore"]
     assert "jinja2==3.1.6" in py["project"]["dependencies"]
+
+
+def test_verdict_cards_are_comparable(rendered):
+    """Every card has the same rows in the same order (verdict, seen → unseen, worst source, pairs, both
+    gaps), whatever its verdict, and they carry the headline's numbers."""
+    html = rendered["html"]
+    cards = re.findall(r'<div class="card (?:v-\w+)?">(.*?)</dl>', html, re.S)
+    head = rendered["r"]["headline"]
+    assert len(cards) == head.height >= 1
+    for c in cards:
+        assert re.findall(r"<dt>([^<]+)</dt>", c) == ["seen → unseen", "worst source", "new pairs", "drop (gap)"]
+        assert "within-source:" in c and "cross-source: not measured" in c  # no leave-pair-out in this study
+    row = head.row(0, named=True)
+    unseen = row["LOSO mean per-source AUC (unseen)"].split(" ")[0]
+    seen = row["mixed AUC (seen sources)"].split(" ")[0]
+    assert re.search(re.escape(seen) + r" \[[\d.]+, [\d.]+\] \(mixed k-fold\) → <strong>" + re.escape(unseen), cards[0])
+    md = (rendered["out"] / "report.md").read_text()
+    assert f"seen → unseen {seen}" in md
+
+
+def test_intervals_spanning_the_scale_read_na():
+    """Known answers: two held-out sources give a t interval clipped to [0, 1]: no information."""
+    from featstore.report import _ci
+
+    assert _ci(0.7, 0.0, 1.0) == "0.700, CI n/a"
+    assert _ci(0.1, -1.0, 1.0, low=-1.0) == "0.100, CI n/a"
+    assert _ci(0.1, 0.0, 0.3, low=-1.0) == "0.100 [0.000, 0.300]"
+    assert _ci(0.7, 0.61, 0.8) == "0.700 [0.610, 0.800]" and _ci(0.7, None, None) == "0.700"
+
+
+def test_near_duplicates_not_run_says_so(tmp_path):
+    """An empty `near_duplicates` table is a search never run: 'not run', not '(none)', with the exact
+    cross-source copies counted beside it."""
+    from featstore.report import evidence_sections
+
+    ev = dict(sets=[], warnings=[], neardup=dict(table=pl.DataFrame(), sheet=None, ran=False, exact_across=3))
+    nd = evidence_sections(ev, tmp_path)["neardup"]
+    assert "not run" in nd["note"] and "3 groups" in nd["note"] and "(none)" not in nd["html"]
+    assert "not run" in nd["html"]
+
+
+def test_near_duplicates_found_are_tabled(rendered):
+    assert "Near duplicates (same picture, different bytes)" in rendered["html"]
+    assert "Near-duplicate search: not run" not in rendered["html"]

@@ -193,7 +193,7 @@ def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_sto
         client = MlflowClient(tracking)
         exp = client.get_experiment_by_name("pg")
         runs = client.search_runs([exp.experiment_id], max_results=5000)
-        assert {r.data.tags.get("level") for r in runs} == {"sweep", "unit", "fold", "trial"}
+        assert {r.data.tags.get("level") for r in runs} == {"sweep", "model", "unit", "fold", "trial"}
         assert any(r.info.run_id == four.parent_run_id for r in runs)
     finally:
         for w in workers:

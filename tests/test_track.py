@@ -53,6 +53,7 @@ def test_experiment_is_model_development_and_runs_are_named(swept):
     assert sweep.info.run_name.startswith("cmp 20") and sweep.info.run_id == rep.parent_run_id
     assert sorted(r.info.run_name for r in by["unit"]) == ["loso · logreg · pixelstats/original",
                                                           "mixed · logreg · pixelstats/original"]
+    assert [r.info.run_name for r in by["model"]] == ["logreg · pixelstats/original"]
     assert {r.info.run_name for r in by["fold"]} >= {"fold heldout=synthetic-a", "fold r0-f0"}
     assert all(r.info.status == "FINISHED" for r in runs)
     # the compare view lines unit runs up by identity params and one metric vocabulary
@@ -131,7 +132,8 @@ def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch
     with pytest.raises(RuntimeError):
         run_study(_study(study="fail"), synth_stores["confounded"], tmp_path, uri)
     _, _, runs = _runs(uri, "fail")
-    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]  # the sweep and the unit it had opened
+    # the sweep, the model run and the unit it had opened
+    assert [r.info.status for r in runs] == ["FAILED"] * 3
 
 
 def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkeypatch):
@@ -158,6 +160,8 @@ def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkey
     status = {r.info.run_name: r.info.status for r in runs if r.data.tags["level"] in ("sweep", "unit")}
     assert status.pop("half-logged unit") == "KILLED"
     assert sorted(status.values()) == ["FINISHED", "KILLED"]  # the first unit finished; the sweep KILLED
+    # the model run, open while its second unit was tracked
+    assert [r.info.status for r in runs if r.data.tags["level"] == "model"] == ["KILLED"]
 
 
 def _unit_runs(uri, study) -> dict:
@@ -314,7 +318,78 @@ def test_optuna_studies_carry_attributes_and_a_named_objective(swept):
         assert a["protocol"] in ("mixed", "loso") and a["fold"] in s.study_name
         assert s.study_name.startswith(f"cmp|{a['protocol']}|logreg|pixelstats|original|")
         study = optuna.load_study(study_name=s.study_name, storage=storage)
-        assert study.metric_names == ["val_auc"]
+        assert study.metric_names == ["val_auc"] == [track.OBJECTIVE]
         # and every trial, so the dashboard can filter trials across studies
         assert study.trials and all(t.user_attrs.items() >= a.items() for t in study.trials)
         assert {"protocol", "head", "fold", "backbone", "preprocess", "selection"} <= set(a)
+
+
+def test_one_run_per_model_lines_up_the_headline(swept):
+    """The model run (backbone, preprocessing, head, selection) is the parent of its protocol units and
+    carries the headline's figures under one vocabulary, and the verdict as a parameter and a tag."""
+    from featstore.jobs import sweep_headline
+
+    _, uri, rep = swept
+    c, exp, runs = _runs(uri, "cmp")
+    by_id = {r.info.run_id: r for r in runs}
+    model, = [r for r in runs if r.data.tags["level"] == "model"]
+    units = [r for r in runs if r.data.tags["level"] == "unit"]
+    assert {by_id[u.data.tags["mlflow.parentRunId"]].info.run_id for u in units} == {model.info.run_id}
+    assert model.data.tags["mlflow.parentRunId"] == rep.parent_run_id
+    assert model.data.params["verdict"] == model.data.tags["verdict"]
+    head = sweep_headline(rep.rows).row(0, named=True)
+    assert model.data.params["verdict"] == head["verdict"] and model.data.tags["verdict_reason"] == head["why"]
+    assert {k: model.data.params[k] for k in ("head", "backbone", "preprocess", "selection")} == \
+        {k: head[k] for k in ("head", "backbone", "preprocess", "selection")}
+    m = model.data.metrics
+    assert set(m) <= set(track.MODEL_METRICS)
+    # mixed + loso: seen, unseen mean, worst source, the within-source gap; no pairs (no leave-pair-out)
+    assert {"auc_seen", "auc_unseen_mean", "auc_unseen_worst", "n_unseen_sources"} <= set(m)
+    assert not {k for k in m if "pairs" in k or "cross" in k}
+    sm = next(x for x in rep.rows if x["kind"] == "source-mean" and x["protocol"] == "loso")
+    seen = next(x for x in rep.rows if x["kind"] == "pooled" and x["protocol"] == "mixed" and x["test_set"] == "seen")
+    assert m["auc_unseen_mean"] == pytest.approx(sm["auc"]) and m["auc_unseen_worst"] == pytest.approx(sm["auc_worst"])
+    assert m["auc_seen"] == pytest.approx(seen["auc"])
+    assert m.get("gap_within_source") == (None if sm["gap"] is None else pytest.approx(sm["gap"]))
+    assert head["LOSO mean per-source AUC (unseen)"].startswith(f"{m['auc_unseen_mean']:.3f}")
+    # bootstrap 0: no interval anywhere, so none is logged (no 0/1 stand-ins)
+    assert not [k for r in runs for k in r.data.metrics if k.endswith(("_lo", "_hi"))]
+    # the sweep (parent) run carries the study's headline: its best model's figures, the verdict counts
+    sweep = by_id[rep.parent_run_id]
+    assert {k: sweep.data.metrics[k] for k in m} == m
+    assert sweep.data.metrics["n_models"] == 1 and sweep.data.tags["best_model"] == model.info.run_name
+    assert sum(sweep.data.metrics[f"n_{v.replace(' ', '_')}"] for v in ("shortcut likely", "generalises",
+                                                                        "inconclusive")) == 1
+    # fold and trial runs name the objective as Optuna does
+    assert any(track.OBJECTIVE in r.data.metrics for r in runs if r.data.tags["level"] == "trial")
+    assert not any("val_score" in r.data.metrics for r in runs)
+
+
+def test_model_runs_view_is_shared_on_the_experiment(swept):
+    """`featstore ui`'s first link opens the model runs with the headline's columns: a shared view
+    state on the experiment, as MLflow 3.17's "share" stores it."""
+    _, uri, _ = swept
+    _, exp, _ = _runs(uri, "cmp")
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{track.MODEL_VIEW}"])
+    assert view["searchFilter"] == "tags.level = 'model'"
+    names = {c.split("`")[1] for c in view["selectedColumns"]}
+    assert "verdict" in names and {"auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean",
+                                   "gap_within_source", "gap_cross_source"} <= names <= set(track.MODEL_METRICS) | {
+        "verdict", "head", "backbone", "preprocess", "selection"}
+    url = track.ui_url("http://h:1", exp.experiment_id, track.MODEL_VIEW)
+    assert url == f"http://h:1/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={track.MODEL_VIEW}" \
+                  "&workflowType=machine_learning"
+
+
+def test_intervals_that_say_nothing_are_not_shown_or_logged():
+    """Known answers: a CI spanning the whole scale (two sources: [0, 1]) or absent is 'n/a (k sources)'."""
+    assert track.interval(0.0, 1.0) is None and track.interval(None, 0.7) is None
+    assert track.interval(-1.0, 1.0, -1.0) is None and track.interval(-1.0, 0.4, -1.0) == (-1.0, 0.4)
+    assert track.interval(0.61, 0.93) == (0.61, 0.93)
+    assert track.ci_text(0.8123, 0.0, 1.0, 2) == "0.812, CI n/a (2 sources)"
+    assert track.ci_text(0.8123, 0.7, 0.9, 5) == "0.812 [0.700, 0.900]"
+    rows = [dict(kind="source-mean", status="ok", protocol="seen-unseen", test_set="unseen", scope="all",
+                 auc=0.7, auc_lo=0.0, auc_hi=1.0, gap=0.1, gap_lo=-1.0, gap_hi=1.0, test_sources=["a", "b"])]
+    m = track.unit_metrics(rows)
+    assert m["auc_unseen_mean"] == 0.7 and m["gap"] == 0.1
+    assert not {"auc_unseen_mean_lo", "auc_unseen_mean_hi", "gap_lo", "gap_hi"} & set(m)

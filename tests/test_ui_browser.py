@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -42,6 +43,8 @@ class Browser:
         def child():
             os.dup2(cmd_r, 3)  # dup2 leaves them inheritable; the originals close on exec
             os.dup2(out_w, 4)
+            os.set_inheritable(3, True)  # dup2 onto itself (a pipe that got fd 3) keeps close-on-exec
+            os.set_inheritable(4, True)
             os.setsid()
         self.proc = subprocess.Popen(
             [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -122,11 +125,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _wait_health(base, proc):
+def _wait_health(base, proc, log: Path):
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"featstore ui exited: {proc.stderr.read()[-2000:]}")
+            raise AssertionError(f"featstore ui exited: {log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -141,30 +144,43 @@ def _wait_health(base, proc):
 
 @pytest.fixture(scope="module")
 def served(synth_stores, tmp_path_factory):
-    """A small sweep tracked in a folder that is then MOVED; `featstore ui` serves the moved folder."""
+    """A small sweep (two heads, mixed + loso + leave-pair-out) tracked in a folder that is then MOVED;
+    `featstore ui` serves the moved folder; the report of the sweep is written beside it."""
     from featstore.benchmark import run_study
+    from featstore.report import write_report
+    from featstore.store import connect
     from featstore.study import load_study
 
     tmp = tmp_path_factory.mktemp("ui")
     first = tmp / "first"
     first.mkdir()
+    db = tmp / "fs.duckdb"
+    shutil.copy(synth_stores["confounded"], db)  # never write to the shared session store
     cfg = first / "study.yaml"
-    cfg.write_text("study: ui-check\nbackbones: [pixelstats]\nheads: {logreg: {trials: 2}, lightgbm: {trials: 1}}\n"
-                   "protocols: {loso: {}, leave-pair-out: {}}\nbootstrap: 0\n")
-    run_study(load_study(cfg), synth_stores["confounded"], first, f"sqlite:///{first / 'mlflow.db'}")
+    cfg.write_text("study: ui-check\nbackbones: [pixelstats]\nheads: {logreg: {trials: 1}, lightgbm: {trials: 1}}\n"
+                   "protocols: {mixed: {folds: 2}, loso: {}, leave-pair-out: {}}\nbootstrap: 20\n")
+    run_study(load_study(cfg), db, first, f"sqlite:///{first / 'mlflow.db'}")
     moved = tmp / "moved"
     shutil.move(first, moved)  # artifacts must still open from the new place
     uri = f"sqlite:///{moved / 'mlflow.db'}"
+    con = connect(db, read_only=True)
+    try:
+        write_report(con, tmp / "report", "ui-check", tracking_uri=uri)
+    finally:
+        con.close()
     port = _free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("featstore")), "ui", "--port", str(port),
-                             "--tracking-uri", uri], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    log = tmp / "ui.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("featstore")), "ui", "--port", str(port),
+                                 "--tracking-uri", uri], stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(base, proc)
+        _wait_health(base, proc, log)
         browser = Browser(CHROMIUM, tmp / "profile")
         try:
-            yield dict(base=base, uri=uri, browser=browser, shots=tmp / "screenshots")
+            yield dict(base=base, uri=uri, browser=browser, shots=tmp / "screenshots", log=log,
+                       report=tmp / "report" / "report.html")
         finally:
             browser.close()
     finally:
@@ -172,13 +188,17 @@ def served(synth_stores, tmp_path_factory):
         proc.wait(timeout=60)
 
 
-def _units(uri):
+def _runs(uri, level="unit"):
     from mlflow import MlflowClient
 
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name("ui-check")
-    runs = c.search_runs([exp.experiment_id], "tags.level = 'unit'")
+    runs = c.search_runs([exp.experiment_id], f"tags.level = '{level}'")
     return exp.experiment_id, sorted(runs, key=lambda r: r.info.run_name)
+
+
+def _units(uri):
+    return _runs(uri, "unit")
 
 
 def _keep(path: Path):
@@ -188,50 +208,138 @@ def _keep(path: Path):
         shutil.copyfile(path, Path(dest) / path.name)
 
 
+def _shot(served, name):
+    served["shots"].mkdir(exist_ok=True)
+    _keep(served["browser"].screenshot(served["shots"] / name))
+
+
 def test_experiment_opens_on_runs(served):
     b, base = served["browser"], served["base"]
     exp_id, units = _units(served["uri"])
     b.goto(track.ui_url(base, exp_id))
     b.wait_for("document.title.startsWith('Runs')", "the runs page")
-    # the sweep, by its readable name (its unit, fold and trial runs are nested under it)
+    # the sweep, by its readable name (its model, unit, fold and trial runs are nested under it)
     b.wait_for("/ui-check \\d{4}-\\d\\d-\\d\\d \\d\\d:\\d\\d/.test(document.body.innerText)", "the sweep run")
-    served["shots"].mkdir(exist_ok=True)
-    _keep(b.screenshot(served["shots"] / "mlflow-runs.png"))
+    _shot(served, "mlflow-runs.png")
 
 
-def test_compare_view_shows_parameters_and_parallel_coordinates(served):
+def test_ui_prints_the_model_runs_link_first_and_it_opens_the_headline(served):
+    """The first link `featstore ui` prints opens the study's model runs in the classic runs table,
+    one row per model, with the verdict and the headline's figures as columns."""
+    b = served["browser"]
+    text = served["log"].read_text()
+    links = [ln for ln in text.splitlines() if served["base"] + "/#/" in ln]
+    assert links[0].startswith("ui-check — models: http://"), text[-2000:]
+    url = links[0].split(": ", 1)[1]
+    assert "viewStateShareKey=" in url and "workflowType=machine_learning" in url
+    exp_id, models = _runs(served["uri"], "model")
+    assert [m.info.run_name for m in models] == ["lightgbm · pixelstats/original", "logreg · pixelstats/original"]
+    b.goto(url)
+    names = " && ".join(f"document.body.innerText.includes({json.dumps(m.info.run_name)})" for m in models)
+    b.wait_for(names, "both model runs")
+    b.wait_for("document.body.innerText.includes('auc_unseen_mean') && document.body.innerText.includes('verdict')",
+               "the verdict and headline columns")
+    body = b.js("document.body.innerText")
+    assert "tags.level = 'model'" in b.js("[...document.querySelectorAll('input')].map(i => i.value).join(' ')")
+    for col in ("auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean", "gap_cross_source"):
+        assert col in body, col
+    for m in models:  # each model's verdict is in its row
+        assert m.data.params["verdict"] in body
+    # only the models: no protocol unit, fold or trial rows, no GenAI pages
+    assert "loso · " not in body and "fold heldout" not in body and "trial 0" not in body
+    assert "Detect Issues" not in body
+    _shot(served, "mlflow-models.png")
+
+
+def test_compare_view_of_model_runs_lines_up_the_headline(served):
+    """The compare view of the model runs: identity and verdict parameters side by side, every headline
+    metric on every run (so the parallel-coordinates plot draws no missing value at an axis' top)."""
     b, base = served["browser"], served["base"]
-    exp_id, units = _units(served["uri"])
-    assert len(units) == 4  # loso and leave-pair-out, each with two heads
-    q = urllib.parse.urlencode(dict(runs=json.dumps([u.info.run_id for u in units]), experiments=json.dumps([exp_id])),
-                               quote_via=urllib.parse.quote)
+    exp_id, models = _runs(served["uri"], "model")
+    keys = [set(m.data.metrics) for m in models]
+    assert keys[0] == keys[1] and {"auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean",
+                                   "auc_pairs_worst"} <= keys[0]
+    q = urllib.parse.urlencode(dict(runs=json.dumps([m.info.run_id for m in models]),
+                                    experiments=json.dumps([exp_id])), quote_via=urllib.parse.quote)
     b.goto(f"{base}/#/compare-runs?{q}&workflowType=machine_learning")
-    b.wait_for("document.body.innerText.includes('Comparing 4 Runs')", "the comparison of 4 runs")
-    text = b.wait_for("document.body.innerText.includes('weights_id') && document.body.innerText", "the parameters")
+    b.wait_for("document.body.innerText.includes('Comparing 2 Runs')", "the comparison of 2 runs")
+    text = b.wait_for("document.body.innerText.includes('verdict') && document.body.innerText", "the parameters")
     assert "No parameters to display" not in text
-    for p in ("backbone", "head", "preprocess", "protocol", "selection", "target", "held_out", "weights_id"):
+    for p in ("backbone", "head", "preprocess", "selection", "target", "weights_id", "verdict"):
         assert p in text
-    for m in ("auc_unseen_mean", "auc_unseen_worst"):
+    for m in ("auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean"):
         assert m in text
     axes = b.wait_for("(() => { const a = [...document.querySelectorAll('.parcoords .axis-title')]"
-                      ".map(e => e.textContent); return a.length >= 3 && a; })()", "parallel-coordinates axes")
-    # the parameters that differ (head, protocol) and the headline metric, every run a line on them
-    assert {"head", "protocol", "auc_unseen_mean"} <= set(axes), axes
-    assert b.js("document.querySelectorAll('.parcoords .y-axis .tick').length") >= 4
+                      ".map(e => e.textContent); return a.length >= 2 && a; })()", "parallel-coordinates axes")
+    assert "head" in axes and any(a.startswith("auc_") or a.startswith("gap_") for a in axes), axes
     assert "NaN" not in b.js("[...document.querySelectorAll('.parcoords')].map(e => e.textContent).join(' ')")
-    served["shots"].mkdir(exist_ok=True)
-    _keep(b.screenshot(served["shots"] / "mlflow-compare.png"))
+    _shot(served, "mlflow-compare-models.png")
 
 
 def test_artifacts_open_after_the_folder_moved(served):
     b, base = served["browser"], served["base"]
     exp_id, units = _units(served["uri"])
-    run = units[0]
+    run = next(u for u in units if u.info.run_name.startswith("loso"))
     with urllib.request.urlopen(f"{base}/get-artifact?path=per_source.csv&run_uuid={run.info.run_id}") as r:
         assert r.read().startswith(b"fold,test_set,scope")
     b.goto(f"{base}/#/experiments/{exp_id}/runs/{run.info.run_id}/artifacts/roc_seen_vs_unseen.png"
            "?workflowType=machine_learning")
     # the preview (a blob: image MLflow fetched through the server) decoded at the ROC figure's size
     b.wait_for("[...document.images].some(i => i.complete && i.naturalWidth >= 400)", "the ROC artifact image")
-    served["shots"].mkdir(exist_ok=True)
-    _keep(b.screenshot(served["shots"] / "mlflow-artifact.png"))
+    _shot(served, "mlflow-artifact.png")
+
+
+def _viewport(b, width, height):
+    b.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False,
+           session=True)
+
+
+def test_report_first_screen_holds_a_card_per_model(served):
+    """At 1400 x 900, the report's first screen holds every model's card: verdict, seen → unseen with
+    intervals (or 'n/a (k sources)'), worst source; the cards have the same rows."""
+    b = served["browser"]
+    _viewport(b, 1400, 900)
+    try:
+        b.goto(served["report"].as_uri())
+        b.wait_for("document.querySelectorAll('.card').length === 2", "two verdict cards")
+        cards = b.js("[...document.querySelectorAll('.card')].map(c => ({bottom: c.getBoundingClientRect().bottom, "
+                     "dt: [...c.querySelectorAll('dt')].map(d => d.textContent), text: c.innerText}))")
+        for c in cards:
+            assert c["bottom"] <= 900, c
+            assert c["dt"] == ["seen → unseen", "worst source", "new pairs", "drop (gap)"]
+            assert re.search(r"(shortcut likely|generalises|inconclusive)", c["text"])
+            assert re.search(r"\d\.\d{3}( \[\d\.\d{3}, \d\.\d{3}\]|, CI n/a \(\d+ sources\))? \(mean of \d+ held-out", c["text"]), c
+            assert "[0.000, 1.000]" not in c["text"]
+        # the two summary figures start on the first screen too, side by side
+        tops = b.js("[...document.querySelectorAll('.top-figs img')].map(i => i.getBoundingClientRect().top)")
+        assert len(tops) == 2 and max(tops) < 900
+        _shot(served, "report-first-screen.png")
+    finally:
+        _viewport(b, 1600, 2000)
+
+
+def test_report_map_leaves_the_wheel_to_the_page(served):
+    """The embedded map does not trap the scroll wheel: a plain wheel scrolls the page; Ctrl+wheel
+    (or a click on the map first) zooms it."""
+    b = served["browser"]
+    _viewport(b, 1400, 900)
+    try:
+        b.goto(served["report"].as_uri())
+        b.wait_for("!!document.querySelector('.imap canvas')", "the interactive map")
+        b.js("document.querySelector('.imap canvas').scrollIntoView({block: 'center'})")
+        r = b.js("(() => { const r = document.querySelector('.imap canvas').getBoundingClientRect(); "
+                 "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+
+        prevented = b.js("!document.querySelector('.imap canvas').dispatchEvent(new WheelEvent('wheel', "
+                         "{deltaY: 100, cancelable: true, bubbles: true}))")
+        assert prevented is False  # a plain wheel is the page's
+        assert b.js("!document.querySelector('.imap canvas').dispatchEvent(new WheelEvent('wheel', "
+                    "{deltaY: 100, ctrlKey: true, cancelable: true, bubbles: true}))") is True
+        # and a real wheel over the map reaches the page unprevented (it scrolls); with Ctrl it zooms the map
+        b.js("window._wheel = []; window.addEventListener('wheel', e => window._wheel.push(e.defaultPrevented))")
+        for mod in (0, 2):  # 2: Ctrl
+            b.call("Input.dispatchMouseEvent", type="mouseWheel", x=r[0], y=r[1], deltaX=0, deltaY=120,
+                   modifiers=mod, session=True)
+        assert b.wait_for("window._wheel.length === 2 && window._wheel", "both wheel events") == [False, True]
+    finally:
+        _viewport(b, 1600, 2000)
