@@ -184,3 +184,40 @@ def generate(out: str | Path, n_per_source: int = 120, size: int = 256, seed: in
         w.writeheader()
         w.writerows(rows)
     return manifest
+
+
+def oof_scores(prevalence, n_per_source=150, *, signal: float = 0.0, shift: float = 0.0, shortcut: float = 0.0,
+               patient_sd: float = 0.5, images_per_patient: int = 3, seed: int = 0, names=None) -> dict:
+    """SIMULATED out-of-fold scores of a model over several sources, with a known answer: what the verdict
+    must say without fitting anything. Per source s (positive share `prevalence[s]`, `n_per_source` images,
+    a scalar or one per source), patients of 1..`images_per_patient` images with one label each and a
+    shared random effect (sd `patient_sd`); an image's score is
+
+        signal * y  +  shift * z_s  +  shortcut * (prevalence[s] - mean prevalence) * 4  +  patient  +  N(0, 1)
+
+    z_s ~ N(0, 1) independent of the label (an acquisition shift: the source moves the score, not the
+    disease); the shortcut term scores the source by its positive rate (what a model that recognises the
+    source learns). Returns dict(y, score, source, patient) as numpy arrays."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.asarray(prevalence, dtype=float)
+    K = len(prevalence)
+    ns = np.broadcast_to(np.asarray(n_per_source), (K,))
+    names = names or [f"src{k}" for k in range(K)]
+    z = rng.normal(0, 1, K)
+    ys, ss, srcs, pats = [], [], [], []
+    for k in range(K):
+        n, done, p = int(ns[k]), 0, 0
+        while done < n:
+            m = min(int(rng.integers(1, images_per_patient + 1)), n - done)
+            lab = int(rng.random() < prevalence[k])
+            u = rng.normal(0, patient_sd)
+            for _ in range(m):
+                ys.append(lab)
+                ss.append(signal * lab + shift * z[k] + shortcut * (prevalence[k] - prevalence.mean()) * 4 + u
+                          + rng.normal())
+                srcs.append(names[k])
+                pats.append(f"{names[k]}-p{p}")
+            done += m
+            p += 1
+    return dict(y=np.asarray(ys), score=np.asarray(ss), source=np.asarray(srcs, dtype=object),
+                patient=np.asarray(pats, dtype=object))
