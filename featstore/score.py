@@ -307,7 +307,8 @@ def _interval(bs: dict, level: float, method: str, resampled_sources: bool, null
                 v_h.append(len(x) * x.var(ddof=1) if len(x) > 1
                            else float(np.nansum([bs["var_img"][s] for s in members])))
             den = sum(v ** 2 / (len(m) - 1) for v, m in zip(v_h, bs["strata"]) if len(m) > 1)
-            df = float(sum(v_h) ** 2 / den) if den > 0 else math.inf
+            df = float(sum(v_h) ** 2 / den) if den > 0 else \
+                float(sum(len(m) - 1 for m in bs["strata"] if len(m) > 1) or math.inf)
             var = sum(v_h)
             # sources spread less than their own image noise: the SE is floored at the image-level one, but
             # the quantile keeps its source-level df (switching to a normal one would claim infinitely many
@@ -371,7 +372,8 @@ def cluster_bootstrap(y, score, source, *, unit=None, n_boot: int = 2000, seed: 
 
     ci "t" (default when sources are resampled): estimate ± t(K-1) x SE, SE = sd of the K per-source AUCs
     / sqrt(K) (each observed AUC carries its own image noise, so this holds both levels), never below the
-    image-level SE from the resamples (then with the normal quantile). "percentile": the (1-level)/2
+    image-level SE from the resamples (the quantile stays t(K-1): no silent switch to a normal one).
+    "percentile": the (1-level)/2
     quantiles of the two-stage replicates (default when sources are fixed). Simulated, 95% nominal, true
     per-source AUCs varying between sources: percentile covers 70-80% at 3 sources and 88-90% at 6 (a
     bootstrap cannot show more spread than the few sources it was given, and the two-stage spread is

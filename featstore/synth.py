@@ -206,18 +206,18 @@ def oof_scores(prevalence, n_per_source=150, *, signal: float = 0.0, shift: floa
     z = rng.normal(0, 1, K)
     ys, ss, srcs, pats = [], [], [], []
     for k in range(K):
-        n, done, p = int(ns[k]), 0, 0
-        while done < n:
-            m = min(int(rng.integers(1, images_per_patient + 1)), n - done)
-            lab = int(rng.random() < prevalence[k])
-            u = rng.normal(0, patient_sd)
-            for _ in range(m):
-                ys.append(lab)
-                ss.append(signal * lab + shift * z[k] + shortcut * (prevalence[k] - prevalence.mean()) * 4 + u
-                          + rng.normal())
-                srcs.append(names[k])
-                pats.append(f"{names[k]}-p{p}")
-            done += m
-            p += 1
-    return dict(y=np.asarray(ys), score=np.asarray(ss), source=np.asarray(srcs, dtype=object),
-                patient=np.asarray(pats, dtype=object))
+        n = int(ns[k])
+        sizes = rng.integers(1, images_per_patient + 1, n)  # more patients than needed, cut at n images
+        cut = int(np.searchsorted(np.cumsum(sizes), n)) + 1
+        sizes = sizes[:cut]
+        sizes[-1] -= int(sizes.sum()) - n
+        lab = (rng.random(cut) < prevalence[k]).astype(int)
+        u = rng.normal(0, patient_sd, cut)
+        y = np.repeat(lab, sizes)
+        ys.append(y)
+        ss.append(signal * y + shift * z[k] + shortcut * (prevalence[k] - prevalence.mean()) * 4
+                  + np.repeat(u, sizes) + rng.normal(size=n))
+        srcs.append(np.full(n, names[k], dtype=object))
+        pats.append(np.array([f"{names[k]}-p{p}" for p in np.repeat(np.arange(cut), sizes)], dtype=object))
+    return dict(y=np.concatenate(ys), score=np.concatenate(ss), source=np.concatenate(srcs),
+                patient=np.concatenate(pats))
