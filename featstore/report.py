@@ -399,7 +399,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
     cmp_ = compare_models(honest, preds)
     sels = ", ".join(sorted(set(honest["selection"].to_list())))
     sections = [
-        ("Headline: does it use the source? does it transfer?", head,
+        ("Headline: seen vs unseen sources — does it use the source? does it transfer?", head,
          f"{head.height} models; two tests each, one family per question, Holm-adjusted over the {head.height} "
          "models (2 families of "
          f"{head.height} tests). *uses the source?* = AUC over positive–negative pairs from different sources − "

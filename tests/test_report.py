@@ -88,9 +88,9 @@ def test_verdict_and_figures_come_before_the_tables(rendered):
     forest = html.index('alt="Per-source unseen AUC"')
     dumbbell = html.index('alt="Seen vs unseen sources"')
     assert verdict < forest < dumbbell < first_table
-    assert re.search(r'<span class="badge v-(shortcut|generalises|inconclusive)">', html)
+    assert re.search(r'<span class="badge v-(shortcut|drops|generalises|inconclusive)">', html)
     # coloured cells: AUC cells on the diverging scale, the verdict cell by verdict
-    assert re.search(r'<td class="verdict v-(shortcut|generalises|inconclusive)">', html)
+    assert re.search(r'<td class="verdict v-(shortcut|drops|generalises|inconclusive)">', html)
     assert re.search(r'<td style="background:#[0-9a-f]{6}">0\.\d{3} \[', html)
 
 
