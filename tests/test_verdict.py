@@ -173,3 +173,19 @@ def test_real_heads_end_to_end(regime, tmp_path):
         elif auc[r["head"]] >= 0.7:
             assert r["verdict"] == SHORTCUT and r["uses the source?"] == "yes", (auc, r)
         assert "4 sources" in r["uses the source? cross − same-source AUC [CI]"]
+
+
+def test_coverage_script_runs(tmp_path):
+    """benchmarks/verdict_coverage.py (the RESULTS.md section) at a tiny size, so it cannot rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "verdict_coverage.py"
+    r = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    for regime in ("null", "shift", "shortcut", "confounded"):
+        assert f"| {regime} | 3 | 20 | 3 |" in out
+    assert "| 3 | 20 | 3 |" in out and "| 3 | 10 | 3 |" in out and "Holm over sources" in out

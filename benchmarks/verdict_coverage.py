@@ -1,7 +1,7 @@
 """Do the verdict's intervals cover, and does its below-chance rule keep quiet by chance? By simulation, in
 the regimes featstore meets: 2-6 sources, 5-500 images per source, patients with several images.
 
-    python benchmarks/coverage.py [--sims 200] [--boot 300] [--quick] [--seed 0]
+    python benchmarks/verdict_coverage.py [--sims 200] [--boot 300] [--quick] [--seed 0]
 
 Prints Markdown (a section of benchmarks/RESULTS.md). Fixed seeds: the same arguments print the same rows.
 Every interval the verdict (featstore/verdict.py) uses is checked against a truth known by construction:
@@ -197,31 +197,36 @@ def main(argv=None) -> str:
     if a.quick:
         c_cells, d_cells, b_cells = [(3, 20)], [(3, 20)], [(3, 10)]
     else:
-        c_cells = [(2, 20), (3, 50), (4, 5), (4, 150), (6, 50), (6, 500)]
-        d_cells = [(2, 50), (3, 20), (4, 150), (6, 5), (6, 50), (6, 500)]
-        b_cells = [(2, 50), (4, 10), (4, 150), (6, 5), (6, 50), (6, 500)]
-    out = ["## Verdict intervals: coverage and false positives (benchmarks/coverage.py)", "",
-           f"`python benchmarks/coverage.py --sims {sims} --boot {boot} --seed {a.seed}`"
-           + (" --quick" if a.quick else "") + "; nominal 95%; "
-           "patients of 1-3 images with a shared random effect (sd 0.5). Coverage with its Wilson 95% interval "
-           "(the Monte Carlo error of the simulation itself).", "",
-           "### Shortcut estimand (cross-source − same-source AUC; patient-level, sources fixed)", "",
-           "Truth: the same sources (their shifts) at 20,000 images each, per pair of sources, weighted by the sample's class counts. *fires*: the verdict's \"uses the source\" "
-           "(95% CI above 0.05, one-sided p < 0.05); it must stay ≤ 0.05 in null and shift.", "",
-           table(["regime", "sources", "images/source", "sims", "coverage", "median width", "fires"],
-                 contrast_coverage(sims, boot, c_cells, a.seed)), "",
-           "### Drop on new sources and unseen mean (source-level, t interval with the sources' df)", "",
-           "Sources drawn from a population (binormal separation ~ N(1, 0.5²); seen = +0.6); truth: the "
-           "population means. With 2 sources the interval is t(1), as wide as that is.", "",
-           table(["sources", "images/source", "sims", "drop: coverage", "drop: median width", "unseen mean: coverage",
-                  "unseen mean: median width"], drop_coverage(sims, boot, d_cells, a.seed)), "",
-           "### Below-chance rule: false-positive rate when every source's true AUC is 0.5", "",
-           table(["sources", "images/source", "sims", "Holm over sources (now)", "worst source's own CI (before)"],
-                 below_fpr(sims, b_cells, a.seed, n_perm=200 if a.quick else 1000)), "",
-           f"({time.perf_counter() - t0:.0f} s)"]
-    text = "\n".join(out)
-    print(text)
-    return text
+        c_cells = [(2, 20), (4, 5), (4, 150), (6, 50)]
+        d_cells = [(2, 50), (3, 20), (4, 150), (6, 5), (6, 50)]
+        b_cells = [(2, 50), (4, 10), (4, 150), (6, 5), (6, 50)]
+    out = []
+
+    def emit(*lines):  # print as each part is done: a long run shows its progress
+        out.extend(lines)
+        print("\n".join(lines), flush=True)
+
+    emit("## Verdict intervals: coverage and false positives (benchmarks/verdict_coverage.py)", "",
+         f"`python benchmarks/verdict_coverage.py --sims {sims} --boot {boot} --seed {a.seed}"
+         + (" --quick" if a.quick else "") + "`; nominal 95%; "
+         "patients of 1-3 images with a shared random effect (sd 0.5). Coverage with its Wilson 95% interval "
+         "(the Monte Carlo error of the simulation itself).", "",
+         "### Shortcut estimand (cross-source − same-source AUC; patient-level, sources fixed)", "",
+         "Truth: the same sources (their shifts) at 20,000 images each, per pair of sources, weighted by the "
+         "sample's class counts. *fires*: the verdict's \"uses the source\" (95% CI above 0.05, one-sided "
+         "p < 0.05); it must stay ≤ 0.05 in null and shift.", "",
+         table(["regime", "sources", "images/source", "sims", "coverage", "median width", "fires"],
+               contrast_coverage(sims, boot, c_cells, a.seed)), "")
+    emit("### Drop on new sources and unseen mean (source-level, t interval with the sources' df)", "",
+         "Sources drawn from a population (binormal separation ~ N(1, 0.5²); seen = +0.6); truth: the "
+         "population means. With 2 sources the interval is t(1), as wide as that is.", "",
+         table(["sources", "images/source", "sims", "drop: coverage", "drop: median width", "unseen mean: coverage",
+                "unseen mean: median width"], drop_coverage(sims, boot, d_cells, a.seed)), "")
+    emit("### Below-chance rule: false-positive rate when every source's true AUC is 0.5", "",
+         table(["sources", "images/source", "sims", "Holm over sources (now)", "worst source's own CI (before)"],
+               below_fpr(sims, b_cells, a.seed, n_perm=200 if a.quick else 500)), "",
+         f"({time.perf_counter() - t0:.0f} s)")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
