@@ -143,10 +143,10 @@ def drop_coverage(sims, boot, cells, seed0, mu=1.0, tau=0.5, gain=0.6):
         for i in range(sims):
             rng = np.random.default_rng([seed0, K, n, i])
             deltas = rng.normal(mu, tau, K)
-            yu, su, gu, _ = _binormal_sources(rng, deltas, n)
-            ys, ss, gs, _ = _binormal_sources(rng, deltas, n, shift=gain)
-            g = cluster_bootstrap_gap(ys, ss, gs, yu, su, gu, n_boot=boot, seed=i)
-            m = cluster_bootstrap(yu, su, gu, n_boot=boot, seed=i)
+            yu, su, gu, pu = _binormal_sources(rng, deltas, n)
+            ys, ss, gs, ps = _binormal_sources(rng, deltas, n, shift=gain)
+            g = cluster_bootstrap_gap(ys, ss, gs, yu, su, gu, group_seen=ps, group_unseen=pu, n_boot=boot, seed=i)
+            m = cluster_bootstrap(yu, su, gu, group=pu, n_boot=boot, seed=i)
             if g["lo"] is None or m["lo"] is None:
                 continue
             done += 1

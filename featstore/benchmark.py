@@ -561,13 +561,13 @@ def source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs) -> list[dict]:
     ok = [r for r in rs if not r.error]
     if proto == "mixed" or not ok:
         return []
-    y, sc, src, fold = _parts(data.meta, ok, "unseen")
+    y, sc, src, fold, grp = _parts(data.meta, ok, "unseen", groups=True)
     pairs = proto == "leave-pair-out"
     if pairs:  # a pair is the unit that has both classes
         src = fold.copy()
     if not len(y):
         return []
-    cb = cluster_bootstrap(y, sc, src, unit=fold, n_boot=0 if pairs else st.bootstrap, seed=st.seed)
+    cb = cluster_bootstrap(y, sc, src, unit=fold, group=grp, n_boot=0 if pairs else st.bootstrap, seed=st.seed)
     base = _base_row(st, sweep_id, bb, pre, data, ok[0].task, ok[0])
     worst = cb.get("worst") or {}
     per = cb.get("per_source") or {}
@@ -592,15 +592,14 @@ def source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs) -> list[dict]:
     if not pairs:  # is a held-out source scored below chance? Holm over the K sources (featstore/verdict.py)
         from featstore.score import below_chance
 
-        g_ = _parts(data.meta, ok, "unseen", groups=True)[4]
-        row["metrics"]["below_chance"] = below_chance(y, sc, src, g_, n_perm=max(st.bootstrap, 1000), seed=st.seed)
+        row["metrics"]["below_chance"] = below_chance(y, sc, src, grp, n_perm=max(st.bootstrap, 1000), seed=st.seed)
     # leave-pair-out has no gap: its pairs share sources (no interval that covers, score.pair_gap) and its
     # seen side would be a second "seen"; the drop on new sources is LOSO's (featstore/verdict.py)
     if seen_rs and not pairs:
-        ys, ss, srcs, folds = _parts(data.meta, seen_rs, "seen")
+        ys, ss, srcs, folds, gs = _parts(data.meta, seen_rs, "seen", groups=True)
         if len(ys):
-            g = cluster_bootstrap_gap(ys, ss, srcs, y, sc, src, unit_seen=folds, unit_unseen=fold,
-                                      n_boot=st.bootstrap, seed=st.seed)
+            g = cluster_bootstrap_gap(ys, ss, srcs, y, sc, src, unit_seen=folds, unit_unseen=fold, group_seen=gs,
+                                      group_unseen=grp, n_boot=st.bootstrap, seed=st.seed)
             row.update(gap=g.get("estimate"), gap_lo=_clip(g.get("lo"), -1), gap_hi=_clip(g.get("hi"), -1),
                        gap_p=g.get("p"))
             row["metrics"]["gap"] = {k: v for k, v in g.items() if k != "replicates"}

@@ -173,9 +173,12 @@ class _Cell:
     """One AUC unit (a source, or a source under one fold's model): k models' scores on its positives and
     negatives, with the sort positions the resampled AUC needs, computed once."""
 
-    def __init__(self, pos, neg):
+    def __init__(self, pos, neg, gpos=None, gneg=None):
         self.pos, self.neg = pos, neg  # (k, m), (k, n)
         self.m, self.n = pos.shape[1], neg.shape[1]
+        # patients (0..P-1 per class) when several images share one: resampled as whole clusters
+        self.gpos = None if gpos is None or len(np.unique(gpos)) == self.m else gpos
+        self.gneg = None if gneg is None or len(np.unique(gneg)) == self.n else gneg
         self.order = np.argsort(neg, axis=1, kind="stable")
         srt = np.take_along_axis(neg, self.order, 1)
         self.lo = np.stack([np.searchsorted(srt[r], pos[r], "left") for r in range(len(pos))])
@@ -186,6 +189,8 @@ class _Cell:
     def boot(self, reps: int, rng) -> np.ndarray:
         """(reps, k) AUCs of stratified resamples (positives and negatives resampled apart, so both classes
         stay); one resample of the images applies to all k models (paired)."""
+        if self.gpos is not None or self.gneg is not None:
+            return self._boot_patients(reps, rng)
         m, n, k = self.m, self.n, len(self.pos)
         out = np.empty((reps, k))
         step = max(1, _CHUNK // (m + n))
@@ -205,7 +210,37 @@ class _Cell:
         return out
 
 
-def _cells(y, scores, source, unit, what: str):
+def _cluster_weights(g, m, r, rng):
+    """(r, m) weights of m images: their clusters `g` (0..P-1; None: each image its own) drawn with replacement."""
+    g = np.arange(m) if g is None else g
+    P = int(g.max()) + 1
+    d = rng.integers(0, P, (r, P))
+    cnt = np.bincount((d + np.arange(r)[:, None] * P).ravel(), minlength=r * P).reshape(r, P)
+    return cnt[:, g].astype(float)
+
+
+def _boot_patients(self, reps: int, rng) -> np.ndarray:
+    """As `boot`, with the positives' and the negatives' patients resampled as clusters (weights)."""
+    m, n, k = self.m, self.n, len(self.pos)
+    out = np.empty((reps, k))
+    step = max(1, _CHUNK // (m + n))
+    for a in range(0, reps, step):
+        r = min(step, reps - a)
+        Wp = _cluster_weights(self.gpos, m, r, rng)
+        Wn = _cluster_weights(self.gneg, n, r, rng)
+        tot = Wp.sum(1) * Wn.sum(1)
+        C = np.zeros((r, n + 1))
+        for j in range(k):
+            np.cumsum(Wn[:, self.order[j]], axis=1, out=C[:, 1:])
+            G = (Wp * (C[:, self.lo[j]] + C[:, self.hi[j]])).sum(1)
+            out[a:a + r, j] = G / (2.0 * tot)
+    return out
+
+
+_Cell._boot_patients = _boot_patients
+
+
+def _cells(y, scores, source, unit, what: str, group=None):
     """{source: [_Cell, ...]} for the cells with both classes, and the names of those without."""
     y = np.asarray(y)
     S = np.asarray(scores, dtype=float)
@@ -233,7 +268,12 @@ def _cells(y, scores, source, unit, what: str):
         if yy.min() == yy.max():
             excluded.append(name)
             continue
-        cells.setdefault(s, []).append(_Cell(S[:, idx[yy == 1]], S[:, idx[yy == 0]]))
+        gp = gn = None
+        if group is not None:  # patients of this cell, numbered per class
+            gg = np.asarray(group, dtype=object)[idx]
+            gp = np.unique(gg[yy == 1].astype(str), return_inverse=True)[1]
+            gn = np.unique(gg[yy == 0].astype(str), return_inverse=True)[1]
+        cells.setdefault(s, []).append(_Cell(S[:, idx[yy == 1]], S[:, idx[yy == 0]], gp, gn))
     return cells, excluded
 
 
@@ -360,15 +400,16 @@ def _undefined(uncertainty, level, n_boot, **extra) -> dict:
                 ci=None, level=level, n_boot=int(n_boot), uncertainty=uncertainty, **extra)
 
 
-def cluster_bootstrap(y, score, source, *, unit=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                      ci: str = "auto", resample_sources: bool = True, null: float = 0.5,
+def cluster_bootstrap(y, score, source, *, unit=None, group=None, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95, ci: str = "auto", resample_sources: bool = True, null: float = 0.5,
                       return_replicates: bool = False) -> dict:
     """Source-level uncertainty (image-level with resample_sources=False) of the mean of per-source AUCs.
 
     The statistic: the AUC within each held-out source that has both classes, averaged over those sources
     (a source scored under several folds' models, `unit` = fold, averages its folds first), so every source
     weighs the same and no source's prevalence can lift it. Replicates resample the sources with
-    replacement, then the images within each drawn source, stratified by label.
+    replacement, then the images within each drawn source, stratified by label; with `group` (patient
+    ids), a patient's images are resampled together, as one cluster (per class).
 
     ci "t" (default when sources are resampled): estimate ± t(K-1) x SE, SE = sd of the K per-source AUCs
     / sqrt(K) (each observed AUC carries its own image noise, so this holds both levels), never below the
@@ -390,7 +431,7 @@ def cluster_bootstrap(y, score, source, *, unit=None, n_boot: int = 2000, seed: 
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     method = _method(ci, resample_sources)
-    cells, excluded = _cells(y, score, source, unit, "cluster_bootstrap")
+    cells, excluded = _cells(y, score, source, unit, "cluster_bootstrap", group)
     K = len(cells)
     unc = SOURCE_LEVEL if resample_sources and K > 1 else IMAGE_LEVEL  # one source: nothing between sources
     base = dict(n_sources=K, sources=[str(s) for s in sorted(cells, key=str)], excluded=excluded,
@@ -418,7 +459,8 @@ def cluster_bootstrap(y, score, source, *, unit=None, n_boot: int = 2000, seed: 
 
 
 def cluster_bootstrap_gap(y_seen, score_seen, source_seen, y_unseen, score_unseen, source_unseen, *,
-                          unit_seen=None, unit_unseen=None, n_boot: int = 2000, seed: int = 0,
+                          unit_seen=None, unit_unseen=None, group_seen=None, group_unseen=None,
+                          n_boot: int = 2000, seed: int = 0,
                           level: float = 0.95, ci: str = "auto", return_replicates: bool = False) -> dict:
     """Source-level uncertainty of the seen - unseen gap in mean per-source AUC (see `cluster_bootstrap`).
 
@@ -440,8 +482,9 @@ def cluster_bootstrap_gap(y_seen, score_seen, source_seen, y_unseen, score_unsee
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     method = _method(ci, True)
-    seen, ex_s = _cells(y_seen, score_seen, source_seen, unit_seen, "cluster_bootstrap_gap (seen)")
-    unseen, ex_u = _cells(y_unseen, score_unseen, source_unseen, unit_unseen, "cluster_bootstrap_gap (unseen)")
+    seen, ex_s = _cells(y_seen, score_seen, source_seen, unit_seen, "cluster_bootstrap_gap (seen)", group_seen)
+    unseen, ex_u = _cells(y_unseen, score_unseen, source_unseen, unit_unseen, "cluster_bootstrap_gap (unseen)",
+                          group_unseen)
     shared = set(seen) & set(unseen)
     notes = [n for n in (_few("seen", len(seen)), _few("unseen", len(unseen))) if n]
     base = dict(uncertainty=SOURCE_LEVEL, n_seen=len(seen), n_unseen=len(unseen), n_shared=len(shared),

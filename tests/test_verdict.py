@@ -189,3 +189,16 @@ def test_coverage_script_runs(tmp_path):
     for regime in ("null", "shift", "shortcut", "confounded"):
         assert f"| {regime} | 3 | 20 | 3 |" in out
     assert "| 3 | 20 | 3 |" in out and "| 3 | 10 | 3 |" in out and "Holm over sources" in out
+
+
+def test_patients_are_clusters_in_the_per_source_auc_interval():
+    from featstore.score import cluster_bootstrap
+
+    d = oof_scores([.5] * 4, 200, signal=1.0, patient_sd=1.5, images_per_patient=6, seed=1)
+    pat = cluster_bootstrap(d["y"], d["score"], d["source"], group=d["patient"], n_boot=300, resample_sources=False)
+    img = cluster_bootstrap(d["y"], d["score"], d["source"], n_boot=300, resample_sources=False)
+    assert pat["estimate"] == img["estimate"] and pat["se"] > 1.4 * img["se"]
+    # one image per patient: the same resamples as the image bootstrap
+    one = cluster_bootstrap(d["y"], d["score"], d["source"], group=np.arange(len(d["y"])), n_boot=300,
+                            resample_sources=False)
+    assert one["se"] == img["se"]
