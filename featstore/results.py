@@ -9,9 +9,14 @@ Row kinds (`kind`):
     fold         one fitted model scored on one test set (scope 'all' or one source of it)
     pooled       out-of-fold predictions of every fold's own model pooled into one set (mixed, loso).
                  Pooled LOSO mixes sources whose positive rates differ, so a model that recognises the
-                 source scores well on it: a secondary number, never a headline.
+                 source scores well on it: a secondary number, never a headline. The mixed pooled row's
+                 `metrics` carry the verdict's shortcut estimand (`shortcut`: score.source_contrast,
+                 cross-source minus same-source AUC, patient-level CI; `shortcut_source_level` beside it)
+                 and the model's one seen (`seen_mean`: mean per-source AUC).
     source-mean  the mean over held-out sources (each with both classes) of per-source AUCs, with a
-                 source-level (cluster) bootstrap CI; `auc_worst` / `worst_source` name the worst one.
+                 source-level (cluster) bootstrap CI; `auc_worst` / `worst_source` name the worst one;
+                 `gap` = the drop on new sources (seen - unseen, LOSO and seen-unseen only);
+                 `metrics.below_chance`: score.below_chance over the held-out sources.
 
 `uncertainty` says what a row's CI resamples: 'image' (stratified bootstrap of the test images),
 'source' (held-out sources, then images within them), 'selection' (selection seeds), or NULL.
