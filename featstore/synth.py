@@ -197,7 +197,8 @@ def oof_scores(prevalence, n_per_source=150, *, signal: float = 0.0, shift: floa
 
     z_s ~ N(0, 1) independent of the label (an acquisition shift: the source moves the score, not the
     disease); the shortcut term scores the source by its positive rate (what a model that recognises the
-    source learns). Returns dict(y, score, source, patient) as numpy arrays."""
+    source learns). Returns dict(y, score, source, patient) as numpy arrays (patient: integer ids, unique
+    over sources)."""
     rng = np.random.default_rng(seed)
     prevalence = np.asarray(prevalence, dtype=float)
     K = len(prevalence)
@@ -218,6 +219,7 @@ def oof_scores(prevalence, n_per_source=150, *, signal: float = 0.0, shift: floa
         ss.append(signal * y + shift * z[k] + shortcut * (prevalence[k] - prevalence.mean()) * 4
                   + np.repeat(u, sizes) + rng.normal(size=n))
         srcs.append(np.full(n, names[k], dtype=object))
-        pats.append(np.array([f"{names[k]}-p{p}" for p in np.repeat(np.arange(cut), sizes)], dtype=object))
+        pats.append(len(np.concatenate(pats)) + np.repeat(np.arange(cut), sizes) if pats else
+                    np.repeat(np.arange(cut), sizes))  # ids unique over sources
     return dict(y=np.concatenate(ys), score=np.concatenate(ss), source=np.concatenate(srcs),
                 patient=np.concatenate(pats))
