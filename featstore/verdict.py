@@ -65,6 +65,10 @@ def uses_source(sc: dict | None, p_adj: float | None = None) -> tuple[str, str, 
         why = (sc or {}).get("note") or "no mixed k-fold predictions over several sources"
         return "n/a", f"Does it use the source? Not measured: {why}.", {}
     est, lo, hi = float(sc["estimate"]), _f(sc.get("lo")), _f(sc.get("hi"))
+    if lo is None and sc.get("note"):
+        return "n/a", (f"Does it use the source? Not decidable: cross-source minus same-source AUC "
+                       f"{est:+.3f} on {sc.get('n_sources')} sources, but {sc['note']}."), \
+            dict(shortcut=est, shortcut_sources=sc.get("n_sources"))
     p = _f(sc.get("p"))
     p_adj = p if p_adj is None else p_adj
     f = dict(shortcut=est, shortcut_lo=lo, shortcut_hi=hi, shortcut_p=p, shortcut_p_adj=p_adj,

@@ -187,7 +187,7 @@ def test_coverage_script_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     for regime in ("null", "shift", "shortcut", "confounded"):
-        assert f"| {regime} | 3 | 20 | 3 |" in out
+        assert f"| {regime} | 3 | 100 | " in out
     assert "| 3 | 20 | 3 |" in out and "| 3 | 10 | 3 |" in out and "Holm over sources" in out
 
 
@@ -202,3 +202,14 @@ def test_patients_are_clusters_in_the_per_source_auc_interval():
     one = cluster_bootstrap(d["y"], d["score"], d["source"], group=np.arange(len(d["y"])), n_boot=300,
                             resample_sources=False)
     assert one["se"] == img["se"]
+
+
+def test_too_few_minority_patients_give_no_interval():
+    """5 images per source: the patient-level interval would cover about half the time (RESULTS.md), so
+    there is none, the note gives the number and the verdict's first answer is n/a."""
+    d = oof_scores([.85, .6, .35, .1], 5, shortcut=1.5, seed=0)
+    r = source_contrast(d["y"], d["score"], d["source"], d["patient"], n_boot=100)
+    assert r["estimate"] is not None and r["lo"] is None and r["p"] is None and r["n_minority"] < 20
+    assert f"only {r['n_minority']} minority-class patients" in r["note"]
+    v = judge(None, r)
+    assert v.uses_source == "n/a" and "Not decidable" in v.uses_source_text
