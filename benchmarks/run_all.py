@@ -73,7 +73,8 @@ def main():
                 run("sweep_heads.py", "--db", db),  # issue 14, goal 3: per head trials/s, levers off vs on
                 run("knn_latency.py"),
                 run("ann.py", "--workdir", str(a.workdir)),  # issue 14, goal 4: ~1 h on 2 cores at 1M vectors
-                run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db)]
+                run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db),
+                run("verdict_coverage.py", "--sims", "100", "--boot", "150")]  # the verdict's intervals
     gpu = HERE / "RESULTS-gpu.md"
     if gpu.exists():
         lines = gpu.read_text().splitlines()

@@ -519,13 +519,16 @@ def _score_unit(st, sweep_id, bb, pre, data: StudyData, rs: list[TaskResult]) ->
                         seconds=sum(r.seconds for r in ok), status="ok", error=None,
                         train_sources=sorted({s for r in ok for s in r.task.fold.train_sources}))
             unit_rows.append(_metric_rows(base, test_set, "all", meta.y[te], P, S, K, st))
+            if proto == "mixed" and K == 2:  # does the model use the source? (featstore/verdict.py)
+                unit_rows[-1]["metrics"].update(mixed_source_metrics(
+                    st, *_parts(meta, [r for r in ok if r.task.fold.repeat == rep_], test_set, groups=True)))
     return rs, unit_rows, preds, trials
 
 
-def _parts(meta, rs, test_set: str):
-    """(y, score, source, fold) of a unit's predictions on one test set. A file shared by collections
-    counts once in each held-out source it occurs in (split.Meta.members)."""
-    ys, ss, srcs, folds = [], [], [], []
+def _parts(meta, rs, test_set: str, groups: bool = False):
+    """(y, score, source, fold[, patient]) of a unit's predictions on one test set. A file shared by
+    collections counts once in each held-out source it occurs in (split.Meta.members)."""
+    ys, ss, srcs, folds, gs = [], [], [], [], []
     for r in rs or ():
         if r.error or test_set not in r.task.fold.tests or r.scores.get(test_set) is None:
             continue
@@ -533,8 +536,27 @@ def _parts(meta, rs, test_set: str):
         allowed = set(f.test_sources if test_set == "unseen" else f.train_sources)
         for i, sc in zip(f.tests[test_set], r.scores[test_set]):
             for s in sorted((meta.occurs_in[i] if meta.occurs_in else {meta.source[i]}) & allowed):
-                ys.append(meta.y[i]), ss.append(sc), srcs.append(s), folds.append(f.name)
-    return np.asarray(ys, int), np.asarray(ss, float), np.asarray(srcs, object), np.asarray(folds, object)
+                ys.append(meta.y[i]), ss.append(sc), srcs.append(s), folds.append(f.name), gs.append(meta.groups[i])
+    out = np.asarray(ys, int), np.asarray(ss, float), np.asarray(srcs, object), np.asarray(folds, object)
+    return out + (np.asarray(gs, object),) if groups else out
+
+
+def mixed_source_metrics(st, y, score, source, fold, group) -> dict:
+    """What a mixed unit's pooled row carries for the verdict: the shortcut estimand (cross-source minus
+    same-source AUC, patients resampled within sources; the source-level interval beside it) and the seen
+    AUC as the mean per-source AUC (the one seen of a model: table, figures, gap and MLflow)."""
+    from featstore.score import cluster_bootstrap, source_contrast
+
+    if not len(y):
+        return {}
+    sc = source_contrast(y, score, source, group, n_boot=st.bootstrap, seed=st.seed)
+    sc_src = source_contrast(y, score, source, group, n_boot=st.bootstrap, seed=st.seed, resample_sources=True)
+    seen = cluster_bootstrap(y, score, source, unit=fold, n_boot=0)
+    return dict(shortcut=sc, shortcut_source_level={k: sc_src[k] for k in ("estimate", "lo", "hi", "se", "p", "df",
+                                                                             "ci", "uncertainty", "n_sources", "note")
+                                                     if k in sc_src},
+                seen_mean=seen.get("estimate"), seen_per_source=seen.get("per_source"),
+                seen_sources=seen.get("n_sources"))
 
 
 def _clip(x, low):
@@ -554,13 +576,13 @@ def source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs) -> list[dict]:
     ok = [r for r in rs if not r.error]
     if proto == "mixed" or not ok:
         return []
-    y, sc, src, fold = _parts(data.meta, ok, "unseen")
+    y, sc, src, fold, grp = _parts(data.meta, ok, "unseen", groups=True)
     pairs = proto == "leave-pair-out"
     if pairs:  # a pair is the unit that has both classes
         src = fold.copy()
     if not len(y):
         return []
-    cb = cluster_bootstrap(y, sc, src, unit=fold, n_boot=0 if pairs else st.bootstrap, seed=st.seed)
+    cb = cluster_bootstrap(y, sc, src, unit=fold, group=grp, n_boot=0 if pairs else st.bootstrap, seed=st.seed)
     base = _base_row(st, sweep_id, bb, pre, data, ok[0].task, ok[0])
     worst = cb.get("worst") or {}
     per = cb.get("per_source") or {}
@@ -582,29 +604,17 @@ def source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs) -> list[dict]:
                             worst=worst, n_boot=cb.get("n_boot")))
     for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "dor", "brier"):
         row[k] = None
-    if seen_rs and pairs:
-        # leave-pair-out meets two new sources at once: a model that learned which source looks like
-        # which label ranks them no better than chance, however high its mixed k-fold AUC
-        from featstore.score import pair_gap
+    if not pairs:  # is a held-out source scored below chance? Holm over the K sources (featstore/verdict.py)
+        from featstore.score import below_chance
 
-        seen0 = [r for r in seen_rs if r.task.fold.repeat == 0]
-        ys, ss, srcs, _ = _parts(data.meta, seen0, "seen")
-        by_pair = {}
-        for r in ok:
-            y1, s1, so1, _ = _parts(data.meta, [r], "unseen")
-            by_pair[tuple(r.task.fold.test_sources)] = (y1, s1, so1)
-        if len(ys) and by_pair:
-            g = pair_gap(ys, ss, srcs, by_pair, n_boot=st.bootstrap, seed=st.seed)
-            row.update(gap=g.get("estimate"), gap_lo=_clip(g.get("lo"), -1), gap_hi=_clip(g.get("hi"), -1),
-                       gap_p=g.get("p"))
-            row["metrics"]["gap"] = dict(g, seen_from="mixed (pooled)")
-            if g.get("lo") is not None:
-                row["uncertainty"] = "source"
+        row["metrics"]["below_chance"] = below_chance(y, sc, src, grp, n_perm=max(st.bootstrap, 1000), seed=st.seed)
+    # leave-pair-out has no gap: its pairs share sources (no interval that covers, score.pair_gap) and its
+    # seen side would be a second "seen"; the drop on new sources is LOSO's (featstore/verdict.py)
     if seen_rs and not pairs:
-        ys, ss, srcs, folds = _parts(data.meta, seen_rs, "seen")
+        ys, ss, srcs, folds, gs = _parts(data.meta, seen_rs, "seen", groups=True)
         if len(ys):
-            g = cluster_bootstrap_gap(ys, ss, srcs, y, sc, src, unit_seen=folds, unit_unseen=fold,
-                                      n_boot=st.bootstrap, seed=st.seed)
+            g = cluster_bootstrap_gap(ys, ss, srcs, y, sc, src, unit_seen=folds, unit_unseen=fold, group_seen=gs,
+                                      group_unseen=grp, n_boot=st.bootstrap, seed=st.seed)
             row.update(gap=g.get("estimate"), gap_lo=_clip(g.get("lo"), -1), gap_hi=_clip(g.get("hi"), -1),
                        gap_p=g.get("p"))
             row["metrics"]["gap"] = {k: v for k, v in g.items() if k != "replicates"}

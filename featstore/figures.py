@@ -89,8 +89,10 @@ def confusion_figure(preds: pl.DataFrame, class_names, title: str, path: Path) -
 
 
 def dedupe_pooled(preds: pl.DataFrame) -> pl.DataFrame:
-    # leave-pair-out scores an image once per pair it is held out in: keep each image once per test set
-    return preds.unique(subset=["test_set", "image_id"], keep="first", maintain_order=True)
+    # leave-pair-out scores an image once per pair it is held out in (repeated k-fold once per repeat): keep
+    # each image once per protocol and test set, so a curve's n is its row's n (one protocol never thins
+    # another's images)
+    return preds.unique(subset=["protocol", "test_set", "image_id"], keep="first", maintain_order=True)
 
 
 # --- the study report -------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def roc_per_source_figure(preds: pl.DataFrame, title: str, path: Path) -> Path |
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     drawn = 0
     seen = preds.filter(pl.col("protocol") == "mixed")
-    curves = [("seen (mixed k-fold, pooled)", seen, dict(c="black", lw=2, ls="--"))]
+    curves = [("mixed k-fold, sources pooled", seen, dict(c="black", lw=2, ls="--"))]
     unseen = preds.filter(pl.col("protocol") == "loso")
     for s in sorted(set(unseen["source"].to_list())):
         curves.append((f"unseen: {s}", unseen.filter(pl.col("source") == s), dict(lw=1.4)))

@@ -93,28 +93,33 @@ def _flag(auc) -> str:
     return " ⚠ below chance" if auc is not None and auc < 0.5 else ""
 
 
+BASELINE_BACKBONES = ("pixelstats",)  # raw-pixel statistics: the floor, never the reference of a comparison
+
+
 def headline(res: pl.DataFrame, probe: dict | None = None) -> pl.DataFrame:
     """One row per model (backbone x preprocessing x head x selection), sorted by the mean over held-out
     sources of per-source AUC: a number prevalence differences between sources cannot lift. Pooled LOSO
-    is not here (see `pooled_table`). `probe`: (backbone, preprocess) -> domain-probe AUC, if run."""
+    is not here (see `pooled_table`). `probe`: (backbone, preprocess) -> domain-probe AUC, if run.
+    Each model gets two answers (featstore/verdict.py): does it use the source (the shortcut estimand of its
+    mixed out-of-fold predictions) and does it transfer (the drop on new sources); their p-values are
+    Holm-adjusted over the table's models, one family per question."""
     from featstore.score import format_p, summarise_over_seeds
-    from featstore.verdict import judge
+    from featstore.verdict import model_verdicts
 
     out = []
-    for key, g in res.filter(pl.col("status") == "ok").group_by(MODEL, maintain_order=True):
+    for mv in model_verdicts(res, probe):
+        key, g, lo, su, main, mm, pa, pb = (mv[k] for k in ("key", "g", "lo", "su", "main", "mm", "pa", "pb"))
         row = dict(zip(MODEL, key))
-        all_ = g.filter(pl.col("scope") == "all")
-        m = all_.filter((pl.col("protocol") == "mixed") & (pl.col("kind") == "pooled"))
-        if m.height > 1:  # repeated k-fold: mean +- sd of the per-repeat pooled AUCs
-            row["mixed AUC (seen sources)"] = f"{m['auc'].mean():.3f} ± {m['auc'].std():.3f} ({m.height} repeats)"
-        elif m.height:
-            r = m.row(0, named=True)
-            row["mixed AUC (seen sources)"] = _ci(r["auc"], r["auc_lo"], r["auc_hi"])
-        else:
-            row["mixed AUC (seen sources)"] = "—"
-        lo = source_mean(g, "loso")
-        su = source_mean(g, "seen-unseen")
-        main = lo or su
+        row["role"] = "baseline (raw pixels)" if key[0] in BASELINE_BACKBONES else "model"
+        gi = ((main or {}).get("metrics") or {}).get("gap") or {}
+        seen = gi.get("seen") if gi.get("seen") is not None else mm.get("seen_mean")
+        row["seen: mean per-source AUC (mixed)"] = (f"{seen:.3f} ({mm.get('seen_sources') or gi.get('n_seen')} "
+                                                    "sources)" if seen is not None else "—")
+        sc = mm.get("shortcut") or {}
+        row["uses the source? cross − same-source AUC [CI]"] = (
+            _ci(sc["estimate"], sc.get("lo"), sc.get("hi")) + f" ({sc['cross']:.3f} − {sc['same']:.3f}; "
+            f"{sc['n_sources']} sources, {sc['n_same_sources']} with both classes)"
+            + (f", p {format_p(pa)} (Holm)" if pa is not None else "") if sc.get("estimate") is not None else "—")
         row["LOSO mean per-source AUC (unseen)"] = (
             _ci(lo["auc"], lo["auc_lo"], lo["auc_hi"]) + f" ({lo['n_sources']} sources)" + _flag(lo["auc"])
             if lo else "—")
@@ -131,21 +136,22 @@ def headline(res: pl.DataFrame, probe: dict | None = None) -> pl.DataFrame:
         else:
             row["leave-pair-out mean (worst pair)"] = "—"
         if su:
-            seen = (su["metrics"].get("gap") or {}).get("seen")
-            row["seen-unseen: seen / unseen mean"] = (f"{seen:.3f} / " if seen is not None else "— / ") + \
+            sseen = (su["metrics"].get("gap") or {}).get("seen")
+            row["seen-unseen: seen / unseen mean"] = (f"{sseen:.3f} / " if sseen is not None else "— / ") + \
                 _ci(su["auc"], su["auc_lo"], su["auc_hi"]) + f" ({su['n_sources']} sources)" + _flag(su["auc"])
         else:
             row["seen-unseen: seen / unseen mean"] = "—"
         if main and main.get("gap") is not None:
-            gi = main["metrics"].get("gap") or {}
-            row["gap seen − unseen [CI], p"] = (_ci(main["gap"], main.get("gap_lo"), main.get("gap_hi"), low=-1.0)
-                                                + f", p {format_p(main.get('gap_p'))}"
-                                                + f" (seen: {gi.get('seen_from', '?')})")
+            row["drop on new sources: seen − unseen [CI]"] = (
+                _ci(main["gap"], main.get("gap_lo"), main.get("gap_hi"), low=-1.0)
+                + f" ({gi.get('n_unseen', main.get('n_sources'))} sources), p {format_p(pb)} (Holm)"
+                + f" (seen: {gi.get('seen_from', '?')})")
         else:
-            row["gap seen − unseen [CI], p"] = "—"
-        pa = (probe or {}).get((key[0], key[1]))
-        v = judge(main, lpo, pa)
+            row["drop on new sources: seen − unseen [CI]"] = "—"
+        v = mv["verdict"]
         row["verdict"] = v.verdict
+        row["uses the source?"] = v.uses_source
+        row["transfers?"] = v.transfer
         row["why"] = v.reason
         row["_rank"] = main["auc"] if main and main.get("auc") is not None else -1.0
         out.append(row)
@@ -157,35 +163,23 @@ def headline(res: pl.DataFrame, probe: dict | None = None) -> pl.DataFrame:
 def verdict_cards(res: pl.DataFrame, head: pl.DataFrame) -> list[dict]:
     """One card per model, in the headline's order, every card the same rows so they compare at a
     glance: verdict, seen → unseen (each with its interval, or why it has none), worst held-out source,
-    leave-pair-out, both gaps (measured or not), and the verdict's reason once."""
-    from featstore.track import ModelRuns, interval, model_figures
+    leave-pair-out, the two questions' answers with their figures (or "—"), and the verdict's reason once."""
+    from featstore.track import ModelRuns, model_figures
 
     cards = []
     for r in head.iter_rows(named=True) if head.height else []:
         key = tuple(r[k] for k in MODEL)
         g = res.filter(pl.all_horizontal([pl.col(k) == v for k, v in zip(MODEL, key)]))
         f = model_figures(g)
-        m, t = f["metrics"], f["text"]
-
-        def gap(name, what):
-            if name not in m:
-                return f"{what}: not measured"
-            k = ((_gap_row(g, "leave-pair-out" if "cross" in name else None) or {}).get("n_sources"))
-            ci = interval(m.get(f"{name}_lo"), m.get(f"{name}_hi"), -1.0)
-            unit = "pairs" if "cross" in name else "sources"
-            return f"{what}: {m[name]:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else
-                                                 ", CI n/a" + (f" ({k} {unit})" if k is not None else ""))
+        t = f["text"]
         cards.append(dict(model=ModelRuns.name((key[0], key[1], key[2], key[3])), verdict=r["verdict"], why=r["why"],
                           cls=VERDICT_CLASS.get(r["verdict"], ""),
                           seen=t.get("seen", "— (no mixed k-fold)"), unseen=t.get("unseen", "— (no held-out source "
                                                                                          "with both classes)"),
                           worst=t.get("worst", "—"), pairs=t.get("pairs", "— (no leave-pair-out)"),
-                          gaps=[gap("gap_within_source", "within-source"), gap("gap_cross_source", "cross-source")]))
+                          uses_source=f"{r['uses the source?']}: {r['uses the source? cross − same-source AUC [CI]']}",
+                          drop=f"{r['transfers?']}: {r['drop on new sources: seen − unseen [CI]']}"))
     return cards
-
-
-def _gap_row(g: pl.DataFrame, proto: str | None) -> dict | None:
-    return source_mean(g, proto) if proto else (source_mean(g, "loso") or source_mean(g, "seen-unseen"))
 
 
 def probe_aucs(con) -> dict:
@@ -195,38 +189,51 @@ def probe_aucs(con) -> dict:
     return {(b, p): a for b, p, a in rows}
 
 
+REFERENCE_HEAD = "logreg"  # fixed before any result: every other head is compared with it
+
+
 def compare_models(res: pl.DataFrame, preds: pl.DataFrame) -> pl.DataFrame:
-    """Paired, source-level comparison of every model with the best one (by LOSO mean per-source AUC)
-    on the same LOSO test images (binary targets)."""
-    from featstore.score import format_p, paired_bootstrap_auc_diff
+    """Paired, source-level comparison of every head with the reference head (`REFERENCE_HEAD`, logistic
+    regression, fixed beforehand: never the best on these test images, which would be a winner's curse)
+    of the same embedding set, on identical LOSO test images (binary targets). Raw-pixel baselines
+    (`BASELINE_BACKBONES`) are never a reference. p Holm-adjusted over the table's rows."""
+    from featstore.score import format_p, holm, paired_bootstrap_auc_diff
 
     sm = res.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso") & (pl.col("status") == "ok")
-                    & pl.col("auc").is_not_null()).sort("auc", descending=True, maintain_order=True)
+                    & pl.col("auc").is_not_null())
     if sm.height < 2 or not preds.height:
         return pl.DataFrame()
     p = preds.filter(pl.col("protocol") == "loso")
-    best = sm.row(0, named=True)
 
     def scores(r):
         return p.filter((pl.col("backbone") == r["backbone"]) & (pl.col("preprocess") == r["preprocess"])
                         & (pl.col("head") == r["head"]) & (pl.col("selection") == r["selection"])).select(
             "fold", "image_id", "y", "score", pl.col("fold").str.strip_prefix("heldout=").alias("src"))
-    a = scores(best)
+    rows = list(sm.iter_rows(named=True))
     out = []
-    for r in sm.iter_rows(named=True):
-        if r is best or (r["backbone"], r["preprocess"], r["head"], r["selection"]) == \
-                (best["backbone"], best["preprocess"], best["head"], best["selection"]):
+    for ref in rows:
+        if ref["head"] != REFERENCE_HEAD or ref["backbone"] in BASELINE_BACKBONES:
             continue
-        j = a.join(scores(r), on=["fold", "image_id"], suffix="_b")
-        if not j.height:
-            continue
-        d = paired_bootstrap_auc_diff(j["y"].to_numpy(), j["score"].to_numpy(), j["score_b"].to_numpy(),
-                                      j["src"].to_numpy(), n_boot=int(best.get("bootstrap") or 0) or 0,
-                                      seed=int(best["seed"]))
-        out.append({"best": f"{best['head']} {best['backbone']}/{best['preprocess']}",
-                    "vs": f"{r['head']} {r['backbone']}/{r['preprocess']}",
-                    "difference [CI]": _ci(d.get("estimate"), d.get("lo"), d.get("hi"), low=-1.0),
-                    "p": format_p(d.get("p")), "sources": d.get("n_sources"), "uncertainty": d.get("uncertainty")})
+        a = scores(ref)
+        for r in rows:
+            if r["head"] == REFERENCE_HEAD or (r["backbone"], r["preprocess"], r["selection"]) != \
+                    (ref["backbone"], ref["preprocess"], ref["selection"]):
+                continue
+            j = scores(r).join(a, on=["fold", "image_id"], suffix="_ref")
+            if not j.height:
+                continue
+            d = paired_bootstrap_auc_diff(j["y"].to_numpy(), j["score"].to_numpy(), j["score_ref"].to_numpy(),
+                                          j["src"].to_numpy(), n_boot=int(ref.get("bootstrap") or 0) or 0,
+                                          seed=int(ref["seed"]))
+            out.append({"model": f"{r['head']} {r['backbone']}/{r['preprocess']}",
+                        "reference": f"{ref['head']} {ref['backbone']}/{ref['preprocess']}",
+                        "difference [CI]": _ci(d.get("estimate"), d.get("lo"), d.get("hi"), low=-1.0),
+                        "_p": d.get("p"), "sources": d.get("n_sources"), "uncertainty": d.get("uncertainty")})
+    if not out:
+        return pl.DataFrame()
+    adj = holm([o["_p"] for o in out])
+    for o, pa in zip(out, adj):
+        o["p"], o["p (Holm)"] = format_p(o.pop("_p")), format_p(pa)
     return pl.DataFrame(out)
 
 
@@ -280,7 +287,8 @@ def markdown_table(df: pl.DataFrame) -> str:
 
 # --- tables as HTML: coloured cells, inline Markdown in notes --------------------------------------
 
-VERDICT_CLASS = {"shortcut likely": "v-shortcut", "generalises": "v-generalises", "inconclusive": "v-inconclusive"}
+VERDICT_CLASS = {"shortcut likely": "v-shortcut", "drops on new sources": "v-drops", "generalises": "v-generalises",
+                 "inconclusive": "v-inconclusive"}
 _NUM = re.compile(r"^\s*(-?\d+\.\d+)")
 
 
@@ -455,21 +463,32 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
         if f:
             rocs.append(fig(f, f"{hd} on {bb}/{pre}"))
     failed = res.filter(pl.col("status") != "ok")
+    cmp_ = compare_models(honest, preds)
     sels = ", ".join(sorted(set(honest["selection"].to_list())))
     sections = [
-        ("Headline: seen vs unseen sources", head,
-         "Models sorted by the mean over held-out sources (with both classes) of the per-source AUC, which a "
-         "difference in positive rates between sources cannot lift. Uncertainty: *mixed* shows an image-level "
-         "bootstrap 95% CI; *LOSO mean* and *gap* show **source-level** 95% CIs (held-out sources resampled, "
-         f"then images within them; {meta.get('bootstrap')} resamples); leave-pair-out shows the mean and the worst "
-         "pair without a CI (pairs share sources), or with `selection_repeats`, mean ± sd over selection seeds "
-         "(selection-level). *gap* = seen − unseen mean per-source AUC, seen from the same "
-         "head's mixed k-fold (or seen-unseen's own seen images). ⚠ marks an AUC below chance. AUC cells: red "
-         "below chance, white at 0.5, blue above. Verdict rules: featstore/verdict.py. Hyperparameters chosen on "
-         f"training sources only (selection: {sels})."),
-        ("Head comparisons on the same held-out sources (paired)", compare_models(honest, preds),
-         "Each model against the top one on identical LOSO test images: difference of mean per-source AUC, "
-         "source-level paired bootstrap 95% CI and p (the same resample applied to both models)."),
+        ("Headline: seen vs unseen sources — does it use the source? does it transfer?", head,
+         f"{head.height} models; two tests each, one family per question, Holm-adjusted over the {head.height} "
+         "models (2 families of "
+         f"{head.height} tests). *uses the source?* = AUC over positive–negative pairs from different sources − "
+         "AUC over pairs from the same source, on the mixed k-fold out-of-fold predictions (a model that ranks "
+         "by disease ranks both alike; one that ranks by source ranks cross-source pairs far better), "
+         "**patient-level** 95% CI (patients resampled within each source, sources fixed), p for a difference "
+         "no larger than 0.05. *drop on new sources* = seen − unseen mean per-source AUC, seen = the same "
+         "head's mixed k-fold mean per-source AUC (the *seen* column; the same in the figures and MLflow), "
+         "**source-level** 95% CI (t with the sources' df, held-out sources resampled, then images within "
+         "them): a domain shift drops too, so a drop is never called a shortcut. *LOSO mean*: source-level "
+         "95% CI; leave-pair-out: the mean and the worst pair without a CI (pairs share sources), or with "
+         "`selection_repeats`, mean ± sd over selection seeds (selection-level). A held-out source counts as "
+         "below chance only by a permutation test with Holm over the model's held-out sources. *role*: "
+         "raw-pixel baselines are a floor, never a reference. Models are sorted by the LOSO mean (ties keep "
+         "their order). ⚠ marks an AUC below chance. AUC cells: red below chance, white at 0.5, blue above. "
+         f"Verdict rules: featstore/verdict.py. Hyperparameters chosen on training sources only (selection: "
+         f"{sels}); {meta.get('bootstrap')} resamples."),
+        ("Head comparisons with the reference head (paired)", cmp_,
+         f"{cmp_.height} tests, Holm-adjusted. Each head against logistic regression on the same embedding set "
+         "(the reference fixed beforehand; raw-pixel baselines are never one), on identical LOSO test images: "
+         "difference of mean per-source AUC, source-level paired bootstrap 95% CI (t interval) and p (the same "
+         "resample applied to both models)."),
         ("Pooled LOSO (secondary: prevalence-sensitive)", pooled_table(honest),
          "Warning: pooling held-out sources whose positive rates differ rewards recognising the source; "
          "read the per-source means above. Uncertainty: image-level bootstrap 95% CI."),

@@ -9,9 +9,14 @@ Row kinds (`kind`):
     fold         one fitted model scored on one test set (scope 'all' or one source of it)
     pooled       out-of-fold predictions of every fold's own model pooled into one set (mixed, loso).
                  Pooled LOSO mixes sources whose positive rates differ, so a model that recognises the
-                 source scores well on it: a secondary number, never a headline.
+                 source scores well on it: a secondary number, never a headline. The mixed pooled row's
+                 `metrics` carry the verdict's shortcut estimand (`shortcut`: score.source_contrast,
+                 cross-source minus same-source AUC, patient-level CI; `shortcut_source_level` beside it)
+                 and the model's one seen (`seen_mean`: mean per-source AUC).
     source-mean  the mean over held-out sources (each with both classes) of per-source AUCs, with a
-                 source-level (cluster) bootstrap CI; `auc_worst` / `worst_source` name the worst one.
+                 source-level (cluster) bootstrap CI; `auc_worst` / `worst_source` name the worst one;
+                 `gap` = the drop on new sources (seen - unseen, LOSO and seen-unseen only);
+                 `metrics.below_chance`: score.below_chance over the held-out sources.
 
 `uncertainty` says what a row's CI resamples: 'image' (stratified bootstrap of the test images),
 'source' (held-out sources, then images within them), 'selection' (selection seeds), or NULL.
@@ -123,7 +128,8 @@ LIST_COLUMNS = tuple(c.name for c in COLUMNS if c.type.endswith("[]"))
 # One metric vocabulary for MLflow unit runs, the same names whatever the protocol, so the
 # comparison view lines runs up column by column.
 UNIT_METRICS = {
-    "auc_seen": "AUC on held-out images of the training sources (pooled over folds where there are several)",
+    "auc_seen": "seen: mean over the training sources of the per-source AUC on their held-out images (mixed "
+                "k-fold, or seen-unseen's seen set): the seen of the table, the figures and the gap",
     "auc_unseen_mean": "mean over held-out sources (both classes) of the per-source AUC",
     "auc_unseen_mean_lo": "its 95% CI low (see uncertainty)",
     "auc_unseen_mean_hi": "its 95% CI high",
@@ -134,6 +140,13 @@ UNIT_METRICS = {
     "gap_hi": "its 95% CI high",
     "balanced_accuracy_unseen_mean": "mean over held-out sources of balanced accuracy",
     "n_unseen_sources": "held-out sources with both classes behind the mean",
+    "shortcut": "does it use the source? AUC over cross-source minus same-source positive-negative pairs of the "
+                "mixed out-of-fold predictions (score.source_contrast)",
+    "shortcut_lo": "its 95% CI low (patients resampled within sources)",
+    "shortcut_hi": "its 95% CI high",
+    "auc_cross_source": "AUC over positive-negative pairs from different sources (mixed out-of-fold)",
+    "auc_same_source": "AUC over positive-negative pairs from the same source (mixed out-of-fold)",
+    "n_shortcut_sources": "sources behind the shortcut estimand",
 }
 
 
@@ -232,6 +245,14 @@ def unit_summary(rows: list[dict]) -> dict:
         vals = [r["auc"] for r in seen if r.get("auc") is not None]
         if vals:
             out["auc_seen"] = sum(vals) / len(vals)
+    for r in pooled_seen[:1]:  # mixed: the one seen (mean per-source AUC) and the shortcut estimand
+        m = r.get("metrics") or {}
+        if m.get("seen_mean") is not None:
+            out["auc_seen"] = m["seen_mean"]
+        sc = m.get("shortcut") or {}
+        out.update(shortcut=sc.get("estimate"), shortcut_lo=sc.get("lo"), shortcut_hi=sc.get("hi"),
+                   auc_cross_source=sc.get("cross"), auc_same_source=sc.get("same"),
+                   n_shortcut_sources=sc.get("n_sources") if sc.get("estimate") is not None else None)
     units = [(u, a) for u, a in unseen_units(rows) if a is not None]
     if units:
         out["auc_unseen_mean"] = sum(a for _, a in units) / len(units)
@@ -247,6 +268,9 @@ def unit_summary(rows: list[dict]) -> dict:
                    auc_unseen_mean_hi=sm[0].get("auc_hi"))
         if sm[0].get("gap") is not None:
             out.update(gap=sm[0]["gap"], gap_lo=sm[0].get("gap_lo"), gap_hi=sm[0].get("gap_hi"))
+            gi = (sm[0].get("metrics") or {}).get("gap") or {}
+            if gi.get("seen") is not None and sm[0]["protocol"] != "leave-pair-out":
+                out["auc_seen"] = gi["seen"]  # the seen the gap subtracts from
     pooled_unseen = _ok(rows, kind="pooled", test_set="unseen", scope="all")
     if pooled_unseen and pooled_unseen[0].get("auc") is not None:
         out["auc_unseen_pooled"] = pooled_unseen[0]["auc"]

@@ -184,3 +184,42 @@ def generate(out: str | Path, n_per_source: int = 120, size: int = 256, seed: in
         w.writeheader()
         w.writerows(rows)
     return manifest
+
+
+def oof_scores(prevalence, n_per_source=150, *, signal: float = 0.0, shift: float = 0.0, shortcut: float = 0.0,
+               patient_sd: float = 0.5, images_per_patient: int = 3, seed: int = 0, names=None) -> dict:
+    """SIMULATED out-of-fold scores of a model over several sources, with a known answer: what the verdict
+    must say without fitting anything. Per source s (positive share `prevalence[s]`, `n_per_source` images,
+    a scalar or one per source), patients of 1..`images_per_patient` images with one label each and a
+    shared random effect (sd `patient_sd`); an image's score is
+
+        signal * y  +  shift * z_s  +  shortcut * (prevalence[s] - mean prevalence) * 4  +  patient  +  N(0, 1)
+
+    z_s ~ N(0, 1) independent of the label (an acquisition shift: the source moves the score, not the
+    disease); the shortcut term scores the source by its positive rate (what a model that recognises the
+    source learns). Returns dict(y, score, source, patient) as numpy arrays (patient: integer ids, unique
+    over sources)."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.asarray(prevalence, dtype=float)
+    K = len(prevalence)
+    ns = np.broadcast_to(np.asarray(n_per_source), (K,))
+    names = names or [f"src{k}" for k in range(K)]
+    z = rng.normal(0, 1, K)
+    ys, ss, srcs, pats = [], [], [], []
+    for k in range(K):
+        n = int(ns[k])
+        sizes = rng.integers(1, images_per_patient + 1, n)  # more patients than needed, cut at n images
+        cut = int(np.searchsorted(np.cumsum(sizes), n)) + 1
+        sizes = sizes[:cut]
+        sizes[-1] -= int(sizes.sum()) - n
+        lab = (rng.random(cut) < prevalence[k]).astype(int)
+        u = rng.normal(0, patient_sd, cut)
+        y = np.repeat(lab, sizes)
+        ys.append(y)
+        ss.append(signal * y + shift * z[k] + shortcut * (prevalence[k] - prevalence.mean()) * 4
+                  + np.repeat(u, sizes) + rng.normal(size=n))
+        srcs.append(np.full(n, names[k], dtype=object))
+        pats.append(len(np.concatenate(pats)) + np.repeat(np.arange(cut), sizes) if pats else
+                    np.repeat(np.arange(cut), sizes))  # ids unique over sources
+    return dict(y=np.concatenate(ys), score=np.concatenate(ss), source=np.concatenate(srcs),
+                patient=np.concatenate(pats))

@@ -309,10 +309,15 @@ MODEL_METRICS = {
     "auc_pairs_mean": "leave-pair-out: mean AUC over held-out pairs of sources",
     "auc_pairs_worst": "leave-pair-out: the worst pair's AUC",
     "n_pairs": "held-out pairs behind the mean",
-    "gap_within_source": "seen - unseen mean per-source AUC (the verdict's within-source gap)",
-    "gap_within_source_lo": "its source-level 95% CI, low", "gap_within_source_hi": "its 95% CI, high",
-    "gap_cross_source": "mixed pooled AUC - leave-pair-out mean (the verdict's cross-source gap)",
-    "gap_cross_source_lo": "its source-level 95% CI, low", "gap_cross_source_hi": "its 95% CI, high",
+    "drop_new_sources": "seen - unseen mean per-source AUC: the drop on new sources (a domain shift does this "
+                        "too: never read as a shortcut; the shortcut estimand is `shortcut`)",
+    "drop_new_sources_lo": "its source-level 95% CI, low", "drop_new_sources_hi": "its 95% CI, high",
+    "shortcut": "does it use the source? cross-source minus same-source AUC of the mixed out-of-fold predictions "
+                "(score.source_contrast; the verdict's first question)",
+    "shortcut_lo": "its 95% CI, low (patients resampled within sources)", "shortcut_hi": "its 95% CI, high",
+    "auc_cross_source": "AUC over positive-negative pairs from different sources (mixed out-of-fold)",
+    "auc_same_source": "AUC over positive-negative pairs from the same source (mixed out-of-fold)",
+    "n_shortcut_sources": "sources behind the shortcut estimand",
 }
 # Protocols in the order their extra figures are named (the first one to have a figure logs it bare)
 PROTOCOL_ORDER = ("mixed", "loso", "seen-unseen", "leave-pair-out")
@@ -320,7 +325,8 @@ PROTOCOL_ORDER = ("mixed", "loso", "seen-unseen", "leave-pair-out")
 # metric column of a source-mean row) is logged too, under its own name
 _UNIT_COVERED = {"auc_seen", "auc_unseen_mean", "auc_unseen_mean_lo", "auc_unseen_mean_hi", "auc_unseen_worst",
                  "auc_unseen_pooled", "gap", "gap_lo", "gap_hi", "balanced_accuracy_unseen_mean",
-                 "n_unseen_sources"}
+                 "n_unseen_sources", "shortcut", "shortcut_lo", "shortcut_hi", "auc_cross_source",
+                 "auc_same_source", "n_shortcut_sources"}
 _ROW_COVERED = set(results.METRICS) | {"gap", "gap_p", "gap_lo", "gap_hi", "n_sources", "auc_worst"}
 
 
@@ -355,7 +361,7 @@ def model_figures(g: pl.DataFrame, probe_auc: float | None = None) -> dict:
     """One model's headline figures from its rows (the results table's columns): `metrics` (the
     MODEL_METRICS vocabulary plus any further metric the contract declares), the verdict and its
     reason, and the texts a card shows (seen, unseen mean, worst source, pairs)."""
-    from featstore.verdict import judge
+    from featstore.verdict import judge, mixed_metrics, model_verdicts
 
     g = g.filter(pl.col("status") == "ok")
     m: dict = {}
@@ -367,19 +373,19 @@ def model_figures(g: pl.DataFrame, probe_auc: float | None = None) -> dict:
     su = _source_mean(g, "seen-unseen")
     main = lo or su
     lpo = _source_mean(g, "leave-pair-out")
-    if mixed.height == 1:
-        r = mixed.row(0, named=True)
-        m["auc_seen"] = r["auc"]
-        ci = interval(r.get("auc_lo"), r.get("auc_hi"))
-        if ci:
-            m["auc_seen_lo"], m["auc_seen_hi"] = ci
-        txt["seen"] = ci_text(r["auc"], r.get("auc_lo"), r.get("auc_hi"), None) + " (mixed k-fold)"
-    elif mixed.height > 1:
+    # the one seen of a model (the table's, the figures', the drop's): the mean per-source AUC of its mixed
+    # k-fold (verdict.mixed_metrics), else seen-unseen's seen images
+    mm = mixed_metrics(g)
+    gi = ((main or {}).get("metrics") or {}).get("gap") or {}
+    if mm.get("seen_mean") is not None:
+        m["auc_seen"] = float(mm["seen_mean"])
+        txt["seen"] = f"{m['auc_seen']:.3f} (mixed k-fold, mean of {mm.get('seen_sources')} sources)"
+    elif gi.get("seen") is not None:
+        m["auc_seen"] = float(gi["seen"])
+        txt["seen"] = f"{m['auc_seen']:.3f} ({gi.get('seen_from', 'seen images')})"
+    elif mixed.height:
         m["auc_seen"] = float(mixed["auc"].mean())
-        txt["seen"] = f"{m['auc_seen']:.3f} ± {mixed['auc'].std():.3f} ({mixed.height} repeats of mixed k-fold)"
-    elif su and (su.get("metrics") or {}).get("gap", {}).get("seen") is not None:
-        m["auc_seen"] = float(su["metrics"]["gap"]["seen"])
-        txt["seen"] = f"{m['auc_seen']:.3f} (seen-unseen's seen images)"
+        txt["seen"] = f"{m['auc_seen']:.3f} (mixed k-fold, pooled)"
     if main and main.get("auc") is not None:
         k = main.get("n_sources")
         m["auc_unseen_mean"] = main["auc"]
@@ -401,14 +407,23 @@ def model_figures(g: pl.DataFrame, probe_auc: float | None = None) -> dict:
             m["auc_pairs_worst"] = lpo["auc_worst"]
         txt["pairs"] = f"{lpo['auc']:.3f}" + (f" (worst pair {lpo['auc_worst']:.3f}, {lpo.get('worst_source')})"
                                                if lpo.get("auc_worst") is not None else "")
-    for row, name in ((main, "gap_within_source"), (lpo, "gap_cross_source")):
-        if row and row.get("gap") is not None:
-            m[name] = row["gap"]
-            ci = interval(row.get("gap_lo"), row.get("gap_hi"), -1.0)
-            if ci:
-                m[f"{name}_lo"], m[f"{name}_hi"] = ci
+    if main and main.get("gap") is not None:
+        m["drop_new_sources"] = main["gap"]
+        ci = interval(main.get("gap_lo"), main.get("gap_hi"), -1.0)
+        if ci:
+            m["drop_new_sources_lo"], m["drop_new_sources_hi"] = ci
+    sc = mm.get("shortcut") or {}
+    if sc.get("estimate") is not None:
+        m.update(shortcut=sc["estimate"], auc_cross_source=sc.get("cross"), auc_same_source=sc.get("same"),
+                 n_shortcut_sources=sc.get("n_sources"))
+        ci = interval(sc.get("lo"), sc.get("hi"), -1.0)
+        if ci:
+            m["shortcut_lo"], m["shortcut_hi"] = ci
     m.update(_declared_extras(g))
-    v = judge(main, lpo, probe_auc)
+    # this model alone (p unadjusted); the sweep's end re-judges every model with Holm over all of them
+    key = (g["backbone"][0], g["preprocess"][0]) if g.height else None
+    mv = model_verdicts(g, {key: probe_auc} if probe_auc is not None else None)
+    v = mv[0]["verdict"] if mv else judge(None)
     return dict(metrics={k: float(x) for k, x in m.items() if _finite(x)}, verdict=v.verdict, reason=v.reason,
                 text=txt)
 
@@ -485,16 +500,40 @@ class ModelRuns:
         rid = self.ids[key]
         f = model_figures(results_frame(self.rows[key]))
         c = self.tracker.client
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, RunTag
 
         ts = _now_ms()
+        # the verdict is provisional here (this model alone); `judge_all` at the sweep's end sets the one
+        # the report gives (Holm over the study's models) as a param and the tags
         c.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in f["metrics"].items()],
-                    params=[Param("verdict", f["verdict"])],
                     tags=[RunTag("verdict", f["verdict"]), RunTag("verdict_reason", f["reason"][:5000]),
                           RunTag("mlflow.note.content", f"**{f['verdict']}**: {f['reason']}")])
         self.tracker.end(rid, "FINISHED")
         self.done[key] = dict(f, name=self.name(key), run_id=rid)
         return self.done[key]
+
+    def judge_all(self) -> None:
+        """Every finished model's verdict as the report gives it: the two questions' p-values Holm-adjusted
+        over the study's models (oracle models apart, as the report's ORACLE table), logged as the
+        `verdict` param and tags of each model run."""
+        from mlflow.entities import Param, RunTag
+
+        from featstore.verdict import model_verdicts
+
+        for oracle in (False, True):
+            keys = [k for k in self.done if (k[3] == "oracle") == oracle]
+            rows = [r for k in keys for r in self.rows[k]]
+            if not rows:
+                continue
+            for mv in model_verdicts(results_frame(rows)):
+                key = tuple(mv["key"])
+                if key not in self.done:
+                    continue
+                v, d = mv["verdict"], self.done[key]
+                d.update(verdict=v.verdict, reason=v.reason)
+                self.tracker.client.log_batch(d["run_id"], params=[Param("verdict", v.verdict)], tags=[
+                    RunTag("verdict", v.verdict), RunTag("verdict_reason", v.reason[:5000]),
+                    RunTag("mlflow.note.content", f"**{v.verdict}**: {v.reason}")])
 
     def sweep_headline(self) -> tuple[dict, dict]:
         """(metrics, tags) for the sweep run: the best honest model's figures (by unseen mean, else the
@@ -520,6 +559,7 @@ def log_sweep_headline(tracker: "Tracker", sweep_run: str, models: ModelRuns) ->
     """The sweep (parent) run carries the study's headline figures (MLflow's parent/child pattern)."""
     from mlflow.entities import Metric, RunTag
 
+    models.judge_all()
     metrics, tags = models.sweep_headline()
     ts = _now_ms()
     if metrics or tags:
@@ -534,7 +574,7 @@ MODEL_VIEW = "featstore-models"
 # the headline's columns; MLflow puts metrics (alphabetically) before params and draws only the columns
 # that fit the window, so the list is short and the verdict column narrow enough to be on screen
 MODEL_COLUMNS = ["metrics.`auc_seen`", "metrics.`auc_unseen_mean`", "metrics.`auc_unseen_worst`",
-                 "metrics.`auc_pairs_mean`", "metrics.`gap_within_source`", "metrics.`gap_cross_source`",
+                 "metrics.`auc_pairs_mean`", "metrics.`shortcut`", "metrics.`drop_new_sources`",
                  "params.`verdict`"]
 
 

@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert "SYNTHETIC" in r.output
     assert "second run embedded 0" in r.output
     assert "synthetic-bad" in r.output  # the planted failures are listed
-    assert "mixed AUC (seen sources)" in r.output and "leave-pair-out" in r.output  # the benchmark table
+    assert "seen: mean per-source AUC" in r.output and "leave-pair-out" in r.output  # the benchmark table
     assert (tmp_path / "d" / "report" / "report.html").exists() and (tmp_path / "d" / "mlflow.db").exists()
     assert (tmp_path / "d" / "featstore.duckdb").exists()
 

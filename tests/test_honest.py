@@ -128,15 +128,22 @@ def _headline_for(db, tmp_path, heads, bootstrap=200, protocols=("mixed", "loso"
 
 
 def test_verdict_known_answers(eight_sources, tmp_path):
-    """Planted source confounders: shortcut likely (the cross-source gap is surely above 0.05). The same
-    sources without them: generalises (both gaps exclude a drop of 0.10)."""
+    """Planted source confounders beside a disease signal the pixel statistics read almost perfectly
+    within every source (same-source AUC ~0.999): nothing is left for the source to add, so cross-source
+    pairs are ranked no better than same-source ones and the model is not called a shortcut, whatever
+    the sources' positive rates (a pure shortcut, signal 0: tests/test_verdict.py). The same sources
+    without confounders: generalises (no use of the source, and a drop of 0.10 on new sources excluded)."""
     import polars as pl
 
     heads = {"logreg": {"trials": 3}}
     rows, h, _ = _headline_for(eight_sources["confounded"], tmp_path / "c", heads)
-    assert h["verdict"].to_list() == ["shortcut likely"], h.to_dicts()
+    mixed = rows.filter((pl.col("kind") == "pooled") & (pl.col("protocol") == "mixed")).row(0, named=True)
+    sc = (mixed["metrics"] if isinstance(mixed["metrics"], dict) else __import__("json").loads(mixed["metrics"]))
+    assert sc["shortcut"]["same"] > 0.98 and sc["shortcut"]["hi"] < 0.05, sc["shortcut"]
+    assert h["uses the source?"].to_list() == ["no"] and h["verdict"].to_list() != ["shortcut likely"]
+    assert "(8 sources, 8 with both classes)" in h["uses the source? cross − same-source AUC [CI]"][0]
     lpo = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "leave-pair-out")).row(0, named=True)
-    assert lpo["gap_lo"] > 0.05 and lpo["uncertainty"] == "source"
+    assert lpo["gap"] is None  # pairs share sources: no gap, no second "seen"
     sm = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso")).row(0, named=True)
     assert sm["uncertainty"] == "source" and sm["auc_lo"] <= sm["auc"] <= sm["auc_hi"] <= 1
     assert sm["n_sources"] == 8 and sm["worst_source"] in {f"s{k}" for k in range(8)}
@@ -156,4 +163,3 @@ def test_a_shortcut_cannot_top_the_headline(eight_sources, tmp_path):
     assert h["head"][0] == sm.sort("auc", descending=True)["head"][0]
     assert not [c for c in h.columns if "pooled" in c.lower()]
     assert pooled.height == 2 and "pooled LOSO AUC [image CI]" in pooled.columns
-    assert set(h["verdict"]) <= {"shortcut likely", "inconclusive"}  # no leave-pair-out here: never "generalises"

@@ -88,9 +88,9 @@ def test_verdict_and_figures_come_before_the_tables(rendered):
     forest = html.index('alt="Per-source unseen AUC"')
     dumbbell = html.index('alt="Seen vs unseen sources"')
     assert verdict < forest < dumbbell < first_table
-    assert re.search(r'<span class="badge v-(shortcut|generalises|inconclusive)">', html)
+    assert re.search(r'<span class="badge v-(shortcut|drops|generalises|inconclusive)">', html)
     # coloured cells: AUC cells on the diverging scale, the verdict cell by verdict
-    assert re.search(r'<td class="verdict v-(shortcut|generalises|inconclusive)">', html)
+    assert re.search(r'<td class="verdict v-(shortcut|drops|generalises|inconclusive)">', html)
     assert re.search(r'<td style="background:#[0-9a-f]{6}">0\.\d{3} \[', html)
 
 
@@ -110,7 +110,7 @@ def test_no_literal_markdown_in_html(rendered):
     text = "".join(rendered["tags"].data)
     assert not re.search(r"(?<![\w*])\*[^*\s][^*]*?\*(?![\w*])", text), re.findall(r"\*[^*\n]{0,30}\*", text)[:3]
     assert "**" not in text and "`" not in text
-    assert "<em>mixed</em>" in rendered["html"] and "<strong>source-level</strong>" in rendered["html"]
+    assert "<em>uses the source?</em>" in rendered["html"] and "<strong>source-level</strong>" in rendered["html"]
 
 
 def test_a_source_named_with_html_stays_text(rendered):

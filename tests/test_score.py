@@ -170,8 +170,10 @@ def test_identical_sources_collapse_to_the_image_level_interval():
         # copies: resampling sources changes nothing, so both spreads are the image-level one ...
         assert src["se_boot"] == pytest.approx(img["se"], rel=0.1)
         assert src["se"] == pytest.approx(img["se"], rel=0.1)  # the t interval's SE is floored there
+        # ... and the quantile stays t with the sources' df (no silent switch to a normal one)
         ratio = (src["hi"] - src["lo"]) / (img["hi"] - img["lo"])
-        assert ratio == pytest.approx(1.0, rel=0.15) and src["df"] is None, (K, ratio)
+        t_over_z = stats.t.ppf(0.975, K - 1) / stats.norm.ppf(0.975)
+        assert ratio == pytest.approx(t_over_z, rel=0.15) and src["df"] == pytest.approx(K - 1), (K, ratio)
     # sources that differ by a little more than their image noise: source-level spread, t with K-1 df
     y, s, g = _sources(rng, [0.6, 1.0, 1.4, 1.8], n=(300, 301))
     src, img = cluster_bootstrap(y, s, g, n_boot=500, seed=1), cluster_bootstrap(y, s, g, n_boot=500, seed=1, ci="t",

@@ -343,14 +343,16 @@ def test_one_run_per_model_lines_up_the_headline(swept):
         {k: head[k] for k in ("head", "backbone", "preprocess", "selection")}
     m = model.data.metrics
     assert set(m) <= set(track.MODEL_METRICS)
-    # mixed + loso: seen, unseen mean, worst source, the within-source gap; no pairs (no leave-pair-out)
-    assert {"auc_seen", "auc_unseen_mean", "auc_unseen_worst", "n_unseen_sources"} <= set(m)
-    assert not {k for k in m if "pairs" in k or "cross" in k}
+    # mixed + loso: seen, unseen mean, worst source, the drop, the shortcut estimand; no pairs (no leave-pair-out)
+    assert {"auc_seen", "auc_unseen_mean", "auc_unseen_worst", "n_unseen_sources", "shortcut"} <= set(m)
+    assert not {k for k in m if "pairs" in k}
     sm = next(x for x in rep.rows if x["kind"] == "source-mean" and x["protocol"] == "loso")
     seen = next(x for x in rep.rows if x["kind"] == "pooled" and x["protocol"] == "mixed" and x["test_set"] == "seen")
     assert m["auc_unseen_mean"] == pytest.approx(sm["auc"]) and m["auc_unseen_worst"] == pytest.approx(sm["auc_worst"])
-    assert m["auc_seen"] == pytest.approx(seen["auc"])
-    assert m.get("gap_within_source") == (None if sm["gap"] is None else pytest.approx(sm["gap"]))
+    seen_m = seen["metrics"] if isinstance(seen["metrics"], dict) else json.loads(seen["metrics"])
+    assert m["auc_seen"] == pytest.approx(seen_m["seen_mean"])  # the one seen: mixed mean per-source AUC
+    assert m["shortcut"] == pytest.approx(seen_m["shortcut"]["estimate"])
+    assert m.get("drop_new_sources") == (None if sm["gap"] is None else pytest.approx(sm["gap"]))
     assert head["LOSO mean per-source AUC (unseen)"].startswith(f"{m['auc_unseen_mean']:.3f}")
     # bootstrap 0: no interval anywhere, so none is logged (no 0/1 stand-ins)
     assert not [k for r in runs for k in r.data.metrics if k.endswith(("_lo", "_hi"))]
@@ -374,7 +376,7 @@ def test_model_runs_view_is_shared_on_the_experiment(swept):
     assert view["searchFilter"] == "tags.level = 'model'"
     names = {c.split("`")[1] for c in view["selectedColumns"]}
     assert "verdict" in names and {"auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean",
-                                   "gap_within_source", "gap_cross_source"} <= names <= set(track.MODEL_METRICS) | {
+                                   "shortcut", "drop_new_sources"} <= names <= set(track.MODEL_METRICS) | {
         "verdict", "head", "backbone", "preprocess", "selection"}
     url = track.ui_url("http://h:1", exp.experiment_id, track.MODEL_VIEW)
     assert url == f"http://h:1/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={track.MODEL_VIEW}" \

@@ -241,7 +241,7 @@ def test_ui_prints_the_model_runs_link_first_and_it_opens_the_headline(served):
                "the verdict and headline columns")
     body = b.js("document.body.innerText")
     assert "tags.level = 'model'" in b.js("[...document.querySelectorAll('input')].map(i => i.value).join(' ')")
-    for col in ("auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean", "gap_cross_source"):
+    for col in ("auc_seen", "auc_unseen_mean", "auc_unseen_worst", "auc_pairs_mean", "shortcut"):
         assert col in body, col
     for m in models:  # each model's verdict is in its row
         assert m.data.params["verdict"] in body
