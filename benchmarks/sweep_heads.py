@@ -39,9 +39,9 @@ def main():
     import yaml
 
     from featstore import heads as H
-    from featstore import sweep as S
-    from featstore.benchmark import make_tasks, plan
-    from featstore.study import parse_study
+    from featstore.sweep import fit as S
+    from featstore.sweep.plan import make_tasks, plan
+    from featstore.sweep.config import parse_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     st = parse_study(yaml.safe_load((REPO / "featstore" / "studies" / "cxr_shortcut.yaml").read_text()))

@@ -302,7 +302,7 @@ class StudyJob:
     def run(self, progress: Callable = silent):
         """Load the config and run the study; a config, data or busy-store error is a UserError."""
         from featstore.store import StoreBusyError
-        from featstore.study import StudyError, load_study
+        from featstore.sweep.config import StudyError, load_study
 
         try:
             st = load_study(self.config)
@@ -333,7 +333,7 @@ class SweepJob(StudyJob):
     on_interrupt = "finished trials are in the Optuna storage; run the same command to resume"
 
     def _run(self, st, db, tick):
-        from featstore.benchmark import run_study
+        from featstore.sweep.run import run_study
 
         return run_study(st, db, self.workdir, self.tracking_uri, self.workers, self.trials, self.timeout, tick,
                          self.storage)
@@ -363,7 +363,7 @@ class WorkerJob(StudyJob):
     on_interrupt = "finished trials are in the shared storage"
 
     def _run(self, st, db, tick):
-        from featstore.benchmark import run_worker
+        from featstore.sweep.run import run_worker
 
         return run_worker(st, db, self.storage, self.workers, self.trials, self.timeout, tick)
 

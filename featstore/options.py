@@ -1,4 +1,4 @@
-"""Value types and the strict section base shared by config schemas: the study config (featstore/study.py)
+"""Value types and the strict section base shared by config schemas: the study config (featstore/sweep/config.py)
 and the options each registered protocol carries (featstore/split.py)."""
 from typing import Annotated, ClassVar
 

@@ -1,6 +1,6 @@
 """Data flows one way: no module imports one of a later stage, and no two modules import each other,
-directly or around a loop. Imports are read with `ast` from every featstore/*.py, those inside
-functions included (a lazy import is still a dependency)."""
+directly or around a loop. Imports are read with `ast` from every featstore/*.py and featstore/sweep/*.py
+(named `sweep.<step>`), those inside functions included (a lazy import is still a dependency)."""
 import ast
 from pathlib import Path
 
@@ -18,12 +18,14 @@ STAGES = [
     ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),
     # the store's read API (embeddings + labels as arrays) sits here: it builds patient groups with split
     ("split", {"duplicates", "ann", "split", "api"}),
-    ("fit", {"heads", "zeroshot", "study", "sweep"}),
+    # the sweep package (featstore/sweep/, its docstring the map) up to the fit: the config (schema only), its
+    # data, the plan (folds, tasks), Optuna
+    ("fit", {"heads", "zeroshot", "sweep.__init__", "sweep.config", "sweep.data", "sweep.plan", "sweep.fit"}),
     ("score", {"score", "verdict"}),
-    ("track", {"track"}),
+    ("track", {"track", "sweep.rows", "sweep.tracking"}),
     # jobs that run fit -> score -> track: a study's sweep; the domain probe and the shortcut evidence
     # the report lays out (forensics)
-    ("run", {"benchmark", "probe"}),
+    ("run", {"sweep.run", "probe"}),
     ("report", {"report"}),
 ]
 # Front ends may import anything; no stage imports them. `featstore` itself (__init__) only re-exports
@@ -36,8 +38,15 @@ RANK = {m: i for i, (_, mods) in enumerate(STAGES) for m in mods}
 STAGE = {m: name for name, mods in STAGES for m in mods}
 
 
+SUBPACKAGES = ("sweep",)
+
+
 def _modules() -> set[str]:
-    return {p.stem for p in PKG.glob("*.py")}
+    return {p.stem for p in PKG.glob("*.py")} | {f"{d}.{p.stem}" for d in SUBPACKAGES for p in (PKG / d).glob("*.py")}
+
+
+def _path(m: str) -> Path:
+    return PKG / (m.replace(".", "/") + ".py")
 
 
 def _imports(path: Path, modules: set[str]) -> dict[str, int]:
@@ -55,14 +64,19 @@ def _imports(path: Path, modules: set[str]) -> dict[str, int]:
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         for n in names:
             parts = n.split(".")
-            if parts[0] == "featstore" and len(parts) > 1 and parts[1] in modules:
+            if parts[0] != "featstore" or len(parts) < 2:
+                continue
+            sub = ".".join(parts[1:3])  # a step of a subpackage, e.g. sweep.fit
+            if sub in modules:
+                out.setdefault(sub, node.lineno)
+            elif parts[1] in modules:
                 out.setdefault(parts[1], node.lineno)
     return out
 
 
 def _graph() -> dict[str, dict[str, int]]:
     mods = _modules()
-    return {m: {k: v for k, v in _imports(PKG / f"{m}.py", mods).items() if k != m} for m in mods}
+    return {m: {k: v for k, v in _imports(_path(m), mods).items() if k != m} for m in mods}
 
 
 def test_every_module_has_a_declared_stage():
@@ -80,9 +94,10 @@ def test_no_module_imports_a_later_stage_or_a_front_end():
             continue
         for d, line in sorted(deps.items()):
             if d in FRONT_ENDS:
-                bad.append(f"featstore/{m}.py:{line} imports the front end {d}")
+                bad.append(f"{_path(m).relative_to(PKG.parent)}:{line} imports the front end {d}")
             elif RANK[d] > RANK[m]:
-                bad.append(f"featstore/{m}.py:{line} ({STAGE[m]}) imports {d} ({STAGE[d]}, a later stage)")
+                bad.append(f"{_path(m).relative_to(PKG.parent)}:{line} ({STAGE[m]}) imports {d} ({STAGE[d]}, "
+                           "a later stage)")
     assert not bad, "\n".join(bad)
 
 
@@ -118,8 +133,8 @@ def test_the_readme_module_map_agrees_with_the_declared_stages():
     readme = (PKG.parent / "README.md").read_text()
     section = readme[readme.index("## Architecture"):]
     section = section[:section.index("\n## ", 1)]
-    rows = re.findall(r"^\| `(\w+)\.py` \| ([\w ]+?) \| (\d+) \|", section, re.M)
-    listed = {m: stage for m, stage, _ in rows}
+    rows = re.findall(r"^\| `([\w/]+)\.py` \| ([\w ]+?) \| (\d+) \|", section, re.M)
+    listed = {m.replace("/", "."): stage for m, stage, _ in rows}
     assert len(listed) == len(rows), "a module is listed twice in the README's module map"
     assert set(listed) == _modules(), f"README module map: missing {sorted(_modules() - set(listed))}, " \
                                       f"gone {sorted(set(listed) - _modules())}"
@@ -134,7 +149,10 @@ def test_the_checker_sees_lazy_and_aliased_imports(tmp_path):
     f.write_text("import featstore.store as s\nfrom featstore import results as R, weights\n"
                  "def f():\n    from featstore.report import headline\n    import json\n")
     assert set(_imports(f, {"store", "results", "weights", "report"})) == {"store", "results", "weights", "report"}
-    assert "report" in _graph()["cli"] and "track" in _graph()["benchmark"]
+    assert "report" in _graph()["cli"] and "track" in _graph()["sweep.run"]
+    assert set(_imports(f, {"sweep.fit", "sweep"})) == set()
+    f.write_text("from featstore.sweep import fit\nimport featstore.sweep.plan as P\n")
+    assert set(_imports(f, {"sweep.fit", "sweep.plan"})) == {"sweep.fit", "sweep.plan"}
 
 
 def _names_from(path: Path, module: str) -> dict[str, int]:
@@ -185,9 +203,9 @@ def test_each_stage_writes_only_its_own_tables():
     for m in sorted(_modules()):
         if STAGE.get(m) == "library":
             continue
-        wrong = _writes((PKG / f"{m}.py").read_text()) - OWNS.get(STAGE.get(m), set())
+        wrong = _writes(_path(m).read_text()) - OWNS.get(STAGE.get(m), set())
         if wrong:
-            bad.append(f"featstore/{m}.py ({STAGE.get(m, 'front end')}) writes {sorted(wrong)}")
+            bad.append(f"{_path(m).relative_to(PKG.parent)} ({STAGE.get(m, 'front end')}) writes {sorted(wrong)}")
     assert not bad, "\n".join(bad)
     # the checker sees the writes featstore makes, or the rule above would pass vacuously
     assert _writes('con.execute(f"DELETE FROM {table} WHERE x")\ninsert_frame(con, "lung_masks", df)\n'

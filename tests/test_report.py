@@ -35,10 +35,10 @@ class _Tags(HTMLParser):
 def rendered(synth_stores, tmp_path_factory):
     """A copy of the confounded store whose 4th source is named with HTML, a small sweep on it, two
     near-duplicate pairs (one across sources), and the report written from it."""
-    from featstore.benchmark import run_study
+    from featstore.sweep.run import run_study
     from featstore.report import write_report
     from featstore.store import connect
-    from featstore.study import parse_study
+    from featstore.sweep.config import parse_study
 
     tmp = tmp_path_factory.mktemp("report")
     db = tmp / "fs.duckdb"

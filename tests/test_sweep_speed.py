@@ -13,10 +13,10 @@ from sklearn.preprocessing import StandardScaler
 
 from featstore import heads as H
 from featstore.heads import GRLHead
-from featstore import sweep as S
-from featstore.benchmark import make_tasks, plan
+from featstore.sweep import fit as S
+from featstore.sweep.plan import make_tasks, plan
 from featstore.split import get_selection
-from featstore.study import parse_study
+from featstore.sweep.config import parse_study
 
 
 def _tasks(db, heads, protocols=None):

@@ -142,8 +142,8 @@ def _wait_health(base, proc):
 @pytest.fixture(scope="module")
 def served(synth_stores, tmp_path_factory):
     """A small sweep tracked in a folder that is then MOVED; `featstore ui` serves the moved folder."""
-    from featstore.benchmark import run_study
-    from featstore.study import load_study
+    from featstore.sweep.run import run_study
+    from featstore.sweep.config import load_study
 
     tmp = tmp_path_factory.mktemp("ui")
     first = tmp / "first"

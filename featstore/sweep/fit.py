@@ -36,25 +36,10 @@ from sklearn.metrics import roc_auc_score
 
 from featstore.heads import HEADS, create_head
 from featstore.procs import process_pool
-from featstore.split import Fold, Meta, get_selection
+from featstore.split import Meta, get_selection
+from featstore.sweep.plan import Task
 
 
-@dataclass
-class Task:
-    """One Optuna study: a fold of a protocol, for one head, on one embedding set."""
-    study_name: str
-    protocol: str
-    fold: Fold
-    head: str
-    trials: int
-    fixed: dict
-    selection: str          # a split.SELECTIONS entry
-    seed: int
-    timeout: float | None
-    n_classes: int
-    splits: list | None = None  # the selection's (fit, validate) pairs, computed once per fold (`attach_splits`)
-    attrs: dict = field(default_factory=dict)  # e.g. backbone, preprocess: study attributes for optuna-dashboard
-    inputs: dict = field(default_factory=dict)  # what a head is built with besides hyperparameters (zero-shot:
     #                                             the class text embeddings); never in params, never searched
 
 
@@ -154,6 +139,8 @@ def single_threaded():
 # a running trial on database storage proves its owner alive this often; after GRACE_S without, the
 # trial is failed as dead and its study is open to takeover (environment overrides are for tests)
 HEARTBEAT_S = int(os.environ.get("FEATSTORE_SWEEP_HEARTBEAT_S", 5))
+
+
 GRACE_S = int(os.environ.get("FEATSTORE_SWEEP_GRACE_S", 30))
 
 
