@@ -126,7 +126,7 @@ def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch
     def boom(tracker, st, parent, *a, **k):
         tracker.run("half-logged unit", parent=parent, tags=dict(level="unit"), status=None)
         raise RuntimeError("scoring broke")
-    monkeypatch.setattr(B, "_track_unit", boom)
+    monkeypatch.setattr(B, "track_unit", boom)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError):
         run_study(_study(study="fail"), synth_stores["confounded"], tmp_path, uri)
@@ -138,7 +138,7 @@ def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkey
     """Ctrl-C, and SIGTERM (which unwinds the same way), mid-unit: every run opened is KILLED."""
     import featstore.sweep.run as B
 
-    real = B._track_unit
+    real = B.track_unit
     calls = [0]
 
     def interrupted(tracker, *a, **k):
@@ -147,7 +147,7 @@ def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkey
             tracker.run("half-logged unit", parent=tracker.sweep_run, tags=dict(level="unit"), status=None)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(tracker, *a, **k)
-    monkeypatch.setattr(B, "_track_unit", interrupted)
+    monkeypatch.setattr(B, "track_unit", interrupted)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM)  # not always SIG_DFL: ray.init, run earlier, installs one

@@ -47,14 +47,14 @@ def _metric_rows(base, test_set, scope, y, P, S, n_classes, st) -> dict:
     return row
 
 
-def _unit_key(task: Task) -> tuple:
+def unit_key(task: Task) -> tuple:
     return (task.protocol, task.head, task.selection, task.seed)
 
 
-def _score_unit(st, sweep_id, bb, pre, data: StudyData, rs: list[TaskResult]) -> tuple:
+def score_unit(st, sweep_id, bb, pre, data: StudyData, rs: list[TaskResult]) -> tuple:
     """A unit's fold and pooled rows and its predictions (the source-mean row comes at tracking)."""
     meta, K = data.meta, len(data.class_names)
-    proto, head, sel, _ = _unit_key(rs[0].task)
+    proto, head, sel, _ = unit_key(rs[0].task)
     preds = []
     unit_rows, pooled = [], {}
     trials = {r.task.fold.name: r.trials for r in rs}

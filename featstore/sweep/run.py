@@ -22,8 +22,8 @@ from featstore.sweep.config import Study, StudyError
 from featstore.sweep.data import StudyData
 from featstore.sweep.fit import TaskResult, run_tasks
 from featstore.sweep.plan import Task, make_tasks, plan
-from featstore.sweep.rows import _score_unit, _unit_key, source_mean_rows
-from featstore.sweep.tracking import _track_unit
+from featstore.sweep.rows import score_unit, source_mean_rows, unit_key
+from featstore.sweep.tracking import track_unit
 from featstore.track import Tracker, code_version, write_predictions, write_results
 
 
@@ -264,7 +264,7 @@ class Units:
         self.units: dict[tuple, list[int]] = {}   # unit -> its tasks' places, in task order
         self.at: dict[str, int] = {}
         for i, t in enumerate(tasks):
-            self.units.setdefault(_unit_key(t), []).append(i)
+            self.units.setdefault(unit_key(t), []).append(i)
             self.at[t.study_name] = i
         self.results: dict[int, TaskResult] = {}
         self.scored: dict[tuple, tuple] = {}      # unit -> (results, rows, predictions, trials)
@@ -284,9 +284,9 @@ class Units:
     def add(self, res: TaskResult) -> None:
         t0 = time.time()
         self.results[self.at[res.task.study_name]] = res
-        key = _unit_key(res.task)
+        key = unit_key(res.task)
         if all(i in self.results for i in self.units[key]):
-            self.scored[key] = _score_unit(*self.ctx, [self.results[i] for i in self.units[key]])
+            self.scored[key] = score_unit(*self.ctx, [self.results[i] for i in self.units[key]])
             # this unit, and those that waited for it
             for k in [key] + [k for k in self.scored if k not in self.tracked and self.needs(k) == key]:
                 self._track(k)
@@ -302,7 +302,7 @@ class Units:
         if len(data.class_names) == 2:
             seen_rs = rs if proto == "seen-unseen" else (self.scored[need][0] if need else None)
             unit_rows = unit_rows + source_mean_rows(st, sweep_id, bb, pre, data, rs, seen_rs)
-        uid = _track_unit(self.tracker, st, self.parent, proto, head, sel, bb, pre, data, unit_rows, preds,
+        uid = track_unit(self.tracker, st, self.parent, proto, head, sel, bb, pre, data, unit_rows, preds,
                           trials, seed)
         self.tracked[key] = (unit_rows, preds)
         if self.on_unit:

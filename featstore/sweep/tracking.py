@@ -11,7 +11,7 @@ from featstore import results as R
 from featstore.track import code_version, unit_artifacts
 
 
-def _track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed=None) -> str:
+def track_unit(tracker, st, parent, proto, head, sel, bb, pre, data, unit_rows, preds, trials, seed=None) -> str:
     """Unit run -> fold runs -> trial runs, with artifacts on the unit run; returns the unit's run id.
     Runs carry the times the work happened (trials: Optuna's; folds: their trials' span; units:
     first trial to scoring, which is when the unit's last fold finished)."""
