@@ -42,7 +42,7 @@ def files_identity(files: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     for g in _WEIGHT_GLOBS:  # safetensors first: a snapshot may hold both formats of the same weights
         found = sorted(p for p in folder.glob(g) if p.is_file() and "training_args" not in p.name)
         if found:
@@ -67,7 +67,7 @@ def local_folder(repo: str, wdir: Path | None, explicit: str | None, files: tupl
         cands += [wdir / repo.replace("/", "--"), wdir / repo, wdir]
     for c in cands:
         looked.append(str(c))
-        if c.is_dir() and _weight_files(c):
+        if c.is_dir() and weight_files(c):
             return c
     if explicit:
         raise W.WeightsMissingError(f"--weights {explicit}: no weight files ({', '.join(_WEIGHT_GLOBS)}) there for {what}")
@@ -145,7 +145,7 @@ def build_hf(spec, weights: str | None, wdir: Path | None, pooling: str, overrid
         cls = transformers.AutoModel
         model = cls.from_pretrained(folder, config=cfg) if not opts.get("vision_tower_class") else \
             getattr(transformers, opts["vision_tower_class"]).from_pretrained(folder, config=cfg)
-        wid = files_identity(_weight_files(folder))
+        wid = files_identity(weight_files(folder))
     model.eval()
     n_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0) if opts.get("cls_token", True) else 0
     return _HFVision(model, pooling, n_prefix), wid, int(cfg.hidden_size)
@@ -254,7 +254,7 @@ def build_open_clip(spec, weights: str | None, wdir: Path | None, pooling: str, 
         raise ValueError(f"{spec.name}: open_clip entries give the model's image embedding only (pooling 'pooler')")
     path = None
     if weights != W.RANDOM_INIT:
-        path = _open_clip_file(spec, weights, wdir)
+        path = open_clip_file(spec, weights, wdir)
     cfg = open_clip_config(spec, path.parent if path else None, overrides)
     visual = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]) if isinstance(
         cfg["vision_cfg"], dict) else cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
@@ -274,7 +274,7 @@ def build_open_clip(spec, weights: str | None, wdir: Path | None, pooling: str, 
     return _ClipImage(visual, spec.options.get("normalize", False)), wid, int(cfg["embed_dim"])
 
 
-def _open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
+def open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
     if weights:
         p = Path(weights).expanduser()
         if not p.is_file():

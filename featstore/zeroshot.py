@@ -128,7 +128,7 @@ def _open_clip_text(spec, w: str, seed: int | None, wdir: Path | None, overrides
     path = None
     if seed is None:
         try:
-            path = F._open_clip_file(spec, None, wdir)
+            path = F.open_clip_file(spec, None, wdir)
         except W.WeightsMissingError as e:
             raise ZeroShotError(f"zero-shot head: {e}") from None
         _check_identity(spec.name, w, W.weights_identity(path), path)
@@ -226,7 +226,7 @@ def _hf_text(spec, w: str, seed: int | None, wdir: Path | None, overrides: dict)
             folder = F.local_folder(repo, wdir, None, _HF_TEXT_FILES, spec.name)
         except W.WeightsMissingError as e:
             raise ZeroShotError(f"zero-shot head: {e}") from None
-        _check_identity(spec.name, w, F.files_identity(F._weight_files(folder)), folder)
+        _check_identity(spec.name, w, F.files_identity(F.weight_files(folder)), folder)
         model = transformers.AutoModel.from_pretrained(folder)
     else:
         cfg = _hf_full_config(spec, overrides)

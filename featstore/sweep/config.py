@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 from sklearn.utils._param_validation import InvalidParameterError, Options, validate_parameter_constraints
 
 from featstore.heads import HEADS
-from featstore.options import Name, Names, Section, _distinct, _one_or_list
+from featstore.options import Name, Names, Section, distinct, one_or_list
 from featstore.split import PROTOCOLS, SELECTIONS, honest_selections
 
 
@@ -48,7 +48,7 @@ def _backbone_names(v):
     """A mapping backbone -> {pooling: one or a list} becomes `<entry>@<pooling>` names; one or a list of
     names passes as it is (`_canonical` then names each set as embed stores it)."""
     if not isinstance(v, dict):
-        return _one_or_list(v)
+        return one_or_list(v)
     out = []
     for name, opts in v.items():
         opts = {} if opts is None else opts
@@ -56,7 +56,7 @@ def _backbone_names(v):
             raise PydanticCustomError("backbone_opts", "{name}: the one option is pooling (cls, mean or pooler, "
                                       "or a list of them)", {"name": name})
         pool = opts.get("pooling")
-        out += [name] if pool is None else [f"{name}@{p}" for p in _one_or_list(pool)]
+        out += [name] if pool is None else [f"{name}@{p}" for p in one_or_list(pool)]
     return out
 
 
@@ -71,7 +71,7 @@ def _canonical(v):
             except ValueError as e:  # pooling not offered by the entry: the valid ones, one line
                 raise PydanticCustomError("pooling", "{msg}", {"msg": str(e)})
         out.append(name)
-    return _distinct(out)
+    return distinct(out)
 
 
 # embedding sets: names (`<entry>@<pooling>` too) or name -> {pooling: ...}; each as embed names its set
