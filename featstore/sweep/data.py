@@ -26,19 +26,19 @@ class StudyData:
     links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), int))  # near-duplicate index pairs
     state: dict = field(default_factory=dict)  # what the rows depend on besides the config (results contract)
     head_inputs: dict = field(default_factory=dict)  # head -> what it is built with (zero-shot: text embeddings)
+    selection_splits: dict = field(default_factory=dict)  # the plan's selection splits, drawn once per fold
 
 
 def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
     """Embeddings + metadata for one (backbone, preprocessing), filtered to the study's sources
     and target. `fs` is a featstore.api.Store."""
     try:
-        wid, _ = fs._set(backbone, preprocess, None)
+        wid, _ = fs.embedding_set(backbone, preprocess)
         X, meta = fs.arrays(backbone, preprocess)
     except ValueError as e:
         raise StudyError(f"{st.path or st.study}: {e} (run `featstore embed --backbone {backbone} "
                          f"--preprocess {preprocess}`)") from e
-    have = sorted(set(fs.con.execute("SELECT DISTINCT source FROM images").fetchall()))
-    have = [h for (h,) in have]
+    have = fs.sources()
     check_sources(st, have)
     col = st.label_column if st.target == "binary" else st.class_column
     if col not in meta.columns:
@@ -59,17 +59,15 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
     n_excluded = int((~keep).sum())
     idx = np.flatnonzero(keep)
     iid = meta["image_id"].to_numpy()[idx]
-    occ = dict(fs.con.execute("SELECT image_id, list(DISTINCT source) FROM occurrences GROUP BY 1").fetchall())
+    occ = fs.occurrences_by_image()
     links = np.zeros((0, 2), int)
     # an image in several sources belongs to all of them (split.Meta.members); ingest.canonical_images
     state = dict(source_rule=SOURCE_RULE,
                  neardup_policy=st.near_duplicates, neardup_links=0, neardup_thresholds=None, neardup_found_at=None,
                  mask_method=_mask_method(fs, preprocess, iid))
-    if st.near_duplicates != "ignore" and fs.con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]:
+    pairs = fs.near_duplicate_pairs() if st.near_duplicates != "ignore" else None
+    if pairs is not None:
         at = {v: i for i, v in enumerate(iid)}
-        pairs = fs.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
-                               "ORDER BY image_a, image_b").fetchall()
         used = [p for p in pairs if p[0] in at and p[1] in at]
         links = np.array([(at[p[0]], at[p[1]]) for p in used], dtype=int).reshape(-1, 2)
         if used:
@@ -115,11 +113,7 @@ def _mask_method(fs, preprocess: str, image_ids) -> str | None:
 
     if not get_preprocess(preprocess).needs_mask:
         return None
-    fs.con.execute("CREATE OR REPLACE TEMP TABLE _study_ids AS SELECT unnest(?::VARCHAR[]) AS image_id",
-                   [list(map(str, image_ids))])
-    got = fs.con.execute("SELECT DISTINCT method FROM lung_masks JOIN _study_ids USING (image_id) "
-                         "WHERE ok ORDER BY 1").fetchall()
-    return ",".join(m for (m,) in got) or None
+    return ",".join(fs.lung_mask_methods(image_ids)) or None
 
 
 def zeroshot_inputs(st: Study, hc, bb: str, pre: str, data: StudyData, fs, towers: dict) -> dict:
@@ -133,8 +127,7 @@ def zeroshot_inputs(st: Study, hc, bb: str, pre: str, data: StudyData, fs, tower
     prompts = hc.fixed["prompts"]
     labels = []
     if st.target == "binary":
-        labels = [v for (v,) in fs.con.execute(f'SELECT DISTINCT "{st.label_column}" FROM images').fetchall()
-                  if v is not None]
+        labels = fs.column_values(st.label_column)
     key = (bb, data.weights_id.partition(";input=")[0])
     try:
         kc = Z.key_classes(prompts, data.class_names, st.target, st.positive, labels)
