@@ -10,7 +10,7 @@ import numpy as np
 
 from featstore.api import Store
 from featstore.heads import HEADS
-from featstore.split import SELECTIONS, Fold, make_folds, oracle_selections
+from featstore.split import Fold, Meta, get_selection, make_folds, oracle_selections
 from featstore.sweep.config import Study, StudyError
 from featstore.sweep.data import StudyData, load_data, zeroshot_inputs
 
@@ -28,9 +28,34 @@ class Task:
     seed: int
     timeout: float | None
     n_classes: int
-    splits: list | None = None  # the selection's (fit, validate) pairs, computed once per fold (`attach_splits`)
+    splits: list | None = None  # the selection's (fit, validate) pairs, drawn once per fold (`attach_splits`)
     attrs: dict = field(default_factory=dict)  # e.g. backbone, preprocess: study attributes for optuna-dashboard
     inputs: dict = field(default_factory=dict)  # what a head is built with besides hyperparameters (zero-shot:
+
+
+def selection_splits_for(task: Task, meta: Meta) -> list:
+    return task.splits if task.splits is not None else get_selection(task.selection).splits(meta, task.fold,
+                                                                                            task.seed)
+
+
+def attach_splits(tasks: list[Task], meta: Meta, cache: dict | None = None) -> None:
+    """Every head on a fold draws the same selection split (it depends on the fold's training rows, the
+    rule and the seed only): compute it once per fold, not once per study (StratifiedGroupKFold's
+    greedy group assignment costs about a second on the real set)."""
+    cache = {} if cache is None else cache
+    for t in tasks:
+        if t.splits is None:
+            t.splits = fold_splits(meta, t.fold, t.selection, t.seed, cache)
+
+
+def fold_splits(meta: Meta, fold: Fold, selection: str, seed: int, cache: dict) -> list:
+    """A selection rule's (fit, validate) pairs on one fold, drawn once: `cache` keeps them by rule,
+    seed and the fold's rows (check_feasible draws them first, the tasks reuse them)."""
+    key = (selection, seed, fold.protocol, fold.name, hashlib.sha1(fold.train.tobytes()).hexdigest(),
+           tuple((k, hashlib.sha1(v.tobytes()).hexdigest()) for k, v in sorted(fold.tests.items())))
+    if key not in cache:
+        cache[key] = get_selection(selection).splits(meta, fold, seed)
+    return cache[key]
 
 
 def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
@@ -65,7 +90,7 @@ def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
                     raise StudyError(f"{where}: {msg}; set near_duplicates: drop-from-train to exclude them")
                 f.notes.append("WARNING: " + msg)
         try:
-            splits = SELECTIONS[st.selection].splits(data.meta, f, st.seed)
+            splits = fold_splits(data.meta, f, st.selection, st.seed, data.selection_splits)
         except ValueError as e:
             raise StudyError(f"{where}: fold {f.name}: {e}") from e
         yval = np.concatenate([data.meta.y[v] for _, v in splits])
@@ -125,6 +150,7 @@ def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trial
                         tasks.append(Task(name, proto, f, hc.name, n_trials, hc.fixed, sel, seed,
                                           timeout if timeout is not None else st.timeout, len(data.class_names),
                                           attrs=dict(study=st.study, backbone=bb, preprocess=pre), inputs=inputs))
+    attach_splits(tasks, data.meta, data.selection_splits)  # those check_feasible drew, and the rest, once
     return tasks
 
 
