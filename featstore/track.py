@@ -10,6 +10,7 @@ Artifacts of a SQLite store live in mlartifacts/ beside it (mlflow-artifacts: lo
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -23,6 +24,7 @@ from featstore import results
 from featstore.store import insert_frame
 
 
+@functools.cache  # once per process: the commit does not change under a running sweep
 def code_version() -> str:
     here = Path(__file__).resolve().parent
     try:
