@@ -28,11 +28,11 @@ def main():
     need_real_set()
     from featstore import ingest as I
     from featstore.backbones import create_backbone
-    from featstore.benchmark import run_study
+    from featstore.sweep.run import run_study
     from featstore.embed import embed
     from featstore.report import write_report
     from featstore.store import connect
-    from featstore.study import load_study
+    from featstore.sweep.config import load_study
 
     if a.workdir.exists():
         shutil.rmtree(a.workdir)

@@ -19,7 +19,7 @@ import numpy as np
 
 from _common import table
 from featstore.api import open_store
-from featstore.sweep import fit_head
+from featstore.sweep.fit import fit_head
 
 
 def bare_logreg(X, y, C):

@@ -7,7 +7,7 @@ Each head runs the studies of the first --folds leave-one-source-out folds of
 featstore/studies/cxr_shortcut.yaml (its trial counts, train-val selection, seed 0) on a fresh
 Optuna journal, one process, once with the levers ("on") and once without ("off"), alternating so
 that a busy machine slows both alike. Levers: one BLAS/OpenMP/torch thread per study
-(sweep.single_threaded), the selection split drawn once per fold (sweep.attach_splits), the
+(sweep.single_threaded), the selection split drawn once per fold (sweep.plan.attach_splits), the
 split's arrays sliced and the logistic head's scaler fitted once per study (HeadSpec.prepare), GRL
 trials stopped at the first validation plateau (HeadSpec.search_defaults; the refit is unchanged).
 "Same hyperparameters": the studies chose the same hyperparameters with the levers on and off;
@@ -39,9 +39,10 @@ def main():
     import yaml
 
     from featstore import heads as H
-    from featstore import sweep as S
-    from featstore.benchmark import make_tasks, plan
-    from featstore.study import parse_study
+    from featstore.sweep import fit as S
+    from featstore.sweep import plan as P
+    from featstore.sweep.plan import make_tasks, plan
+    from featstore.sweep.config import parse_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     st = parse_study(yaml.safe_load((REPO / "featstore" / "studies" / "cxr_shortcut.yaml").read_text()))
@@ -62,7 +63,7 @@ def main():
                 storage = S.open_storage(Path(tmp) / "j.journal")
                 t0 = time.perf_counter()
                 if levers:
-                    S.attach_splits(ts, data.meta)
+                    P.attach_splits(ts, data.meta)
                 res = [S.run_task(t, data.X, data.meta, storage) for t in ts]
                 wall = time.perf_counter() - t0
         finally:

@@ -28,8 +28,8 @@ def main():
     a = ap.parse_args()
     import yaml
 
-    from featstore.benchmark import run_study
-    from featstore.study import parse_study
+    from featstore.sweep.run import run_study
+    from featstore.sweep.config import parse_study
 
     raw = yaml.safe_load((REPO / "featstore" / "studies" / "cxr_shortcut.yaml").read_text())
     raw.update(study="bench-workers", heads={"logreg": {"trials": a.trials}, "lightgbm": {"trials": a.trials}},

@@ -77,7 +77,7 @@ MARKER = "README-FEATSTORE-ANN.txt"
 _FP = "hash(image_id, embed_run, created_at)"
 
 
-def _say(line: str) -> None:
+def to_stderr(line: str) -> None:
     sys.stderr.write(line + "\n")
 
 
@@ -114,7 +114,7 @@ class EmbeddingSet:
 def resolve_set(con, backbone: str, preprocess: str = "original", weights_id: str | None = None) -> EmbeddingSet:
     from featstore.api import Store
 
-    wid, dim = Store.over(con)._set(backbone, preprocess, weights_id)
+    wid, dim = Store.over(con).embedding_set(backbone, preprocess, weights_id)
     return EmbeddingSet(backbone, wid, preprocess, int(dim))
 
 
@@ -431,7 +431,7 @@ def _save_npy(path: Path, a: np.ndarray) -> None:
         np.save(f, a)
 
 
-def open_index(con, s: EmbeddingSet, Xn: np.ndarray | None = None, ids=None, say=_say, progress=None) -> AnnIndex:
+def open_index(con, s: EmbeddingSet, Xn: np.ndarray | None = None, ids=None, say=to_stderr, progress=None) -> AnnIndex:
     """The set's index, fresh against the store: read from <store>.ann/, grown by the set's new rows,
     or (re)built. Xn/ids: the set's unit vectors the caller already holds (spares reading them again)."""
     fp = _fingerprint(con, s)
@@ -538,7 +538,7 @@ def _remember(folder: Path, s: EmbeddingSet, fp: dict, ann: AnnIndex) -> AnnInde
 
 # --- what the commands call ----------------------------------------------------------------------
 
-def knn(con, s: EmbeddingSet, Xn: np.ndarray, ids, k: int, method: str = "auto", say=_say,
+def knn(con, s: EmbeddingSet, Xn: np.ndarray, ids, k: int, method: str = "auto", say=to_stderr,
         progress=None) -> np.ndarray:
     """[n, min(k, n-1)] row indices of each row's most cosine-similar other rows (Xn: unit vectors
     of the set, one per image_id in ids). Exact below ALL_ANN_MIN rows (or method="exact")."""
@@ -550,7 +550,7 @@ def knn(con, s: EmbeddingSet, Xn: np.ndarray, ids, k: int, method: str = "auto",
     return ann.knn_rows(Xn, ids, k, progress=progress)
 
 
-def nearest(con, s: EmbeddingSet, image_id: str, k: int = 10, say=_say):
+def nearest(con, s: EmbeddingSet, image_id: str, k: int = 10, say=to_stderr):
     """The k images most similar to one image (Arrow table; the columns and order of
     sql/nearest_neighbours.sql): candidates from the index, similarity and order computed by DuckDB
     exactly as that query computes them."""

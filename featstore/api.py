@@ -88,7 +88,10 @@ class Store:
             "SELECT DISTINCT image_id FROM occurrences WHERE image_id LIKE ? || '%' OR path = ? "
             "OR path LIKE '%/' || ?", [image, str(Path(image).resolve()), image]).fetchall()]
 
-    def _set(self, backbone: str, preprocess: str, weights_id: str | None) -> tuple[str, int]:
+    def embedding_set(self, backbone: str, preprocess: str = "original", weights_id: str | None = None
+                      ) -> tuple[str, int]:
+        """(weights_id, dim) of the one embedding set of backbone/preprocess (weights_id: pick one of
+        several); ValueError naming what the store has when there is none, or several."""
         rows = self.con.execute(
             "SELECT weights_id, dim FROM embedding_sets WHERE backbone = ? AND preprocess = ?",
             [backbone, preprocess]).fetchall()
@@ -134,7 +137,7 @@ class Store:
 
     def _query(self, cols: str, backbone, preprocess, weights_id, sources, labels):
         self._check_filters(sources, labels)
-        wid, dim = self._set(backbone, preprocess, weights_id)
+        wid, dim = self.embedding_set(backbone, preprocess, weights_id)
         where, params = _filters("i", sources, labels)
         where = (where + " AND" if where else "WHERE") + " e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?"
         rel = self.con.sql(f"SELECT {cols} FROM {embedding_table(dim)} e JOIN images i USING (image_id) {where}",
@@ -220,6 +223,38 @@ class Store:
         """Per-image test predictions (image_id, source, y, prob, score, ...) of each study's latest
         sweep (latest=False: every sweep), filtered as results()."""
         return self._rows("predictions", latest, dict(study=study, sweep_id=sweep_id, **where))
+
+    def sources(self) -> list[str]:
+        """Every source in the store, sorted."""
+        return [s for (s,) in self.con.execute("SELECT DISTINCT source FROM images ORDER BY 1").fetchall()]
+
+    def column_values(self, column: str) -> list:
+        """The distinct non-null values of one `images` column."""
+        cols = {c for (c,) in self.con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'images'").fetchall()}
+        if column not in cols:
+            raise ValueError(f"column '{column}' not in the store's images (have {', '.join(sorted(cols))})")
+        return [v for (v,) in self.con.execute(f'SELECT DISTINCT "{column}" FROM images').fetchall() if v is not None]
+
+    def occurrences_by_image(self) -> dict[str, list[str]]:
+        """image_id -> the sources it occurs in (a file shared by collections occurs in several)."""
+        return dict(self.con.execute("SELECT image_id, list(DISTINCT source) FROM occurrences GROUP BY 1").fetchall())
+
+    def near_duplicate_pairs(self) -> list[tuple] | None:
+        """`featstore duplicates` pairs (image_a, image_b, phash_max, cosine_min, found_at), ordered; None when
+        it never ran on this store."""
+        if not self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'"
+                                ).fetchall()[0][0]:
+            return None
+        return self.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
+                                "ORDER BY image_a, image_b").fetchall()
+
+    def lung_mask_methods(self, image_ids) -> list[str]:
+        """The methods of the good lung masks stored for these images, sorted."""
+        self.con.execute("CREATE OR REPLACE TEMP TABLE _mask_ids AS SELECT unnest(?::VARCHAR[]) AS image_id",
+                         [list(map(str, image_ids))])
+        return [m for (m,) in self.con.execute("SELECT DISTINCT method FROM lung_masks JOIN _mask_ids "
+                                               "USING (image_id) WHERE ok ORDER BY 1").fetchall()]
 
     def image(self, image_id: str) -> np.ndarray:
         """The image's pixels as featstore decodes them (float32 [height, width], 0 black, 1 white);

@@ -137,9 +137,9 @@ def _benchmark(folder: Path, db: Path, embedded: list[str], trials: int | None =
     """A small sweep over the synthetic sources: the shortcut shows as mixed >> unseen AUC."""
     import os
 
-    from featstore.benchmark import run_study
+    from featstore.sweep.run import run_study
     from featstore.report import headline, markdown_table, write_report
-    from featstore.study import load_study
+    from featstore.sweep.config import load_study
 
     st = load_study(benchmark_config())
     st.backbones = [b for b in embedded if b in ("pixelstats", "mobilenetv3-nih-onnx")]
@@ -169,6 +169,6 @@ def _benchmark(folder: Path, db: Path, embedded: list[str], trials: int | None =
 
 def benchmark_config() -> Path:
     """The demo's study config, shipped in the package (featstore/studies/synthetic_demo.yaml)."""
-    from featstore.study import packaged_studies
+    from featstore.sweep.config import packaged_studies
 
     return packaged_studies()["synthetic_demo.yaml"]

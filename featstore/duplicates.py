@@ -229,11 +229,11 @@ def embedding_pairs(con, s, Xn: np.ndarray, eids, k: int, cosine_min: float, sea
                     progress=None) -> dict[tuple, float]:
     """Pairs (image_a < image_b) among each image's k nearest neighbours with cosine >= cosine_min.
     Xn: the set's unit vectors, one per image_id in eids. search: auto/ann/exact (featstore.ann.knn)."""
-    from featstore.ann import _say, knn
+    from featstore.ann import to_stderr, knn
 
     if progress:
         progress(0, 1, "embedding neighbours")
-    nn = knn(con, s, Xn, eids, k, method=search, say=say or _say, progress=progress)
+    nn = knn(con, s, Xn, eids, k, method=search, say=say or to_stderr, progress=progress)
     if progress:
         progress(1, 1, "embedding neighbours")
     return pairs_among(Xn, eids, nn, cosine_min)

@@ -151,7 +151,7 @@ class Found:
         return dict(path=str(self.path), files=[f.name for f in self.files], via=self.via, revision=self.revision)
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     for g in _WEIGHT_GLOBS:  # safetensors first: a snapshot may hold both formats of the same weights
         found = sorted(p for p in folder.glob(g) if p.is_file() and "training_args" not in p.name)
         if found:
@@ -232,7 +232,7 @@ def find_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple
         if p.is_file():  # a weight file: its folder holds config.json
             return Found(p.parent, (p,), "--weights", git_revision(p.parent))
         if p.is_dir():
-            wf = _weight_files(p)
+            wf = weight_files(p)
             if not wf:
                 raise W.WeightsMissingError(f"--weights {explicit}: no weight files ({', '.join(_WEIGHT_GLOBS)}) "
                                             f"there for {what}")
@@ -241,8 +241,8 @@ def find_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple
     looked = []
     for c, via, rev in candidate_folders(repo, wdir, ("config.json",)):
         looked.append(str(c))
-        if c.is_dir() and (_weight_files(c) or (c / "config.json").is_file()):
-            wf = _weight_files(c)
+        if c.is_dir() and (weight_files(c) or (c / "config.json").is_file()):
+            wf = weight_files(c)
             if not wf:
                 raise W.WeightsMissingError(f"{c}: a snapshot of {repo} without weight files "
                                             f"({', '.join(_WEIGHT_GLOBS)}) for {what}: download them too "
@@ -257,7 +257,7 @@ def find_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple
         path = Path(snapshot_download(repo, allow_patterns=list(files)))
     except Exception as e:  # gated repo, no network, unknown repo: one message naming the files and the place
         raise _missing(what, desc, repo, looked, wdir, f"{type(e).__name__}: {str(e)[:200]}") from e
-    return Found(path, tuple(_weight_files(path)), "download", path.name)
+    return Found(path, tuple(weight_files(path)), "download", path.name)
 
 
 def local_folder(repo: str, wdir: Path | None, explicit: str | None, files: tuple[str, ...], what: str) -> Path:
@@ -424,7 +424,7 @@ def hf_weight_files(folder: Path) -> list[Path]:
             return [folder / s for s in shards]
         if (folder / single).is_file():
             return [folder / single]
-    return _weight_files(folder)
+    return weight_files(folder)
 
 
 def _expected_model_types(opts: dict) -> set[str] | None:
@@ -665,7 +665,7 @@ def _find_open_clip(spec, weights: str | None, wdir: Path | None) -> Found:
     return found
 
 
-def _open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
+def open_clip_file(spec, weights: str | None, wdir: Path | None) -> Path:
     return _find_open_clip(spec, weights, wdir).path
 
 

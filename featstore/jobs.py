@@ -308,8 +308,8 @@ class StudyJob:
         """Load the config and run the study; a config, data or busy-store error is a UserError."""
         from featstore.options import env_number
         from featstore.store import NotAStoreError, SnapshotError, StoreBusyError
-        from featstore.study import StudyError, load_study
-        from featstore.sweep import grace_period_s, heartbeat_interval_s
+        from featstore.sweep.config import StudyError, load_study
+        from featstore.sweep.fit import grace_period_s, heartbeat_interval_s
 
         grace_period_s(), heartbeat_interval_s(), env_number("FEATSTORE_WRITE_WAIT_S", 600)  # bad ones: one line, now
         try:
@@ -341,7 +341,7 @@ class SweepJob(StudyJob):
     on_interrupt = "finished trials are in the Optuna storage; run the same command to resume"
 
     def _run(self, st, db, tick):
-        from featstore.benchmark import run_study
+        from featstore.sweep.run import run_study
 
         return run_study(st, db, self.workdir, self.tracking_uri, self.workers, self.trials, self.timeout, tick,
                          self.storage)
@@ -371,7 +371,7 @@ class WorkerJob(StudyJob):
     on_interrupt = "finished trials are in the shared storage"
 
     def _run(self, st, db, tick):
-        from featstore.benchmark import run_worker
+        from featstore.sweep.run import run_worker
 
         return run_worker(st, db, self.storage, self.workers, self.trials, self.timeout, tick)
 

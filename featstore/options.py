@@ -1,4 +1,4 @@
-"""Value types and the strict section base shared by config schemas: the study config (featstore/study.py)
+"""Value types and the strict section base shared by config schemas: the study config (featstore/sweep/config.py)
 and the options each registered protocol carries (featstore/split.py)."""
 from typing import Annotated, ClassVar
 
@@ -14,11 +14,11 @@ def _text(v):
     return str(v) if isinstance(v, int | float) else v
 
 
-def _one_or_list(v):
+def one_or_list(v):
     return [v] if isinstance(v, str | int | float) and not isinstance(v, bool) else v
 
 
-def _distinct(v):
+def distinct(v):
     dups = sorted({x for x in v if v.count(x) > 1}) if v else []
     if dups:
         raise PydanticCustomError("duplicate", "lists {dups} more than once", {"dups": ", ".join(dups)})
@@ -27,7 +27,7 @@ def _distinct(v):
 
 Name = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
 # a list of names; one name alone is taken as a list of one
-Names = Annotated[list[Name], BeforeValidator(_one_or_list), AfterValidator(_distinct)]
+Names = Annotated[list[Name], BeforeValidator(one_or_list), AfterValidator(distinct)]
 
 
 class Section(BaseModel):

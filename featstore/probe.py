@@ -131,7 +131,7 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
 
     step("loading embeddings")
     with Store(db, read_only=True) as fs:
-        wid, _ = fs._set(backbone, preprocess, None)
+        wid, _ = fs.embedding_set(backbone, preprocess)
         X, meta = fs.arrays(backbone, preprocess)
     src = meta["source"].to_numpy()
     if grl:

@@ -68,7 +68,7 @@ def latest_sweep(con, study: str | None) -> tuple[str, str]:
 
 def _study_of_config(name: str) -> str | None:
     """The study a config names (`study:`), where `name` is a config file or a shipped config's name."""
-    from featstore.study import StudyError, load_study
+    from featstore.sweep.config import StudyError, load_study
 
     try:
         return load_study(name).study

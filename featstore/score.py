@@ -190,7 +190,7 @@ class _Cell:
         """(reps, k) AUCs of stratified resamples (positives and negatives resampled apart, so both classes
         stay); one resample of the images applies to all k models (paired)."""
         if self.gpos is not None or self.gneg is not None:
-            return self._boot_patients(reps, rng)
+            return _boot_patients(self, reps, rng)
         m, n, k = self.m, self.n, len(self.pos)
         out = np.empty((reps, k))
         step = max(1, _CHUNK // (m + n))
@@ -236,8 +236,6 @@ def _boot_patients(self, reps: int, rng) -> np.ndarray:
             out[a:a + r, j] = G / (2.0 * tot)
     return out
 
-
-_Cell._boot_patients = _boot_patients
 
 
 def _cells(y, scores, source, unit, what: str, group=None):

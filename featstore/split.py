@@ -226,7 +226,7 @@ class SeenUnseen(Section):
 @dataclass(frozen=True)
 class Protocol:
     """A protocol: its options schema (the study config's `protocols.<name>` section, validated by
-    featstore/study.py) and fn(meta, options, positive, seed) -> folds."""
+    featstore/sweep/config.py) and fn(meta, options, positive, seed) -> folds."""
     name: str
     description: str
     options: type[Section]

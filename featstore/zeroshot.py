@@ -128,7 +128,7 @@ def _open_clip_text(spec, w: str, seed: int | None, wdir: Path | None, overrides
     path = None
     if seed is None:
         try:
-            path = F._open_clip_file(spec, None, wdir)
+            path = F.open_clip_file(spec, None, wdir)
         except W.WeightsMissingError as e:
             raise ZeroShotError(f"zero-shot head: {e}") from None
         _check_identity(spec.name, w, F.identity_of([path], w), path)
@@ -226,7 +226,7 @@ def _hf_text(spec, w: str, seed: int | None, wdir: Path | None, overrides: dict)
             folder = F.local_folder(repo, wdir, None, _HF_TEXT_FILES, spec.name)
         except W.WeightsMissingError as e:
             raise ZeroShotError(f"zero-shot head: {e}") from None
-        files = F._weight_files(folder) if w.startswith("sha256:") else F.hf_weight_files(folder)
+        files = F.weight_files(folder) if w.startswith("sha256:") else F.hf_weight_files(folder)
         _check_identity(spec.name, w, F.identity_of(files, w), folder)
         model = transformers.AutoModel.from_pretrained(folder)
     else:

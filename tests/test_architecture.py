@@ -1,6 +1,6 @@
 """Data flows one way: no module imports one of a later stage, and no two modules import each other,
-directly or around a loop. Imports are read with `ast` from every featstore/*.py, those inside
-functions included (a lazy import is still a dependency)."""
+directly or around a loop. Imports are read with `ast` from every featstore/*.py and featstore/sweep/*.py
+(named `sweep.<step>`), those inside functions included (a lazy import is still a dependency)."""
 import ast
 from pathlib import Path
 
@@ -12,18 +12,20 @@ STAGES = [
     # contract, figures, process pools, progress, messages, the registry type, config value types, command
     # errors, test helpers
     ("library", {"store", "query", "decode", "weights", "results", "figures", "neighbors", "procs", "progress",
-                 "suggest", "registry", "options", "errors", "testing"}),
+                 "suggest", "registry", "options", "errors", "testing", "ownfiles", "journal_lock"}),
     ("ingest", {"synth", "ingest", "adapters"}),
     ("preprocess", {"lungs", "preprocess", "masks"}),
     ("embed", {"backbones", "foundation", "embed", "embed_ray", "export"}),
     # the store's read API (embeddings + labels as arrays) sits here: it builds patient groups with split
     ("split", {"duplicates", "ann", "split", "api"}),
-    ("fit", {"heads", "zeroshot", "study", "sweep"}),
+    # the sweep package (featstore/sweep/, its docstring the map) up to the fit: the config (schema only), its
+    # data, the plan (folds, tasks), Optuna
+    ("fit", {"heads", "zeroshot", "sweep.__init__", "sweep.config", "sweep.data", "sweep.plan", "sweep.fit"}),
     ("score", {"score", "verdict"}),
-    ("track", {"track"}),
+    ("track", {"track", "sweep.rows", "sweep.tracking"}),
     # jobs that run fit -> score -> track: a study's sweep; the domain probe and the shortcut evidence
     # the report lays out (forensics)
-    ("run", {"benchmark", "probe"}),
+    ("run", {"sweep.run", "probe"}),
     ("report", {"report"}),
 ]
 # Front ends may import anything; no stage imports them. `featstore` itself (__init__) only re-exports
@@ -36,8 +38,15 @@ RANK = {m: i for i, (_, mods) in enumerate(STAGES) for m in mods}
 STAGE = {m: name for name, mods in STAGES for m in mods}
 
 
+SUBPACKAGES = ("sweep",)
+
+
 def _modules() -> set[str]:
-    return {p.stem for p in PKG.glob("*.py")}
+    return {p.stem for p in PKG.glob("*.py")} | {f"{d}.{p.stem}" for d in SUBPACKAGES for p in (PKG / d).glob("*.py")}
+
+
+def _path(m: str) -> Path:
+    return PKG / (m.replace(".", "/") + ".py")
 
 
 def _imports(path: Path, modules: set[str]) -> dict[str, int]:
@@ -55,14 +64,19 @@ def _imports(path: Path, modules: set[str]) -> dict[str, int]:
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         for n in names:
             parts = n.split(".")
-            if parts[0] == "featstore" and len(parts) > 1 and parts[1] in modules:
+            if parts[0] != "featstore" or len(parts) < 2:
+                continue
+            sub = ".".join(parts[1:3])  # a step of a subpackage, e.g. sweep.fit
+            if sub in modules:
+                out.setdefault(sub, node.lineno)
+            elif parts[1] in modules:
                 out.setdefault(parts[1], node.lineno)
     return out
 
 
 def _graph() -> dict[str, dict[str, int]]:
     mods = _modules()
-    return {m: {k: v for k, v in _imports(PKG / f"{m}.py", mods).items() if k != m} for m in mods}
+    return {m: {k: v for k, v in _imports(_path(m), mods).items() if k != m} for m in mods}
 
 
 def test_every_module_has_a_declared_stage():
@@ -80,9 +94,10 @@ def test_no_module_imports_a_later_stage_or_a_front_end():
             continue
         for d, line in sorted(deps.items()):
             if d in FRONT_ENDS:
-                bad.append(f"featstore/{m}.py:{line} imports the front end {d}")
+                bad.append(f"{_path(m).relative_to(PKG.parent)}:{line} imports the front end {d}")
             elif RANK[d] > RANK[m]:
-                bad.append(f"featstore/{m}.py:{line} ({STAGE[m]}) imports {d} ({STAGE[d]}, a later stage)")
+                bad.append(f"{_path(m).relative_to(PKG.parent)}:{line} ({STAGE[m]}) imports {d} ({STAGE[d]}, "
+                           "a later stage)")
     assert not bad, "\n".join(bad)
 
 
@@ -118,8 +133,8 @@ def test_the_readme_module_map_agrees_with_the_declared_stages():
     readme = (PKG.parent / "README.md").read_text()
     section = readme[readme.index("## Architecture"):]
     section = section[:section.index("\n## ", 1)]
-    rows = re.findall(r"^\| `(\w+)\.py` \| ([\w ]+?) \| (\d+) \|", section, re.M)
-    listed = {m: stage for m, stage, _ in rows}
+    rows = re.findall(r"^\| `([\w/]+)\.py` \| ([\w ]+?) \| (\d+) \|", section, re.M)
+    listed = {m.replace("/", "."): stage for m, stage, _ in rows}
     assert len(listed) == len(rows), "a module is listed twice in the README's module map"
     assert set(listed) == _modules(), f"README module map: missing {sorted(_modules() - set(listed))}, " \
                                       f"gone {sorted(set(listed) - _modules())}"
@@ -134,7 +149,10 @@ def test_the_checker_sees_lazy_and_aliased_imports(tmp_path):
     f.write_text("import featstore.store as s\nfrom featstore import results as R, weights\n"
                  "def f():\n    from featstore.report import headline\n    import json\n")
     assert set(_imports(f, {"store", "results", "weights", "report"})) == {"store", "results", "weights", "report"}
-    assert "report" in _graph()["cli"] and "track" in _graph()["benchmark"]
+    assert "report" in _graph()["cli"] and "track" in _graph()["sweep.run"]
+    assert set(_imports(f, {"sweep.fit", "sweep"})) == set()
+    f.write_text("from featstore.sweep import fit\nimport featstore.sweep.plan as P\n")
+    assert set(_imports(f, {"sweep.fit", "sweep.plan"})) == {"sweep.fit", "sweep.plan"}
 
 
 def _names_from(path: Path, module: str) -> dict[str, int]:
@@ -185,9 +203,9 @@ def test_each_stage_writes_only_its_own_tables():
     for m in sorted(_modules()):
         if STAGE.get(m) == "library":
             continue
-        wrong = _writes((PKG / f"{m}.py").read_text()) - OWNS.get(STAGE.get(m), set())
+        wrong = _writes(_path(m).read_text()) - OWNS.get(STAGE.get(m), set())
         if wrong:
-            bad.append(f"featstore/{m}.py ({STAGE.get(m, 'front end')}) writes {sorted(wrong)}")
+            bad.append(f"{_path(m).relative_to(PKG.parent)} ({STAGE.get(m, 'front end')}) writes {sorted(wrong)}")
     assert not bad, "\n".join(bad)
     # the checker sees the writes featstore makes, or the rule above would pass vacuously
     assert _writes('con.execute(f"DELETE FROM {table} WHERE x")\ninsert_frame(con, "lung_masks", df)\n'
@@ -195,3 +213,95 @@ def test_each_stage_writes_only_its_own_tables():
         {"{embeddings}", "lung_masks", "a", "b"}
     assert _writes((PKG / "embed.py").read_text()) == OWNS["embed"]
     assert _writes((PKG / "masks.py").read_text()) == {"lung_masks"}
+
+
+# SQL lives in the store layer (the store file and its schema, SQL running, the read API) and in sql/;
+# every other module asks the store layer. The modules below still run SQL of their own: the list only
+# shrinks (a module with no SQL left must leave it, so the rule then holds for it too).
+STORE_LAYER = {"store", "query", "api", "results"}
+SQL_NOT_YET_MOVED = {"ann", "duplicates", "embed", "embed_ray", "export", "ingest", "jobs", "masks", "probe",
+                     "report", "testing"}
+_SQL = r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|ALTER|DROP|WITH|COPY|ATTACH|DETACH|PRAGMA|SET|INSTALL|LOAD|" \
+       r"CHECKPOINT|BEGIN|COMMIT|ROLLBACK|DESCRIBE|SUMMARIZE|EXPORT|IMPORT)\b"
+
+
+def _sql_lines(text: str) -> list[int]:
+    """Lines with SQL: a text constant that starts as a statement does, or any text handed to a
+    connection's execute / executemany / sql (messages that quote SQL for the user start otherwise)."""
+    import re
+
+    out = set()
+    for n in ast.walk(ast.parse(text)):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.match(_SQL, n.value):
+            out.add(n.lineno)
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.args
+              and n.func.attr in ("execute", "executemany", "sql")
+              and (isinstance(n.args[0], ast.JoinedStr) or isinstance(n.args[0], ast.Constant)
+                   and isinstance(n.args[0].value, str))):
+            out.add(n.lineno)
+    return sorted(out)
+
+
+def test_sql_only_in_the_store_layer_and_sql():
+    held = {m: _sql_lines(_path(m).read_text()) for m in _modules()}
+    bad = [f"{_path(m).relative_to(PKG.parent)}: SQL at lines {lines[:6]}" for m, lines in sorted(held.items())
+           if lines and m not in STORE_LAYER | SQL_NOT_YET_MOVED]
+    assert not bad, "SQL outside the store layer (featstore.api / featstore.store, sql/):\n" + "\n".join(bad)
+    gone = sorted(m for m in SQL_NOT_YET_MOVED if not held.get(m))
+    assert not gone, f"no SQL left in {gone}: take them off SQL_NOT_YET_MOVED"
+    assert not [m for m in held if m.startswith("sweep.") and held[m]], "the sweep package asks the store layer"
+    # the checker sees the forms featstore writes, or the rule would pass vacuously
+    assert _sql_lines('q = "SELECT 1"\ncon.execute(f"DELETE FROM {t}")\ncon.sql(q)\nx = (\n "WITH a AS (SELECT 1)"\n)\n'
+                      'say("featstore sql \\"SELECT * FROM images\\"")\ncon.execute(q)\n') == [1, 2, 5]
+
+
+# A name with a leading underscore is its module's own: no other module imports it or reaches into an
+# object for one (`fs._set`, Optuna's `study._storage`). A class's own methods use their own (self/cls).
+# Documented public names that start with one: namedtuple's API, os._exit. Third-party private modules:
+# scikit-learn's parameter constraints (the estimator contract declares them there; no public path).
+PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make", "_exit"}
+PRIVATE_MODULES_ALLOWED = {"sklearn.utils._param_validation"}
+
+
+def _private_uses(text: str) -> list[str]:
+    out = []
+    for n in ast.walk(ast.parse(text)):
+        if isinstance(n, ast.ImportFrom) and n.module and n.module != "__future__":
+            if any(p.startswith("_") for p in n.module.split(".")) and n.module not in PRIVATE_MODULES_ALLOWED:
+                out.append(f"{n.lineno}: from {n.module}")
+            if n.module.startswith("featstore"):
+                out += [f"{n.lineno}: {n.module}.{a.name}" for a in n.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+        elif isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__") \
+                and n.attr not in PUBLIC_UNDERSCORE \
+                and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")):
+            out.append(f"{n.lineno}: {ast.unparse(n)}")
+    return out
+
+
+def test_no_private_name_crosses_a_module():
+    bad = [f"{_path(m).relative_to(PKG.parent)}:{u}" for m in sorted(_modules()) for u in _private_uses(
+        _path(m).read_text())]
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+    assert sorted(_private_uses("from featstore.api import _set_name\nfs._set(1)\nself._x\nst.study._storage._y\n"
+                         "p._replace()\nfrom sklearn.utils._param_validation import Interval\n"
+                                "from optuna.samplers._tpe import x\n")) == [
+        "1: featstore.api._set_name", "2: fs._set", "4: st.study._storage", "4: st.study._storage._y",
+        "7: from optuna.samplers._tpe"]
+
+
+def test_code_version_is_computed_once_per_process(monkeypatch):
+    # it spawned git once per result row (87 times a real sweep); the commit cannot change under a run
+    import subprocess
+
+    from featstore import track
+
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    track.code_version.cache_clear()
+    try:
+        assert len({track.code_version() for _ in range(5)}) == 1
+        assert len(calls) == 1
+    finally:
+        track.code_version.cache_clear()

@@ -8,10 +8,12 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from featstore.benchmark import make_tasks, plan, run_study
+from featstore.sweep.plan import make_tasks, plan
+
+from featstore.sweep.run import run_study
 from featstore.cli import app
-from featstore.study import StudyError, load_study, parse_study
-from featstore.sweep import run_task
+from featstore.sweep.config import StudyError, load_study, parse_study
+from featstore.sweep.fit import run_task
 
 
 def _study(**kw):
@@ -113,7 +115,7 @@ def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path
     # the same workdir again with more trials: the journal keeps the first 2, adds 1 per study
     rep = _run(st, synth_stores["confounded"], tmp_path / "w1", trials=3)
     assert rep.n_trials == 3 * rep.n_tasks
-    from featstore.sweep import journal
+    from featstore.sweep.fit import journal
 
     storage = journal(tmp_path / "w1" / "optuna" / "t.journal")
     names = optuna.get_all_study_names(storage)

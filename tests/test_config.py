@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featstore.cli import app
-from featstore.study import StudyError, load_study, parse_study, study_schema
+from featstore.sweep.config import StudyError, load_study, parse_study, study_schema
 
 STUDIES = Path(__file__).parents[1] / "featstore" / "studies"
 

@@ -139,10 +139,10 @@ def test_duplicate_defaults_on_the_real_set(tmp_path):
 
 
 def test_studies_drop_warn_or_refuse_near_duplicates(near_dup_store, tmp_path):
-    from featstore.benchmark import plan
+    from featstore.sweep.plan import plan
     from featstore.duplicates import find
     from featstore.store import connect
-    from featstore.study import StudyError, parse_study
+    from featstore.sweep.config import StudyError, parse_study
 
     db, (a, b) = near_dup_store
     con = connect(db)

@@ -115,9 +115,9 @@ def eight_sources(tmp_path_factory):
 def _headline_for(db, tmp_path, heads, bootstrap=200, protocols=("mixed", "loso", "leave-pair-out")):
     import polars as pl
 
-    from featstore.benchmark import run_study
+    from featstore.sweep.run import run_study
     from featstore.report import headline, pooled_table
-    from featstore.study import parse_study
+    from featstore.sweep.config import parse_study
 
     st = parse_study(dict(study="verdict", backbones=["pixelstats"], heads=heads,
                           protocols={p: ({"folds": 5} if p == "mixed" else {}) for p in protocols},

@@ -5,10 +5,10 @@ import polars as pl
 
 from featstore import ingest as I
 from featstore.backbones import create_backbone
-from featstore.benchmark import run_study
+from featstore.sweep.run import run_study
 from featstore.embed import embed
 from featstore.store import connect
-from featstore.study import parse_study
+from featstore.sweep.config import parse_study
 from featstore.synth import generate
 
 VOLATILE = ("sweep_id", "created_at", "mlflow_run_id", "seconds", "code_version")

@@ -115,7 +115,7 @@ def _sweep_config(tmp_path, name, heads, protocols=None) -> Path:
 
 
 def _journal_has(path: Path, *states: str):
-    from featstore.sweep import journal
+    from featstore.sweep.fit import journal
     import optuna
 
     if not path.exists():
@@ -181,7 +181,7 @@ def _rows(db, sweep_id):
 
 def _all_trials(path: Path) -> dict:
     """study -> its trials as (number, state, params, value, user_attrs), from a journal."""
-    from featstore.sweep import journal
+    from featstore.sweep.fit import journal
 
     st = journal(path)
     return {s.study_name: [(t.number, t.state.name, t.params, t.value, t.user_attrs)
@@ -230,8 +230,8 @@ def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_
     import random
     import re
 
-    from featstore.benchmark import run_study
-    from featstore.study import load_study
+    from featstore.sweep.run import run_study
+    from featstore.sweep.config import load_study
 
     db = synth_stores["confounded"]
     # the kills land in grl_mlp's trials, which run after logreg's 24; 6 trials each, so TPE proper
@@ -304,8 +304,8 @@ def test_a_second_sweep_of_a_study_in_the_same_folder_is_refused_while_the_first
 
 
 def test_the_sweep_lock_is_per_study_and_folder_and_names_its_holder(tmp_path):
-    from featstore.benchmark import SweepLocked, sweep_lock
-    from featstore.study import StudyError
+    from featstore.sweep.run import SweepLocked, sweep_lock
+    from featstore.sweep.config import StudyError
 
     with sweep_lock(tmp_path, "a"):
         with sweep_lock(tmp_path, "b"), sweep_lock(tmp_path / "elsewhere", "a"):

@@ -205,7 +205,7 @@ def test_preprocessing_flags_and_options():
 
 def test_every_protocol_section_of_the_study_schema_is_the_entrys_own():
     from featstore.split import PROTOCOLS
-    from featstore.study import Protocols
+    from featstore.sweep.config import Protocols
 
     fields = {(f.alias or n): f for n, f in Protocols.model_fields.items()}
     assert list(fields) == list(PROTOCOLS)

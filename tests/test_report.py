@@ -35,10 +35,10 @@ class _Tags(HTMLParser):
 def rendered(synth_stores, tmp_path_factory):
     """A copy of the confounded store whose 4th source is named with HTML, a small sweep on it, two
     near-duplicate pairs (one across sources), and the report written from it."""
-    from featstore.benchmark import run_study
+    from featstore.sweep.run import run_study
     from featstore.report import write_report
     from featstore.store import connect
-    from featstore.study import parse_study
+    from featstore.sweep.config import parse_study
 
     tmp = tmp_path_factory.mktemp("report")
     db = tmp / "fs.duckdb"
@@ -245,19 +245,24 @@ def test_templates_ship_with_the_package():
 
 
 def test_verdict_cards_are_comparable(rendered):
-    """Every card has the same rows in the same order (verdict, seen → unseen, worst source, pairs, both
-    gaps), whatever its verdict, and they carry the headline's numbers."""
+    """Every card has the same rows in the same order (verdict, seen → unseen, worst source, pairs, the two
+    questions), whatever its verdict, and they carry the headline's numbers."""
     html = rendered["html"]
     cards = re.findall(r'<div class="card (?:v-\w+)?">(.*?)</dl>', html, re.S)
     head = rendered["r"]["headline"]
     assert len(cards) == head.height >= 1
     for c in cards:
-        assert re.findall(r"<dt>([^<]+)</dt>", c) == ["seen → unseen", "worst source", "new pairs", "drop (gap)"]
-        assert "within-source:" in c and "cross-source: not measured" in c  # no leave-pair-out in this study
+        assert re.findall(r"<dt>([^<]+)</dt>", c) == ["seen → unseen", "worst source", "new pairs",
+                                                      "uses the source?", "drop on new sources"]
+        assert "(no leave-pair-out)" in c  # no leave-pair-out in this study
     row = head.row(0, named=True)
     unseen = row["LOSO mean per-source AUC (unseen)"].split(" ")[0]
-    seen = row["mixed AUC (seen sources)"].split(" ")[0]
-    assert re.search(re.escape(seen) + r" \[[\d.]+, [\d.]+\] \(mixed k-fold\) → <strong>" + re.escape(unseen), cards[0])
+    seen = row["seen: mean per-source AUC (mixed)"].split(" ")[0]  # the one seen, as in the table
+    assert re.search(re.escape(seen) + r" \(mixed k-fold, mean of \d+ sources\) → <strong>" + re.escape(unseen), cards[0])
+    uses = re.search(r'<dd class="uses-source">([^<]+)</dd>', cards[0]).group(1)
+    assert uses.startswith(row["uses the source?"] + ":")
+    drop = re.search(r'<dd class="drop">([^<]+)</dd>', cards[0]).group(1)
+    assert drop.startswith(row["transfers?"] + ":")
     md = (rendered["out"] / "report.md").read_text()
     assert f"seen → unseen {seen}" in md
 

@@ -21,8 +21,8 @@ import psutil
 import pytest
 import yaml
 
-from featstore.benchmark import run_study
-from featstore.study import load_study
+from featstore.sweep.run import run_study
+from featstore.sweep.config import load_study
 
 pytestmark = pytest.mark.scale
 
@@ -230,7 +230,7 @@ def _wait_http(url, proc, timeout=120):
 
 def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(synth_stores, postgres, tmp_path,
                                                                              monkeypatch):
-    from featstore import sweep as S
+    from featstore.sweep import fit as S
 
     monkeypatch.setattr(S, "HEARTBEAT_S", 1)
     monkeypatch.setattr(S, "GRACE_S", 3)
@@ -302,7 +302,7 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
 
 
 def S_journal(path):
-    from featstore.sweep import journal
+    from featstore.sweep.fit import journal
 
     return journal(path)
 

@@ -244,7 +244,8 @@ def synth_study_data(tmp_path_factory):
     from featstore.backbones import create_backbone
     from featstore.embed import embed
     from featstore.store import connect
-    from featstore.study import load_data, parse_study
+    from featstore.sweep.config import parse_study
+    from featstore.sweep.data import load_data
     from featstore.synth import generate
 
     folder = tmp_path_factory.mktemp("selection")

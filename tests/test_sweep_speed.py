@@ -13,10 +13,11 @@ from sklearn.preprocessing import StandardScaler
 
 from featstore import heads as H
 from featstore.heads import GRLHead
-from featstore import sweep as S
-from featstore.benchmark import make_tasks, plan
+from featstore.sweep import fit as S
+from featstore.sweep import plan as P
+from featstore.sweep.plan import make_tasks, plan
 from featstore.split import get_selection
-from featstore.study import parse_study
+from featstore.sweep.config import parse_study
 
 
 def _tasks(db, heads, protocols=None):
@@ -35,7 +36,7 @@ def test_logreg_prepared_scaler_and_cached_splits_select_as_before(synth_stores,
     per-trial path gave (scaler refitted in every trial, split drawn in every study)."""
     tasks, data = _tasks(synth_stores["confounded"], {"logreg": {"trials": 6}})
     new = [S.run_task(t, data.X, data.meta, optuna.storages.InMemoryStorage())
-           for t in (S.attach_splits(tasks, data.meta) or tasks)]
+           for t in (P.attach_splits(tasks, data.meta) or tasks)]
     assert all(t.splits is not None for t in tasks)
     old_tasks = [dataclasses.replace(t, splits=None) for t in tasks]
     monkeypatch.setitem(H.HEADS, "logreg", dataclasses.replace(H.HEADS["logreg"], prepare=None))
@@ -53,7 +54,7 @@ def test_attached_splits_are_the_selection_rules_own(synth_stores):
     """One split per fold, shared by every head's study on it, equal to what the rule draws itself;
     folds that differ get their own."""
     tasks, data = _tasks(synth_stores["neutral"], {"logreg": {"trials": 2}, "lightgbm": {"trials": 2}})
-    S.attach_splits(tasks, data.meta)
+    P.attach_splits(tasks, data.meta)
     by_fold = {}
     for t in tasks:
         want = get_selection(t.selection).splits(data.meta, t.fold, t.seed)

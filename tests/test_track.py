@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from featstore import track
-from featstore.benchmark import run_study
-from featstore.study import parse_study
+from featstore.sweep.run import run_study
+from featstore.sweep.config import parse_study
 
 
 def _study(**kw):
@@ -36,7 +36,7 @@ def swept(synth_stores, tmp_path_factory):
     cfg = tmp / "study.yaml"
     cfg.write_text("study: cmp\nbackbones: [pixelstats]\nheads: {logreg: {trials: 2}}\n"
                    "protocols: {mixed: {folds: 2}, loso: {}}\nbootstrap: 0\n")
-    from featstore.study import load_study
+    from featstore.sweep.config import load_study
 
     rep = run_study(load_study(cfg), synth_stores["confounded"], tmp, uri)
     return tmp, uri, rep
@@ -122,12 +122,12 @@ def test_artifacts_survive_moving_the_folder(swept, tmp_path):
 
 
 def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch):
-    import featstore.benchmark as B
+    import featstore.sweep.run as B
 
     def boom(tracker, st, parent, *a, **k):
         tracker.run("half-logged unit", parent=parent, tags=dict(level="unit"), status=None)
         raise RuntimeError("scoring broke")
-    monkeypatch.setattr(B, "_track_unit", boom)
+    monkeypatch.setattr(B, "track_unit", boom)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(RuntimeError):
         run_study(_study(study="fail"), synth_stores["confounded"], tmp_path, uri)
@@ -138,9 +138,9 @@ def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch
 
 def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkeypatch):
     """Ctrl-C, and SIGTERM (which unwinds the same way), mid-unit: every run opened is KILLED."""
-    import featstore.benchmark as B
+    import featstore.sweep.run as B
 
-    real = B._track_unit
+    real = B.track_unit
     calls = [0]
 
     def interrupted(tracker, *a, **k):
@@ -149,7 +149,7 @@ def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkey
             tracker.run("half-logged unit", parent=tracker.sweep_run, tags=dict(level="unit"), status=None)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(tracker, *a, **k)
-    monkeypatch.setattr(B, "_track_unit", interrupted)
+    monkeypatch.setattr(B, "track_unit", interrupted)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM)  # not always SIG_DFL: ray.init, run earlier, installs one
@@ -184,7 +184,7 @@ def test_unit_runs_appear_as_each_unit_finishes(synth_stores, tmp_path, monkeypa
     """A live sweep is watchable: a unit's runs (with its folds' and trials') are in MLflow, finished,
     once its last fold is done, while later tasks have still to start. loso is written first in
     the config, yet mixed runs first: loso's source-mean gap needs the mixed unit."""
-    import featstore.sweep as S
+    import featstore.sweep.fit as S
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     seen = []  # (task's protocol, fold, the unit runs in MLflow as that task starts)
@@ -218,8 +218,10 @@ def test_a_unit_waits_for_the_mixed_unit_it_needs_whatever_order_tasks_finish(sy
     is tracked right after it; every row is the same as when tasks finish in order."""
     import optuna
 
-    from featstore.benchmark import Units, make_tasks, plan
-    from featstore.sweep import run_task
+    from featstore.sweep.plan import make_tasks, plan
+
+    from featstore.sweep.run import Units
+    from featstore.sweep.fit import run_task
 
     st = _study(study="order", protocols={"mixed": {"folds": 2}, "loso": {}}, bootstrap=20)
     (bb, pre, data, folds), = plan(st, synth_stores["confounded"])

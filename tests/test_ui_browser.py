@@ -146,10 +146,10 @@ def _wait_health(base, proc, log: Path):
 def served(synth_stores, tmp_path_factory):
     """A small sweep (two heads, mixed + loso + leave-pair-out) tracked in a folder that is then MOVED;
     `featstore ui` serves the moved folder; the report of the sweep is written beside it."""
-    from featstore.benchmark import run_study
     from featstore.report import write_report
     from featstore.store import connect
-    from featstore.study import load_study
+    from featstore.sweep.config import load_study
+    from featstore.sweep.run import run_study
 
     tmp = tmp_path_factory.mktemp("ui")
     first = tmp / "first"

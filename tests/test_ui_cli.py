@@ -82,7 +82,7 @@ def test_ui_starts_one_server_process_and_no_job_runners():
 
 
 def test_runs_record_no_absolute_path_of_the_checkout(tmp_path, monkeypatch):
-    from featstore.study import packaged_studies
+    from featstore.sweep.config import packaged_studies
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cfg").mkdir()

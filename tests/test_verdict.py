@@ -152,9 +152,9 @@ def test_real_heads_end_to_end(regime, tmp_path):
     domain shift (fingerprints on, positive rates .55/.55/.45/.45) is never "shortcut likely"."""
     import polars as pl
 
-    from featstore.benchmark import run_study
+    from featstore.sweep.run import run_study
     from featstore.report import headline
-    from featstore.study import parse_study
+    from featstore.sweep.config import parse_study
 
     shares, signal = ((.85, .80, .10, .05), 0.0) if regime == "pure-shortcut" else ((.55, .55, .45, .45), 0.1)
     db = _store(tmp_path, shares, signal)

@@ -115,7 +115,7 @@ def test_the_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
     (purelib / "_layers.pth").write_text("\n".join(_layers()) + "\n")
     run_dir = tmp_path / "elsewhere"  # outside the repository
     run_dir.mkdir()
-    probe = [py, "-c", "import featstore, featstore.store as s, featstore.study as st; "
+    probe = [py, "-c", "import featstore, featstore.store as s, featstore.sweep.config as st; "
                        "print(featstore.__file__); print(s.sql_dir()); print(st.packaged_studies()['synthetic_demo.yaml'])"]
     before = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=run_dir)
     assert before.returncode != 0 and "No module named 'featstore'" in before.stderr, before.stdout + before.stderr

@@ -1,22 +1,20 @@
-"""Study configs (YAML or TOML; the shipped ones in featstore/studies/): read, validate up front, load
-the data they name.
+"""Study configs (YAML or TOML; the shipped ones in featstore/studies/): read and validated up front.
 
 The config is checked by pydantic models, one per section, before any work: every problem names
 the key (dotted path), the value given and what is allowed, all problems at once; unknown keys are
 refused with a "did you mean". What needs the store (sources, columns, embeddings, feasible folds)
-is checked by `load_data` / `check_feasible`, still before any fitting.
+is checked by `featstore.sweep.data.load_data` / `featstore.sweep.plan.check_feasible`, still before
+any fitting.
 """
 import difflib
 import inspect
 import io
 import json
 import tomllib
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-import numpy as np
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError,
                       ValidationInfo, create_model, field_serializer, field_validator, model_validator)
@@ -24,10 +22,13 @@ from pydantic_core import PydanticCustomError
 from sklearn.utils._param_validation import InvalidParameterError, Options, validate_parameter_constraints
 
 from featstore.heads import HEADS
-from featstore.options import Name, Names, Section, _distinct, _one_or_list
-from featstore.split import PROTOCOLS, SELECTIONS, Meta, honest_selections, make_folds, make_meta
+from featstore.options import Name, Names, Section, distinct, one_or_list
+from featstore.split import PROTOCOLS, SELECTIONS, honest_selections
+
 
 TARGETS = ("binary", "3class")
+
+
 NEAR_DUPLICATES = ("drop-from-train", "warn", "refuse", "ignore")
 
 
@@ -47,7 +48,7 @@ def _backbone_names(v):
     """A mapping backbone -> {pooling: one or a list} becomes `<entry>@<pooling>` names; one or a list of
     names passes as it is (`_canonical` then names each set as embed stores it)."""
     if not isinstance(v, dict):
-        return _one_or_list(v)
+        return one_or_list(v)
     out = []
     for name, opts in v.items():
         opts = {} if opts is None else opts
@@ -55,7 +56,7 @@ def _backbone_names(v):
             raise PydanticCustomError("backbone_opts", "{name}: the one option is pooling (cls, mean or pooler, "
                                       "or a list of them)", {"name": name})
         pool = opts.get("pooling")
-        out += [name] if pool is None else [f"{name}@{p}" for p in _one_or_list(pool)]
+        out += [name] if pool is None else [f"{name}@{p}" for p in one_or_list(pool)]
     return out
 
 
@@ -70,7 +71,7 @@ def _canonical(v):
             except ValueError as e:  # pooling not offered by the entry: the valid ones, one line
                 raise PydanticCustomError("pooling", "{msg}", {"msg": str(e)})
         out.append(name)
-    return _distinct(out)
+    return distinct(out)
 
 
 # embedding sets: names (`<entry>@<pooling>` too) or name -> {pooling: ...}; each as embed names its set
@@ -364,7 +365,7 @@ class Study(Section):
 
 def _check_prompts(prompts: dict, data: dict) -> None:
     """What the config alone can tell: 3class prompts name each class; binary ones the positive (the
-    negative groups are checked against the store's labels before any work, benchmark.plan)."""
+    negative groups are checked against the store's labels before any work, featstore.sweep.plan.plan)."""
     from featstore.zeroshot import ZeroShotError, key_classes
 
     if "target" not in data:  # target itself invalid: reported on its own
@@ -562,165 +563,6 @@ def _problem(err) -> tuple[str, str]:
         except ValueError:
             pass
     return key, f"{_show(v)} is not allowed; {msg}{hint}"
-
-
-# --- the data a study runs on --------------------------------------------------------------
-
-SOURCE_RULE = ("shared file: belongs to every source it occurs in (tested in each held-out one, trains no model "
-               "tested on any of them); own metadata from its occurrence with the smallest (source, path)")
-
-
-@dataclass
-class StudyData:
-    X: np.ndarray
-    meta: Meta
-    image_id: np.ndarray
-    class_names: list[str]
-    weights_id: str
-    n_excluded: int
-    counts: dict            # (source, class name) -> n
-    links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), int))  # near-duplicate index pairs
-    state: dict = field(default_factory=dict)  # what the rows depend on besides the config (results contract)
-    head_inputs: dict = field(default_factory=dict)  # head -> what it is built with (zero-shot: text embeddings)
-
-
-def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
-    """Embeddings + metadata for one (backbone, preprocessing), filtered to the study's sources
-    and target. `fs` is a featstore.api.Store."""
-    try:
-        wid, _ = fs._set(backbone, preprocess, None)
-        X, meta = fs.arrays(backbone, preprocess)
-    except ValueError as e:
-        raise StudyError(f"{st.path or st.study}: {e} (run `featstore embed --backbone {backbone} "
-                         f"--preprocess {preprocess}`)") from e
-    have = sorted(set(fs.con.execute("SELECT DISTINCT source FROM images").fetchall()))
-    have = [h for (h,) in have]
-    check_sources(st, have)
-    col = st.label_column if st.target == "binary" else st.class_column
-    if col not in meta.columns:
-        raise StudyError(f"{st.path or st.study}: column '{col}' not in the store's images "
-                         f"(have {', '.join(meta.columns)})")
-    src = meta["source"].to_numpy()
-    val = meta[col].to_numpy()
-    keep = np.ones(len(meta), bool) if not st.sources else np.isin(src, st.sources)
-    if st.target == "binary":
-        if st.positive not in set(val[keep]):
-            raise StudyError(f"{st.path or st.study}: positive '{st.positive}' never occurs in column '{col}'")
-        names = [f"not {st.positive}", st.positive]
-        y = (val == st.positive).astype(int)
-    else:
-        keep &= np.isin(val, st.classes)
-        names = list(st.classes)
-        y = np.array([st.classes.index(v) if v in st.classes else -1 for v in val])
-    n_excluded = int((~keep).sum())
-    idx = np.flatnonzero(keep)
-    iid = meta["image_id"].to_numpy()[idx]
-    occ = dict(fs.con.execute("SELECT image_id, list(DISTINCT source) FROM occurrences GROUP BY 1").fetchall())
-    links = np.zeros((0, 2), int)
-    # an image in several sources belongs to all of them (split.Meta.members); ingest.canonical_images
-    state = dict(source_rule=SOURCE_RULE,
-                 neardup_policy=st.near_duplicates, neardup_links=0, neardup_thresholds=None, neardup_found_at=None,
-                 mask_method=_mask_method(fs, preprocess, iid))
-    if st.near_duplicates != "ignore" and fs.con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]:
-        at = {v: i for i, v in enumerate(iid)}
-        pairs = fs.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
-                               "ORDER BY image_a, image_b").fetchall()
-        used = [p for p in pairs if p[0] in at and p[1] in at]
-        links = np.array([(at[p[0]], at[p[1]]) for p in used], dtype=int).reshape(-1, 2)
-        if used:
-            state.update(neardup_found_at=max(p[4] for p in used), neardup_thresholds="; ".join(
-                f"phash_max={h}, cosine_min={c}" for h, c in sorted({(p[2], p[3]) for p in used})))
-    merge = st.near_duplicates == "drop-from-train"
-    state["neardup_links"] = len(links) if st.near_duplicates != "ignore" else 0
-    m = make_meta(src[idx], y[idx], meta["patient_id"].to_numpy()[idx], iid, [occ.get(i, []) for i in iid],
-                  links if merge else ())
-    counts = {}
-    for s, k in zip(m.source, m.y):
-        counts[(s, names[k])] = counts.get((s, names[k]), 0) + 1
-    return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links, state)
-
-
-def check_sources(st: Study, have: list[str]) -> None:
-    """Every source the config names (sources, a protocol's train_sources / unseen_sources) is one
-    the store has and the study uses; else one line per key with the closest name."""
-    from featstore.suggest import unknown
-
-    problems = []
-    if st.sources:
-        problems += [f"sources: {unknown('source', s, have)}" for s in st.sources if s not in have]
-    usable = [s for s in have if not st.sources or s in st.sources]
-    for proto, opts in st.protocols.items():
-        for key in ("train_sources", "unseen_sources"):
-            for s in opts.get(key) or ():
-                if s in usable:
-                    continue
-                where = f"protocols.{proto}.{key}"
-                if s in have:  # in the store, left out by `sources:`
-                    problems.append(f"{where}: source '{s}' is not among the study's sources "
-                                    f"({', '.join(usable)}); add it to sources")
-                else:
-                    problems.append(f"{where}: {unknown('source', s, usable)}")
-    if problems:
-        raise StudyError(f"{st.path or st.study}: " + "; ".join(problems))
-
-
-def _mask_method(fs, preprocess: str, image_ids) -> str | None:
-    """The lung-mask method(s) behind a lung-ROI preprocessing's images; None for other preprocessings."""
-    from featstore.preprocess import get_preprocess
-
-    if not get_preprocess(preprocess).needs_mask:
-        return None
-    fs.con.execute("CREATE OR REPLACE TEMP TABLE _study_ids AS SELECT unnest(?::VARCHAR[]) AS image_id",
-                   [list(map(str, image_ids))])
-    got = fs.con.execute("SELECT DISTINCT method FROM lung_masks JOIN _study_ids USING (image_id) "
-                         "WHERE ok ORDER BY 1").fetchall()
-    return ",".join(m for (m,) in got) or None
-
-
-def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
-    """Build the folds of one protocol and refuse the impossible before any work: every training
-    set needs every class, and so does every model-selection split."""
-    where = f"{st.path or st.study}: protocols.{protocol}"
-    try:
-        folds = make_folds(data.meta, protocol, positive=1, seed=st.seed, **st.protocols[protocol])
-    except ValueError as e:
-        raise StudyError(f"{where}: {e}") from e
-    k = len(data.class_names)
-    for f in folds:
-        ytr = data.meta.y[f.train]
-        if len(np.unique(ytr)) < k:
-            raise StudyError(f"{where}: fold {f.name} trains on one class only ({len(f.train)} images from "
-                             f"{', '.join(f.train_sources)}); pick sources with both classes")
-        if len(f.train) < 20:
-            raise StudyError(f"{where}: fold {f.name} has only {len(f.train)} training images")
-        for name, te in f.tests.items():
-            if len(te) == 0:
-                raise StudyError(f"{where}: fold {f.name} has an empty {name} test set")
-        if len(data.links) and st.near_duplicates in ("warn", "refuse"):
-            tr = np.zeros(len(data.meta.y), bool)
-            tr[f.train] = True
-            te = np.zeros(len(data.meta.y), bool)
-            te[np.concatenate(list(f.tests.values()))] = True
-            leaks = int(sum((te[a] and tr[b]) or (te[b] and tr[a]) for a, b in data.links))
-            if leaks:
-                msg = (f"fold {f.name}: {leaks} test images have a near duplicate in training "
-                       "(`featstore sql \"SELECT * FROM near_duplicates\"`)")
-                if st.near_duplicates == "refuse":
-                    raise StudyError(f"{where}: {msg}; set near_duplicates: drop-from-train to exclude them")
-                f.notes.append("WARNING: " + msg)
-        try:
-            splits = SELECTIONS[st.selection].splits(data.meta, f, st.seed)
-        except ValueError as e:
-            raise StudyError(f"{where}: fold {f.name}: {e}") from e
-        yval = np.concatenate([data.meta.y[v] for _, v in splits])
-        if len(np.unique(yval)) < k:
-            raise StudyError(f"{where}: fold {f.name}: the '{st.selection}' validation data has one class only")
-        for a, _ in splits:
-            if len(np.unique(data.meta.y[a])) < k:
-                raise StudyError(f"{where}: fold {f.name}: a '{st.selection}' fitting split has one class only; "
-                                 "use selection: train-val")
-    return folds
 
 
 if __name__ == "__main__":  # python -m featstore.study > study.schema.json

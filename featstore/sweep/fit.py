@@ -36,25 +36,10 @@ from sklearn.metrics import roc_auc_score
 
 from featstore.heads import HEADS, create_head
 from featstore.procs import process_pool
-from featstore.split import Fold, Meta, get_selection
+from featstore.split import Meta
+from featstore.sweep.plan import Task, attach_splits, selection_splits_for
 
 
-@dataclass
-class Task:
-    """One Optuna study: a fold of a protocol, for one head, on one embedding set."""
-    study_name: str
-    protocol: str
-    fold: Fold
-    head: str
-    trials: int
-    fixed: dict
-    selection: str          # a split.SELECTIONS entry
-    seed: int
-    timeout: float | None
-    n_classes: int
-    splits: list | None = None  # the selection's (fit, validate) pairs, computed once per fold (`attach_splits`)
-    attrs: dict = field(default_factory=dict)  # e.g. backbone, preprocess: study attributes for optuna-dashboard
-    inputs: dict = field(default_factory=dict)  # what a head is built with besides hyperparameters (zero-shot:
     #                                             the class text embeddings); never in params, never searched
 
 
@@ -108,28 +93,6 @@ def fit_head(name, params, X, y, domains, seed, inputs=None, prepared=None):
     every trial on the same rows instead of being recomputed; the fit is the same as without it."""
     return create_head(name, **{**params, **(inputs or {}), "random_state": seed}).fit(X, y, domains=domains,
                                                                                       **(prepared or {}))
-
-
-def selection_splits_for(task: Task, meta: Meta) -> list:
-    return task.splits if task.splits is not None else get_selection(task.selection).splits(meta, task.fold,
-                                                                                            task.seed)
-
-
-def attach_splits(tasks: list[Task], meta: Meta, cache: dict | None = None) -> None:
-    """Every head on a fold draws the same selection split (it depends on the fold's training rows, the
-    rule and the seed only): compute it once per fold, not once per study (StratifiedGroupKFold's
-    greedy group assignment costs about a second on the real set)."""
-    import hashlib
-
-    cache = {} if cache is None else cache
-    for t in tasks:
-        if t.splits is not None:
-            continue
-        key = (t.selection, t.seed, t.fold.protocol, t.fold.name, hashlib.sha1(t.fold.train.tobytes()).hexdigest(),
-               tuple((k, hashlib.sha1(v.tobytes()).hexdigest()) for k, v in sorted(t.fold.tests.items())))
-        if key not in cache:
-            cache[key] = get_selection(t.selection).splits(meta, t.fold, t.seed)
-        t.splits = cache[key]
 
 
 @contextmanager
@@ -194,12 +157,15 @@ def _retry(study, t) -> None:
     study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
 
 
-def _mark_interrupted(study) -> None:
+def _mark_interrupted(study, storage) -> None:
     """Single-owner storage (the folder's sweep lock makes it so): a RUNNING trial found at start
-    belongs to a process that died. It is kept, marked, and queued again with its parameters."""
+    belongs to a process that died. It is kept, marked, and queued again with its parameters.
+    (Through the storage's own interface: a Study exposes no way to mark another process's trial.)"""
+    sid = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
+        storage.set_trial_user_attr(tid, "interrupted", True)
+        storage.set_trial_state_values(tid, optuna.trial.TrialState.FAIL)
         _retry(study, t)
 
 
@@ -211,22 +177,23 @@ class ResumableTPE(optuna.samplers.TPESampler):
 
     def __init__(self, seed: int, **kw):
         super().__init__(seed=seed, **kw)
-        self._seed = seed
+        self.seed, self.options = seed, kw
 
-    def _reseed(self, study, trial, what: str) -> None:
+    def reseeded(self, study, trial, what: str) -> optuna.samplers.TPESampler:
+        """A TPE sampler seeded for this draw alone: its random state (TPE's and its startup random
+        sampler's) is a function of the seed, the trial's place and what is drawn."""
         place = sum(_counted(t) for t in study.get_trials(deepcopy=False) if t.number < trial.number)
-        s = zlib.crc32(f"{self._seed}|{place}|{what}".encode())
-        self._rng.rng.seed(s)
-        self._random_sampler._rng.rng.seed(s)
+        return optuna.samplers.TPESampler(seed=zlib.crc32(f"{self.seed}|{place}|{what}".encode()), **self.options)
 
     def sample_relative(self, study, trial, search_space):
         if search_space:
-            self._reseed(study, trial, "relative")
+            return self.reseeded(study, trial, "relative").sample_relative(study, trial, search_space)
         return super().sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        self._reseed(study, trial, param_name)  # per parameter: a partly suggested retry draws the rest alike
-        return super().sample_independent(study, trial, param_name, param_distribution)
+        # per parameter: a partly suggested retry draws the rest alike
+        return self.reseeded(study, trial, param_name).sample_independent(study, trial, param_name,
+                                                                          param_distribution)
 
 
 _FIRST_SEEN: dict[str, float] = {}
@@ -270,7 +237,7 @@ def open_study(task: Task, storage, sampler, pruner, claim: bool):
     kw = dict(study_name=task.study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize")
     if not claim:
         study = optuna.create_study(**kw, load_if_exists=True)
-        _mark_interrupted(study)
+        _mark_interrupted(study, storage)
         return study, True
     try:
         study = optuna.create_study(**kw, load_if_exists=False)
@@ -311,7 +278,7 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
         for k, v in attrs.items():  # the dashboard filters trials across studies by these
             trial.set_user_attr(k, v)
         params = {**space(trial), **spec.search_defaults, **task.fixed}
-        _hold_for_tests(trial)
+        _hold_for_tests(trial, storage)
         P_all, y_all = [], []
         try:
             for step, (Xa, ya, sa, Xb, yb, prepared) in enumerate(parts):
@@ -446,7 +413,7 @@ def open_storage(spec: str | Path):
             time.sleep(random.uniform(0.2, 1.0))
 
 
-def _hold_for_tests(trial) -> None:
+def _hold_for_tests(trial, storage) -> None:
     """Fault-injection point for the kill -9 tests: with FEATSTORE_TEST_HOLD_TRIAL=PATH:K, the first
     trial to start once K trials are finished in its storage writes PATH and then never returns, so a
     test kills a sweep mid-trial on an event rather than racing the clock. Unset: nothing happens."""
@@ -454,9 +421,9 @@ def _hold_for_tests(trial) -> None:
     if not spec:
         return
     path, _, k = spec.rpartition(":")
-    st, S = trial.study._storage, optuna.trial.TrialState
-    done = sum(t.state in (S.COMPLETE, S.PRUNED) for s in st.get_all_studies()
-               for t in st.get_all_trials(s._study_id, deepcopy=False))
+    S = optuna.trial.TrialState
+    done = sum(t.state in (S.COMPLETE, S.PRUNED) for s in storage.get_all_studies()
+               for t in storage.get_all_trials(storage.get_study_id_from_name(s.study_name), deepcopy=False))
     if done < int(k):
         return
     try:
