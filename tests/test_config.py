@@ -203,7 +203,7 @@ def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
     (tmp_path / "cxr_shortcut.yaml").write_text("study: mine\nbackbones: [pixelstats]\nheads: {logreg: {}}\n"
                                                 "protocols: {loso: {}}\n")
     assert load_study("cxr_shortcut.yaml").study == "mine"  # a file of that name wins
-    with pytest.raises(StudyError, match=r"cxr_shortcutt: no such study config \(shipped: cxr_shortcut, synthetic_demo"):
+    with pytest.raises(StudyError, match=r"cxr_shortcutt: no such study config \(did you mean .cxr_shortcut.\?\) \(shipped: cxr_shortcut, synthetic_demo"):
         load_study("cxr_shortcutt")
 
 

@@ -141,7 +141,7 @@ def test_verdict_known_answers(eight_sources, tmp_path):
     sc = (mixed["metrics"] if isinstance(mixed["metrics"], dict) else __import__("json").loads(mixed["metrics"]))
     assert sc["shortcut"]["same"] > 0.98 and sc["shortcut"]["hi"] < 0.05, sc["shortcut"]
     assert h["uses the source?"].to_list() == ["no"] and h["verdict"].to_list() != ["shortcut likely"]
-    assert "(8 sources, 8 with both classes)" in h["uses the source? cross − same-source AUC [CI]"][0]
+    assert "; 8 sources, 8 with both classes)" in h["uses the source? cross − same-source AUC [CI]"][0]
     lpo = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "leave-pair-out")).row(0, named=True)
     assert lpo["gap"] is None  # pairs share sources: no gap, no second "seen"
     sm = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso")).row(0, named=True)

@@ -909,7 +909,7 @@ def test_map_legend_keeps_a_source_named_proto(tmp_path):
 _JOURNAL = r"""
 import logging, sys
 import optuna
-from featstore.sweep import journal
+from featstore.sweep.fit import journal
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
 optuna.logging.enable_propagation()
 study = optuna.create_study(study_name="s", storage=journal(sys.argv[1]))

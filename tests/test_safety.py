@@ -340,6 +340,7 @@ def _port() -> int:
 
 
 def test_ui_on_a_busy_port_fails_clearly(tmp_path):
+    (tmp_path / "m.db").touch()  # `ui` serves an existing tracking store only
     # old code: printed the URL, MLflow logged "Address already in use" and exited 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -351,6 +352,7 @@ def test_ui_on_a_busy_port_fails_clearly(tmp_path):
 
 
 def test_ui_reports_a_server_that_stops(tmp_path, monkeypatch):
+    (tmp_path / "m.db").touch()  # `ui` serves an existing tracking store only
     # the child binds late (another process took the port) or dies: exit non-zero, never a silent 0
     port = _port()
     monkeypatch.setattr(jobs, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", "raise SystemExit(0)"])
@@ -365,8 +367,9 @@ def test_ui_reports_a_server_that_stops(tmp_path, monkeypatch):
 
 
 def test_ui_on_the_network_needs_expose_and_warns(tmp_path, monkeypatch):
+    (tmp_path / "m.db").touch()  # `ui` serves an existing tracking store only
     # old code: served the unauthenticated UI on 0.0.0.0 without a word
-    r = _run("ui", "--host", "0.0.0.0", "--port", _port())
+    r = _run("ui", "--host", "0.0.0.0", "--port", _port(), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert r.exit_code == 2 and "no login" in r.text and "--expose" in r.text, r.output
     monkeypatch.setattr(jobs, "_mlflow_ui_argv", lambda uri, host, port: [sys.executable, "-c", "raise SystemExit(0)"])
     r = _run("ui", "--host", "0.0.0.0", "--expose", "--port", _port(), "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
