@@ -565,5 +565,5 @@ def _problem(err) -> tuple[str, str]:
     return key, f"{_show(v)} is not allowed; {msg}{hint}"
 
 
-if __name__ == "__main__":  # python -m featstore.study > study.schema.json
+if __name__ == "__main__":  # python -m featstore.sweep.config > study.schema.json
     print(json.dumps(study_schema(), indent=1))
