@@ -306,8 +306,8 @@ def test_report_first_screen_holds_a_card_per_model(served):
                      "dt: [...c.querySelectorAll('dt')].map(d => d.textContent), text: c.innerText}))")
         for c in cards:
             assert c["bottom"] <= 900, c
-            assert c["dt"] == ["seen → unseen", "worst source", "new pairs", "drop (gap)"]
-            assert re.search(r"(shortcut likely|generalises|inconclusive)", c["text"])
+            assert c["dt"] == ["seen → unseen", "worst source", "new pairs", "uses the source?", "drop on new sources"]
+            assert re.search(r"(shortcut likely|drops on new sources|generalises|inconclusive)", c["text"])
             assert re.search(r"\d\.\d{3}( \[\d\.\d{3}, \d\.\d{3}\]|, CI n/a \(\d+ sources\))? \(mean of \d+ held-out", c["text"]), c
             assert "[0.000, 1.000]" not in c["text"]
         # the two summary figures start on the first screen too, side by side
