@@ -17,9 +17,13 @@ Row kinds (`kind`):
                  source-level (cluster) bootstrap CI; `auc_worst` / `worst_source` name the worst one;
                  `gap` = the drop on new sources (seen - unseen, LOSO and seen-unseen only);
                  `metrics.below_chance`: score.below_chance over the held-out sources.
+    adapt        protocol `adapt`'s learning curve: one row per (site, arm, k), the mean unseen AUC over random
+                 draws of k labelled images per class from the site (`metrics`: k, arm, per_draw), its
+                 t interval over draws (`uncertainty = 'draws'`); featstore/sweep/adapt.py.
 
 `uncertainty` says what a row's CI resamples: 'image' (stratified bootstrap of the test images),
-'source' (held-out sources, then images within them), 'selection' (selection seeds), or NULL.
+'source' (held-out sources, then images within them), 'selection' (selection seeds), 'draws' (the adapt
+curve's random draws of labelled images), or NULL.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ def _m(name, type_, doc):
     return Column(name, type_, doc, True, True)
 
 
-KINDS = ("fold", "pooled", "source-mean")
+KINDS = ("fold", "pooled", "source-mean", "adapt")
 
 # Order = the table's column order (002_results.sql, then columns later migrations appended).
 COLUMNS: tuple[Column, ...] = (
@@ -103,8 +107,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("seconds", "DOUBLE", "search + fit seconds"),
     _c("created_at", "TIMESTAMP", "when the row was written", False),
     # 006_result_contract.sql
-    _c("kind", "VARCHAR", "fold | pooled | source-mean (see featstore/results.py)", False),
-    _c("uncertainty", "VARCHAR", "what the CI resamples: image | source | selection"),
+    _c("kind", "VARCHAR", "fold | pooled | source-mean | adapt (see featstore/results.py)", False),
+    _c("uncertainty", "VARCHAR", "what the CI resamples: image | source | selection | draws"),
     _m("gap_lo", "DOUBLE", "95% CI of the gap, low"),
     _m("gap_hi", "DOUBLE", "95% CI of the gap, high"),
     _m("n_sources", "INTEGER", "held-out sources behind the number"),

@@ -343,3 +343,125 @@ def selection_splits(meta: Meta, train: np.ndarray, method: str, seed: int = 0,
         raise ValueError(f"selection '{method}' selects on the test set; it is not drawn from training "
                          f"images (choose from {', '.join(honest_selections())})")
     return sel.split(meta, train, seed, val_folds)
+
+
+# --- protocol `adapt`: the held-out site with k labelled images per class added ([BenAhmed2021] Table 4) -----
+# Its folds are leave-one-site-out folds (hyperparameters are selected on the training sources only, as for
+# loso); `adapt_draws` then draws, per site and draw, the k images per class that join training. The curve
+# itself is fitted and scored by featstore/sweep/adapt.py.
+
+class Adapt(Section):
+    ks: list[int] = Field([0, 5, 10, 20, 40, 80], min_length=1,
+                          description="labelled images per class added from the held-out site (0: none)")
+    draws: int = Field(5, ge=2, le=200, description="random draws of the k images per k (the curve's uncertainty)")
+    sites: Names | None = Field(None, description="sites to adapt to (default: every source with both classes)")
+
+    @model_validator(mode="after")
+    def _ks(self):
+        if any(k < 0 for k in self.ks) or len(set(self.ks)) != len(self.ks):
+            raise PydanticCustomError("ks", "ks must be distinct whole numbers >= 0, got {ks}",
+                                      {"ks": ", ".join(map(str, self.ks))})
+        return self
+
+
+@dataclass(frozen=True)
+class AdaptDraw:
+    """One random draw for one site: the images added at each feasible k (nested: the k=5 images are among
+    the k=10 ones) and the images scored at every k (the site less the largest k's images, whole patients)."""
+    site: str
+    draw: int
+    added: dict          # k -> indices (into meta) of the site's images added to training
+    test: np.ndarray     # indices scored at every k of this draw (never added at any k)
+
+
+def adapt_sites(meta: Meta, sites=None) -> list[str]:
+    """The sites an adapt curve is drawn for: the named ones, else every source with both classes."""
+    if sites:
+        unknown = sorted(set(sites) - set(meta.source))
+        if unknown:
+            raise ValueError(f"adapt: unknown site(s) {unknown}; have {_sources(meta)}")
+        one = [s for s in sites if len(np.unique(meta.y[meta.members([s])])) < 2]
+        if one:
+            raise ValueError(f"adapt: site(s) {one} have one class only: no k per class to add, no AUC to score")
+        return list(sites)
+    return [s for s in _sources(meta) if len(np.unique(meta.y[meta.members([s])])) == 2]
+
+
+def adapt(meta: Meta, sites=None) -> list[Fold]:
+    """The adapt protocol's folds: leave-one-site-out for each site (k = 0 is this fold scored on the whole
+    site; the curve's k > 0 points add images of the site to `train`, see adapt_draws)."""
+    if len(np.unique(meta.y)) > 2:
+        raise ValueError("adapt: binary targets only (its curve is the unseen AUC against k)")
+    keep = set(adapt_sites(meta, sites))
+    out = []
+    for f in loso(meta):
+        if f.test_sources[0] in keep:
+            f.protocol = "adapt"
+            out.append(f)
+    return out
+
+
+def adapt_draws(meta: Meta, site: str, ks, draws: int, seed: int = 0) -> tuple[list[AdaptDraw], list[int], list[str]]:
+    """(draws, feasible ks, notes). Patients are drawn whole: a class's k images
+    are the first patients of a seeded shuffle of the site's patients of that class until k images are
+    reached, so a patient's images are all added or none is, and no patient is both added and scored.
+    A k is feasible when every class keeps at least max(k, 10) images to score after the largest k's draw
+    (so the scored set is never smaller than what was added); infeasible ks are dropped with a note."""
+    from sklearn.utils import shuffle
+
+    te_all = meta.members([site])
+    groups = meta.groups[te_all]
+    y = meta.y[te_all]
+    classes = np.unique(y)
+    # a patient's class: its images' most common label (pure in practice), ties to the smaller label
+    ug = np.array(sorted(set(groups)), dtype=object)
+    gclass = {}
+    for g in ug:
+        vals, cnt = np.unique(y[groups == g], return_counts=True)
+        gclass[g] = vals[np.argmax(cnt)]
+    n_class = {c: int((y == c).sum()) for c in classes}
+    ks = sorted(int(k) for k in ks)
+    notes, out, feasible = [], [], []
+    for d in range(draws):
+        # one seeded shuffle of the site's patients (sorted first: the same draw whatever the row order)
+        order = shuffle(ug, random_state=seed * 7919 + d)
+        added: dict[int, np.ndarray] = {}
+        ok_ks = []
+        for k in ks:
+            take = []
+            for c in classes:
+                n = 0
+                for g in order:
+                    if n >= k:
+                        break
+                    if gclass[g] == c:
+                        take.append(g)
+                        n += int((groups == g).sum())
+            take_set = set(take)
+            idx = te_all[np.array([g in take_set for g in groups], dtype=bool)] if take else np.array([], int)
+            left = np.setdiff1d(te_all, idx)
+            if any(int((meta.y[left] == c).sum()) < max(k, 10) for c in classes):
+                break  # ks are sorted: every larger k is infeasible too
+            added[k] = np.sort(idx)
+            ok_ks.append(k)
+        if not ok_ks:
+            raise ValueError(f"adapt: site {site} is too small for k={ks[0]} per class "
+                             f"({', '.join(f'{n} of class {c}' for c, n in n_class.items())})")
+        feasible = ok_ks if d == 0 else [k for k in feasible if k in ok_ks]
+        test = np.setdiff1d(te_all, added[ok_ks[-1]])
+        out.append(AdaptDraw(site, d, added, test))
+    if not feasible:
+        raise ValueError(f"adapt: site {site}: no k of {ks} is feasible in every draw")
+    dropped = [k for k in ks if k not in feasible]
+    if dropped:
+        notes.append(f"{site}: k={', '.join(map(str, dropped))} left out: a class would keep fewer images to "
+                     f"score than were added ({', '.join(f'{n} of class {c}' for c, n in n_class.items())})")
+    # the test set of every draw: the site less its largest feasible k's images
+    out = [AdaptDraw(site, a.draw, {k: a.added[k] for k in feasible},
+                     np.setdiff1d(te_all, a.added[feasible[-1]])) for a in out]
+    return out, feasible, notes
+
+
+register_protocol(Protocol("adapt", "each site left out, then k labelled images per class of it added to training "
+                           "(several patient-grouped draws per k): unseen AUC vs k", Adapt,
+                           lambda m, o, positive, seed: adapt(m, o.sites)))

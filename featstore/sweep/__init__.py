@@ -4,6 +4,7 @@ config    the study config: schema, reading, validation (no store)
 data      the arrays a study runs on, read through the public store API (featstore.api.Store)
 plan      every protocol's folds, checked feasible, and the Optuna tasks with their selection splits
 fit       Optuna per task (journal or PostgreSQL), then the selected head refitted and its test predictions
+adapt     protocol `adapt`: the learning curves (k labelled images of the held-out site added, refitted)
 rows      task results -> result rows of the contract (featstore.results): metrics, CIs, source means
 tracking  rows -> the MLflow run tree (unit -> fold -> trial)
 run       `featstore sweep` / `featstore sweep-worker`: wires the steps, writes the store once at the end

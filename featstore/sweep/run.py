@@ -19,6 +19,7 @@ import polars as pl
 
 from featstore.store import transaction
 from featstore.sweep.config import Study, StudyError
+from featstore.sweep.adapt import curve_points, curve_rows, mlflow_curve
 from featstore.sweep.data import StudyData
 from featstore.sweep.fit import TaskResult, run_tasks
 from featstore.sweep.plan import Task, make_tasks, plan
@@ -313,8 +314,12 @@ class Units:
             backbone=bb, weights_id=data.weights_id, preprocess=pre, head=head, selection=sel, target=st.target),
             dict(study=st.study, sweep_id=sweep_id, backbone=bb, preprocess=pre, head=head, selection=sel,
                  code_version=code_version()))
+        if proto == "adapt" and len(data.class_names) == 2:  # the learning curves (featstore/sweep/adapt.py)
+            unit_rows = unit_rows + adapt_rows(st, data, rs, unit_rows)
         uid = track_unit(self.tracker, st, model_run, proto, head, sel, bb, pre, data, unit_rows, preds,
                           trials, seed)
+        if proto == "adapt":
+            mlflow_curve(self.tracker, uid, unit_rows)
         self.tracked[key] = (unit_rows, preds)
         self.tracker.models.unit_done(model, unit_rows, last=all(
             k in self.tracked for k in self.units if (k[1], k[2]) == (head, sel)))
@@ -329,3 +334,17 @@ class Units:
         rows = [x for k in self.units for x in self.tracked[k][0]]
         preds = [p for k in self.units for p in self.tracked[k][1]]
         return rows, (pl.concat(preds) if preds else pl.DataFrame())
+
+
+def adapt_rows(st, data: StudyData, rs: list[TaskResult], unit_rows: list[dict]) -> list[dict]:
+    """The adapt unit's curve rows: for each site's fold, its points refitted with the fold's selected
+    hyperparameters (featstore/sweep/adapt.py), on the fold row's identity."""
+    out = []
+    for r in rs:
+        if r.error:
+            continue
+        base = next(x for x in unit_rows if x["kind"] == "fold" and x["fold"] == r.task.fold.name
+                    and x["test_set"] == "unseen" and x["scope"] == "all")
+        points, notes = curve_points(st, data, r)
+        out += curve_rows(base, points, notes)
+    return out
