@@ -98,6 +98,10 @@ def test_adapt_folds_leave_the_site_out_and_refuse_one_class_sites():
     assert [f.name for f in folds] == ["heldout=flip", "heldout=null"]
     for f in folds:
         assert f.protocol == "adapt" and not set(meta.source[f.train]) & set(f.test_sources)
+    loso = {f.name: f for f in make_folds(meta, "loso")}
+    for f in folds:  # k = 0 is the loso model: the same training images
+        assert np.array_equal(f.train, loso[f.name].train) and np.array_equal(f.tests["unseen"],
+                                                                              loso[f.name].tests["unseen"])
     one = make_meta(["a"] * 20 + ["z"] * 20, np.array([0, 1] * 10 + [1] * 20))
     with pytest.raises(ValueError, match="one class only"):
         make_folds(one, "adapt", sites=["z"])

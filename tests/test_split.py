@@ -291,7 +291,9 @@ def test_no_patient_straddles_train_and_test_in_any_protocol(protocol, linked):
 # rebuilt the protocol registry: the same folds before and after)
 FOLD_DIGEST = {"mixed": ("111c5ce532ac6578", "cae2f706c7db3edc"), "loso": ("916b3176a5fd1d70", "4c53a04a577c7cf4"),
                "leave-pair-out": ("727e6b0c977f0cb6", "414ac984a73814e1"),
-               "seen-unseen": ("0cc56bd9876b6c8c", "1a95cbcdb0212afb")}
+               "seen-unseen": ("0cc56bd9876b6c8c", "1a95cbcdb0212afb"),
+               # adapt: its folds are loso's (the sites with both classes), made by the code of branch h25a
+               "adapt": ("428b9b84cb319077", "209ec533895cab7d")}
 
 
 def _digest(m, protocol):
