@@ -374,8 +374,15 @@ class AdaptDraw:
     test: np.ndarray     # indices scored at every k of this draw (never added at any k)
 
 
-def adapt_sites(meta: Meta, sites=None) -> list[str]:
-    """The sites an adapt curve is drawn for: the named ones, else every source with both classes."""
+def adapt_sites(meta: Meta, sites=None, ks=(5,)) -> list[str]:
+    """The sites an adapt curve is drawn for: the named ones, else every source with both classes that can
+    give the smallest k > 0 per class and keep at least max(k, 10) of each class to score."""
+    kmin = min([k for k in ks if k > 0], default=0)
+
+    def room(s):
+        y = meta.y[meta.members([s])]
+        need = kmin + max(kmin, 10) if kmin else 1
+        return len(np.unique(y)) == 2 and all(int((y == c).sum()) >= need for c in np.unique(y))
     if sites:
         unknown = sorted(set(sites) - set(meta.source))
         if unknown:
@@ -383,16 +390,22 @@ def adapt_sites(meta: Meta, sites=None) -> list[str]:
         one = [s for s in sites if len(np.unique(meta.y[meta.members([s])])) < 2]
         if one:
             raise ValueError(f"adapt: site(s) {one} have one class only: no k per class to add, no AUC to score")
+        small = [s for s in sites if not room(s)]
+        if small:
+            raise ValueError(f"adapt: site(s) {small} cannot give k={kmin} images per class and keep max(k, 10) of "
+                             "each class to score")
         return list(sites)
-    return [s for s in _sources(meta) if len(np.unique(meta.y[meta.members([s])])) == 2]
+    return [s for s in _sources(meta) if room(s)]
 
 
-def adapt(meta: Meta, sites=None) -> list[Fold]:
+def adapt(meta: Meta, sites=None, ks=(5,)) -> list[Fold]:
     """The adapt protocol's folds: leave-one-site-out for each site (k = 0 is this fold scored on the whole
     site; the curve's k > 0 points add images of the site to `train`, see adapt_draws)."""
     if len(np.unique(meta.y)) > 2:
         raise ValueError("adapt: binary targets only (its curve is the unseen AUC against k)")
-    keep = set(adapt_sites(meta, sites))
+    keep = set(adapt_sites(meta, sites, ks))
+    if not keep:
+        raise ValueError("adapt: no source has both classes with room for the smallest k per class")
     out = []
     for f in loso(meta):
         if f.test_sources[0] in keep:
@@ -464,4 +477,4 @@ def adapt_draws(meta: Meta, site: str, ks, draws: int, seed: int = 0) -> tuple[l
 
 register_protocol(Protocol("adapt", "each site left out, then k labelled images per class of it added to training "
                            "(several patient-grouped draws per k): unseen AUC vs k", Adapt,
-                           lambda m, o, positive, seed: adapt(m, o.sites)))
+                           lambda m, o, positive, seed: adapt(m, o.sites, o.ks)))

@@ -128,7 +128,8 @@ HONEST = [n for n, s in SELECTIONS.items() if not s.is_oracle]
 ORACLES = [n for n, s in SELECTIONS.items() if s.is_oracle]
 # every protocol, with the options it needs on `_meta()` (a / b mostly positive, c / d mostly negative)
 PROTOCOL_OPTS = {"mixed": dict(folds=4), "loso": {}, "leave-pair-out": {},
-                 "seen-unseen": dict(train_sources=["a", "c"]), "adapt": {}}
+                 "seen-unseen": dict(train_sources=["a", "c"]),
+                 "adapt": dict(ks=[0])}
 
 
 def test_protocol_options_cover_every_protocol():
@@ -258,7 +259,7 @@ def synth_study_data(tmp_path_factory):
     finally:
         con.close()
     protocols = {"mixed": {"folds": 4}, "loso": {}, "leave-pair-out": {},
-                 "seen-unseen": {"train_sources": ["synthetic-a", "synthetic-c"]}, "adapt": {"ks": [0, 5]}}
+                 "seen-unseen": {"train_sources": ["synthetic-a", "synthetic-c"]}, "adapt": {"ks": [0]}}
     assert set(protocols) == set(PROTOCOLS)
     st = parse_study(dict(study="sel", backbones=["pixelstats"], heads=["logreg"], protocols=protocols, bootstrap=0))
     with open_store(folder / "fs.duckdb") as fs:
