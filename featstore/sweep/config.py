@@ -263,6 +263,15 @@ class HeadConfig(BaseModel):
     options: dict = Field(default_factory=dict)  # zero-shot: weights_dir, config_overrides (not hyperparameters)
 
 
+class Ensemble(Section):
+    """An `ensemble` head (featstore/sweep/ensemble.py): the mean of its members' log-odds, fold by fold."""
+    heads: Names = Field(min_length=1, description="member heads (of the study's heads)")
+    backbones: Names | None = Field(None, description="combine these embedding sets (default: one ensemble per "
+                                    "embedding set, of its heads)")
+    preprocess: Names | None = Field(None, description="combine these preprocessings (default: one per "
+                                     "preprocessing)")
+
+
 # --- the study -----------------------------------------------------------------------------
 
 class Study(Section):
@@ -296,6 +305,8 @@ class Study(Section):
         "are removed from training")
     near_duplicates: Literal[NEAR_DUPLICATES] = Field("drop-from-train",
                                                       description="what to do with `featstore duplicates` pairs")
+    ensembles: list[Ensemble] = Field([], description="`ensemble` heads: the mean log-odds of member heads and/or "
+                                      "backbones, fold by fold, from their predictions (no retraining)")
     _path: Path | None = PrivateAttr(None)
 
     @property
@@ -305,6 +316,30 @@ class Study(Section):
     @path.setter
     def path(self, p):
         self._path = p
+
+    @field_validator("ensembles", mode="after")
+    @classmethod
+    def _ensemble_members(cls, v, info: ValidationInfo):
+        """Members are the study's own heads and embedding sets; an ensemble needs two of them (binary)."""
+        d = info.data
+        heads = {h.name for h in d.get("heads") or []}
+        for i, e in enumerate(v):
+            if d.get("target") != "binary":
+                raise PydanticCustomError("ensemble", "ensembles[{i}]: an ensemble averages log-odds: binary targets "
+                                          "only", {"i": i})
+            for what, names, have in (("head", e.heads, heads), ("backbone", e.backbones or [],
+                                                                 set(d.get("backbones") or [])),
+                                      ("preprocessing", e.preprocess or [], set(d.get("preprocess") or []))):
+                unknown = [n for n in names if n not in have]
+                if unknown:
+                    raise PydanticCustomError("ensemble", "ensembles[{i}]: {what} {unknown} not in the study's "
+                                              "{what}s ({have})", {"i": i, "what": what, "unknown": ", ".join(unknown),
+                                                                  "have": ", ".join(sorted(have))})
+            n = len(e.heads) * max(1, len(e.backbones or [])) * max(1, len(e.preprocess or []))
+            if n < 2:
+                raise PydanticCustomError("ensemble", "ensembles[{i}]: needs two members or more (heads x backbones "
+                                          "x preprocessings)", {"i": i})
+        return v
 
     @field_validator("sources", mode="before")
     @classmethod

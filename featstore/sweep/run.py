@@ -19,8 +19,10 @@ import polars as pl
 
 from featstore.store import transaction
 from featstore.sweep.config import Study, StudyError
+from featstore.heads import HEADS
 from featstore.sweep.adapt import curve_points, curve_rows, mlflow_curve
 from featstore.sweep.data import StudyData
+from featstore.sweep.ensemble import combine, ensemble_name, members_of, plan_ensembles
 from featstore.sweep.fit import TaskResult, run_tasks
 from featstore.sweep.plan import Task, make_tasks, plan
 from featstore.sweep.rows import score_unit, source_mean_rows, unit_key
@@ -161,6 +163,7 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
     n_done = [0]
     try:
         all_rows, all_preds = [], []
+        collected = {}  # (backbone, preprocess) -> (data, task results): the ensembles' members
         for bb, pre, data, folds in plans:
             tasks = make_tasks(st, bb, pre, data, folds, trials, timeout)
             if progress:
@@ -185,6 +188,10 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
             rep.phases["search_sum"] += sum(r.seconds - r.fit_seconds for r in results)
             rep.phases["refit_sum"] += sum(r.fit_seconds for r in results)
             rep.phases["score_track"] += units.seconds
+            all_rows += rows
+            all_preds.append(preds)
+            collected[(bb, pre)] = (data, results)
+        for rows, preds in ensemble_units(st, sweep_id, collected, tracker, parent, on_unit, rep.notes):
             all_rows += rows
             all_preds.append(preds)
         t3 = time.time()
@@ -314,7 +321,7 @@ class Units:
             backbone=bb, weights_id=data.weights_id, preprocess=pre, head=head, selection=sel, target=st.target),
             dict(study=st.study, sweep_id=sweep_id, backbone=bb, preprocess=pre, head=head, selection=sel,
                  code_version=code_version()))
-        if proto == "adapt" and len(data.class_names) == 2:  # the learning curves (featstore/sweep/adapt.py)
+        if proto == "adapt" and len(data.class_names) == 2 and head in HEADS:  # an ensemble has no refit  # the learning curves (featstore/sweep/adapt.py)
             unit_rows = unit_rows + adapt_rows(st, data, rs, unit_rows)
         uid = track_unit(self.tracker, st, model_run, proto, head, sel, bb, pre, data, unit_rows, preds,
                           trials, seed)
@@ -347,4 +354,27 @@ def adapt_rows(st, data: StudyData, rs: list[TaskResult], unit_rows: list[dict])
                     and x["test_set"] == "unseen" and x["scope"] == "all")
         points, notes = curve_points(st, data, r)
         out += curve_rows(base, points, notes)
+    return out
+
+
+def ensemble_units(st, sweep_id, collected: dict, tracker, parent, on_unit, notes: list) -> list[tuple]:
+    """Each `ensemble` head's (rows, predictions), scored and tracked as a head's units are
+    (featstore/sweep/ensemble.py): its members' scores averaged fold by fold, nothing refitted."""
+    from dataclasses import replace
+
+    out = []
+    for heads, bbs, pres in plan_ensembles(st):
+        head, bb, pre = ensemble_name(heads, bbs, pres)
+        datas = {(b, p): collected[(b, p)][0] for b in bbs for p in pres}
+        members = {m: [r for r in collected[m[1:]][1] if r.task.head == m[0]] for m in members_of(heads, bbs, pres)}
+        ens, why = combine(members, datas, head, bb, pre)
+        if why:
+            notes.append(f"ensemble left out: {why}")
+            continue
+        d0 = datas[(bbs[0], pres[0])]
+        data = replace(d0, weights_id="+".join(dict.fromkeys(d.weights_id for d in datas.values())))
+        units = Units(st, sweep_id, bb, pre, data, [r.task for r in ens], tracker, parent, on_unit)
+        for r in ens:
+            units.add(r)
+        out.append(units.finish())
     return out
