@@ -536,6 +536,41 @@ def probe(ctx: typer.Context,
     Console(width=200).print(t)
     err.print(f"{len(rows)} rows in `results` (study 'domain-probe', sweep {sweep_id}); MLflow run {run_id}")
 
+@app.command(cls=_help(backbone=_backbone_names, preprocess=_preprocess_names))
+def attribution(ctx: typer.Context,
+                backbone: str = typer.Option(..., **_backbone_option(), help="a torch backbone with a convolutional "
+                                             "trunk (xrv-densenet121-*, tv-densenet121-imagenet, tv-resnet50-imagenet)"),
+                weights: Optional[str] = typer.Option(None, help="a weight file, or random-init (seeded; recorded)"),
+                weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR"),
+                head: str = typer.Option("logreg", **_one_of("head", ["logreg", "grl_mlp"]),
+                                         help="logreg: exact CAM; grl_mlp: Grad-CAM (captum)"),
+                preprocess: str = typer.Option("original", **_one_of("preprocessing", _preprocess_names)),
+                per_source: int = typer.Option(60, min=4, help="images per source (half of each label where it has "
+                                               "both), a seeded draw of those with a stored lung mask"),
+                folds: int = typer.Option(5, min=2, help="the head is fitted out-of-fold (patients grouped)"),
+                seed: int = 0,
+                out: Optional[Path] = typer.Option(Path("attribution"), help="folder for the maps (a figure per "
+                                                   "source)"),
+                figures: int = typer.Option(3, min=0, help="images per source in its figure"),
+                device: str = typer.Option("cpu", **_one_of("device", ["cpu", "cuda"])),
+                db: Optional[Path] = DbOpt):
+    """Where the score comes from: the share of a head's CAM / Grad-CAM evidence inside the stored lung masks."""
+    from featstore.attribution import AttributionJob
+
+    r = _job(AttributionJob, ctx).run(_progress)
+    s = r["summary"]
+    t = Table("source", "label", "images", "in-lung share [95% CI]", "lung area", "enrichment",
+              title=f"attribution inside the lungs: {head} on {backbone} ({r['rows']['method'][0]}; "
+              f"weights {r['rows']['weights_id'][0].split(';')[0]})")
+    for x in s.iter_rows(named=True):
+        ci = f" [{x['lo']:.2f}, {x['hi']:.2f}]" if x["lo"] is not None else ""
+        t.add_row(Text(x["source"]), Text(str(x["label"])), str(x["n"]), f"{x['in_lung_share']:.2f}{ci}",
+                  f"{x['lung_fraction']:.2f}", f"{x['enrichment']:.2f}")
+    Console(width=200).print(t)
+    err.print(f"{r['rows'].height} rows in `attribution` (run {r['run_id']}); interval: t over images"
+              + (f"; figures: {', '.join(str(p) for p in r['files'])}" if r["files"] else ""))
+
+
 _EXACT_HELP = "exact search (reads every vector), whatever the set's size"
 _ANN_HELP = ("the approximate index (usearch HNSW in <store>.ann/, built on first use, kept up to date), whatever "
              "the set's size; the default from 5,000 vectors (one image) / 8,000 (all images; featstore/ann.py)")

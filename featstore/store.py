@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 7  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
+SCHEMA_VERSION = 8  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 
@@ -414,3 +414,21 @@ def insert_frame(con, table: str, df) -> None:
     cols = ", ".join(f'"{c}"' for c in df.columns)
     with registered(con, "_batch", df):
         con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
+
+
+def write_attribution(con, rows) -> None:
+    """`featstore attribution`'s rows (featstore/attribution.py), in one transaction."""
+    with transaction(con):
+        insert_frame(con, "attribution", rows)
+
+
+def attribution_rows(con, run_id: str | None = None):
+    """The `attribution` rows of one run (default: the latest), as a Polars frame; empty when none."""
+    import polars as pl
+
+    if "attribution" not in {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}:
+        return pl.DataFrame()
+    if run_id is None:
+        run_id = con.execute("SELECT max(run_id) FROM attribution").fetchone()[0]
+    return pl.from_arrow(con.sql("SELECT * FROM attribution WHERE run_id = ? ORDER BY source, label, image_id",
+                                 params=[run_id]).to_arrow_table())

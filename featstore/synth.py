@@ -51,8 +51,10 @@ SOURCES = (
 NEUTRAL = dict(gamma=1.0, marker=None, border=0, border_value=0.0, noise=0.02, fov=1.0)
 
 
-def chest(rng: np.random.Generator, size: int, fov: float, disease: str, signal: float) -> np.ndarray:
-    """One chest-like image in [0, 1]: body, two lungs, spine, ribs, optional opacities."""
+def chest(rng: np.random.Generator, size: int, fov: float, disease: str, signal: float,
+          return_lungs: bool = False):
+    """One chest-like image in [0, 1]: body, two lungs, spine, ribs, optional opacities; with
+    return_lungs, (image, the lungs' true mask) (the known answer of attribution tests)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     yy, xx = yy / fov, xx / fov
     img = np.full((size, size), 0.08, np.float32)
@@ -78,7 +80,7 @@ def chest(rng: np.random.Generator, size: int, fov: float, disease: str, signal:
         side = rng.choice([-1, 1])
         cx, cy = side * 0.19, rng.uniform(-0.1, 0.15)
         img += 1.5 * signal * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 0.07 ** 2))) * lungs
-    return np.clip(img, 0, 1)
+    return (np.clip(img, 0, 1), lungs) if return_lungs else np.clip(img, 0, 1)
 
 
 def acquire(img: np.ndarray, st: SourceStyle, rng: np.random.Generator) -> np.ndarray:

@@ -23,10 +23,10 @@ STAGES = [
     ("fit", {"heads", "zeroshot", "sweep.__init__", "sweep.config", "sweep.data", "sweep.plan", "sweep.fit",
              "sweep.adapt"}),
     ("score", {"score", "verdict"}),
-    ("track", {"track", "sweep.rows", "sweep.tracking"}),
+    ("track", {"track", "sweep.rows", "sweep.tracking", "sweep.ensemble"}),
     # jobs that run fit -> score -> track: a study's sweep; the domain probe and the shortcut evidence
     # the report lays out (forensics)
-    ("run", {"sweep.run", "probe"}),
+    ("run", {"sweep.run", "probe", "attribution"}),
     ("report", {"report"}),
 ]
 # Front ends may import anything; no stage imports them. `featstore` itself (__init__) only re-exports
