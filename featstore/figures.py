@@ -350,3 +350,40 @@ def domain_auc_bars(rows: list[dict], title: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def adapt_figure(rows: pl.DataFrame, path: Path) -> Path | None:
+    """Protocol `adapt`'s learning curves: unseen AUC vs k labelled images per class, one panel per site, a
+    line per model and arm (with-sources solid, site-only dashed), bars = 95% t interval over draws."""
+    d = rows.filter((pl.col("kind") == "adapt") & pl.col("auc").is_not_null())
+    if not d.height:
+        return None
+    import json
+
+    plt = pyplot()
+    sites = sorted(set(d["scope"].to_list()))
+    fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), squeeze=False, sharey=True)
+    for ax, site in zip(axes[0], sites):
+        g = d.filter(pl.col("scope") == site)
+        curves: dict = {}
+        for r in g.iter_rows(named=True):
+            m = r["metrics"] if isinstance(r["metrics"], dict) else json.loads(r["metrics"])
+            key = (f"{r['head']} · {r['backbone']}/{r['preprocess']}", m["arm"])
+            curves.setdefault(key, []).append((m["k"], r["auc"], r.get("auc_lo"), r.get("auc_hi")))
+        for (model, arm), pts in sorted(curves.items()):
+            pts.sort()
+            k = [p[0] for p in pts]
+            a = [p[1] for p in pts]
+            lo = [p[1] - p[2] if p[2] is not None else 0 for p in pts]
+            hi = [p[3] - p[1] if p[3] is not None else 0 for p in pts]
+            ax.errorbar(k, a, yerr=[lo, hi], marker="o", ms=3, capsize=2,
+                        linestyle="-" if arm == "with-sources" else "--", label=f"{model} ({arm})")
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.set_title(site, fontsize=9)
+        ax.set_xlabel("k labelled images per class from the site")
+    axes[0][0].set_ylabel("AUC on the site's other images")
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

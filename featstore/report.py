@@ -497,6 +497,8 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
          "Uncertainty: image-level bootstrap 95% CI within the source."),
         ("Leave-pair-out, per pair", pairs(honest), "Uncertainty: image-level bootstrap 95% CI within the pair."),
     ]
+    extra_figs = issue25_sections(con, honest, out, sections)
+    top += [fig(p, t, c) for p, t, c in extra_figs]
     if oracle.height:
         sections.append(("ORACLE upper bound (selected on the test set; not a result)", headline(oracle),
                          "Hyperparameters chosen on the held-out data itself: how much selection alone could gain."))
@@ -524,6 +526,76 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
     files = [out / "report.md", out / "report.html", out / "headline.json"] + \
         [p for p in sorted(out.iterdir()) if p.suffix == ".png"]
     return dict(study=study, sweep_id=sweep_id, headline=head, files=files, warnings=evidence["warnings"])
+
+
+# --- adapting to a held-out site; attribution inside the lungs ---------------------------------------
+
+def adapt_table(res: pl.DataFrame) -> pl.DataFrame:
+    """Protocol `adapt`'s curve rows: per model, site, arm and k, the mean AUC over draws and its t interval."""
+    d = res.filter((pl.col("kind") == "adapt") & (pl.col("status") == "ok"))
+    out = []
+    for r in d.iter_rows(named=True):
+        m = r["metrics"] if isinstance(r["metrics"], dict) else json.loads(r["metrics"] or "{}")
+        out.append({"model": f"{r['head']} · {r['backbone']}/{r['preprocess']}", "site": r["scope"],
+                    "trained on": m.get("arm"), "k per class": m.get("k"),
+                    "AUC on the site's other images [95% CI over draws]": fmt_auc(r["auc"], r["auc_lo"], r["auc_hi"]),
+                    "draws": m.get("n_draws"), "images scored": r["n"]})
+    if not out:
+        return pl.DataFrame()
+    return pl.DataFrame(out).sort(["model", "site", "trained on", "k per class"], descending=[False, False, True, False])
+
+
+def attribution_table(summary: pl.DataFrame) -> pl.DataFrame:
+    return summary.select(
+        pl.col("source"), pl.col("label"), pl.col("head"),
+        (pl.col("backbone") + "/" + pl.col("preprocess")).alias("embedding"),
+        pl.col("weights_id").str.split(";").list.first().alias("weights"), pl.col("n").alias("images"),
+        pl.struct("in_lung_share", "lo", "hi").map_elements(
+            lambda s: fmt_auc(s["in_lung_share"], s["lo"], s["hi"]), return_dtype=pl.Utf8)
+        .alias("in-lung share [95% CI over images]"),
+        pl.col("lung_fraction").round(3).alias("lung area"), pl.col("enrichment").round(2))
+
+
+def issue25_sections(con, honest: pl.DataFrame, out: Path, sections: list) -> list[tuple]:
+    """The adapt curves (a table and a figure) and the latest `featstore attribution` run (a table), when
+    present; appends the tables to `sections` and returns the figures as (path, title, caption)."""
+    from featstore.figures import adapt_figure
+    from featstore.store import attribution_rows
+
+    figs = []
+    ad = adapt_table(honest)
+    if ad.height:
+        sections.append((
+            "Adapting to a held-out site with k labelled images per class (protocol adapt)", ad,
+            "Each site left out, then k labelled images per class of it added to training (whole patients, "
+            "several random draws per k), the head refitted with the hyperparameters selected on the training "
+            "sources only, and scored on the site's images never added in that draw (the same images at every k "
+            "of a draw). *with-sources*: the training sources plus the k images (k = 0: the LOSO model); "
+            "*site-only*: the k images alone — does the rest help or hurt? Uncertainty: **draws** (a t interval "
+            "over the random draws of the k images; the scored images' own sampling is not in it). As "
+            "[BenAhmed2021] warned, a rise need not mean the disease was learned: the k images also teach the "
+            "site's look."))
+        f = adapt_figure(honest, out / "adapt_curves.png")
+        if f:
+            figs.append((f, "Adapting to a held-out site", "Unseen AUC vs k labelled images per class from the site "
+                         "(solid: with the training sources; dashed: the site's images alone); bars: 95% t interval "
+                         "over draws."))
+    att = attribution_rows(con)
+    if att.height:
+        from featstore.attribution import summarise
+
+        sm = summarise(att)
+        random_w = any(str(w).startswith("random-init") for w in att["weights_id"].to_list())
+        sections.append((
+            "Attribution inside the lungs (featstore attribution)", attribution_table(sm),
+            f"Run {att['run_id'][0]}, {att.height} images, method {att['method'][0]}: the head ({att['head'][0]}, "
+            "fitted out-of-fold, patients grouped) on a frozen torch backbone's last feature maps; the map is where "
+            "the log-odds moves away from the training images' mean map, for the class predicted, upsampled to the "
+            "input; *in-lung share* = its mass inside the stored lung mask (mapped through the backbone's crop). An "
+            "evenly spread map gives the lung area; enrichment = share / area. Uncertainty: t interval over "
+            "images." + (" The backbone's weights were RANDOM (random-init): the maps say where a random trunk's "
+                         "features carry the head's evidence, not where a trained model looks." if random_w else "")))
+    return figs
 
 
 # --- shortcut evidence: computed by the forensics stage, laid out here ------------------------------

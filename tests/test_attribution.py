@@ -157,3 +157,44 @@ def test_summary_is_per_source_and_label_with_an_interval():
     s = summarise(rows)
     assert s["n"].to_list() == [3, 2] and s["in_lung_share"][0] == pytest.approx(0.4)
     assert s["lo"][0] < 0.4 < s["hi"][0] and s["enrichment"][0] == pytest.approx(1.6)
+
+
+def test_the_command_stores_rows_and_figures_and_refuses_what_it_cannot_do(tmp_path):
+    """`featstore attribution` on a small SYNTHETIC store: masks first (or a one-line refusal), then one row per
+    image in `attribution`, a figure per source, and the report's section; a random-init backbone says so."""
+    from typer.testing import CliRunner
+
+    from featstore import ingest as I
+    from featstore.cli import app
+    from featstore.masks import ensure_masks
+    from featstore.store import attribution_rows, connect
+    from featstore.synth import generate
+
+    man = generate(tmp_path / "data", n_per_source=10, size=128, seed=4)
+    db = tmp_path / "fs.duckdb"
+    con = connect(db)
+    rows, _ = I.manifest_rows(man)
+    I.ingest_rows(con, rows, str(man), workers=1)
+    con.close()
+    args = ["attribution", "--backbone", "xrv-densenet121-res224-all", "--weights", "random-init", "--per-source", "6",
+            "--folds", "2", "--out", str(tmp_path / "att"), "--db", str(db)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code != 0 and "featstore masks" in r.output, r.output
+    r = CliRunner().invoke(app, args[:-2] + ["--head", "lightgbm", "--db", str(db)])
+    assert r.exit_code != 0 and "lightgbm" in r.output  # refused before any work
+    con = connect(db)
+    ensure_masks(con, method="classical-v1", workers=1)
+    con.close()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "random-init" in r.output and "in-lung share" in r.output
+    con = connect(db, read_only=True)
+    try:
+        got = attribution_rows(con)
+    finally:
+        con.close()
+    assert got.height == 24 and set(got["source"]) == {"synthetic-a", "synthetic-b", "synthetic-c", "synthetic-d"}
+    assert got["weights_id"][0].startswith("random-init:seed0") and set(got["method"]) == {"cam"}
+    ok = got.filter(pl.col("in_lung_share").is_not_nan())
+    assert ok.height >= 20 and ((ok["in_lung_share"] >= 0) & (ok["in_lung_share"] <= 1)).all()
+    assert sorted(p.name for p in (tmp_path / "att").iterdir()) == [f"attribution_synthetic-{s}.png" for s in "abcd"]
