@@ -539,7 +539,8 @@ def probe(ctx: typer.Context,
 @app.command(cls=_help(backbone=_backbone_names, preprocess=_preprocess_names))
 def attribution(ctx: typer.Context,
                 backbone: str = typer.Option(..., **_backbone_option(), help="a torch backbone with a convolutional "
-                                             "trunk (xrv-densenet121-*, tv-densenet121-imagenet, tv-resnet50-imagenet)"),
+                                             "trunk (xrv-densenet121-*, tv-densenet121-imagenet, "
+                                             "tv-resnet50-imagenet)"),
                 weights: Optional[str] = typer.Option(None, help="a weight file, or random-init (seeded; recorded)"),
                 weights_dir: Optional[Path] = typer.Option(None, envvar="FEATSTORE_WEIGHTS_DIR"),
                 head: str = typer.Option("logreg", **_one_of("head", ["logreg", "grl_mlp"]),

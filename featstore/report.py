@@ -542,7 +542,8 @@ def adapt_table(res: pl.DataFrame) -> pl.DataFrame:
                     "draws": m.get("n_draws"), "images scored": r["n"]})
     if not out:
         return pl.DataFrame()
-    return pl.DataFrame(out).sort(["model", "site", "trained on", "k per class"], descending=[False, False, True, False])
+    return pl.DataFrame(out).sort(["model", "site", "trained on", "k per class"],
+                                  descending=[False, False, True, False])
 
 
 def attribution_table(summary: pl.DataFrame) -> pl.DataFrame:

@@ -139,6 +139,17 @@ def test_known_answer_adapting_helps_a_different_site_not_a_null_one(tmp_path):
     runs = client.search_runs([exp.experiment_id], "tags.level = 'unit' and tags.protocol = 'adapt'")
     hist = client.get_metric_history(runs[0].info.run_id, "adapt_auc.flip.with-sources")
     assert sorted(m.step for m in hist) == [0, 10, 40]
+    # the report: a table and the curve figure
+    from featstore.report import write_report
+
+    con = connect(db)
+    try:
+        write_report(con, tmp_path / "report", study="adapt", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    finally:
+        con.close()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Adapting to a held-out site with k labelled images per class" in md and "over draws" in md
+    assert (tmp_path / "report" / "adapt_curves.png").stat().st_size > 5000
     # fixed seeds: the same rows again
     rep2 = run_study(st, db, tmp_path / "again", f"sqlite:///{tmp_path / 'mlflow2.db'}")
     a2 = pl.DataFrame(rep2.rows, infer_schema_length=None).filter(pl.col("kind") == "adapt")

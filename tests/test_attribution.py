@@ -1,7 +1,8 @@
 """Attribution inside the lungs, with known answers: the CAM is exact for a linear head and captum's Grad-CAM
-and IntegratedGradients agree with it; on SYNTHETIC chests whose confounder is planted OUTSIDE the lungs the in-lung share falls for
-the confounded source, and does not when the confounder is switched off; the lung mask follows the input's
-crop; the trunk's pooled maps are the backbone's embedding; the command stores rows and figures."""
+and IntegratedGradients agree with it; on SYNTHETIC chests whose confounder is planted OUTSIDE the lungs the
+in-lung share falls for the confounded source, and does not when the confounder is switched off; the lung mask
+follows the input's crop; the trunk's pooled maps are the backbone's embedding; the command stores rows and
+figures."""
 import numpy as np
 import polars as pl
 import pytest

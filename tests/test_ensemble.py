@@ -26,7 +26,8 @@ def _store(path, sets: dict, source, label, patient):
     con.register("_i", pa.table({
         "image_id": ids, "source": list(source), "label": ["covid" if v else "non_covid" for v in label],
         "patient_id": list(patient), "width": [1] * n, "height": [1] * n, "bit_depth": [8] * n,
-        "format": ["PNG"] * n, "n_bytes": [1] * n, "path": ids, "ingested_at": pa.array([now] * n, pa.timestamp("us"))}))
+        "format": ["PNG"] * n, "n_bytes": [1] * n, "path": ids,
+        "ingested_at": pa.array([now] * n, pa.timestamp("us"))}))
     con.execute("INSERT INTO images (image_id, source, label, patient_id, width, height, bit_depth, format, n_bytes, "
                 "path, ingested_at) SELECT * FROM _i")
     con.execute("INSERT INTO occurrences (image_id, source, path, label, patient_id, origin, ingest_run, ingested_at) "
@@ -64,7 +65,8 @@ def sweep(tmp_path_factory):
     db = _store(tmp / "fs.duckdb", sets, source, y, patient)
     st = parse_study(dict(
         study="ens", backbones=list(sets), heads={"logreg": {"trials": 2, "fixed": dict(
-            C=0.1, l1_ratio=0.0, class_weight="balanced")}, "lightgbm": {"trials": 1}},  # fixed: identical sets, identical fits
+            C=0.1, l1_ratio=0.0, class_weight="balanced")},  # fixed: identical sets give identical fits
+            "lightgbm": {"trials": 1}},
         protocols={"mixed": {"folds": 4}, "loso": {}}, bootstrap=0,
         ensembles=[{"heads": ["logreg"], "backbones": ["noisy1", "noisy2", "noisy3"]},
                    {"heads": ["logreg"], "backbones": ["same1", "same2"]},

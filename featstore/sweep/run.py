@@ -321,7 +321,8 @@ class Units:
             backbone=bb, weights_id=data.weights_id, preprocess=pre, head=head, selection=sel, target=st.target),
             dict(study=st.study, sweep_id=sweep_id, backbone=bb, preprocess=pre, head=head, selection=sel,
                  code_version=code_version()))
-        if proto == "adapt" and len(data.class_names) == 2 and head in HEADS:  # an ensemble has no refit  # the learning curves (featstore/sweep/adapt.py)
+        # the learning curves (featstore/sweep/adapt.py); an ensemble has nothing to refit
+        if proto == "adapt" and len(data.class_names) == 2 and head in HEADS:
             unit_rows = unit_rows + adapt_rows(st, data, rs, unit_rows)
         uid = track_unit(self.tracker, st, model_run, proto, head, sel, bb, pre, data, unit_rows, preds,
                           trials, seed)
