@@ -225,10 +225,12 @@ def summarise(rows: pl.DataFrame) -> pl.DataFrame:
         (pl.col("in_lung_share") / pl.col("lung_fraction")).mean().alias("enrichment")).sort(keys)
     half = [float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 and sd is not None else None
             for n, sd in zip(g["n"], g["sd"])]
-    return g.with_columns(pl.Series("lo", [None if h is None else m - h for m, h in zip(g["in_lung_share"], half)],
-                                    dtype=pl.Float64),
-                          pl.Series("hi", [None if h is None else m + h for m, h in zip(g["in_lung_share"], half)],
-                                    dtype=pl.Float64))
+    # a share lies in [0, 1]: the t interval is clipped there
+    return g.with_columns(
+        pl.Series("lo", [None if h is None else max(0.0, m - h) for m, h in zip(g["in_lung_share"], half)],
+                  dtype=pl.Float64),
+        pl.Series("hi", [None if h is None else min(1.0, m + h) for m, h in zip(g["in_lung_share"], half)],
+                  dtype=pl.Float64))
 
 
 # --- the command --------------------------------------------------------------------------------
