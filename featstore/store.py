@@ -429,6 +429,6 @@ def attribution_rows(con, run_id: str | None = None):
     if "attribution" not in {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}:
         return pl.DataFrame()
     if run_id is None:
-        run_id = con.execute("SELECT max(run_id) FROM attribution").fetchone()[0]
+        run_id = con.execute("SELECT max(run_id) FROM attribution").fetchall()[0][0]  # fetchall: no open result
     return pl.from_arrow(con.sql("SELECT * FROM attribution WHERE run_id = ? ORDER BY source, label, image_id",
                                  params=[run_id]).to_arrow_table())

@@ -194,8 +194,11 @@ def test_the_command_stores_rows_and_figures_and_refuses_what_it_cannot_do(tmp_p
         got = attribution_rows(con)
     finally:
         con.close()
-    assert got.height == 24 and set(got["source"]) == {"synthetic-a", "synthetic-b", "synthetic-c", "synthetic-d"}
+    # up to 6 per source among the images whose classical mask passed the checks
+    per = got.group_by("source").len()
+    assert set(per["source"]) == {"synthetic-a", "synthetic-b", "synthetic-c", "synthetic-d"} and per["len"].max() <= 6
+    assert got.height >= 16
     assert got["weights_id"][0].startswith("random-init:seed0") and set(got["method"]) == {"cam"}
     ok = got.filter(pl.col("in_lung_share").is_not_nan())
-    assert ok.height >= 20 and ((ok["in_lung_share"] >= 0) & (ok["in_lung_share"] <= 1)).all()
+    assert ok.height >= got.height - 2 and ((ok["in_lung_share"] >= 0) & (ok["in_lung_share"] <= 1)).all()
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == [f"attribution_synthetic-{s}.png" for s in "abcd"]
