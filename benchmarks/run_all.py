@@ -74,7 +74,9 @@ def main():
                 run("knn_latency.py"),
                 run("ann.py", "--workdir", str(a.workdir)),  # issue 14, goal 4: ~1 h on 2 cores at 1M vectors
                 run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db),
-                run("verdict_coverage.py", "--sims", "100", "--boot", "150")]  # the verdict's intervals
+                run("verdict_coverage.py", "--sims", "100", "--boot", "150"),  # the verdict's intervals
+                # issue 25: adapt curves, the ensemble beside its members, in-lung attribution (~30 min on 2 cores)
+                run("seed_findings.py", "--db", db, "--workdir", str(a.workdir / "seed-findings"))]
     gpu = HERE / "RESULTS-gpu.md"
     if gpu.exists():
         lines = gpu.read_text().splitlines()
