@@ -581,17 +581,20 @@ def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare e
                                                        "many or form a giant group"),
                exact_search: bool = typer.Option(False, "--exact", help="with --backbone: " + _EXACT_HELP),
                ann_search: bool = typer.Option(False, "--ann", help="with --backbone: " + _ANN_HELP),
+               match: bool = typer.Option(True, help="also check wider candidates (k-NN, dHash <= 20) by "
+                                          "local-feature matching: finds cropped, bordered, re-windowed copies"),
                db: Optional[Path] = DbOpt):
     """Exact and near-duplicate images within and across sources -> `near_duplicates` + a contact sheet."""
     from featstore.duplicates import DuplicatesJob
     from featstore.query import render
 
     job = DuplicatesJob(backbone, preprocess, cosine_min, phash_max, sheet, workers, accept_implausible,
-                        _search_method(exact_search, ann_search), db)
+                        _search_method(exact_search, ann_search), db, match)
     pairs, (groups, across), by = job.run(_progress, _say)
     err.print(f"exact copies (same bytes): {groups} groups, {across} across sources")
     err.print(f"near duplicates: {pairs.height} pairs (dHash <= {phash_max}"
-              + (f" or cosine >= {cosine_min} on {backbone}/{preprocess}" if backbone else "") + ")")
+              + (f" or cosine >= {cosine_min} on {backbone}/{preprocess}" if backbone else "")
+              + (", or confirmed by local-feature matching" if match else "") + ")")
     sys.stdout.write(render(by, "table"))
     if pairs.height:
         err.print(f"contact sheet: {escape(str(sheet))}; all pairs: featstore sql \"SELECT * FROM near_duplicates\"")

@@ -429,6 +429,7 @@ class DuplicatesJob:
     accept_implausible: bool = False
     search: str = "auto"
     db: Path | None = None
+    match: bool = True  # also check wider candidates by local-feature matching (featstore/copymatch.py)
 
     def run(self, progress=None, say=None):
         from featstore.ann import AnnError
@@ -442,7 +443,7 @@ class DuplicatesJob:
                 with (progress or silent)("duplicates") as prog:
                     pairs = find(con, self.backbone, self.preprocess, self.cosine_min, self.phash_max,
                                  workers=self.workers, accept_implausible=self.accept_implausible,
-                                 progress=prog.update, search=self.search, say=say)
+                                 progress=prog.update, search=self.search, say=say, match=self.match)
             except (ImplausibleDuplicates, ValueError, AnnError) as e:
                 raise UserError(str(e)) from e
             across, groups = con.sql("SELECT count(*) FILTER (WHERE cross_source), count(*) "

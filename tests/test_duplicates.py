@@ -67,3 +67,55 @@ def test_a_negative_threshold_finds_nothing_and_the_cli_refuses_it(tmp_path):
 
     r = CliRunner().invoke(app, ["duplicates", "--phash-max", "-1", "--db", str(tmp_path / "none.duckdb")])
     assert r.exit_code == 2 and "phash-max" in r.output
+
+
+# --- known answers for the local-feature check (featstore/copymatch.py) ---------------------------
+
+def _xray(seed, size=320):
+    """A synthetic chest (featstore.synth) with its own fine texture (the markings a real film has);
+    distinct seeds give look-alike images, the case built to fool a global hash."""
+    from scipy.ndimage import gaussian_filter
+
+    from featstore.synth import chest
+
+    rng = np.random.default_rng(seed)
+    img = chest(rng, size, 1.0, "covid", 0.2)
+    img = img + 0.08 * gaussian_filter(rng.normal(0, 1, img.shape), 1.5)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def _copies(x, seed):
+    """Re-encoded, cropped, bordered (padding), resized: what circulating copies undergo."""
+    import io
+
+    from PIL import Image
+
+    u8 = Image.fromarray((x * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    u8.save(buf, "JPEG", quality=55)
+    jpeg = np.asarray(Image.open(buf), np.float32) / 255
+    h, w = x.shape
+    crop = x[int(0.08 * h):int(0.95 * h), int(0.06 * w):int(0.9 * w)]
+    border = np.pad(x, ((30, 30), (12, 12)), constant_values=0.0)
+    small = np.asarray(u8.resize((int(w * 0.55), int(h * 0.55)), Image.BICUBIC), np.float32) / 255
+    gamma = x ** 0.7  # re-windowed
+    return dict(jpeg=jpeg, crop=crop, border=border, resized=small, gamma=gamma)
+
+
+def test_copies_are_found_and_distinct_look_alikes_are_not():
+    from featstore.copymatch import compare, features_of_pixels, is_copy
+
+    originals = [_xray(s) for s in range(6)]
+    feats = [features_of_pixels(x) for x in originals]
+    for s, (x, f) in enumerate(zip(originals, feats)):
+        for kind, c in _copies(x, s).items():
+            m = compare(f, features_of_pixels(c))
+            assert is_copy(m), (s, kind, m)
+    for i in range(len(originals)):
+        for j in range(i + 1, len(originals)):
+            m = compare(feats[i], feats[j])
+            assert not is_copy(m), (i, j, m)
+    # a copy of one image with another's texture pasted in half: not the same picture
+    half = originals[0].copy()
+    half[:, 160:] = originals[1][:, 160:]
+    assert not is_copy(compare(feats[0], features_of_pixels(np.fliplr(half))))
