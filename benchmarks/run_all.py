@@ -74,7 +74,10 @@ def main():
                 run("knn_latency.py"),
                 run("ann.py", "--workdir", str(a.workdir)),  # issue 14, goal 4: ~1 h on 2 cores at 1M vectors
                 run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db),
-                run("verdict_coverage.py", "--sims", "100", "--boot", "150")]  # the verdict's intervals
+                run("verdict_coverage.py", "--sims", "100", "--boot", "150"),  # the verdict's intervals
+                run("cli_startup.py"),  # issue 27: commands that only need names, <= 1 s
+                # issue 27: growth 10k -> 100k -> 1M (study at 100k <= 30 min; memory at 1M <= 8 GiB)
+                run("scale.py", "--workdir", str(a.workdir / "scale-growth"))]
     gpu = HERE / "RESULTS-gpu.md"
     if gpu.exists():
         lines = gpu.read_text().splitlines()
