@@ -86,6 +86,28 @@ def dhash(x: np.ndarray) -> bytes:
     return np.packbits((a[:, 1:] > a[:, :-1]).ravel()).tobytes()
 
 
+def trim_borders(x: np.ndarray, flat: float = 0.02) -> np.ndarray:
+    """x without the uniform rows and columns at its edges (a border or padding added to a copy)."""
+    rows = np.flatnonzero(np.ptp(x, axis=1) > flat)
+    cols = np.flatnonzero(np.ptp(x, axis=0) > flat)
+    if len(rows) < 8 or len(cols) < 8:
+        return x
+    return x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _trimmed_hash_one(path: str) -> bytes | None:
+    try:
+        return dhash(trim_borders(decode_file(path, draft=64).pixels))
+    except (DecodeError, OSError, ValueError):
+        return None
+
+
+def trimmed_hashes(paths, workers: int = 2) -> list[bytes | None]:
+    """dHash of each image with its uniform border trimmed (kept in memory: candidates for the matcher)."""
+    with process_pool(workers) if workers > 1 else nullcontext() as ex:  # workers die with this process
+        return list(ex.map(_trimmed_hash_one, paths, chunksize=64) if ex else map(_trimmed_hash_one, paths))
+
+
 def _hash_one(path: str) -> bytes | None:
     try:
         return dhash(decode_file(path, draft=64).pixels)
@@ -257,7 +279,8 @@ def pairs_among(Xn: np.ndarray, eids, nn: np.ndarray, cosine_min: float) -> dict
 # two global rules miss (dHash 11-140 bits, cosine 0.82-0.98). Measured on ../shared/cxr, mobilenetv3-nih-onnx:
 # of the copies confirmed by matching, 200 are each other's first cosine neighbour, 223 of 226 are among the
 # CAND_K nearest with cosine at least the set's CAND_QUANTILE-th first-neighbour cosine (0.930 there; a
-# quantile, so each backbone's cone of embeddings sets its own number), or within CAND_PHASH bits.
+# quantile, so each backbone's cone of embeddings sets its own number), or within CAND_PHASH bits (also of the
+# images with their uniform borders trimmed: padded copies).
 CAND_K = 5
 CAND_QUANTILE = 10
 CAND_PHASH = 20
@@ -313,6 +336,10 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
     hashed = hamming_pairs(ids, meta["dhash"].to_list(), wide, workers, progress)
     pairs = {key: dict(phash_distance=d, cosine=None, method="phash") for key, d in hashed.items() if d <= phash_max}
     candidates = set(hashed) if match else set()
+    if match:  # bordered and padded copies: the same picture once the uniform edges are trimmed
+        th = trimmed_hashes(meta["path"].to_list(), workers)
+        keep = [i for i, h in enumerate(th) if h is not None]
+        candidates |= set(hamming_pairs(ids[keep], [th[i] for i in keep], CAND_PHASH, workers))
     Xn = None
     if backbone:
         from featstore.ann import knn, resolve_set, to_stderr, unit_vectors
