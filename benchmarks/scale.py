@@ -183,7 +183,7 @@ def slope(a: dict, b: dict, na: int, nb: int) -> str:
 
 def fmt(r: dict) -> str:
     if r.get("failed"):
-        return f"failed ({r['failed']})"
+        return r["failed"] if r["failed"].startswith("skipped") else f"failed ({r['failed']})"
     return f"> {r['seconds']:.0f}" if r.get("capped") else f"{r['seconds']:.1f}"
 
 
@@ -207,6 +207,9 @@ def main():
         db = work / "featstore.duckdb"
         res[n] = {}
         for s in stages:
+            if s in ("headline", "report") and not any(work.glob("rows-*.json")):
+                res[n][s] = dict(seconds=0.0, failed="skipped: no study finished under the cap", gib=float("nan"))
+                continue
             res[n][s] = measure(s, db, work, a.trials, a.cap)
             sys.stderr.write(f"scale: n={n:,} {s}: {fmt(res[n][s])} s, {res[n][s].get('gib', float('nan')):.2f} GiB\n")
         res[n]["study"] = dict(seconds=sum(res[n][f"study:{h}"]["seconds"] for h in heads),
