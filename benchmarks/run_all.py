@@ -76,7 +76,10 @@ def main():
                 run("scale_out.py", "--workdir", str(a.workdir / "scale"), "--db", db),
                 run("verdict_coverage.py", "--sims", "100", "--boot", "150"),  # the verdict's intervals
                 # issue 25: adapt curves, the ensemble beside its members, in-lung attribution (~30 min on 2 cores)
-                run("seed_findings.py", "--db", db, "--workdir", str(a.workdir / "seed-findings"))]
+                run("seed_findings.py", "--db", db, "--workdir", str(a.workdir / "seed-findings")),
+                run("cli_startup.py"),  # issue 27: commands that only need names, <= 1 s
+                # issue 27: growth 10k -> 100k -> 1M (study at 100k <= 30 min; memory at 1M <= 8 GiB)
+                run("scale.py", "--workdir", str(a.workdir / "scale-growth"))]
     gpu = HERE / "RESULTS-gpu.md"
     if gpu.exists():
         lines = gpu.read_text().splitlines()

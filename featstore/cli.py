@@ -35,8 +35,7 @@ class Commands(TyperGroup):
             err.print(f"[{colour}]{e.label}:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
             code = e.exit_code
         except Exception as e:  # a full disk is the user's to fix, wherever the write was: one line
-            from featstore.errors import NoSpace
-            from featstore.store import disk_full
+            from featstore.errors import NoSpace, disk_full
 
             if not disk_full(e):
                 raise
@@ -91,7 +90,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def _backbone_names() -> list[str]:
-    from featstore.backbones import REGISTRY
+    from featstore.backbone_specs import REGISTRY  # names only: no model library imported
 
     return list(REGISTRY)
 
@@ -117,9 +116,9 @@ def _preprocess_names() -> list[str]:
 
 
 def _mask_methods() -> list[str]:
-    from featstore.masks import METHODS
+    from featstore.lungs import MASK_METHODS  # names only: featstore.masks imports the store
 
-    return list(METHODS)
+    return list(MASK_METHODS)
 
 
 def _one_of(kind: str, names) -> dict:
@@ -324,9 +323,7 @@ def masks(
 def backbones(files: Optional[str] = typer.Option(None, "--files", metavar="NAME|all",
                                                   help="the files entry NAME (or all) needs, and where they go")):
     """List the backbone registry (--files NAME: which weight files an entry needs, and where to put them)."""
-    from featstore.backbones import list_backbones, poolings
-    from featstore.foundation import FAMILIES
-    from featstore.zeroshot import has_text_tower
+    from featstore.backbone_specs import FAMILIES, has_text_tower, list_backbones, poolings
 
     if files is not None:
         return _backbone_files(files)
@@ -617,17 +614,20 @@ def duplicates(backbone: Optional[str] = typer.Option(None, help="also compare e
                                                        "many or form a giant group"),
                exact_search: bool = typer.Option(False, "--exact", help="with --backbone: " + _EXACT_HELP),
                ann_search: bool = typer.Option(False, "--ann", help="with --backbone: " + _ANN_HELP),
+               match: bool = typer.Option(True, help="also check wider candidates (k-NN, dHash <= 20) by "
+                                          "local-feature matching: finds cropped, bordered, re-windowed copies"),
                db: Optional[Path] = DbOpt):
     """Exact and near-duplicate images within and across sources -> `near_duplicates` + a contact sheet."""
     from featstore.duplicates import DuplicatesJob
     from featstore.query import render
 
     job = DuplicatesJob(backbone, preprocess, cosine_min, phash_max, sheet, workers, accept_implausible,
-                        _search_method(exact_search, ann_search), db)
+                        _search_method(exact_search, ann_search), db, match)
     pairs, (groups, across), by = job.run(_progress, _say)
     err.print(f"exact copies (same bytes): {groups} groups, {across} across sources")
     err.print(f"near duplicates: {pairs.height} pairs (dHash <= {phash_max}"
-              + (f" or cosine >= {cosine_min} on {backbone}/{preprocess}" if backbone else "") + ")")
+              + (f" or cosine >= {cosine_min} on {backbone}/{preprocess}" if backbone else "")
+              + (", or confirmed by local-feature matching" if match else "") + ")")
     sys.stdout.write(render(by, "table"))
     if pairs.height:
         err.print(f"contact sheet: {escape(str(sheet))}; all pairs: featstore sql \"SELECT * FROM near_duplicates\"")

@@ -86,6 +86,28 @@ def dhash(x: np.ndarray) -> bytes:
     return np.packbits((a[:, 1:] > a[:, :-1]).ravel()).tobytes()
 
 
+def trim_borders(x: np.ndarray, flat: float = 0.02) -> np.ndarray:
+    """x without the uniform rows and columns at its edges (a border or padding added to a copy)."""
+    rows = np.flatnonzero(np.ptp(x, axis=1) > flat)
+    cols = np.flatnonzero(np.ptp(x, axis=0) > flat)
+    if len(rows) < 8 or len(cols) < 8:
+        return x
+    return x[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _trimmed_hash_one(path: str) -> bytes | None:
+    try:
+        return dhash(trim_borders(decode_file(path, draft=64).pixels))
+    except (DecodeError, OSError, ValueError):
+        return None
+
+
+def trimmed_hashes(paths, workers: int = 2) -> list[bytes | None]:
+    """dHash of each image with its uniform border trimmed (kept in memory: candidates for the matcher)."""
+    with process_pool(workers) if workers > 1 else nullcontext() as ex:  # workers die with this process
+        return list(ex.map(_trimmed_hash_one, paths, chunksize=64) if ex else map(_trimmed_hash_one, paths))
+
+
 def _hash_one(path: str) -> bytes | None:
     try:
         return dhash(decode_file(path, draft=64).pixels)
@@ -253,31 +275,98 @@ def pairs_among(Xn: np.ndarray, eids, nn: np.ndarray, cosine_min: float) -> dict
     return out
 
 
+# Wider candidates, each checked by local-feature matching (featstore/copymatch.py): finds the copies the
+# two global rules miss (dHash 11-140 bits, cosine 0.82-0.98). Measured on ../shared/cxr, mobilenetv3-nih-onnx:
+# of the copies confirmed by matching, 200 are each other's first cosine neighbour, 223 of 226 are among the
+# CAND_K nearest with cosine at least the set's CAND_QUANTILE-th first-neighbour cosine (0.930 there; a
+# quantile, so each backbone's cone of embeddings sets its own number), or within CAND_PHASH bits (also of the
+# images with their uniform borders trimmed: padded copies).
+CAND_K = 5
+CAND_QUANTILE = 10
+CAND_PHASH = 20
+
+
+def candidate_cosine(Xn: np.ndarray, nn: np.ndarray) -> float:
+    """The set's CAND_QUANTILE-th percentile of each image's first-neighbour cosine (per backbone)."""
+    from featstore.ann import pair_sims
+
+    if not len(nn) or not nn.shape[1]:
+        return 1.0
+    first = pair_sims(Xn, np.arange(len(nn)), nn[:, :1])[:, 0]
+    return float(np.percentile(first, CAND_QUANTILE))
+
+
+def verify_pairs(paths: dict, candidates, workers: int = 2, progress=None) -> dict[tuple, object]:
+    """{pair: copymatch.Match} for candidate pairs (image ids); paths: image_id -> file."""
+    from featstore import copymatch
+
+    need = sorted({i for p in candidates for i in p})
+    feats = {}
+    with process_pool(workers) if workers > 1 else nullcontext() as ex:  # workers die with this process
+        it = ex.map(copymatch.features_of_file, [paths[i] for i in need], chunksize=32) if ex else \
+            map(copymatch.features_of_file, [paths[i] for i in need])
+        for n, (i, f) in enumerate(zip(need, it), 1):
+            feats[i] = f
+            if progress and (n % 64 == 0 or n == len(need)):
+                progress(n, len(need), "local features")
+    cand = sorted(candidates)
+    out = {}
+    with ThreadPoolExecutor(max(1, workers)) as ex:  # OpenCV releases the GIL while matching
+        for n, (p, m) in enumerate(zip(cand, ex.map(lambda p: copymatch.compare(feats[p[0]], feats[p[1]]), cand)), 1):
+            out[p] = m
+            if progress and (n % 256 == 0 or n == len(cand)):
+                progress(n, len(cand), "matching candidate pairs")
+    return out
+
+
 def find(con, backbone: str | None = None, preprocess: str = "original", cosine_min: float = COSINE_MIN,
          phash_max: int = PHASH_MAX, k: int = 10, workers: int = 2, accept_implausible: bool = False,
-         progress=None, search: str = "auto", say=None) -> pl.DataFrame:
+         progress=None, search: str = "auto", say=None, match: bool = True) -> pl.DataFrame:
     """Find near-duplicate pairs, replace the table's rows, return them. progress(done, total, phase).
-    search: how the embedding neighbours are found (auto: exact below featstore.ann.ALL_ANN_MIN images)."""
+    search: how the embedding neighbours are found (auto: exact below featstore.ann.ALL_ANN_MIN images).
+    match: also check wider candidates by local-feature matching (method 'matched' when only it found them)."""
+    from featstore import copymatch
+
     ensure_hashes(con, workers, progress)
-    meta = pl.from_arrow(con.sql("SELECT i.image_id, i.source, i.label, h.dhash FROM images i "
+    meta = pl.from_arrow(con.sql("SELECT i.image_id, i.source, i.label, i.path, h.dhash FROM images i "
                                  "JOIN image_hashes h USING (image_id) ORDER BY i.image_id").to_arrow_table())
     ids = meta["image_id"].to_numpy()
     pos = {v: i for i, v in enumerate(ids)}
-    pairs = {key: dict(phash_distance=d, cosine=None, method="phash")
-             for key, d in hamming_pairs(ids, meta["dhash"].to_list(), phash_max, workers, progress).items()}
+    wide = max(phash_max, CAND_PHASH) if match else phash_max
+    hashed = hamming_pairs(ids, meta["dhash"].to_list(), wide, workers, progress)
+    pairs = {key: dict(phash_distance=d, cosine=None, method="phash") for key, d in hashed.items() if d <= phash_max}
+    candidates = set(hashed) if match else set()
+    if match:  # bordered and padded copies: the same picture once the uniform edges are trimmed
+        th = trimmed_hashes(meta["path"].to_list(), workers)
+        keep = [i for i, h in enumerate(th) if h is not None]
+        candidates |= set(hamming_pairs(ids[keep], [th[i] for i in keep], CAND_PHASH, workers))
     Xn = None
     if backbone:
-        from featstore.ann import resolve_set, unit_vectors
+        from featstore.ann import knn, resolve_set, to_stderr, unit_vectors
 
         es = resolve_set(con, backbone, preprocess)
         Xn, m = unit_vectors(con, es)
         eids = m["image_id"].to_numpy()
-        for key, c in embedding_pairs(con, es, Xn, eids, k, cosine_min, search, say, progress).items():
+        if progress:
+            progress(0, 1, "embedding neighbours")
+        nn = knn(con, es, Xn, eids, max(k, CAND_K if match else 0), method=search, say=say or to_stderr,
+                 progress=progress)
+        if progress:
+            progress(1, 1, "embedding neighbours")
+        for key, c in pairs_among(Xn, eids, nn[:, :k], cosine_min).items():
             p = pairs.setdefault(key, dict(phash_distance=None, cosine=None, method="embedding"))
             p["cosine"] = c
             if p["method"] == "phash":
                 p["method"] = "both"
+        if match:
+            candidates |= set(pairs_among(Xn, eids, nn[:, :CAND_K], candidate_cosine(Xn, nn)))
         epos = {v: i for i, v in enumerate(eids)}
+    if match:
+        paths = dict(zip(ids, meta["path"]))
+        for key, mt in verify_pairs(paths, candidates - set(pairs), workers, progress).items():
+            if copymatch.is_copy(mt):
+                pairs[key] = dict(phash_distance=None, cosine=None, method="matched")
+    if backbone:
         for (a, b), p in pairs.items():  # both measures for every pair
             if p["cosine"] is None and a in epos and b in epos:
                 p["cosine"] = float(Xn[epos[a]] @ Xn[epos[b]])
@@ -302,17 +391,18 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
         con.execute("DELETE FROM near_duplicates")
         if df.height:
             insert_frame(con, "near_duplicates", df)
-    return df
+    return sheet_order(df)
 
 
 def sheet_order(pairs: pl.DataFrame) -> pl.DataFrame:
-    """Pairs across sources first (they can leak between train and test), then the strongest:
-    found by both rules, highest cosine, smallest dHash distance."""
+    """Pairs whose images carry different labels first, then across sources (they can leak between
+    train and test), then the strongest: found by both rules, highest cosine, smallest dHash distance."""
     return pairs.with_columns(
+        _conflict=(pl.col("label_a") != pl.col("label_b")),
         _cross=(pl.col("source_a") != pl.col("source_b")),
         _both=(pl.col("method") == "both")).sort(
-        ["_cross", "_both", "cosine", "phash_distance"], descending=[True, True, True, False],
-        nulls_last=True, maintain_order=True).drop("_cross", "_both")
+        ["_conflict", "_cross", "_both", "cosine", "phash_distance"], descending=[True, True, True, True, False],
+        nulls_last=True, maintain_order=True).drop("_conflict", "_cross", "_both")
 
 
 def contact_sheet(con, out, pairs: pl.DataFrame, n: int = 60, thumb: int = 128, columns: int = 4) -> None:
@@ -366,6 +456,7 @@ class DuplicatesJob:
     accept_implausible: bool = False
     search: str = "auto"
     db: Path | None = None
+    match: bool = True  # also check wider candidates by local-feature matching (featstore/copymatch.py)
 
     def run(self, progress=None, say=None):
         from featstore.ann import AnnError
@@ -379,7 +470,7 @@ class DuplicatesJob:
                 with (progress or silent)("duplicates") as prog:
                     pairs = find(con, self.backbone, self.preprocess, self.cosine_min, self.phash_max,
                                  workers=self.workers, accept_implausible=self.accept_implausible,
-                                 progress=prog.update, search=self.search, say=say)
+                                 progress=prog.update, search=self.search, say=say, match=self.match)
             except (ImplausibleDuplicates, ValueError, AnnError) as e:
                 raise UserError(str(e)) from e
             across, groups = con.sql("SELECT count(*) FILTER (WHERE cross_source), count(*) "

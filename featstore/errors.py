@@ -43,3 +43,16 @@ class Interrupted(CommandError):
 
     exit_code = 130
     label = "interrupted"
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether e (or what caused it) is a full disk or quota: DuckDB says so in its text only. (Here, not in
+    featstore.store, so that the command line checks an error without importing DuckDB.)"""
+    import errno
+
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
+                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

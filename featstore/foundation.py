@@ -30,14 +30,9 @@ from pathlib import Path
 import torch
 
 from featstore import weights as W
+from featstore.families import FAMILIES, GENERIC_POOLING, POOLINGS  # noqa: F401 - plain names, no torch
 from featstore.registry import Registry
 
-FAMILIES = ("hf", "timm", "open_clip")
-POOLINGS = ("cls", "mean", "pooler")
-# generic entries: (default pooling, valid poolings). open_clip gives the model's own image embedding
-# only (its projection to the joint image-text space); hf/timm models that lack a CLS token or a
-# pooler say so when built; a generic hf: SigLIP defaults to its pooler (generic_spec_fields)
-GENERIC_POOLING = {"hf": ("cls", POOLINGS), "timm": ("pooler", POOLINGS), "open_clip": ("pooler", ("pooler",))}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 # what a checkpoint may hold beyond the image tower an entry loads, and nothing else: the text tower and

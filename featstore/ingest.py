@@ -27,7 +27,8 @@ from typing import Callable, Iterable
 import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
-from featstore.store import disk_full as _disk_full, insert_frame as _insert, registered, transaction
+from featstore.errors import disk_full as _disk_full
+from featstore.store import insert_frame as _insert, registered, transaction
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"

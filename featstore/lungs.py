@@ -31,6 +31,9 @@ import numpy as np
 from PIL import Image
 
 METHOD = "classical-v1"
+# every mask method `featstore masks --method` offers (featstore/masks.py makes them; named here, where the
+# command line reads them without importing the store)
+MASK_METHODS = ("auto", "manifest", "xrv-pspnet", METHOD)
 WORK = 256
 
 

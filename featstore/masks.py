@@ -31,11 +31,11 @@ import polars as pl
 from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
-from featstore.lungs import WORK, LungMask, MaskError, check, classical_mask
+from featstore.lungs import MASK_METHODS, WORK, LungMask, MaskError, check, classical_mask
 from featstore.procs import process_pool  # workers die with this process
 from featstore.store import insert_frame, registered, transaction
 
-METHODS = ("auto", "manifest", "xrv-pspnet", "classical-v1")
+METHODS = MASK_METHODS
 PSPNET_FILE = "pspnet_chestxray_best_model_4.pth"
 PSPNET_URL = "https://github.com/mlmed/torchxrayvision/releases/download/v1/" + PSPNET_FILE
 PSPNET_SIZE = 512

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import duckdb
 
+from featstore.errors import disk_full  # noqa: F401 - where it was first offered
+
 SCHEMA_VERSION = 8  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
@@ -125,18 +127,6 @@ def check_store_file(path: Path) -> None:
         why = f"a {path.suffix} name is a data file's, not a store's (stores are .duckdb files)"
     if why:
         raise NotAStoreError(f"--db {text} is not a DuckDB store: {why}")
-
-
-def disk_full(e: BaseException | None) -> bool:
-    """Whether e (or what caused it) is a full disk or quota: DuckDB says so in its text only."""
-    import errno
-
-    while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(
-                m in str(e) for m in ("No space left on device", "Disk quota exceeded")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def busy_message(path, error: Exception, read_only: bool) -> str:

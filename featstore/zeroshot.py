@@ -28,7 +28,8 @@ from featstore import foundation as F
 from featstore import weights as W
 
 # Hugging Face model types whose vision tower's pooler output *is* the joint-space image embedding
-HF_JOINT = {"siglip", "siglip_vision_model"}
+from featstore.backbone_specs import has_text_tower  # noqa: E402,F401 - declared without torch
+from featstore.families import HF_JOINT  # noqa: E402,F401
 
 
 class ZeroShotError(ValueError):
@@ -74,17 +75,6 @@ def joint_space_problem(backbone: str, weights_id: str) -> str | None:
                     f"output, get_image_features): embed with --pooling pooler")
         return None
     return f"{backbone} ({spec.family}) has no text tower"
-
-
-def has_text_tower(spec) -> bool:
-    o = spec.options
-    if spec.family == "open_clip":
-        return True
-    if spec.family == "hf":
-        if "text_config" in o:
-            return True
-        return o.get("config_class", "").lower().startswith("siglip") or o.get("model_type") in HF_JOINT
-    return False
 
 
 def text_tower(backbone: str, weights_id: str, weights_dir=None, config_overrides: dict | None = None) -> TextTower:
