@@ -206,6 +206,18 @@ class GroupDROHead(_LinearScores, ClassifierMixin, BaseEstimator):
         g = group_ids(yi, domains)
         G = int(g.max()) + 1
         self.scaler_ = StandardScaler().fit(X)
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # a small full-batch problem: more threads only spin (25x slower on 2 busy cores)
+        try:
+            self._descend(X, yi, g, G, K)
+        finally:
+            torch.set_num_threads(before)
+        return self
+
+    def _descend(self, X, yi, g, G, K):
+        import torch
+        import torch.nn.functional as F
+
         torch.manual_seed(self.random_state)
         Xt = torch.from_numpy(self.scaler_.transform(X))  # float64: the same numbers on every machine
         yt, gt = torch.from_numpy(yi).long(), torch.from_numpy(g).long()
@@ -233,7 +245,6 @@ class GroupDROHead(_LinearScores, ClassifierMixin, BaseEstimator):
         self.intercept_ = b.detach().numpy().copy()
         self.group_weights_ = q.numpy().copy()
         self.group_loss_ = loss_g.detach().numpy().copy()
-        return self
 
     @property
     def fit_info_(self) -> dict:
