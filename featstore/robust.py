@@ -62,7 +62,8 @@ class _LinearScores:
         return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+        P = self.predict_proba(X)  # raises NotFittedError before classes_ is touched
+        return self.classes_[np.argmax(P, axis=1)]
 
 
 def _coefs(model, n_classes):
@@ -100,7 +101,7 @@ class DFRHead(_LinearScores, ClassifierMixin, BaseEstimator):
         self.classes_ = enc.classes_
         yi = enc.transform(y)
         if len(self.classes_) < 2:
-            raise ValueError("DFR needs two classes in the training data")
+            raise ValueError("DFR needs two classes in the training data, got one class")
         g = group_ids(yi, domains)
         rng = np.random.default_rng(self.random_state)
         held = self._held_out(g, rng)
@@ -110,7 +111,7 @@ class DFRHead(_LinearScores, ClassifierMixin, BaseEstimator):
         m = max(min(len(a) for a in members), self.min_group)
         binary_l1 = self.l1_ratio == 1 and len(self.classes_) == 2
         solver = "lbfgs" if self.l1_ratio == 0 else ("liblinear" if binary_l1 else "saga")
-        coefs, ints = [], []
+        coefs, ints, iters = [], [], []
         for _ in range(self.n_subsets):
             idx = np.concatenate([rng.choice(a, m, replace=len(a) < m) for a in members])
             if len(np.unique(yi[idx])) < 2:
@@ -120,10 +121,12 @@ class DFRHead(_LinearScores, ClassifierMixin, BaseEstimator):
             c, b = _coefs(lr, len(self.classes_))
             coefs.append(c)
             ints.append(b)
+            iters.append(int(np.max(lr.n_iter_)))
         if not coefs:
             raise ValueError("DFR: no balanced subset held both classes")
         self.coef_, self.intercept_ = np.mean(coefs, axis=0), np.mean(ints, axis=0)
         self.n_groups_, self.group_size_, self.n_held_out_ = len(members), int(m), int(len(held))
+        self.n_iter_ = max(iters)
         return self
 
     def _held_out(self, g, rng) -> np.ndarray:
@@ -169,6 +172,7 @@ class ReweightHead(_LinearScores, ClassifierMixin, BaseEstimator):
         self.classes_ = lr.classes_
         self.coef_, self.intercept_ = _coefs(lr, len(self.classes_))
         self.n_groups_ = int(len(counts))
+        self.n_iter_ = lr.n_iter_
         return self
 
 
@@ -201,7 +205,7 @@ class GroupDROHead(_LinearScores, ClassifierMixin, BaseEstimator):
         self.classes_ = enc.classes_
         K = len(self.classes_)
         if K < 2:
-            raise ValueError("GroupDRO needs two classes in the training data")
+            raise ValueError("GroupDRO needs two classes in the training data, got one class")
         yi = enc.transform(y)
         g = group_ids(yi, domains)
         G = int(g.max()) + 1
