@@ -987,22 +987,6 @@ def ece(y, p, bins: int = 10) -> dict:
     return dict(ece=float(total), bins=table)
 
 
-AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 131, "80+"))
-
-
-def age_band(age) -> np.ndarray:
-    """Years -> band label (AGE_BANDS); missing or NaN -> None."""
-    out = []
-    for a in np.asarray(age, dtype=object):
-        try:
-            v = float(a)
-        except (TypeError, ValueError):
-            out.append(None)
-            continue
-        out.append(next((name for lo, hi, name in AGE_BANDS if lo <= v < hi), None) if math.isfinite(v) else None)
-    return np.asarray(out, dtype=object)
-
-
 def subgroup_metrics(y, score, p, attribute, threshold: float = 0.5, min_n: int = 10) -> dict | None:
     """Per value of a demographic attribute (sex, age band): AUC, TPR, FPR (fairlearn MetricFrame) and
     the largest gap between values (max - min) of each. Rows with no value, and values with fewer than

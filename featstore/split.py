@@ -345,6 +345,24 @@ register_selection(Selection(
     _on_the_test_set, is_oracle=True))
 
 
+# --- demographic attributes as the subgroup metrics group them (score.subgroup_metrics) ---------
+
+AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 131, "80+"))
+
+
+def age_band(age) -> np.ndarray:
+    """Years -> band label (AGE_BANDS); missing or NaN -> None."""
+    out = []
+    for a in np.asarray(age, dtype=object):
+        try:
+            v = float(a)
+        except (TypeError, ValueError):
+            out.append(None)
+            continue
+        out.append(next((name for lo, hi, name in AGE_BANDS if lo <= v < hi), None) if np.isfinite(v) else None)
+    return np.asarray(out, dtype=object)
+
+
 # --- rules that do not reward shortcuts (issue 26): the train-val split, another score -------------
 # All see the fold's training images only (the train-val split); they differ in what a trial is judged by.
 

@@ -7,8 +7,8 @@ import optuna
 import pytest
 
 from featstore.heads import create_head
-from featstore.score import age_band, ece, group_metrics, robust_metrics, subgroup_metrics
-from featstore.split import SELECTIONS, source_probe_auc, worst_class_accuracy, worst_group_accuracy
+from featstore.score import ece, group_metrics, robust_metrics, subgroup_metrics
+from featstore.split import SELECTIONS, age_band, source_probe_auc, worst_class_accuracy, worst_group_accuracy
 
 
 def _confounded(n, seed, prev=(0.9, 0.1), fingerprint=3.0, signal=1.0):

@@ -88,7 +88,7 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
 
 def demographics(fs, backbone: str, preprocess: str, image_ids) -> dict:
     """sex and age band per image (None where the manifest has none); only attributes some image has."""
-    from featstore.score import age_band
+    from featstore.split import age_band
 
     d = fs.embeddings(backbone, preprocess).select("image_id", "sex", "age")
     at = dict(zip(d["image_id"].to_list(), zip(d["sex"].to_list(), d["age"].to_list())))
