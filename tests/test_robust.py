@@ -204,3 +204,26 @@ def test_selection_rules_end_to_end_select_without_the_held_out_source():
                 assert r.error is None, r.error
                 out.append((r.params, r.val_score))
             assert out[0] == out[1], (rule, head)
+
+
+# --- demographic probe --------------------------------------------------------------------------------
+
+def test_demographic_probe_finds_a_planted_attribute_and_not_an_absent_one():
+    """Sex planted along one direction of the embedding: the probe recovers it; age bands drawn independently
+    of the vectors: chance. Images without the attribute are left out, not counted as a value."""
+    from featstore.probe import demographic_probe_rows
+
+    rng = np.random.default_rng(4)
+    n = 600
+    sex = rng.choice(["F", "M"], n).astype(object)
+    X = rng.normal(size=(n, 6))
+    X[:, 0] += 1.5 * (sex == "M")
+    band = rng.choice(["18-39", "40-59", "60-79"], n).astype(object)
+    sex[:100] = None  # no value: left out
+    rows = demographic_probe_rows(X, dict(sex=sex, age_band=band, nothing=np.full(n, None)),
+                                  np.full(n, "nih"), "bb", "original", "w", n_boot=50)
+    by = {r["target"]: r for r in rows}
+    assert set(by) == {"sex", "age_band"}  # an attribute nobody has gives no row
+    assert by["sex"]["auc"] > 0.8 and by["sex"]["n"] == 500 and by["sex"]["auc_lo"] < by["sex"]["auc"]
+    assert abs(by["age_band"]["auc"] - 0.5) < 0.07
+    assert set(by["sex"]["metrics"]["values"]) == {"F", "M"} and "nih" in by["sex"]["notes"]
