@@ -227,3 +227,36 @@ def test_demographic_probe_finds_a_planted_attribute_and_not_an_absent_one():
     assert by["sex"]["auc"] > 0.8 and by["sex"]["n"] == 500 and by["sex"]["auc_lo"] < by["sex"]["auc"]
     assert abs(by["age_band"]["auc"] - 0.5) < 0.07
     assert set(by["sex"]["metrics"]["values"]) == {"F", "M"} and "nih" in by["sex"]["notes"]
+
+
+# --- end to end: a sweep with several rules, its rows and the report's table ----------------------------
+
+def test_a_sweep_with_several_rules_gives_the_head_by_selection_table(synth_stores, tmp_path):
+    """`selection:` as a list makes one model per head and rule; every binary row carries worst group and
+    ECE; the report's table puts each head beside logistic regression under the same rule, with the
+    paired test."""
+    import polars as pl
+
+    from featstore.report import compare_models, robust_table
+    from featstore.sweep.config import parse_study
+    from featstore.sweep.run import run_study
+
+    st = parse_study(dict(study="robust", backbones=["pixelstats"], heads={"logreg": {"trials": 2}, "dfr": {"trials": 2}},
+                          protocols={"loso": {}}, selection=["train-val", "worst-group"], bootstrap=50))
+    rep = run_study(st, synth_stores["confounded"], tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rows = pl.DataFrame(rep.rows, infer_schema_length=None)
+    assert set(rows["selection"]) == {"train-val", "worst-group"}
+    pooled = rows.filter((pl.col("kind") == "pooled") & (pl.col("test_set") == "unseen"))
+    assert pooled.height == 4
+    for m in pooled["metrics"]:
+        m = m if isinstance(m, dict) else __import__("json").loads(m)
+        assert 0 <= m["worst_group_auc"] <= m["auc"] + 1e-9 and 0 <= m["ece"] <= 1 and m["reliability"]
+    import duckdb
+
+    with duckdb.connect(str(synth_stores["confounded"]), read_only=True) as con:
+        preds = pl.from_arrow(con.sql("SELECT * FROM predictions WHERE sweep_id = ?", params=[rep.sweep_id]).to_arrow_table())
+    cmp_ = compare_models(rows, preds)
+    assert sorted(cmp_["selection"]) == ["train-val", "worst-group"]
+    t = robust_table(rows, cmp_)
+    assert t.height == 4 and t["head"].to_list() == ["logreg", "dfr", "logreg", "dfr"]
+    assert t["vs logreg [CI]"].to_list()[0] == "reference" and t["p (Holm)"][1] not in ("—", None)
