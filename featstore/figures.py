@@ -387,3 +387,23 @@ def adapt_figure(rows: pl.DataFrame, path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def reliability_figure(curves: dict[str, list[dict]], title: str, path: Path) -> Path | None:
+    """Reliability diagram: per model (label -> score.ece bins) the observed frequency of positives
+    against the mean predicted probability in each bin; the diagonal is perfect calibration."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    for label, bins in curves.items():
+        ax.plot([b["confidence"] for b in bins], [b["frequency"] for b in bins], marker="o", ms=3, lw=1, label=label)
+    ax.set(xlabel="mean predicted P(positive)", ylabel="observed frequency of positives", xlim=(0, 1), ylim=(0, 1),
+           title=title)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

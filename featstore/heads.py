@@ -511,5 +511,17 @@ register_head(HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class 
                        "text tower (CLIP family, SigLIP); no training, one trial", searched=False, needs_inputs=True))
 
 
+# shortcut-robust heads (featstore/robust.py): groups are (training source, label)
+from featstore.robust import (DFRHead, GroupDROHead, ReweightHead, space_dfr, space_groupdro,  # noqa: E402
+                              space_reweight)
+
+register_head(HeadSpec("dfr", DFRHead, space_dfr, "Deep Feature Reweighting: logistic last layer re-fitted on "
+                       "group-balanced (source x label) subsets of held-out training images"))
+register_head(HeadSpec("groupdro", GroupDROHead, space_groupdro, "GroupDRO: worst-group (source x label) loss, "
+                       "strong L2, linear head"))
+register_head(HeadSpec("reweight", ReweightHead, space_reweight, "logistic regression weighted by inverse "
+                       "group (source x label) frequency"))
+
+
 def create_head(name: str, **params) -> BaseEstimator:
     return HEADS.get(name).cls(**params)

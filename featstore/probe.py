@@ -105,6 +105,34 @@ def probe_rows(X, meta, backbone: str, preprocess: str, weights_id: str, Z_grl: 
     return rows
 
 
+def demographic_probe_rows(X, attributes: dict, source, backbone: str, preprocess: str, weights_id: str,
+                           folds: int = 5, seed: int = 0, n_boot: int = 500, min_n: int = 10) -> list[dict]:
+    """Can the embedding tell sex or age band, as it tells the source? The domain probe's estimator with the
+    attribute as its target, on the images that have one (values under `min_n` images left out). A row per
+    attribute (scope 'all', test_set 'images with <attribute>'), its per-value AUCs in `metrics`;
+    `notes` names the sources the images come from: with one source the attribute cannot stand in for it."""
+    source = np.asarray(source).astype(str)
+    rows = []
+    for name, vals in attributes.items():
+        v = np.asarray(vals, dtype=object)
+        have = np.array([x is not None and x == x and str(x) != "" for x in v])
+        counts = {k: int((v[have].astype(str) == k).sum()) for k in set(v[have].astype(str))}
+        keep = have & np.isin(np.where(have, v, "").astype(str), [k for k, n in counts.items() if n >= min_n])
+        if len({str(x) for x in v[keep]}) < 2:
+            continue
+        r = domain_probe(X[keep], v[keep].astype(str), folds, seed, n_boot=n_boot)
+        srcs = sorted(set(source[keep]))
+        rows.append(dict(protocol="domain-probe", fold=f"{r['folds']}-fold stratified", repeat=0,
+                         test_set=f"images with {name}", train_sources=srcs, test_sources=srcs,
+                         backbone=backbone, weights_id=weights_id, preprocess=preprocess, head="raw", target=name,
+                         selection="none", oracle=False, params={"C": 1.0}, seed=seed, status="ok", n=r["n"],
+                         bootstrap=n_boot, scope="all", auc=r["auc"], auc_lo=r["auc_lo"], auc_hi=r["auc_hi"],
+                         metrics=dict(r, values=r.pop("per_source")),
+                         notes=f"predict {name} from the embedding: macro one-vs-rest AUC over {r['n_sources']} values; "
+                               f"images from {', '.join(srcs)}"))
+    return rows
+
+
 def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "covid", grl: bool = True,
               maps: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500,
               progress=None, tracking_uri: str | None = None) -> tuple[list[dict], str, str]:
@@ -133,12 +161,20 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     with Store(db, read_only=True) as fs:
         wid, _ = fs.embedding_set(backbone, preprocess)
         X, meta = fs.arrays(backbone, preprocess)
+        demo = fs.embeddings(backbone, preprocess).select("image_id", "sex", "age")
     src = meta["source"].to_numpy()
     if grl:
         step("GRL head")
     Z = grl_representation(X, (meta["label"].to_numpy() == positive).astype(int), src, seed) if grl else None
     step("probing")
     rows = probe_rows(X, meta, backbone, preprocess, wid, Z, folds, seed, n_boot)
+    from featstore.split import age_band
+
+    at = dict(zip(demo["image_id"].to_list(), zip(demo["sex"].to_list(), demo["age"].to_list())))
+    ids = meta["image_id"].to_list()
+    rows += demographic_probe_rows(X, dict(sex=[at.get(i, (None, None))[0] for i in ids],
+                                           age_band=age_band([at.get(i, (None, None))[1] for i in ids])),
+                                   src, backbone, preprocess, wid, folds, seed, n_boot)
     sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
                for r in rows if r["scope"] == "all"}

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from featstore.figures import dedupe_pooled, dumbbell_figure, file_stem, forest_figure, roc_per_source_figure
+from featstore.figures import (dedupe_pooled, dumbbell_figure, file_stem, forest_figure, reliability_figure,
+                              roc_per_source_figure)
 from featstore.results import MODEL, source_mean
 
 
@@ -225,7 +226,7 @@ def compare_models(res: pl.DataFrame, preds: pl.DataFrame) -> pl.DataFrame:
             d = paired_bootstrap_auc_diff(j["y"].to_numpy(), j["score"].to_numpy(), j["score_ref"].to_numpy(),
                                           j["src"].to_numpy(), n_boot=int(ref.get("bootstrap") or 0) or 0,
                                           seed=int(ref["seed"]))
-            out.append({"model": f"{r['head']} {r['backbone']}/{r['preprocess']}",
+            out.append({"model": f"{r['head']} {r['backbone']}/{r['preprocess']}", "selection": r["selection"],
                         "reference": f"{ref['head']} {ref['backbone']}/{ref['preprocess']}",
                         "difference [CI]": _ci(d.get("estimate"), d.get("lo"), d.get("hi"), low=-1.0),
                         "_p": d.get("p"), "sources": d.get("n_sources"), "uncertainty": d.get("uncertainty")})
@@ -235,6 +236,50 @@ def compare_models(res: pl.DataFrame, preds: pl.DataFrame) -> pl.DataFrame:
     for o, pa in zip(out, adj):
         o["p"], o["p (Holm)"] = format_p(o.pop("_p")), format_p(pa)
     return pl.DataFrame(out)
+
+
+def _metrics(r) -> dict:
+    m = r.get("metrics")
+    return json.loads(m) if isinstance(m, str) else (m or {})
+
+
+def robust_table(res: pl.DataFrame, cmp_: pl.DataFrame) -> pl.DataFrame:
+    """Every head against logistic regression (the ERM reference) under each selection rule (LOSO): mean
+    per-source unseen AUC with its source-level CI, the worst held-out source, worst-group AUC and ECE on
+    the pooled held-out images, and the paired comparison with the reference (compare_models: the same
+    test, Holm over its rows)."""
+    sm = res.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso") & (pl.col("status") == "ok"))
+    pooled = res.filter((pl.col("kind") == "pooled") & (pl.col("protocol") == "loso") & (pl.col("test_set") == "unseen")
+                        & (pl.col("scope") == "all"))
+    if not sm.height:
+        return pl.DataFrame()
+    out = []
+    for r in sm.iter_rows(named=True):
+        key = (r["backbone"], r["preprocess"], r["head"], r["selection"])
+        pm = [_metrics(p) for p in pooled.iter_rows(named=True)
+              if (p["backbone"], p["preprocess"], p["head"], p["selection"]) == key]
+        pm = pm[0] if pm else {}
+        c = cmp_.filter((pl.col("model") == f"{r['head']} {r['backbone']}/{r['preprocess']}")
+                        & (pl.col("selection") == r["selection"])) if cmp_.height else cmp_
+        c = c.row(0, named=True) if c.height else {}
+        out.append({"selection": r["selection"], "head": r["head"], "embedding": f"{r['backbone']}/{r['preprocess']}",
+                    "unseen AUC, mean [CI]": _ci(r["auc"], r.get("auc_lo"), r.get("auc_hi")),
+                    "worst source": f"{_f(r.get('auc_worst'))} ({r.get('worst_source') or '—'})",
+                    "worst-group AUC": _f(pm.get("worst_group_auc")),
+                    "worst group": pm.get("worst_group_auc_group") or "—",
+                    "ECE": _f(pm.get("ece")),
+                    "vs logreg [CI]": c.get("difference [CI]", "reference" if r["head"] == REFERENCE_HEAD else "—"),
+                    "p (Holm)": c.get("p (Holm)", "—")})
+    order = {s: i for i, s in enumerate(dict.fromkeys(r["selection"] for r in out))}
+    out.sort(key=lambda o: (order[o["selection"]], o["head"] != REFERENCE_HEAD, o["head"]))
+    return pl.DataFrame(out)
+
+
+def reliability_curves(res: pl.DataFrame) -> dict:
+    """model label -> the pooled LOSO unseen reliability bins (score.ece), for the reliability figure."""
+    pooled = res.filter((pl.col("kind") == "pooled") & (pl.col("protocol") == "loso") & (pl.col("test_set") == "unseen")
+                        & (pl.col("scope") == "all"))
+    return {f"{r['head']} · {r['selection']}": _metrics(r).get("reliability") or [] for r in pooled.iter_rows(named=True)}
 
 
 def pooled_table(res: pl.DataFrame) -> pl.DataFrame:
@@ -462,6 +507,12 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
                                   "source (LOSO)", out / f"roc_{file_stem(hd)}_{file_stem(bb)}_{file_stem(pre)}.png")
         if f:
             rocs.append(fig(f, f"{hd} on {bb}/{pre}"))
+    f = reliability_figure(reliability_curves(honest), "Reliability, pooled held-out sources (LOSO)",
+                           out / "reliability_unseen.png")
+    if f:
+        top.append(fig(f, "Calibration on unseen sources",
+                       "Observed frequency of positives against the mean predicted probability per bin, pooled "
+                       "LOSO held-out images; the diagonal is perfect calibration (ECE in the head table)."))
     failed = res.filter(pl.col("status") != "ok")
     cmp_ = compare_models(honest, preds)
     sels = ", ".join(sorted(set(honest["selection"].to_list())))
@@ -489,6 +540,13 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
          "(the reference fixed beforehand; raw-pixel baselines are never one), on identical LOSO test images: "
          "difference of mean per-source AUC, source-level paired bootstrap 95% CI (t interval) and p (the same "
          "resample applied to both models)."),
+        ("Every head against logistic regression (ERM) under each selection rule", robust_table(honest, cmp_),
+         "LOSO. *unseen AUC*: mean over held-out sources (both classes) of the per-source AUC, source-level 95% CI; "
+         "*worst source*: the lowest of them. *worst-group AUC*: groups are (source, label) of the pooled held-out "
+         "images, a group against every image of the other label (score.group_metrics; groups of 5+); *ECE*: "
+         "expected calibration error of P(positive), 10 bins, pooled held-out images (reliability figure below). "
+         "*vs logreg*: the paired comparison above (source-level paired bootstrap, Holm over its rows). Every rule "
+         "selects on the training sources only (split.SELECTIONS)."),
         ("Pooled LOSO (secondary: prevalence-sensitive)", pooled_table(honest),
          "Warning: pooling held-out sources whose positive rates differ rewards recognising the source; "
          "read the per-source means above. Uncertainty: image-level bootstrap 95% CI."),

@@ -151,6 +151,10 @@ UNIT_METRICS = {
     "auc_cross_source": "AUC over positive-negative pairs from different sources (mixed out-of-fold)",
     "auc_same_source": "AUC over positive-negative pairs from the same source (mixed out-of-fold)",
     "n_shortcut_sources": "sources behind the shortcut estimand",
+    "worst_group_auc_unseen": "held-out images: the lowest (source x label) group AUC, a group against every image "
+                              "of the other label (score.group_metrics; pooled, else the folds' mean)",
+    "worst_group_accuracy_unseen": "held-out images: the lowest (source x label) group accuracy",
+    "ece_unseen": "held-out images: expected calibration error of P(positive), 10 equal-width bins (score.ece)",
 }
 
 
@@ -278,6 +282,13 @@ def unit_summary(rows: list[dict]) -> dict:
     pooled_unseen = _ok(rows, kind="pooled", test_set="unseen", scope="all")
     if pooled_unseen and pooled_unseen[0].get("auc") is not None:
         out["auc_unseen_pooled"] = pooled_unseen[0]["auc"]
+    # worst group and calibration on the held-out images: the pooled row, else the mean over folds
+    for key in ("worst_group_auc", "worst_group_accuracy", "ece"):
+        src = pooled_unseen or _ok(rows, kind="fold", test_set="unseen", scope="all")
+        vals = [(r.get("metrics") or {}).get(key) if isinstance(r.get("metrics"), dict) else None for r in src]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out[f"{key}_unseen"] = sum(vals) / len(vals)
     if "gap" not in out and "auc_seen" in out and "auc_unseen_mean" in out:
         out["gap"] = out["auc_seen"] - out["auc_unseen_mean"]
     return {k: v for k, v in out.items() if v is not None}

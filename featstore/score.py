@@ -931,3 +931,116 @@ def holm(pvals, method: str = "holm") -> list:
         for i, a in zip(have, adj):
             out[i] = float(a)
     return out
+
+
+# --- shortcut-robustness metrics: worst group, calibration, demographic subgroups -------------
+
+def group_metrics(y, score, source, p=None, threshold: float = 0.5, min_n: int = 5) -> dict:
+    """Groups are (source, label). A group's AUC ranks its images against every image of the other
+    label (all sources): a model that scores the source ranks the positives of a mostly-negative
+    source below the negatives, and that group's AUC falls, though each source's own AUC need not.
+    Its accuracy calls p >= threshold positive. Groups under `min_n` images are listed, not ranked."""
+    y = np.asarray(y).astype(int)
+    s = np.asarray(score, float)
+    src = np.asarray(source).astype(str)
+    groups = {}
+    for g in sorted(set(zip(src.tolist(), y.tolist()))):
+        m = (src == g[0]) & (y == g[1])
+        other = y != g[1]
+        n = int(m.sum())
+        auc = None
+        if other.any() and n:
+            yy = np.r_[np.full(n, g[1]), y[other]]
+            auc = float(roc_auc_score(yy, np.r_[s[m], s[other]]))
+        acc = None if p is None else float(((np.asarray(p)[m] >= threshold).astype(int) == g[1]).mean())
+        groups[f"{g[0]}|{g[1]}"] = dict(n=n, auc=auc, accuracy=acc)
+    ranked = {k: v for k, v in groups.items() if v["n"] >= min_n}
+    out = dict(groups=groups, min_n=min_n, worst_group_auc=None, worst_group_auc_group=None,
+               worst_group_accuracy=None, worst_group_accuracy_group=None)
+    aucs = {k: v["auc"] for k, v in ranked.items() if v["auc"] is not None}
+    if aucs:
+        k = min(aucs, key=lambda g: (aucs[g], g))
+        out.update(worst_group_auc=aucs[k], worst_group_auc_group=k)
+    accs = {k: v["accuracy"] for k, v in ranked.items() if v["accuracy"] is not None}
+    if accs:
+        k = min(accs, key=lambda g: (accs[g], g))
+        out.update(worst_group_accuracy=accs[k], worst_group_accuracy_group=k)
+    return out
+
+
+def ece(y, p, bins: int = 10) -> dict:
+    """Expected calibration error of P(positive), equal-width bins: sum_b n_b/n |mean(y)_b - mean(p)_b|;
+    the bins (for the reliability plot) beside it. A probability of exactly 1 falls in the last bin."""
+    y = np.asarray(y, float)
+    p = np.clip(np.asarray(p, float), 0.0, 1.0)
+    if len(y) == 0:
+        return dict(ece=None, bins=[])
+    b = np.minimum((p * bins).astype(int), bins - 1)
+    table, total = [], 0.0
+    for k in range(bins):
+        m = b == k
+        if not m.any():
+            continue
+        conf, freq = float(p[m].mean()), float(y[m].mean())
+        total += m.sum() / len(y) * abs(freq - conf)
+        table.append(dict(lo=k / bins, hi=(k + 1) / bins, n=int(m.sum()), confidence=conf, frequency=freq))
+    return dict(ece=float(total), bins=table)
+
+
+def subgroup_metrics(y, score, p, attribute, threshold: float = 0.5, min_n: int = 10) -> dict | None:
+    """Per value of a demographic attribute (sex, age band): AUC, TPR, FPR (fairlearn MetricFrame) and
+    the largest gap between values (max - min) of each. Rows with no value, and values with fewer than
+    `min_n` images, are left out; a metric a value cannot define (AUC with one class, TPR without
+    positives) is NaN there and its gap uses the values that define it (None under two). None when
+    fewer than two values remain."""
+    from fairlearn.metrics import MetricFrame
+
+    y = np.asarray(y).astype(int)
+    a = np.asarray(attribute, dtype=object)
+    keep = np.array([v is not None and v == v and str(v) != "" for v in a])
+    a = np.where(keep, a, "").astype(str)
+    vals = [v for v in sorted(set(a[keep])) if (keep & (a == v)).sum() >= min_n]
+    keep &= np.isin(a, vals)
+    if len(vals) < 2:
+        return None
+    yhat = (np.asarray(p, float) >= threshold).astype(int)
+    s = np.asarray(score, float)
+
+    def auc(yt, st):
+        return float(roc_auc_score(yt, st)) if len(np.unique(yt)) == 2 else float("nan")
+
+    def tpr(yt, yp):
+        return float(yp[yt == 1].mean()) if (yt == 1).any() else float("nan")
+
+    def fpr(yt, yp):
+        return float(yp[yt == 0].mean()) if (yt == 0).any() else float("nan")
+
+    rates = MetricFrame(metrics={"tpr": tpr, "fpr": fpr}, y_true=y[keep], y_pred=yhat[keep],
+                        sensitive_features=a[keep]).by_group
+    aucs = MetricFrame(metrics={"auc": auc}, y_true=y[keep], y_pred=s[keep], sensitive_features=a[keep]).by_group
+    by = rates.join(aucs)
+    per = {str(k): {c: (None if np.isnan(by.loc[k, c]) else float(by.loc[k, c])) for c in ("auc", "tpr", "fpr")}
+           | {"n": int((a[keep] == k).sum())} for k in by.index}
+    gaps = {}
+    for c in ("auc", "tpr", "fpr"):
+        v = by[c].dropna()
+        gaps[f"{c}_gap"] = float(v.max() - v.min()) if len(v) >= 2 else None
+    return dict(groups=per, **gaps)
+
+
+def robust_metrics(y, p, score, source, attributes: dict | None = None) -> dict:
+    """What a binary test set's row carries beside the standard metrics: worst group (source x label),
+    ECE, and the subgroups of each demographic attribute the manifest has."""
+    g = group_metrics(y, score, source, p)
+    out = dict(worst_group_auc=g["worst_group_auc"], worst_group_auc_group=g["worst_group_auc_group"],
+               worst_group_accuracy=g["worst_group_accuracy"], worst_group_accuracy_group=g["worst_group_accuracy_group"],
+               groups=g["groups"])
+    c = ece(y, p)
+    out.update(ece=c["ece"], reliability=c["bins"])
+    for name, vals in (attributes or {}).items():
+        sub = subgroup_metrics(y, score, p, vals)
+        if sub is not None:
+            out[f"subgroups_{name}"] = sub
+            for k in ("auc_gap", "tpr_gap", "fpr_gap"):
+                out[f"{name}_{k}"] = sub[k]
+    return out

@@ -275,6 +275,17 @@ class Selection:
     description: str
     split: Callable  # honest: (meta, train, seed, val_folds) -> pairs; oracle: (meta, fold) -> pairs
     is_oracle: bool = False
+    # what a trial is scored by on the validation rows, and which trial wins (None: validation AUC, the
+    # highest); measure(y, score, proba, source, Z) -> (value, extras), Z the head's representation
+    # (transform, else the embedding) when needs_representation; choose(trials) -> the winning trial
+    measure: Callable | None = None
+    choose: Callable | None = None
+    needs_representation: bool = False
+
+    @property
+    def sees_test_data(self) -> bool:
+        """Whether the rule reads the fold's test images: only an oracle does (an upper bound, never a result)."""
+        return self.is_oracle
 
     def splits(self, meta: Meta, fold: Fold, seed: int = 0, val_folds: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
         if self.is_oracle:
@@ -332,6 +343,112 @@ register_selection(Selection(
 register_selection(Selection(
     "oracle", "fit on the training images, select on the test set (unseen, else seen): an upper bound",
     _on_the_test_set, is_oracle=True))
+
+
+# --- demographic attributes as the subgroup metrics group them (score.subgroup_metrics) ---------
+
+AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 131, "80+"))
+
+
+def age_band(age) -> np.ndarray:
+    """Years -> band label (AGE_BANDS); missing or NaN -> None."""
+    out = []
+    for a in np.asarray(age, dtype=object):
+        try:
+            v = float(a)
+        except (TypeError, ValueError):
+            out.append(None)
+            continue
+        out.append(next((name for lo, hi, name in AGE_BANDS if lo <= v < hi), None) if np.isfinite(v) else None)
+    return np.asarray(out, dtype=object)
+
+
+# --- rules that do not reward shortcuts (issue 26): the train-val split, another score -------------
+# All see the fold's training images only (the train-val split); they differ in what a trial is judged by.
+
+def worst_group_accuracy(y, score, proba, source, Z=None):
+    """The lowest accuracy over (source, label) groups of the validation images (p >= 0.5 positive;
+    groups of under 5 images are not ranked, as in score.group_metrics)."""
+    y = np.asarray(y).astype(int)
+    pred = np.argmax(proba, axis=1)
+    src = np.asarray(source).astype(str)
+    accs = {}
+    for g in sorted(set(zip(src.tolist(), y.tolist()))):
+        m = (src == g[0]) & (y == g[1])
+        if m.sum() >= 5:
+            accs[f"{g[0]}|{g[1]}"] = float((pred[m] == g[1]).mean())
+    if not accs:
+        return float("nan"), {}
+    k = min(accs, key=lambda g: (accs[g], g))
+    return accs[k], dict(worst_group=k)
+
+
+def worst_class_accuracy(y, score, proba, source=None, Z=None):
+    """The lowest per-class recall (no group labels needed; SubpopBench's rule)."""
+    y = np.asarray(y).astype(int)
+    pred = np.argmax(proba, axis=1)
+    rec = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
+    return (min(rec) if len(rec) > 1 else float("nan")), {}
+
+
+def source_probe_auc(Z, source, seed: int = 0, folds: int = 3) -> float:
+    """Macro one-vs-rest AUC of a logistic probe predicting the source from Z (out-of-fold): how much of
+    the source the representation carries (probe.domain_probe's estimator, without its intervals)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import LabelEncoder, StandardScaler
+
+    src = np.asarray(source).astype(str)
+    d = LabelEncoder().fit_transform(src)
+    k = min(folds, int(np.bincount(d).min()))
+    if len(np.unique(d)) < 2 or k < 2:
+        return float("nan")
+    P = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)), np.asarray(Z, float), d,
+                          cv=StratifiedKFold(k, shuffle=True, random_state=seed), method="predict_proba")
+    if P.shape[1] == 2:
+        return float(roc_auc_score(d, P[:, 1]))
+    return float(roc_auc_score(d, P, multi_class="ovr", average="macro"))
+
+
+def _auc_and_probe(y, score, proba, source, Z):
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) < 2:
+        return float("nan"), {}
+    auc = float(roc_auc_score(y, score) if np.ndim(score) == 1 else
+                roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(proba.shape[1]))))
+    return auc, dict(probe_auc=source_probe_auc(Z, source))
+
+
+PROBE_AUC_TOLERANCE = 0.02  # "acceptable": validation AUC within this of the study's best trial
+
+
+def _least_source(trials):
+    """Among trials whose validation AUC is within PROBE_AUC_TOLERANCE of the best, the one whose
+    representation predicts the source least (ties, or no probe: the higher AUC, then the earlier)."""
+    best = max(t.value for t in trials)
+    ok = [t for t in trials if t.value >= best - PROBE_AUC_TOLERANCE]
+
+    def key(t):
+        pa = t.user_attrs.get("probe_auc")
+        pa = 1.0 if pa is None or pa != pa else pa
+        return (round(pa, 6), -t.value, t.number)
+    return min(ok, key=key)
+
+
+register_selection(Selection(
+    "worst-group", "train-val split; the lowest (source x label) group accuracy of the validation images",
+    _train_val, measure=worst_group_accuracy))
+register_selection(Selection(
+    "worst-class", "train-val split; the lowest per-class accuracy (no group labels)", _train_val,
+    measure=worst_class_accuracy))
+register_selection(Selection(
+    "min-source-probe", f"train-val split; of the trials within {PROBE_AUC_TOLERANCE} of the best validation AUC, "
+    "the one whose representation predicts the source least (out-of-fold probe on the validation images)",
+    _train_val, measure=_auc_and_probe, choose=_least_source, needs_representation=True))
 
 
 def selection_splits(meta: Meta, train: np.ndarray, method: str, seed: int = 0,

@@ -20,7 +20,7 @@ STAGES = [
     ("split", {"duplicates", "copymatch", "ann", "split", "api"}),
     # the sweep package (featstore/sweep/, its docstring the map) up to the fit: the config (schema only), its
     # data, the plan (folds, tasks), Optuna
-    ("fit", {"heads", "zeroshot", "sweep.__init__", "sweep.config", "sweep.data", "sweep.plan", "sweep.fit",
+    ("fit", {"heads", "robust", "zeroshot", "sweep.__init__", "sweep.config", "sweep.data", "sweep.plan", "sweep.fit",
              "sweep.adapt"}),
     ("score", {"score", "verdict"}),
     ("track", {"track", "sweep.rows", "sweep.tracking", "sweep.ensemble"}),

@@ -14,6 +14,7 @@ from featstore.sweep.run import run_study
 from featstore.cli import app
 from featstore.sweep.config import StudyError, load_study, parse_study
 from featstore.sweep.fit import run_task
+from featstore.split import SELECTIONS, honest_selections
 
 
 def _study(**kw):
@@ -62,11 +63,16 @@ def _selected(db, st, scramble: bool):
     return out
 
 
-@pytest.mark.parametrize("selection", ["train-val", "inner-loso"])
+@pytest.mark.parametrize("selection", honest_selections())
 def test_selection_never_sees_the_held_out_source(synth_stores, selection):
     """Scrambling the held-out source's labels changes nothing that was selected; the oracle, which
-    selects on the test set, does change (so this test can see leakage when there is some)."""
-    st = _study(selection=selection, oracle=True, heads={"logreg": {"trials": 4}},
+    selects on the test set, does change (so this test can see leakage when there is some). Every
+    honest rule of the registry is checked, the rules that score trials otherwise (worst group,
+    worst class, least source in the representation) with a head that uses the sources too."""
+    heads = {"logreg": {"trials": 4}}
+    if SELECTIONS[selection].measure is not None:
+        heads["dfr"] = {"trials": 3}
+    st = _study(selection=selection, oracle=True, heads=heads,
                 protocols={"loso": {}, "leave-pair-out": {}})
     a = _selected(synth_stores["confounded"], st, scramble=False)
     b = _selected(synth_stores["confounded"], st, scramble=True)

@@ -186,7 +186,9 @@ def test_the_shipped_configs_still_load():
     # a guard, not a regression test: they loaded before too, and must keep their meaning
     cxr = load_study(STUDIES / "cxr_shortcut.yaml")
     assert [(h.name, h.trials, h.fixed) for h in cxr.heads] == [("logreg", 12, {}), ("lightgbm", 6, {}),
-                                                                 ("grl_mlp", 4, {})]
+                                                                 ("grl_mlp", 4, {}), ("dfr", 6, {}),
+                                                                 ("groupdro", 4, {})]
+    assert cxr.selection == "worst-group"  # a rule that does not reward the shortcut (issue 26)
     assert cxr.protocols == {"mixed": {"folds": 5, "repeats": 1}, "loso": {}, "leave-pair-out": {},
                              "seen-unseen": {"train_sources": ["cohen_ieee8023", "nih_cxr14"], "test_fraction": 0.2}}
     assert (cxr.sources, cxr.workers, cxr.bootstrap, cxr.seed, cxr.oracle) == (None, 2, 1000, 0, False)

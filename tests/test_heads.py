@@ -8,7 +8,8 @@ from featstore.probe import domain_probe
 
 # settings that keep the contract checks fast; every head of the registry is checked, except one built with
 # inputs beyond hyperparameters (the zero-shot head's text side), which sklearn's random data cannot supply
-_QUICK = {"lightgbm": dict(n_estimators=20), "grl_mlp": dict(max_epochs=15)}
+_QUICK = {"lightgbm": dict(n_estimators=20), "grl_mlp": dict(max_epochs=15), "groupdro": dict(steps=50),
+          "dfr": dict(n_subsets=3)}
 
 
 @parametrize_with_checks([HEADS[n].cls(**_QUICK.get(n, {})) for n in HEADS.where(lambda h: not h.needs_inputs)])
@@ -41,11 +42,12 @@ def _fixed(name):
     return {"logreg": dict(C=1.0, l1_ratio=0.0, class_weight=None),
             "grl_mlp": dict(lambda_max=1.0, lr=1e-3, weight_decay=1e-2, dropout=0.1),
             "lightgbm": dict(n_estimators=50, learning_rate=0.1, num_leaves=7, min_child_samples=5,
-                             colsample_bytree=0.8), "zeroshot": {}}[name]
+                             colsample_bytree=0.8), "zeroshot": {},
+            "dfr": dict(C=0.1, l1_ratio=1.0), "groupdro": dict(l2=0.01, eta=0.01, lr=0.01), "reweight": dict(C=0.1)}[name]
 
 
 def test_unknown_head():
-    with pytest.raises(ValueError, match="unknown head 'svm'; known: logreg, grl_mlp, lightgbm, zeroshot"):
+    with pytest.raises(ValueError, match="unknown head 'svm'; known: logreg, grl_mlp, lightgbm, zeroshot, dfr, groupdro, reweight"):
         create_head("svm")
     with pytest.raises(ValueError, match=r"unknown head 'logre' \(did you mean 'logreg'\?\)"):
         create_head("logre")

@@ -137,14 +137,17 @@ def test_protocol_options_cover_every_protocol():
 
 
 def test_every_selection_rule_is_an_entry_that_says_what_it_is():
-    assert set(SELECTIONS) == {"train-val", "inner-loso", "oracle"}
+    assert set(SELECTIONS) == {"train-val", "inner-loso", "oracle", "worst-group", "worst-class", "min-source-probe"}
     for name, sel in SELECTIONS.items():
         assert isinstance(sel, Selection) and sel.name == name and sel.description.strip()
         assert get_selection(name) is sel
-    assert honest_selections() == ("train-val", "inner-loso") and oracle_selections() == ("oracle",)
+        assert sel.sees_test_data == sel.is_oracle  # each entry states whether it reads test data
+    assert honest_selections() == ("train-val", "inner-loso", "worst-group", "worst-class", "min-source-probe")
+    assert oracle_selections() == ("oracle",)
+    assert not any(SELECTIONS[n].sees_test_data for n in honest_selections())
     with pytest.raises(ValueError, match="registered already"):
         register_selection(Selection("train-val", "again", SELECTIONS["train-val"].split))
-    with pytest.raises(ValueError, match="unknown selection 'best'; known: train-val, inner-loso, oracle"):
+    with pytest.raises(ValueError, match="unknown selection 'best'; known: train-val, inner-loso, oracle, worst-group"):
         get_selection("best")
     with pytest.raises(ValueError, match="selects on the test set"):
         selection_splits(_meta(), loso(_meta())[0].train, "oracle")

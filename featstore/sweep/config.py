@@ -291,8 +291,9 @@ class Study(Section):
     preprocess: Names = Field(["original"], min_length=1)
     heads: Heads = Field(description="head -> {trials, fixed}, or a list of heads")
     protocols: Protocols = Field(description="protocol -> options, or a list of protocols")
-    selection: Literal[honest_selections()] = Field(
-        "train-val", description="model selection that never sees the test source; the oracle is `oracle: true`")
+    selection: Literal[honest_selections()] | list[Literal[honest_selections()]] = Field(
+        "train-val", description="model selection that never sees the test source, or a list of such rules (each "
+        "head is then a model per rule, compared under each); the oracle is `oracle: true`")
     oracle: bool = Field(False, description="add an upper bound selected on the test set, reported apart")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CIs (0: no CIs)")
@@ -308,6 +309,11 @@ class Study(Section):
     ensembles: list[Ensemble] = Field([], description="`ensemble` heads: the mean log-odds of member heads and/or "
                                       "backbones, fold by fold, from their predictions (no retraining)")
     _path: Path | None = PrivateAttr(None)
+
+    @property
+    def selections(self) -> list[str]:
+        """The honest rules, in the order written (`selection` is one or a list)."""
+        return list(self.selection) if isinstance(self.selection, list) else [self.selection]
 
     @property
     def path(self) -> Path | None:
@@ -354,7 +360,15 @@ class Study(Section):
     @field_validator("selection", mode="before")
     @classmethod
     def _no_oracle(cls, v):
-        if v in SELECTIONS and SELECTIONS[v].is_oracle:
+        if isinstance(v, list):
+            if not v:
+                raise PydanticCustomError("selection", "give at least one selection rule")
+            if len(set(map(str, v))) < len(v):
+                raise PydanticCustomError("selection", "a selection rule is listed twice")
+            for x in v:
+                cls._no_oracle(x)
+            return v
+        if isinstance(v, str) and v in SELECTIONS and SELECTIONS[v].is_oracle:
             raise PydanticCustomError("oracle", "the oracle is not a selection rule: set `oracle: true` (it is "
                                       "reported apart)")
         return v

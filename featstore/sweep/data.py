@@ -27,6 +27,7 @@ class StudyData:
     state: dict = field(default_factory=dict)  # what the rows depend on besides the config (results contract)
     head_inputs: dict = field(default_factory=dict)  # head -> what it is built with (zero-shot: text embeddings)
     selection_splits: dict = field(default_factory=dict)  # the plan's selection splits, drawn once per fold
+    attributes: dict = field(default_factory=dict)  # demographic attribute -> per-row values (sex, age band)
 
 
 def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
@@ -80,7 +81,20 @@ def load_data(fs, st: Study, backbone: str, preprocess: str) -> StudyData:
     counts = {}
     for s, k in zip(m.source, m.y):
         counts[(s, names[k])] = counts.get((s, names[k]), 0) + 1
-    return StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links, state)
+    data = StudyData(np.ascontiguousarray(X[idx]), m, iid, names, wid, n_excluded, counts, links, state)
+    data.attributes = demographics(fs, backbone, preprocess, iid)
+    return data
+
+
+def demographics(fs, backbone: str, preprocess: str, image_ids) -> dict:
+    """sex and age band per image (None where the manifest has none); only attributes some image has."""
+    from featstore.split import age_band
+
+    d = fs.embeddings(backbone, preprocess).select("image_id", "sex", "age")
+    at = dict(zip(d["image_id"].to_list(), zip(d["sex"].to_list(), d["age"].to_list())))
+    sex = np.array([at.get(i, (None, None))[0] for i in image_ids], dtype=object)
+    band = age_band([at.get(i, (None, None))[1] for i in image_ids])
+    return {k: v for k, v in (("sex", sex), ("age_band", band)) if any(x is not None for x in v)}
 
 
 def check_sources(st: Study, have: list[str]) -> None:

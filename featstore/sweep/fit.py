@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from featstore.heads import HEADS, create_head
 from featstore.procs import process_pool
-from featstore.split import Meta
+from featstore.split import Meta, get_selection
 from featstore.sweep.plan import Task, attach_splits, selection_splits_for
 
 
@@ -272,6 +272,9 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
     for a, b in splits:
         Xa = X[a]
         parts.append((Xa, meta.y[a], meta.source[a], X[b], meta.y[b], spec.prepare(Xa) if spec.prepare else None))
+    # the rule's own score of a trial (worst group, worst class, source probe), on the validation rows only
+    sel = get_selection(task.selection)
+    val_sources = [meta.source[b] for _, b in splits]
 
     def objective(trial):
         res.n_ran += 1
@@ -279,7 +282,7 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
             trial.set_user_attr(k, v)
         params = {**space(trial), **spec.search_defaults, **task.fixed}
         _hold_for_tests(trial, storage)
-        P_all, y_all = [], []
+        P_all, y_all, Q_all, Z_all = [], [], [], []
         try:
             for step, (Xa, ya, sa, Xb, yb, prepared) in enumerate(parts):
                 with warnings.catch_warnings(record=True) as caught:
@@ -289,6 +292,10 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
                     trial.set_user_attr("warning", "solver did not converge")
                 P_all.append(_ranking(m, Xb, task.n_classes))
                 y_all.append(yb)
+                if sel.measure is not None:
+                    Q_all.append(_proba(m, Xb, task.n_classes))
+                    if sel.needs_representation:
+                        Z_all.append(m.transform(Xb) if hasattr(m, "transform") else Xb)
                 if len(splits) > 1:  # inner-loso: prune on the pooled score once it is defined
                     s = validation_score(np.concatenate(y_all), np.concatenate(P_all), task.n_classes)
                     if not np.isnan(s):
@@ -300,10 +307,18 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             raise
-        score = validation_score(np.concatenate(y_all), np.concatenate(P_all), task.n_classes)
+        if sel.measure is not None:
+            score, extras = sel.measure(np.concatenate(y_all), np.concatenate(P_all), np.concatenate(Q_all),
+                                        np.concatenate(val_sources), np.concatenate(Z_all) if Z_all else None)
+            for k, v in extras.items():
+                trial.set_user_attr(k, v)
+        else:
+            score = validation_score(np.concatenate(y_all), np.concatenate(P_all), task.n_classes)
         if np.isnan(score):
-            trial.set_user_attr("error", "validation data has one class only")
-            raise ValueError("validation data has one class only")
+            why = ("validation data has one class only" if sel.measure is None else
+                   f"the {task.selection} score is undefined on the validation data (one class, or no group of 5)")
+            trial.set_user_attr("error", why)
+            raise ValueError(why)
         return score
 
     sampler = ResumableTPE(seed=study_seed(task.seed, task.study_name), n_startup_trials=5)
@@ -340,7 +355,10 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
         res.error = f"no trial completed ({len(res.trials)} tried): {'; '.join(sorted(errs))[:500]}"
         res.seconds = time.time() - t0
         return res
-    best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earliest trial
+    if sel.choose is not None:
+        best = sel.choose(complete)
+    else:
+        best = max(complete, key=lambda t: (t.value, -t.number))  # ties: the earliest trial
     res.params = {**best.params, **task.fixed}
     res.val_score = float(best.value)
     t1 = time.time()

@@ -89,17 +89,18 @@ def check_feasible(st: Study, data: StudyData, protocol: str) -> list:
                 if st.near_duplicates == "refuse":
                     raise StudyError(f"{where}: {msg}; set near_duplicates: drop-from-train to exclude them")
                 f.notes.append("WARNING: " + msg)
-        try:
-            splits = fold_splits(data.meta, f, st.selection, st.seed, data.selection_splits)
-        except ValueError as e:
-            raise StudyError(f"{where}: fold {f.name}: {e}") from e
-        yval = np.concatenate([data.meta.y[v] for _, v in splits])
-        if len(np.unique(yval)) < k:
-            raise StudyError(f"{where}: fold {f.name}: the '{st.selection}' validation data has one class only")
-        for a, _ in splits:
-            if len(np.unique(data.meta.y[a])) < k:
-                raise StudyError(f"{where}: fold {f.name}: a '{st.selection}' fitting split has one class only; "
-                                 "use selection: train-val")
+        for rule in st.selections:
+            try:
+                splits = fold_splits(data.meta, f, rule, st.seed, data.selection_splits)
+            except ValueError as e:
+                raise StudyError(f"{where}: fold {f.name}: {e}") from e
+            yval = np.concatenate([data.meta.y[v] for _, v in splits])
+            if len(np.unique(yval)) < k:
+                raise StudyError(f"{where}: fold {f.name}: the '{rule}' validation data has one class only")
+            for a, _ in splits:
+                if len(np.unique(data.meta.y[a])) < k:
+                    raise StudyError(f"{where}: fold {f.name}: a '{rule}' fitting split has one class only; "
+                                     "use selection: train-val")
     return folds
 
 
@@ -139,7 +140,7 @@ def make_tasks(st: Study, bb: str, pre: str, data: StudyData, folds: dict, trial
             if HEADS[hc.name].needs_inputs and not inputs:
                 raise StudyError(f"{st.path or st.study}: head {hc.name} has no inputs for {bb}/{pre} "
                                  f"(featstore.sweep.plan.plan makes them)")
-            for sel in [st.selection] + (list(oracle_selections()) if st.oracle else []):
+            for sel in st.selections + (list(oracle_selections()) if st.oracle else []):
                 for seed in seeds:
                     for f in fl:
                         key = [sorted(data.image_id[f.train].tolist()), hc.fixed]

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 
 from featstore import results as R
-from featstore.score import binary_metrics, gap_test, multiclass_metrics
+from featstore.score import binary_metrics, gap_test, multiclass_metrics, robust_metrics
 from featstore.split import SELECTIONS
 from featstore.sweep.data import StudyData
 from featstore.sweep.fit import TaskResult
@@ -69,6 +69,9 @@ def score_unit(st, sweep_id, bb, pre, data: StudyData, rs: list[TaskResult]) -> 
             y = meta.y[te]
             fold_rows.append(_metric_rows(base, test_set, "all", y, P, S, K, st))
             srcs = meta.source[te]
+            if K == 2:  # worst group (source x label), calibration, demographic subgroups
+                fold_rows[-1]["metrics"].update(robust_metrics(
+                    y, P[:, 1], S, srcs, {k: v[te] for k, v in data.attributes.items()}))
             # per source: every image that occurs in it (a shared file counts in each of its sources)
             allowed = set(r.task.fold.test_sources if test_set == "unseen" else r.task.fold.train_sources)
             occ = [meta.occurs_in[i] & allowed for i in te] if meta.occurs_in else [{x} for x in srcs]
@@ -112,6 +115,9 @@ def score_unit(st, sweep_id, bb, pre, data: StudyData, rs: list[TaskResult]) -> 
                         seconds=sum(r.seconds for r in ok), status="ok", error=None,
                         train_sources=sorted({s for r in ok for s in r.task.fold.train_sources}))
             unit_rows.append(_metric_rows(base, test_set, "all", meta.y[te], P, S, K, st))
+            if K == 2:
+                unit_rows[-1]["metrics"].update(robust_metrics(
+                    meta.y[te], P[:, 1], S, meta.source[te], {k: v[te] for k, v in data.attributes.items()}))
             if proto == "mixed" and K == 2:  # does the model use the source? (featstore/verdict.py)
                 unit_rows[-1]["metrics"].update(mixed_source_metrics(
                     st, *_parts(meta, [r for r in ok if r.task.fold.repeat == rep_], test_set, groups=True)))

@@ -261,7 +261,7 @@ def _config_params(st: Study) -> dict:
     return dict(target=st.target, positive=st.positive, sources=",".join(st.sources or ["all"]),
                 backbones=",".join(st.backbones), preprocess=",".join(st.preprocess),
                 heads=",".join(f"{h.name}:{h.trials}" for h in st.heads), protocols=",".join(st.protocols),
-                selection=st.selection, oracle=st.oracle, seed=st.seed, bootstrap=st.bootstrap)
+                selection=",".join(st.selections), oracle=st.oracle, seed=st.seed, bootstrap=st.bootstrap)
 
 
 class Units:
