@@ -186,12 +186,14 @@ def test_the_shipped_configs_still_load():
     # a guard, not a regression test: they loaded before too, and must keep their meaning
     cxr = load_study(STUDIES / "cxr_shortcut.yaml")
     assert [(h.name, h.trials, h.fixed) for h in cxr.heads] == [("logreg", 12, {}), ("lightgbm", 6, {}),
-                                                                 ("grl_mlp", 4, {}), ("dfr", 6, {}),
-                                                                 ("groupdro", 4, {})]
+                                                                 ("grl_mlp", 4, {})]
     assert cxr.selection == "worst-group"  # a rule that does not reward the shortcut (issue 26)
     assert cxr.protocols == {"mixed": {"folds": 5, "repeats": 1}, "loso": {}, "leave-pair-out": {},
                              "seen-unseen": {"train_sources": ["cohen_ieee8023", "nih_cxr14"], "test_fraction": 0.2}}
     assert (cxr.sources, cxr.workers, cxr.bootstrap, cxr.seed, cxr.oracle) == (None, 2, 1000, 0, False)
+    robust = load_study(STUDIES / "cxr_robust.yaml")  # the robust heads against logreg under every honest rule
+    assert [h.name for h in robust.heads] == ["logreg", "dfr", "groupdro", "reweight"]
+    assert robust.selection == ["train-val", "worst-group", "worst-class", "min-source-probe"]
     demo = load_study(STUDIES / "synthetic_demo.yaml")
     assert [(h.name, h.fixed) for h in demo.heads] == [("logreg", {}), ("lightgbm", {"n_estimators": 100}),
                                                        ("grl_mlp", {"max_epochs": 40})]
@@ -205,7 +207,7 @@ def test_a_shipped_config_is_found_by_name(tmp_path, monkeypatch):
     (tmp_path / "cxr_shortcut.yaml").write_text("study: mine\nbackbones: [pixelstats]\nheads: {logreg: {}}\n"
                                                 "protocols: {loso: {}}\n")
     assert load_study("cxr_shortcut.yaml").study == "mine"  # a file of that name wins
-    with pytest.raises(StudyError, match=r"cxr_shortcutt: no such study config \(did you mean .cxr_shortcut.\?\) \(shipped: cxr_shortcut, synthetic_demo"):
+    with pytest.raises(StudyError, match=r"cxr_shortcutt: no such study config \(did you mean .cxr_shortcut.\?\) \(shipped: cxr_robust, cxr_shortcut, synthetic_demo"):
         load_study("cxr_shortcutt")
 
 
