@@ -26,7 +26,7 @@ from featstore import track
 CHROMIUM = os.environ.get("FEATSTORE_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p),
     None)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium; or set FEATSTORE_CHROMIUM)")]
 DEADLINE_S = 600  # only a hang waits this long: the server answering and each page rendering are polled (a loaded
 # 2-core machine needs minutes to start MLflow)
