@@ -28,6 +28,7 @@ pytestmark = pytest.mark.scale
 
 FEATSTORE = str(Path(sys.executable).with_name("featstore"))
 FAST = {"FEATSTORE_SWEEP_HEARTBEAT_S": "1", "FEATSTORE_SWEEP_GRACE_S": "3"}
+LIVE_GRACE_S = 24 * 3600  # where every process lives: no heartbeat is ever late enough to be "dead"
 VOLATILE = {"sweep_id", "mlflow_run_id", "seconds", "created_at"}
 
 
@@ -142,12 +143,17 @@ def _free_port():
 
 # --- sweeps on PostgreSQL ------------------------------------------------------------------------
 
-def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_stores, postgres, tmp_path):
+def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_stores, postgres, tmp_path,
+                                                                      monkeypatch):
     """4 `featstore sweep-worker` processes reading a Parquet snapshot share one PostgreSQL study
     storage; the coordinator refits and logs to an MLflow tracking server backed by PostgreSQL. Every
     trial appears once, and the trials and result rows equal a single-worker run's."""
+    from featstore import sweep as S
     from featstore.store import connect, export_snapshot
 
+    # no process dies here: with a grace no busy machine reaches, a takeover can only come from the claim
+    # logic, never from a heartbeat that a loaded machine delayed past the default 30 s
+    monkeypatch.setattr(S, "GRACE_S", LIVE_GRACE_S)
     db = synth_stores["confounded"]
     cfg = _config(tmp_path, "pg")
     st = load_study(cfg)
@@ -157,8 +163,8 @@ def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_sto
     con = connect(db, read_only=True)
     export_snapshot(con, tmp_path / "snap")
     con.close()
-    workers = [_start(["sweep-worker", str(cfg), "--storage", four_url, "--db", str(tmp_path / "snap")])
-               for _ in range(4)]
+    workers = [_start(["sweep-worker", str(cfg), "--storage", four_url, "--db", str(tmp_path / "snap")],
+                      env={"FEATSTORE_SWEEP_GRACE_S": str(LIVE_GRACE_S)}) for _ in range(4)]
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                                postgres("mlflow"), "--artifacts-destination", str(tmp_path / "artifacts"),
