@@ -12,6 +12,44 @@ needs_cxr = pytest.mark.skipif(not (CXR / "manifest.csv").exists(), reason=f"rea
 needs_onnx = pytest.mark.skipif(not ONNX.exists(), reason=f"ONNX weights not found at {ONNX}")
 
 
+@pytest.fixture(scope="session")
+def _mlflow_schema_template(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "mlflow-schema-template.db"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_schema_once(_mlflow_schema_template):
+    """A new SQLite MLflow store runs MLflow's ~130 schema migrations (seconds, each time; most sweeps
+    here make one). Once MLflow is loaded, they run once per session into a template that each new
+    store then copies (SQLite's backup API): the schema MLflow itself made, without the wait. Stores
+    other than a SQLite file are left to MLflow."""
+    import sys
+
+    U = sys.modules.get("mlflow.store.db.utils")  # not imported here: tests without MLflow never load it
+    if U is None or getattr(U._initialize_tables, "from_template", False):
+        return
+    migrate, template = U._initialize_tables, _mlflow_schema_template
+
+    def initialize_tables(engine):
+        db = engine.url.database
+        if engine.url.get_backend_name() != "sqlite" or not db or db == ":memory:":
+            return migrate(engine)
+        if not template.exists():
+            import sqlalchemy
+
+            e = sqlalchemy.create_engine(f"sqlite:///{template}")
+            migrate(e)
+            e.dispose()
+        import sqlite3
+        from contextlib import closing
+
+        with closing(sqlite3.connect(template)) as src, closing(sqlite3.connect(db)) as dst:
+            src.backup(dst)
+
+    initialize_tables.from_template = True
+    U._initialize_tables = initialize_tables  # for the rest of the session
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # tests never touch the network: a missing weight must fail, not download
