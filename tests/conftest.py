@@ -50,6 +50,67 @@ def _mlflow_schema_once(_mlflow_schema_template):
     U._initialize_tables = initialize_tables  # for the rest of the session
 
 
+class RecordingTracker:
+    """The sweep's tracker (featstore.track.Tracker's interface) keeping its runs in memory instead of
+    in MLflow: for tests where MLflow is not the subject (tests/test_track.py, the report and server
+    tests use MLflow itself). `runs`: run id -> what was logged; the ids stand where MLflow's would."""
+
+    def __init__(self, study: str, uri: str | None = None):
+        self.study, self.uri = study, "recording:"
+        self.runs: dict[str, dict] = {}
+        self.open: set[str] = set()
+        self.store, self.dest, self.experiment_id = None, None, study
+        self.client = self  # the sweep logs its progress metric through `tracker.client`
+
+    def run(self, name, parent=None, params=None, metrics=None, tags=None, start=None, end=None,
+            status="FINISHED", artifacts=(), inputs=()) -> str:
+        rid = f"recorded-{len(self.runs):05d}"
+        self.runs[rid] = dict(name=name, parent=parent, params=dict(params or {}), metrics=dict(metrics or {}),
+                              tags={k: str(v) for k, v in (tags or {}).items() if v is not None},
+                              status=status or "RUNNING", artifacts=sorted(Path(a).name for a in artifacts if a),
+                              inputs=len(inputs))
+        if status is None:
+            self.open.add(rid)
+        return rid
+
+    def log_metric(self, run_id, key, value, step=0, **kw) -> None:
+        self.runs[run_id]["metrics"][key] = value
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()) -> None:  # MlflowClient's, for the model runs
+        r = self.runs[run_id]
+        r["metrics"].update({m.key: m.value for m in metrics})
+        r["params"].update({p.key: p.value for p in params})
+        r["tags"].update({t.key: str(t.value) for t in tags})
+
+    def end(self, run_id, status="FINISHED", tags=None) -> None:
+        self.runs[run_id]["tags"].update({k: str(v) for k, v in (tags or {}).items()})
+        self.runs[run_id]["status"] = status
+        self.open.discard(run_id)
+
+    def close_open(self, status: str) -> None:
+        for rid in self.open:
+            self.runs[rid]["status"] = status
+        self.open.clear()
+
+    def close_stale(self, sweep_id: str) -> list[str]:
+        return []  # nothing was left RUNNING in memory by another process
+
+
+@pytest.fixture
+def recording_tracker(monkeypatch):
+    """Sweeps run in this test track into RecordingTrackers (returned, one per sweep), not MLflow."""
+    import featstore.sweep.run as R
+
+    made = []
+
+    def tracker(study, uri=None):
+        made.append(RecordingTracker(study, uri))
+        return made[-1]
+
+    monkeypatch.setattr(R, "Tracker", tracker)
+    return made
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # tests never touch the network: a missing weight must fail, not download

@@ -38,11 +38,13 @@ def _mixed_and_pairs(rep):
     return mixed, pairs.mean()
 
 
-def test_known_answer_confounded_vs_neutral(synth_stores, tmp_path):
+def test_known_answer_confounded_vs_neutral(synth_stores, tmp_path, recording_tracker):
     """A planted source confounder: mixed k-fold looks excellent, held-out pairs of sources do not.
     Switch the confounder off and the gap closes."""
     mixed, pairs = _mixed_and_pairs(_run(_study(), synth_stores["confounded"], tmp_path / "c"))
     assert mixed >= 0.93 and pairs <= 0.65, (mixed, pairs)
+    t = recording_tracker[0]  # tracked (in memory here; MLflow in tests/test_track.py), every run closed
+    assert {r["tags"].get("level") for r in t.runs.values()} == {"sweep", "unit", "fold", "trial"} and not t.open
     mixed_n, pairs_n = _mixed_and_pairs(_run(_study(), synth_stores["neutral"], tmp_path / "n"))
     assert abs(mixed_n - pairs_n) < 0.05, (mixed_n, pairs_n)
     assert (mixed - pairs) - abs(mixed_n - pairs_n) > 0.3
@@ -78,7 +80,7 @@ def test_selection_never_sees_the_held_out_source(synth_stores, selection):
     assert any(a[k][1] != b[k][1] for k in oracle)
 
 
-def test_same_seed_same_results(synth_stores, tmp_path):
+def test_same_seed_same_results(synth_stores, tmp_path, recording_tracker):
     st = _study(heads={"logreg": {"trials": 3}, "lightgbm": {"trials": 2}},
                 protocols={"mixed": {"folds": 3}, "loso": {}, "seen-unseen": {"train_sources": ["synthetic-a",
                                                                                                 "synthetic-c"]}},
@@ -104,7 +106,7 @@ def _stored(db, sweep_id):
                            [sweep_id]).fetchall()
 
 
-def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path):
+def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path, recording_tracker):
     """Units are scored and tracked as they finish, in whatever order workers finish them: the
     stored rows (every column) are the same with 1 worker or 2."""
     db = synth_stores["confounded"]
@@ -123,7 +125,7 @@ def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path
     assert all(len(optuna.load_study(study_name=n, storage=storage).trials) == 3 for n in names)  # not 2 + 3
 
 
-def test_failing_trials_are_recorded_and_the_sweep_goes_on(synth_stores, tmp_path):
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(synth_stores, tmp_path, recording_tracker):
     st = _study(heads={"logreg": {"trials": 2}, "lightgbm": {"trials": 1}}, protocols={"loso": {}})
     st.heads[0].fixed = {"C": -1.0}  # the config refuses this (tests/test_config.py): make every fit fail here
     rep = _run(st, synth_stores["confounded"], tmp_path)
@@ -138,7 +140,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(synth_stores, tmp_pat
     assert n == bad.height
 
 
-def test_three_class_target(synth_stores, tmp_path):
+def test_three_class_target(synth_stores, tmp_path, recording_tracker):
     st = _study(target="3class", class_column="class", classes=["normal", "pneumonia", "covid"],
                 heads={"logreg": {"trials": 2}}, protocols={"mixed": {"folds": 3}}, bootstrap=50)
     df = _rows(_run(st, synth_stores["confounded"], tmp_path))

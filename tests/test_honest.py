@@ -127,7 +127,7 @@ def _headline_for(db, tmp_path, heads, bootstrap=200, protocols=("mixed", "loso"
     return rows, headline(rows), pooled_table(rows)
 
 
-def test_verdict_known_answers(eight_sources, tmp_path):
+def test_verdict_known_answers(eight_sources, tmp_path, recording_tracker):
     """Planted source confounders beside a disease signal the pixel statistics read almost perfectly
     within every source (same-source AUC ~0.999): nothing is left for the source to add, so cross-source
     pairs are ranked no better than same-source ones and the model is not called a shortcut, whatever
@@ -151,7 +151,7 @@ def test_verdict_known_answers(eight_sources, tmp_path):
     assert h["verdict"].to_list() == ["generalises"], h.to_dicts()
 
 
-def test_a_shortcut_cannot_top_the_headline(eight_sources, tmp_path):
+def test_a_shortcut_cannot_top_the_headline(eight_sources, tmp_path, recording_tracker):
     """Pooled LOSO rewards recognising the source (prevalence differs between sources): it stays out of
     the headline, which ranks models by the mean over held-out sources of per-source AUC."""
     import polars as pl
