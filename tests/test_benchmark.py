@@ -44,7 +44,7 @@ def test_known_answer_confounded_vs_neutral(synth_stores, tmp_path, recording_tr
     mixed, pairs = _mixed_and_pairs(_run(_study(), synth_stores["confounded"], tmp_path / "c"))
     assert mixed >= 0.93 and pairs <= 0.65, (mixed, pairs)
     t = recording_tracker[0]  # tracked (in memory here; MLflow in tests/test_track.py), every run closed
-    assert {r["tags"].get("level") for r in t.runs.values()} == {"sweep", "unit", "fold", "trial"} and not t.open
+    assert {r["tags"].get("level") for r in t.runs.values()} == {"sweep", "model", "unit", "fold", "trial"} and not t.open
     mixed_n, pairs_n = _mixed_and_pairs(_run(_study(), synth_stores["neutral"], tmp_path / "n"))
     assert abs(mixed_n - pairs_n) < 0.05, (mixed_n, pairs_n)
     assert (mixed - pairs) - abs(mixed_n - pairs_n) > 0.3
