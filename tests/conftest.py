@@ -26,7 +26,7 @@ def _mlflow_schema_once(_mlflow_schema_template):
     import sys
 
     U = sys.modules.get("mlflow.store.db.utils")  # not imported here: tests without MLflow never load it
-    if U is None or getattr(U._initialize_tables, "from_template", False):
+    if U is None or hasattr(U._initialize_tables, "migrate"):
         return
     migrate, template = U._initialize_tables, _mlflow_schema_template
 
@@ -34,20 +34,39 @@ def _mlflow_schema_once(_mlflow_schema_template):
         db = engine.url.database
         if engine.url.get_backend_name() != "sqlite" or not db or db == ":memory:":
             return migrate(engine)
-        if not template.exists():
-            import sqlalchemy
-
-            e = sqlalchemy.create_engine(f"sqlite:///{template}")
-            migrate(e)
-            e.dispose()
+        _migrate_once(migrate, template)
         import sqlite3
         from contextlib import closing
 
         with closing(sqlite3.connect(template)) as src, closing(sqlite3.connect(db)) as dst:
             src.backup(dst)
 
-    initialize_tables.from_template = True
+    initialize_tables.migrate = migrate
     U._initialize_tables = initialize_tables  # for the rest of the session
+
+
+def _migrate_once(migrate, template: Path) -> None:
+    if not template.exists():
+        import sqlalchemy
+
+        e = sqlalchemy.create_engine(f"sqlite:///{template}")
+        migrate(e)
+        e.dispose()
+
+
+@pytest.fixture
+def mlflow_db(_mlflow_schema_template):
+    """path -> the URI of a SQLite MLflow store made there from the session's schema template: for sweeps
+    in subprocesses, which would otherwise run MLflow's migrations themselves."""
+    import shutil
+
+    import mlflow.store.db.utils as U
+
+    def make(path: Path) -> str:
+        _migrate_once(getattr(U._initialize_tables, "migrate", U._initialize_tables), _mlflow_schema_template)
+        shutil.copy(_mlflow_schema_template, path)
+        return f"sqlite:///{path}"
+    return make
 
 
 class RecordingTracker:
@@ -197,6 +216,55 @@ def postgres(tmp_path_factory):
             yield url
     except PostgresUnavailable as e:
         pytest.skip(str(e))
+
+
+# --- one Ray head for every Ray test --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A local Ray head started once (each start costs seconds; the Ray tests started five): `.address`
+    for RAY_ADDRESS (embed's --ray-address and ray.init read it), `.pid` of the `ray start --block`
+    process whose children are all of Ray's processes (its workers included), so they end with it."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from types import SimpleNamespace
+
+    import socket
+
+    import psutil
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    ray = str(Path(sys.executable).with_name("ray"))
+    with open(temp / "head.log", "w") as log:
+        head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={address.split(':')[1]}",
+                                 "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}",
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a deadline only: the wait is for the head to answer
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
+                             timeout=120).returncode != 0:
+            assert head.poll() is None, f"ray start failed: {(temp / 'head.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the Ray head did not answer in 600 s"
+            time.sleep(1)
+        yield SimpleNamespace(address=address, pid=head.pid)
+    finally:
+        kids = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.terminate()  # `ray start --block` stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        for k in psutil.wait_procs(kids, timeout=30)[1]:
+            k.kill()
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # --- tiny image-text models for the zero-shot head -----------------------------------

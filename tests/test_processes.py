@@ -130,13 +130,13 @@ def _journal_has(path: Path, *states: str):
 
 
 @pytest.mark.kill
-def test_sweep_workers_and_resource_tracker_die_with_a_killed_parent(synth_stores, tmp_path):
+def test_sweep_workers_and_resource_tracker_die_with_a_killed_parent(synth_stores, tmp_path, mlflow_db):
     """`featstore sweep --workers 2`: killed once both workers run trials; the workers and
     multiprocessing's resource tracker must all go."""
     cfg = _sweep_config(tmp_path, "orphans", {"grl_mlp": {"trials": 6, "fixed": {"max_epochs": 200}}})
     journal = tmp_path / "w" / "optuna" / "orphans.journal"
     p = _start(["sweep", str(cfg), "--workers", "2", "--workdir", str(tmp_path / "w"),
-                "--db", str(synth_stores["confounded"]), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                "--db", str(synth_stores["confounded"]), "--tracking-uri", mlflow_db(tmp_path / "m.db")])
     kids = kill_9_then_no_survivors(
         p, lambda kids: len(_workers(kids)) >= 2 and _journal_has(journal, "RUNNING", "COMPLETE"),
         "2 sweep workers running trials")
@@ -228,7 +228,7 @@ def _sweep_args(cfg, workdir, db, tracking):
 
 
 @pytest.mark.kill
-def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_stores, tmp_path):
+def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_stores, tmp_path, mlflow_db):
     """kill -9 twice, each time while a trial runs after k finished ones (k seeded), then resume:
     every result row and every trial (apart from ids and times) equals an uninterrupted run's; the
     killed trials are re-run with their parameters and counted nowhere as failures."""
@@ -246,6 +246,7 @@ def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_
     work, journal = tmp_path / "w", tmp_path / "w" / "optuna" / "resume.journal"
     rng = random.Random(10)
     killed = []
+    mlflow_db(tmp_path / "m.db")  # the sweeps below find MLflow's schema there
     for k in sorted(rng.sample(range(25, 46), 2)):
         killed.append(kill_mid_trial(_sweep_args(cfg, work, db, tmp_path / "m.db"), journal, k, tmp_path / "held"))
     p = _start(_sweep_args(cfg, work, db, tmp_path / "m.db"))

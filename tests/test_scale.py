@@ -255,7 +255,7 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(syn
 
 # --- kill -9 during a sweep (journal storage) ------------------------------------------------------
 
-def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path):
+def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path, mlflow_db):
     db = synth_stores["confounded"]
     cfg = _config(tmp_path, "killsweep", heads={"logreg": {"trials": 4}, "grl_mlp": {"trials": 2,
                                                                                     "fixed": {"max_epochs": 40}}},
@@ -263,6 +263,7 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
     journal = tmp_path / "w" / "optuna" / "killsweep.journal"
     rng = random.Random(6)
     kept: dict = {}
+    mlflow_db(tmp_path / "m.db")  # the sweeps below find MLflow's schema there
     for k in sorted(rng.sample(range(1, 22), 3)):  # kill once k trials have finished, whatever the clock says
         p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
@@ -374,8 +375,10 @@ def test_a_second_process_gets_a_clear_message_while_embed_writes(synth_manifest
 
 # --- Ray -----------------------------------------------------------------------------------------
 
-def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, tmp_path):
+def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, tmp_path, ray_head, monkeypatch):
     import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)  # ray.init joins the session's head
 
     from featstore.backbones import create_backbone
     from featstore.embed import embed
@@ -407,16 +410,17 @@ def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, 
     assert all(got[k] == want[k] for k in got)
 
 
-def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
+def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path, ray_head):
     db = _ingested_db(tmp_path, big_manifest)
     shards = tmp_path / "shards"
     args = EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
+    head = {"RAY_ADDRESS": ray_head.address}  # the driver is killed, the session's head lives on
     rng = random.Random(11)
     for run in range(2):  # each run is killed once k more whole shard files are written
         k = rng.randint(1, 4)
         before = set(_whole_shards(shards))
         marker = tmp_path / f"held-{run}"  # the actor holds on its next block once k are done
-        p = _start_watched(args, env=_hold(marker, k))
+        p = _start_watched(args, env={**head, **_hold(marker, k)})
         try:
             wait_for(f"{k} finished shard files", lambda: _held(marker) and len(set(_whole_shards(shards)) - before)
                      >= k, p, timeout=1800, every=0.2)
@@ -431,7 +435,7 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
     part = shards / "backbone=pixelstats" / "preprocess=original" / "source=synthetic-a"
     part.mkdir(parents=True, exist_ok=True)
     (part / "torn.parquet").write_bytes(b"PAR1 not a whole file")
-    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=1800, env={**os.environ, **head})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 shard file(s) torn" in " ".join(r.stderr.split())
     n_img, n, distinct = _embedded(db)
@@ -453,28 +457,23 @@ def _whole_shards(shards: Path) -> list[Path]:
     return out
 
 
-def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path):
+def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path, ray_head):
     """kill -9 the backbone actor while the driver lives: Ray restarts it and redoes the in-flight
     block; the run completes with nothing missing or doubled."""
     db = _ingested_db(tmp_path, big_manifest)
     shards = tmp_path / "shards"
     marker = tmp_path / "held"  # the actor holds mid-block once 2 are done; restarted, it goes on
-    p = _start(EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)], env=_hold(marker, 2))
+    p = _start(EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)],
+               env={"RAY_ADDRESS": ray_head.address, **_hold(marker, 2)})
     victim = None
     try:
-        deadline = time.time() + 600  # a deadline only: the waits are for events (a shard, the actor)
-        while time.time() < deadline and victim is None:
-            time.sleep(0.5)
-            assert p.poll() is None, p.stderr.read()[-3000:]
-            if not (_held(marker) and list(shards.rglob("*.parquet"))):
-                continue  # wait until the actor has finished a block or more and holds the next
-            for c in psutil.Process(p.pid).children(recursive=True):
-                try:
-                    if "MapWorker" in " ".join(c.cmdline()) or "MapWorker" in c.name():
-                        victim = c
-                        break
-                except psutil.NoSuchProcess:
-                    pass
+        # the held actor wrote its pid: the map worker that is mid-block (a process of the session's head)
+        wait_for("the actor to hold its 3rd block after writing shards",
+                 lambda: _held(marker) and list(shards.rglob("*.parquet")), p, timeout=600, every=0.2)
+        pid = int(marker.read_text().split()[0])
+        for c in psutil.Process(ray_head.pid).children(recursive=True):
+            if c.pid == pid and ("MapWorker" in " ".join(c.cmdline()) or "MapWorker" in c.name()):
+                victim = c
         assert victim is not None, "no Ray map worker found"
         victim.send_signal(signal.SIGKILL)
         out, err = p.communicate(timeout=1800)
