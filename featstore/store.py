@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 7  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
+SCHEMA_VERSION = 8  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 

@@ -69,6 +69,9 @@ def test_report_skips_the_probe_and_fails_cleanly(synth_stores, tmp_path, monkey
     r = CliRunner().invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert "report for bench" in r.output
+    # the probe's stored evidence, both representations, laid out (tests/test_report.py: never from MLflow)
+    assert {"pixelstats_original_domain_auc.png", "pixelstats_original_map_grl.png",
+            "map_pixelstats_original.png"} <= {p.name for p in (tmp_path / "rep").iterdir()}
     # a failing report (unknown study) writes nothing at all
     r = CliRunner().invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "none"), "--study", "nope"])
     assert r.exit_code == 2
