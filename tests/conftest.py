@@ -223,7 +223,8 @@ def postgres(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_head():
     """A local Ray head started once (each start costs seconds; the Ray tests started five): `.address`
-    for RAY_ADDRESS (embed's --ray-address and ray.init read it), `.pid` of the `ray start --block`
+    for RAY_ADDRESS (embed's --ray-address and ray.init read it), `.env` what a client's environment needs
+    to join it, `.pid` of the `ray start --block`
     process whose children are all of Ray's processes (its workers included), so they end with it."""
     import subprocess
     import sys
@@ -240,18 +241,22 @@ def ray_head():
         sock.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{sock.getsockname()[1]}"
     ray = str(Path(sys.executable).with_name("ray"))
+    # a loopback-only throwaway head: no token (Ray turns token auth on by itself where a token file exists,
+    # which `ray status` and the drivers here would then lack); every client is given the same mode
+    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
     with open(temp / "head.log", "w") as log:
         head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={address.split(':')[1]}",
                                  "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}",
-                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env})
     try:
         deadline = time.monotonic() + 600  # a deadline only: the wait is for the head to answer
         while subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
-                             timeout=120).returncode != 0:
+                             timeout=120, env={**os.environ, **env}).returncode != 0:
             assert head.poll() is None, f"ray start failed: {(temp / 'head.log').read_text()[-2000:]}"
             assert time.monotonic() < deadline, "the Ray head did not answer in 600 s"
             time.sleep(1)
-        yield SimpleNamespace(address=address, pid=head.pid)
+        yield SimpleNamespace(address=address, pid=head.pid, env=env)
     finally:
         kids = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
         head.terminate()  # `ray start --block` stops what it started

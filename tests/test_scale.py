@@ -148,7 +148,7 @@ def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_sto
     """4 `featstore sweep-worker` processes reading a Parquet snapshot share one PostgreSQL study
     storage; the coordinator refits and logs to an MLflow tracking server backed by PostgreSQL. Every
     trial appears once, and the trials and result rows equal a single-worker run's."""
-    from featstore import sweep as S
+    from featstore.sweep import fit as S
     from featstore.store import connect, export_snapshot
 
     # no process dies here: with a grace no busy machine reaches, a takeover can only come from the claim
@@ -378,7 +378,8 @@ def test_a_second_process_gets_a_clear_message_while_embed_writes(synth_manifest
 def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, tmp_path, ray_head, monkeypatch):
     import ray
 
-    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)  # ray.init joins the session's head
+    for k, v in ray_head.env.items():  # ray.init joins the session's head
+        monkeypatch.setenv(k, v)
 
     from featstore.backbones import create_backbone
     from featstore.embed import embed
@@ -414,7 +415,7 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path, 
     db = _ingested_db(tmp_path, big_manifest)
     shards = tmp_path / "shards"
     args = EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
-    head = {"RAY_ADDRESS": ray_head.address}  # the driver is killed, the session's head lives on
+    head = ray_head.env  # the driver is killed, the session's head lives on
     rng = random.Random(11)
     for run in range(2):  # each run is killed once k more whole shard files are written
         k = rng.randint(1, 4)
@@ -464,7 +465,7 @@ def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path
     shards = tmp_path / "shards"
     marker = tmp_path / "held"  # the actor holds mid-block once 2 are done; restarted, it goes on
     p = _start(EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)],
-               env={"RAY_ADDRESS": ray_head.address, **_hold(marker, 2)})
+               env={**ray_head.env, **_hold(marker, 2)})
     victim = None
     try:
         # the held actor wrote its pid: the map worker that is mid-block (a process of the session's head)
