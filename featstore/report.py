@@ -604,8 +604,8 @@ def evidence_sections(ev: dict, out: Path) -> dict:
         bb, pre, probe = e["backbone"], e["preprocess"], e["probe"]
         s = dict(backbone=bb, preprocess=pre, probe=None, figs=[], map=None, nb=None)
         if probe.height == 0:
-            s["probe_note"] = (f"No domain probe yet (it computes the evidence below: the source probe, the t-SNE "
-                               f"maps, the neighbour summary): `featstore probe --backbone {bb} --preprocess {pre}`.")
+            s["probe_note"] = (f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}` computes "
+                               "the evidence shown here (the source probe, the t-SNE maps, the neighbour summary).")
         else:
             tab = probe.filter(pl.col("scope") == "all").select(
                 pl.col("head").alias("representation"), pl.col("test_set").alias("images"),
