@@ -1,4 +1,5 @@
-# The two commands: `make demo` (install + run the demo) and `make test` (install + run the tests).
+# The two commands: `make demo` (install + run the demo) and `make test` (install + run the tests; `make test-fast`
+# leaves out the scale-out, kill -9, browser and slow tests).
 PY ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
@@ -34,8 +35,12 @@ chromium:
 test: install postgres chromium
 	$(VENV)/bin/python -m pytest
 
+# the edit-test loop: everything but the scale-out, kill -9, browser and slow tests (`make test` runs them all)
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not scale and not kill and not browser and not slow"
+
 # every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py
 
-.PHONY: install demo test bench postgres chromium
+.PHONY: install demo test test-fast bench postgres chromium

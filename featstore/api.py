@@ -249,6 +249,25 @@ class Store:
         return self.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
                                 "ORDER BY image_a, image_b").fetchall()
 
+    def probe_evidence(self, backbone: str, preprocess: str = "original") -> dict:
+        """The latest domain probe of an embedding set as `featstore probe` stored it: `probe` (its
+        `results` rows, empty if none ran), `points` (probe_map_points: t-SNE coordinates per
+        representation, with each image's path) and `neighbors` (probe_neighbors: the k-NN summary),
+        both empty for a probe run before schema version 8 or with --no-maps."""
+        probe = self.sql("SELECT * FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ? "
+                         "AND sweep_id = (SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND "
+                         "backbone = ? AND preprocess = ?)", [backbone, preprocess, backbone, preprocess])
+        have = {t for (t,) in self.con.execute("SELECT table_name FROM duckdb_tables() WHERE table_name IN "
+                                               "('probe_map_points', 'probe_neighbors')").fetchall()}
+        sid = probe["sweep_id"][0] if probe.height else None
+        points = self.sql("SELECT p.*, i.path FROM probe_map_points p LEFT JOIN images i USING (image_id) "
+                          "WHERE p.sweep_id = ? ORDER BY p.representation, p.image_id", [sid]) \
+            if sid and "probe_map_points" in have else pl.DataFrame()
+        neighbors = self.sql("SELECT source, n, k, same_source, same_source_chance, same_label, same_label_chance "
+                             "FROM probe_neighbors WHERE sweep_id = ? ORDER BY source", [sid]) \
+            if sid and "probe_neighbors" in have else pl.DataFrame()
+        return dict(probe=probe, points=points, neighbors=neighbors)
+
     def lung_mask_methods(self, image_ids) -> list[str]:
         """The methods of the good lung masks stored for these images, sorted."""
         self.con.execute("CREATE OR REPLACE TEMP TABLE _mask_ids AS SELECT unnest(?::VARCHAR[]) AS image_id",

@@ -471,8 +471,9 @@ def report(ctx: typer.Context,
            study: Optional[str] = typer.Option(None, help="study name (default: the latest swept)"),
            sweep_id: Optional[str] = typer.Option(None, help="a particular sweep (default: the study's latest)"),
            tracking_uri: Optional[str] = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
-                                                      help="the MLflow store the sweep and probes wrote to "
-                                                      "(default: sqlite:///./mlflow.db)"),
+                                                      help="the MLflow store the sweep wrote to, to attach the "
+                                                      "report to (default: sqlite:///./mlflow.db); never read "
+                                                      "for the report itself"),
            db: Optional[Path] = DbOpt):
     """Write Markdown + HTML (seen-vs-unseen tables, per-source metrics, ROC curves) from results rows."""
     from featstore.jobs import ReportJob

@@ -155,8 +155,12 @@ def _benchmark(folder: Path, db: Path, embedded: list[str], trials: int | None =
     print(markdown_table(table), flush=True)
     import duckdb
 
+    from featstore.probe import run_probe
+
+    for bb in st.backbones:  # the evidence the report lays out (source probe, t-SNE map, neighbours)
+        run_probe(db, bb, grl=False, tracking_uri=uri)
     with duckdb.connect(str(db), read_only=True) as con:
-        write_report(con, folder / "report", st.study, rep.sweep_id, uri)
+        write_report(con, folder / "report", st.study, rep.sweep_id)
     from featstore.track import attach_report
 
     attach_report(st.study, rep.sweep_id, [folder / "report" / "report.md", folder / "report" / "report.html"], uri)

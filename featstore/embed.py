@@ -311,6 +311,30 @@ class EmbedRun:
                 before_commit(b)
         self.report.n_embedded += len(ids)  # counted once committed
         self.report.failed.extend(bad)
+        if b >= 0:
+            hold_for_tests(b + 1)
+
+
+def hold_for_tests(done: int) -> None:
+    """Fault-injection point for the kill -9 tests: with FEATSTORE_TEST_HOLD_EMBED=PATH:K, the first
+    process to have K batches done (committed by the local engine; returned by a Ray actor, which
+    then holds on its next block) writes PATH and never returns, so a test kills an embed run on an
+    event, with a fast backbone, rather than racing the clock on a slow one. PATH is created once:
+    a restarted Ray actor goes on. Unset: nothing happens."""
+    spec = os.environ.get("FEATSTORE_TEST_HOLD_EMBED")
+    if not spec:
+        return
+    path, _, k = spec.rpartition(":")
+    if done != int(k):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # held once already
+        return
+    os.write(fd, f"{os.getpid()} {done}\n".encode())
+    os.close(fd)
+    while True:
+        time.sleep(3600)
 
 
 def forget_lung_variants(con, image_ids: list[str]) -> int:

@@ -386,7 +386,7 @@ class ReportResult:
     files: list[Path]
     mlflow_run: str | None = None  # the sweep's MLflow run the report was attached to
     attach_error: str | None = None  # why it was not (a tracking problem never fails the report)
-    warnings: list[str] = field(default_factory=list)  # what the report could not show (missing probe figures)
+    warnings: list[str] = field(default_factory=list)  # what the report could not show (evidence a probe did not store)
 
 
 @dataclass
@@ -395,7 +395,7 @@ class ReportJob:
     out: Path = Path("report")
     study: str | None = None
     sweep_id: str | None = None
-    tracking_uri: str | None = None  # the MLflow store the sweep and probes wrote to (default: the sweep's)
+    tracking_uri: str | None = None  # the MLflow store to attach the report to (default: the sweep's); never read
     db: Path | None = None
 
     def run(self) -> ReportResult:
@@ -404,7 +404,7 @@ class ReportJob:
 
         con = open_for_command(self.db, read_only=True)
         try:
-            r = write_report(con, self.out, self.study, self.sweep_id, self.tracking_uri)
+            r = write_report(con, self.out, self.study, self.sweep_id)
         except ValueError as e:
             raise UserError(str(e)) from e
         finally:

@@ -5,9 +5,9 @@ image's source. Logistic regression on standardised features, stratified k-fold,
 probabilities -> macro one-vs-rest AUC (source-stratified bootstrap 95% CI) and one AUC per source.
 0.5 is chance; the paper found 0.94-0.97 on pretrained embeddings.
 
-Evidence (`shortcut_evidence`), computed here for the report, which only lays it out: per embedding
-set the latest probe's rows and the figures of its MLflow run, a t-SNE map (static and interactive),
-the k-nearest-neighbour summary; near duplicates per source pair and their contact sheet.
+Evidence, computed and stored here with the probe's rows (`probe_map_points`: t-SNE coordinates of
+each representation; `probe_neighbors`: the k-nearest-neighbour summary); the report only lays it out
+(it reads the store, never MLflow).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -136,19 +137,20 @@ def demographic_probe_rows(X, attributes: dict, source, backbone: str, preproces
 def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "covid", grl: bool = True,
               maps: bool = True, folds: int = 5, seed: int = 0, n_boot: int = 500,
               progress=None, tracking_uri: str | None = None) -> tuple[list[dict], str, str]:
-    """`featstore probe`: probe rows -> MLflow (with the bar chart and t-SNE maps) and `results`.
-    Returns (rows, sweep_id, MLflow run id). progress(done, total, step) after each step.
+    """`featstore probe`: probe rows -> MLflow (with the bar chart and t-SNE maps) and `results`, and the
+    forensic evidence the report lays out -> the store (`probe_neighbors`; with maps, `probe_map_points`),
+    one transaction. Returns (rows, sweep_id, MLflow run id). progress(done, total, step) after each step.
     tracking_uri: default featstore.track.tracking_uri()."""
     import tempfile
     from datetime import datetime, timezone
 
     from featstore.api import Store
-    from featstore.figures import domain_auc_bars, embedding_map
+    from featstore.figures import domain_auc_bars, map_png
     from featstore.results import mlflow_safe
-    from featstore.store import connect
+    from featstore.store import connect, insert_frame, transaction
     from featstore.track import Tracker, code_version, write_results
 
-    steps = (["loading embeddings"] + ["GRL head"] * grl + ["probing"] + ["t-SNE maps"] * maps
+    steps = (["loading embeddings", "neighbours"] + ["GRL head"] * grl + ["probing"] + ["t-SNE maps"] * maps
              + ["MLflow", "saving results"])
     done = [0]
 
@@ -162,6 +164,8 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
         wid, _ = fs.embedding_set(backbone, preprocess)
         X, meta = fs.arrays(backbone, preprocess)
         demo = fs.embeddings(backbone, preprocess).select("image_id", "sex", "age")
+        step("neighbours")
+        nb = neighbor_table(fs.con, backbone, preprocess)
     src = meta["source"].to_numpy()
     if grl:
         step("GRL head")
@@ -180,16 +184,17 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
                for r in rows if r["scope"] == "all"}
     per = {f"{r['head']}.source.{mlflow_safe(r['scope'])}_auc": r["auc"] for r in rows
            if r["scope"] != "all" and r["test_set"] == "all images"}
+    points = []
     with tempfile.TemporaryDirectory() as tmp:
         arts = [domain_auc_bars(rows, f"domain AUC per source: {backbone}/{preprocess}", Path(tmp) / "domain_auc.png")]
         if maps:
             step("t-SNE maps")
-            colours = dict(source=src, label=meta["label"].to_numpy())
-            arts.append(embedding_map(X, colours, f"t-SNE of {backbone}/{preprocess} embeddings",
-                                      Path(tmp) / "map_raw.png", seed))
-            if Z is not None:
-                arts.append(embedding_map(Z, colours, f"t-SNE of the GRL representation ({backbone}/{preprocess})",
-                                          Path(tmp) / "map_grl.png", seed))
+            for rep, R in [("raw", X)] + ([("grl_mlp", Z)] if Z is not None else []):
+                pts = map_points(R, meta, seed)
+                what = "embeddings" if rep == "raw" else "GRL representation"
+                arts.append(map_png(pts.select("x", "y").to_numpy(), dict(source=pts["source"], label=pts["label"]),
+                                    f"t-SNE of the {what} ({backbone}/{preprocess})", Path(tmp) / f"map_{rep}.png"))
+                points.append(pts.with_columns(representation=pl.lit(rep)))
         step("MLflow")
         run_id = Tracker("domain-probe", tracking_uri).run(
             f"probe {backbone}/{preprocess}", metrics={**summary, **per},
@@ -199,9 +204,14 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     step("saving results")
     for r in rows:
         r.update(study="domain-probe", sweep_id=sweep_id, code_version=code_version(), mlflow_run_id=run_id)
+    ident = dict(sweep_id=pl.lit(sweep_id), backbone=pl.lit(backbone), preprocess=pl.lit(preprocess))
     con = connect(db)
     try:
-        write_results(con, rows)
+        with transaction(con):  # the probe's rows and its evidence together, or neither
+            write_results(con, rows)
+            insert_frame(con, "probe_neighbors", nb.with_columns(**ident))
+            if points:
+                insert_frame(con, "probe_map_points", pl.concat(points).with_columns(**ident, seed=pl.lit(seed)))
     finally:
         con.close()
     if progress:
@@ -209,140 +219,40 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     return rows, sweep_id, run_id
 
 
-# --- evidence for the report ------------------------------------------------------------------
+# --- the evidence the report lays out ---------------------------------------------------------------
 
-MAP_POINTS = 1500   # the interactive map's cap: a seeded subsample beyond it
+MAP_POINTS = 1500   # the map's cap: a seeded subsample beyond it
 NEIGHBORS_K = 10    # the neighbor summary's k
 
 
-def embedding_points(con, backbone: str, preprocess: str, out: Path, seed: int = 0, cap: int = MAP_POINTS) -> dict:
-    """t-SNE (PCA to 50 dims first) of a seeded subsample of at most `cap` embeddings: a large static
-    map (PNG in `out`, two palettes) and the interactive map's points (coordinates scaled to [0, 1],
-    id, source, label, thumbnail). {} for a set of fewer than 10 images."""
-    import polars as pl
+def map_points(Z, meta, seed: int = 0, cap: int = MAP_POINTS) -> pl.DataFrame:
+    """t-SNE (PCA to 50 dims first) of a seeded subsample of at most `cap` rows of a representation:
+    image_id, source, label, x, y, n_total. The subsample depends on the set's size and the seed only, so
+    every representation of one set maps the same images. Empty for fewer than 10 images."""
+    from featstore.figures import tsne
 
-    from featstore.api import Store
-    from featstore.figures import file_stem, map_png, palettes, thumbnail_uri, tsne
-
-    X, meta = Store.over(con).arrays(backbone, preprocess)
-    n = len(X)
+    n = len(Z)
     if n < 10:
-        return {}
+        return pl.DataFrame(schema=dict(image_id=pl.Utf8, source=pl.Utf8, label=pl.Utf8, x=pl.Float64, y=pl.Float64,
+                                        n_total=pl.Int32))
     idx = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
-    X, meta = X[idx], meta[idx.tolist()]
-    xy = tsne(X, seed)
-    src, lab = meta["source"].cast(pl.Utf8).to_list(), meta["label"].cast(pl.Utf8).to_list()
-    name = f"map_{file_stem(backbone)}_{file_stem(preprocess)}.png"
-    map_png(xy, dict(source=src, label=lab), f"t-SNE of {backbone}/{preprocess} embeddings ({len(idx)} of {n} images)",
-            out / name)
-    paths = dict(con.execute("SELECT image_id, path FROM images").fetchall())
-    lo, hi = xy.min(0), xy.max(0)
-    norm = (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
-    ps, pal_l = palettes(src, lab)
-    pts = [dict(x=round(float(a), 4), y=round(float(b), 4), id=i, source=s, label=l, thumb=thumbnail_uri(paths.get(i)))
-           for (a, b), i, s, l in zip(norm, meta["image_id"].to_list(), src, lab)]
-    return dict(png=name, n=len(idx), total=n, points=pts, palettes=dict(source=ps, label=pal_l))
+    xy = tsne(np.asarray(Z)[idx], seed)
+    m = meta[idx.tolist()]
+    return pl.DataFrame(dict(image_id=m["image_id"].cast(pl.Utf8), source=m["source"].cast(pl.Utf8),
+                             label=m["label"].cast(pl.Utf8), x=xy[:, 0].astype(float), y=xy[:, 1].astype(float),
+                             n_total=pl.Series([n] * len(idx), dtype=pl.Int32)))
 
 
-def neighbor_table(con, backbone: str, preprocess: str, k: int = NEIGHBORS_K):
+def neighbor_table(con, backbone: str, preprocess: str, k: int = NEIGHBORS_K) -> pl.DataFrame:
     """Per source, the share of each image's k nearest neighbours (cosine) from its own source and with
     its own label, beside chance (featstore.neighbors.neighbor_summary; the ANN index for large sets)."""
-    import polars as pl
-
     from featstore import ann as A
     from featstore.neighbors import neighbor_summary
 
     es = A.resolve_set(con, backbone, preprocess)
     Xn, meta = A.unit_vectors(con, es)
     idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), k)
-    return neighbor_summary(None, meta["source"], meta["label"], k=k, idx=idx).with_columns(
-        pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
-
-
-def fetch_run_figures(run_id: str, out: Path, prefix: str, tracking_uri: str | None = None) -> list[str]:
-    """The PNG artifacts of an MLflow run, copied into `out` as PREFIX_<name>; their file names.
-    Raises what the tracking store raises (an unknown run, an unreachable server)."""
-    import shutil
-    import tempfile
-
-    from featstore.track import Tracker, sqlite_path, tracking_uri as default_uri
-
-    uri = tracking_uri or default_uri()
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():  # never create a tracking store by asking it for a run
-        raise FileNotFoundError(f"no MLflow tracking store at {db}")
-    names = []
-    with tempfile.TemporaryDirectory() as tmp:  # a run's artifacts as files, whatever store holds them
-        for local in Tracker.for_run(run_id, uri).artifact_files(run_id, Path(tmp)):
-            if local.suffix == ".png":
-                target = out / f"{prefix}_{local.name}"
-                shutil.move(local, target)
-                names.append(target.name)
-    return names
-
-
-def probe_figures(run_id: str, out: Path, prefix: str, tracking_uri: str) -> tuple[list[str], str | None]:
-    """fetch_run_figures, and why none came (None when some did): the report shows the probe's table
-    either way, and says in one line what it could not show."""
-    try:
-        names = fetch_run_figures(run_id, out, prefix, tracking_uri)
-    except Exception as e:  # noqa: BLE001 - an unknown run, an unreachable server: named, not raised
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return [], f"could not be fetched from MLflow at {tracking_uri}: {msg[:300]}"
-    if not names:  # every probe run logs its bar chart: its artifacts were moved or deleted
-        return [], f"not in MLflow at {tracking_uri} (the run has no figures there: artifacts moved or deleted?)"
-    return names, None
-
-
-def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path, seed: int = 0,
-                      tracking_uri: str | None = None) -> dict:
-    """What the report shows as shortcut evidence, its figures written into `out`:
-    sets: per (backbone, preprocess) in order, dict(backbone, preprocess, probe (the latest domain
-    probe's rows, empty if none), figs (file names of the probe run's figures), map (embedding_points,
-    or None), neighbors (neighbor_table)); neardup: None without a near-duplicate search, else
-    dict(table (pairs per source pair), sheet (dict(file, n, total), or None)); warnings: one line per
-    thing that could not be had (a probe run's figures missing from `tracking_uri`)."""
-    import polars as pl
-
-    from featstore.figures import file_stem
-    from featstore.track import tracking_uri as default_uri
-
-    uri = tracking_uri or default_uri()
-    warnings: list[str] = []
-    out_sets = []
-    for bb, pre in sets:
-        ev = dict(backbone=bb, preprocess=pre, figs=[], map=None)
-        ev["probe"] = probe = pl.from_arrow(con.sql(
-            "SELECT * FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ? AND sweep_id = "
-            "(SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND backbone = ? AND preprocess = ?)",
-            params=[bb, pre, bb, pre]).to_arrow_table())
-        run_id = probe["mlflow_run_id"][0] if probe.height else None
-        if run_id:
-            ev["figs"], missing = probe_figures(run_id, out, f"{file_stem(bb)}_{file_stem(pre)}", uri)
-            if missing:
-                warnings.append(f"the figures of domain probe run {run_id} ({bb}/{pre}): {missing}")
-        ev["map"] = embedding_points(con, bb, pre, out, seed) or None
-        if ev["map"]:  # the map computed here (large, two palettes) supersedes the probe's raw-embedding one
-            ev["figs"] = [f for f in ev["figs"] if not f.endswith("_map_raw.png")]
-            (out / f"{file_stem(bb)}_{file_stem(pre)}_map_raw.png").unlink(missing_ok=True)
-        ev["neighbors"] = neighbor_table(con, bb, pre)
-        out_sets.append(ev)
-    nd = None
-    has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
-    if has_nd:
-        nd = dict(table=pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()),
-                  sheet=None)
-        pairs = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
-        # an empty table is what a store holds before `featstore duplicates` ever ran: say so, not "(none)"
-        nd["ran"] = pairs.height > 0
-        nd["exact_across"] = con.execute("SELECT count(*) FILTER (WHERE cross_source) FROM duplicate_groups"
-                                         ).fetchall()[0][0]
-        if pairs.height:
-            from featstore.duplicates import contact_sheet
-
-            contact_sheet(con, out / "near_duplicates.png", pairs, n=24)
-            nd["sheet"] = dict(file="near_duplicates.png", n=min(24, pairs.height), total=pairs.height)
-    return dict(sets=out_sets, neardup=nd, warnings=warnings)
+    return neighbor_summary(None, meta["source"], meta["label"], k=k, idx=idx)
 
 
 @dataclass

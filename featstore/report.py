@@ -1,8 +1,9 @@
 """Report: one self-contained HTML file, Markdown and figures of a sweep. The last stage, a leaf that
 only front ends (CLI, API, demo) import: it turns result rows (`results`, `predictions`) into tables
 and documents, and writes nothing to the store. Figures are drawn by `figures`; the shortcut evidence
-(domain probe figures from MLflow, t-SNE map, neighbor summary, near duplicates) is computed by the
-forensics stage (`probe.shortcut_evidence`) and only laid out here.
+(domain probe rows, t-SNE coordinates, neighbor summary) is computed and stored by the forensics stage
+(`featstore probe`, featstore.probe) and near duplicates by `featstore duplicates`: here they are read
+from the store and laid out, never recomputed, and MLflow is never read.
 
 Rendered from Jinja2 templates (featstore/templates). The HTML opens on the verdict per model and two
 figures (per-source unseen AUC as a forest plot, seen vs unseen per model as a dumbbell plot); its
@@ -387,12 +388,10 @@ def html_table(df: pl.DataFrame) -> str:
 REPORT_MANIFEST = ".featstore-report.json"  # the files the last report wrote: the only ones a report replaces
 
 
-def write_report(con, out: str | Path, study: str | None = None, sweep_id: str | None = None,
-                 tracking_uri: str | None = None) -> dict:
+def write_report(con, out: str | Path, study: str | None = None, sweep_id: str | None = None) -> dict:
     """Render into a fresh folder beside `out`, then move the files in: a report that fails writes
-    nothing, and only the report's own files are replaced in `out`. tracking_uri: the MLflow store the
-    sweep and the domain probes wrote to (default featstore.track.tracking_uri()), for the probes'
-    figures; what cannot be fetched is named in the report and in the returned `warnings`."""
+    nothing, and only the report's own files are replaced in `out`. Reads the store only (the probes'
+    evidence included); what it cannot show is named in the report and in the returned `warnings`."""
     import shutil
     import tempfile
 
@@ -400,7 +399,7 @@ def write_report(con, out: str | Path, study: str | None = None, sweep_id: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        r = _write_report(con, tmp, study, sweep_id, tracking_uri)
+        r = _write_report(con, tmp, study, sweep_id)
         _place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -463,10 +462,10 @@ def _script_json(obj) -> str:
         .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
-def _write_report(con, out: Path, study: str | None, sweep_id: str | None, tracking_uri: str | None) -> dict:
+def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> dict:
     from markupsafe import Markup
 
-    from featstore.probe import MAP_POINTS, shortcut_evidence  # the forensics stage (scikit-learn: loaded here)
+    from featstore.probe import MAP_POINTS
 
     if sweep_id is None:
         study, sweep_id = latest_sweep(con, study)
@@ -480,7 +479,6 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
     oracle = res.filter(pl.col("oracle"))
     head = headline(honest, probe_aucs(con))
     meta = res.row(0, named=True)
-    seed = int(meta.get("seed") or 0)
 
     def fig(path, title, caption=""):
         return dict(file=path.name, title=title, caption=caption, uri=_data_uri(path))
@@ -570,7 +568,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None, track
                    if dropped.height else "No training image also occurred in a test source.")
     sets = sorted({(r["backbone"], r["preprocess"]) for r in res.select("backbone", "preprocess").unique()
                    .iter_rows(named=True)})
-    evidence = evidence_sections(shortcut_evidence(con, sets, out, seed, tracking_uri), out)
+    evidence = evidence_sections(shortcut_evidence(con, sets, out), out)
     ctx = dict(title=f"featstore report — {study}", study=study, sweep_id=sweep_id, n_rows=res.height,
                code_version=str(meta.get("code_version")), seed=meta.get("seed"), target=meta.get("target"),
                verdicts=verdicts, top=top, sections=sections, shared_note=shared_note, rocs=rocs,
@@ -659,18 +657,89 @@ def issue25_sections(con, honest: pl.DataFrame, out: Path, sections: list) -> li
 
 # --- shortcut evidence: computed by the forensics stage, laid out here ------------------------------
 
-def evidence_sections(ev: dict, out: Path) -> dict:
-    """probe.shortcut_evidence's rows and figure files as the templates' tables, notes and data URIs."""
-    from markupsafe import Markup
 
-    from featstore.probe import NEIGHBORS_K
+# --- shortcut evidence: computed and stored by the forensics stage, laid out here -------------------
+
+def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path) -> dict:
+    """The stored shortcut evidence, its figures drawn into `out` from the rows:
+    sets: per (backbone, preprocess) in order, dict(backbone, preprocess, probe (the latest domain
+    probe's rows, empty if none), figs (file names: its per-source bar chart, the GRL representation's
+    map), map (the raw embeddings' map: png, n, total, seed, points, palettes; or None), neighbors (its
+    k-NN summary, or None)); neardup: None without a near-duplicate search, else dict(table (pairs per
+    source pair), sheet (dict(file, n, total), or None)); warnings: one line per thing not shown."""
+    from featstore.api import Store
+    from featstore.figures import domain_auc_bars, map_png, palettes, thumbnail_uri
+
+    fs = Store.over(con)
+    warnings: list[str] = []
+    out_sets = []
+    for bb, pre in sets:
+        stem = f"{file_stem(bb)}_{file_stem(pre)}"
+        got = fs.probe_evidence(bb, pre)
+        probe, points, nb = got["probe"], got["points"], got["neighbors"]
+        ev = dict(backbone=bb, preprocess=pre, probe=probe, figs=[], map=None, neighbors=None)
+        if probe.height:
+            ev["figs"].append(domain_auc_bars(probe.to_dicts(), f"domain AUC per source: {bb}/{pre}",
+                                              out / f"{stem}_domain_auc.png").name)
+            if not points.height:
+                warnings.append(f"the t-SNE maps of {bb}/{pre}: its latest domain probe (sweep {probe['sweep_id'][0]}) "
+                                f"stored none (run with --no-maps, or before schema version 8); rerun `featstore "
+                                f"probe --backbone {bb} --preprocess {pre}`")
+            if not nb.height:
+                warnings.append(f"the neighbour summary of {bb}/{pre}: its latest domain probe stored none (run "
+                                f"before schema version 8); rerun `featstore probe --backbone {bb} --preprocess {pre}`")
+        if points.height:
+            raw = points.filter(pl.col("representation") == "raw")
+            grl = points.filter(pl.col("representation") == "grl_mlp")
+            if grl.height:
+                ev["figs"].append(map_png(grl.select("x", "y").to_numpy(), dict(source=grl["source"], label=grl["label"]),
+                                          f"t-SNE of the GRL representation ({bb}/{pre})", out / f"{stem}_map_grl.png").name)
+            if raw.height:
+                xy = raw.select("x", "y").to_numpy()
+                src, lab = raw["source"].to_list(), raw["label"].to_list()
+                n, total, seed = raw.height, int(raw["n_total"][0]), int(raw["seed"][0])
+                name = f"map_{stem}.png"
+                map_png(xy, dict(source=src, label=lab),
+                        f"t-SNE of {bb}/{pre} embeddings ({n} of {total} images)", out / name)
+                lo, hi = xy.min(0), xy.max(0)
+                norm = (xy - lo) / np.where(hi - lo > 0, hi - lo, 1)
+                ps, pal_l = palettes(src, lab)
+                pts = [dict(x=round(float(a), 4), y=round(float(b), 4), id=i, source=s_, label=l_, thumb=thumbnail_uri(p))
+                       for (a, b), i, s_, l_, p in zip(norm, raw["image_id"].to_list(), src, lab, raw["path"].to_list())]
+                ev["map"] = dict(png=name, n=n, total=total, seed=seed, points=pts, palettes=dict(source=ps, label=pal_l))
+        if nb.height:
+            ev["neighbors"] = nb.with_columns(
+                pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
+        out_sets.append(ev)
+    nd = None
+    has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
+    if has_nd:
+        nd = dict(table=pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()),
+                  sheet=None)
+        pairs = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
+        # an empty table is what a store holds before `featstore duplicates` ever ran: say so, not "(none)"
+        nd["ran"] = pairs.height > 0
+        nd["exact_across"] = con.execute("SELECT count(*) FILTER (WHERE cross_source) FROM duplicate_groups"
+                                         ).fetchall()[0][0]
+        if pairs.height:
+            from featstore.duplicates import contact_sheet
+
+            contact_sheet(con, out / "near_duplicates.png", pairs, n=24)
+            nd["sheet"] = dict(file="near_duplicates.png", n=min(24, pairs.height), total=pairs.height)
+    return dict(sets=out_sets, neardup=nd, warnings=warnings)
+
+
+def evidence_sections(ev: dict, out: Path) -> dict:
+    """shortcut_evidence's rows and figure files as the templates' tables, notes and data URIs."""
+    from markupsafe import Markup
 
     sets = []
     for e in ev["sets"]:
         bb, pre, probe = e["backbone"], e["preprocess"], e["probe"]
-        s = dict(backbone=bb, preprocess=pre, probe=None, figs=[], map=None)
+        s = dict(backbone=bb, preprocess=pre, probe=None, figs=[], map=None, nb=None)
         if probe.height == 0:
-            s["probe_note"] = f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}`."
+            s["probe_note"] = (f"No domain probe yet: `featstore probe --backbone {bb} --preprocess {pre}` computes "
+                               "the evidence shown here (the source probe, the t-SNE maps, the neighbour summary).")
         else:
             tab = probe.filter(pl.col("scope") == "all").select(
                 pl.col("head").alias("representation"), pl.col("test_set").alias("images"),
@@ -683,10 +752,12 @@ def evidence_sections(ev: dict, out: Path) -> dict:
         if e["map"]:
             s["map"] = dict(e["map"], uri=_data_uri(out / e["map"]["png"]))
         nb = e["neighbors"]
-        s["nb_note"] = (f"Each image's {NEIGHBORS_K} nearest neighbours (cosine): the share from its own source and "
-                        "with its own label, beside chance. Sharing the source far above chance = the embedding "
-                        "encodes where images came from.")
-        s["nb"] = dict(md=markdown_table(nb), html=Markup(html_table(nb)))
+        if nb is not None:
+            s["nb_note"] = (f"Each image's {nb['k'][0]} nearest neighbours (cosine): the share from its own source "
+                            "and with its own label, beside chance. Sharing the source far above chance = the "
+                            "embedding encodes where images came from.")
+            nb = nb.drop("k")
+            s["nb"] = dict(md=markdown_table(nb), html=Markup(html_table(nb)))
         sets.append(s)
     nd = None
     if ev["neardup"] is not None:

@@ -11,7 +11,7 @@ import duckdb
 
 from featstore.errors import disk_full  # noqa: F401 - where it was first offered
 
-SCHEMA_VERSION = 8  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
+SCHEMA_VERSION = 9  # schema.sql is 1; sql/migrations/NNN_*.sql add the rest
 DEFAULT_DB = "featstore.duckdb"
 
 

@@ -12,6 +12,124 @@ needs_cxr = pytest.mark.skipif(not (CXR / "manifest.csv").exists(), reason=f"rea
 needs_onnx = pytest.mark.skipif(not ONNX.exists(), reason=f"ONNX weights not found at {ONNX}")
 
 
+@pytest.fixture(scope="session")
+def _mlflow_schema_template(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "mlflow-schema-template.db"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_schema_once(_mlflow_schema_template):
+    """A new SQLite MLflow store runs MLflow's ~130 schema migrations (seconds, each time; most sweeps
+    here make one). Once MLflow is loaded, they run once per session into a template that each new
+    store then copies (SQLite's backup API): the schema MLflow itself made, without the wait. Stores
+    other than a SQLite file are left to MLflow."""
+    import sys
+
+    U = sys.modules.get("mlflow.store.db.utils")  # not imported here: tests without MLflow never load it
+    if U is None or hasattr(U._initialize_tables, "migrate"):
+        return
+    migrate, template = U._initialize_tables, _mlflow_schema_template
+
+    def initialize_tables(engine):
+        db = engine.url.database
+        if engine.url.get_backend_name() != "sqlite" or not db or db == ":memory:":
+            return migrate(engine)
+        _migrate_once(migrate, template)
+        import sqlite3
+        from contextlib import closing
+
+        with closing(sqlite3.connect(template)) as src, closing(sqlite3.connect(db)) as dst:
+            src.backup(dst)
+
+    initialize_tables.migrate = migrate
+    U._initialize_tables = initialize_tables  # for the rest of the session
+
+
+def _migrate_once(migrate, template: Path) -> None:
+    if not template.exists():
+        import sqlalchemy
+
+        e = sqlalchemy.create_engine(f"sqlite:///{template}")
+        migrate(e)
+        e.dispose()
+
+
+@pytest.fixture
+def mlflow_db(_mlflow_schema_template):
+    """path -> the URI of a SQLite MLflow store made there from the session's schema template: for sweeps
+    in subprocesses, which would otherwise run MLflow's migrations themselves."""
+    import shutil
+
+    import mlflow.store.db.utils as U
+
+    def make(path: Path) -> str:
+        _migrate_once(getattr(U._initialize_tables, "migrate", U._initialize_tables), _mlflow_schema_template)
+        shutil.copy(_mlflow_schema_template, path)
+        return f"sqlite:///{path}"
+    return make
+
+
+class RecordingTracker:
+    """The sweep's tracker (featstore.track.Tracker's interface) keeping its runs in memory instead of
+    in MLflow: for tests where MLflow is not the subject (tests/test_track.py, the report and server
+    tests use MLflow itself). `runs`: run id -> what was logged; the ids stand where MLflow's would."""
+
+    def __init__(self, study: str, uri: str | None = None):
+        self.study, self.uri = study, "recording:"
+        self.runs: dict[str, dict] = {}
+        self.open: set[str] = set()
+        self.store, self.dest, self.experiment_id = None, None, study
+        self.client = self  # the sweep logs its progress metric through `tracker.client`
+
+    def run(self, name, parent=None, params=None, metrics=None, tags=None, start=None, end=None,
+            status="FINISHED", artifacts=(), inputs=()) -> str:
+        rid = f"recorded-{len(self.runs):05d}"
+        self.runs[rid] = dict(name=name, parent=parent, params=dict(params or {}), metrics=dict(metrics or {}),
+                              tags={k: str(v) for k, v in (tags or {}).items() if v is not None},
+                              status=status or "RUNNING", artifacts=sorted(Path(a).name for a in artifacts if a),
+                              inputs=len(inputs))
+        if status is None:
+            self.open.add(rid)
+        return rid
+
+    def log_metric(self, run_id, key, value, step=0, **kw) -> None:
+        self.runs[run_id]["metrics"][key] = value
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()) -> None:  # MlflowClient's, for the model runs
+        r = self.runs[run_id]
+        r["metrics"].update({m.key: m.value for m in metrics})
+        r["params"].update({p.key: p.value for p in params})
+        r["tags"].update({t.key: str(t.value) for t in tags})
+
+    def end(self, run_id, status="FINISHED", tags=None) -> None:
+        self.runs[run_id]["tags"].update({k: str(v) for k, v in (tags or {}).items()})
+        self.runs[run_id]["status"] = status
+        self.open.discard(run_id)
+
+    def close_open(self, status: str) -> None:
+        for rid in self.open:
+            self.runs[rid]["status"] = status
+        self.open.clear()
+
+    def close_stale(self, sweep_id: str) -> list[str]:
+        return []  # nothing was left RUNNING in memory by another process
+
+
+@pytest.fixture
+def recording_tracker(monkeypatch):
+    """Sweeps run in this test track into RecordingTrackers (returned, one per sweep), not MLflow."""
+    import featstore.sweep.run as R
+
+    made = []
+
+    def tracker(study, uri=None):
+        made.append(RecordingTracker(study, uri))
+        return made[-1]
+
+    monkeypatch.setattr(R, "Tracker", tracker)
+    return made
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # tests never touch the network: a missing weight must fail, not download
@@ -98,6 +216,60 @@ def postgres(tmp_path_factory):
             yield url
     except PostgresUnavailable as e:
         pytest.skip(str(e))
+
+
+# --- one Ray head for every Ray test --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A local Ray head started once (each start costs seconds; the Ray tests started five): `.address`
+    for RAY_ADDRESS (embed's --ray-address and ray.init read it), `.env` what a client's environment needs
+    to join it, `.pid` of the `ray start --block`
+    process whose children are all of Ray's processes (its workers included), so they end with it."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from types import SimpleNamespace
+
+    import socket
+
+    import psutil
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    ray = str(Path(sys.executable).with_name("ray"))
+    # a loopback-only throwaway head: no token (Ray turns token auth on by itself where a token file exists,
+    # which `ray status` and the drivers here would then lack); every client is given the same mode
+    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    with open(temp / "head.log", "w") as log:
+        head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={address.split(':')[1]}",
+                                 "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}",
+                                 "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env})
+    try:
+        deadline = time.monotonic() + 600  # a deadline only: the wait is for the head to answer
+        while subprocess.run([ray, "status", f"--address={address}"], capture_output=True,
+                             timeout=120, env={**os.environ, **env}).returncode != 0:
+            assert head.poll() is None, f"ray start failed: {(temp / 'head.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the Ray head did not answer in 600 s"
+            time.sleep(1)
+        yield SimpleNamespace(address=address, pid=head.pid, env=env)
+    finally:
+        kids = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.terminate()  # `ray start --block` stops what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        for k in psutil.wait_procs(kids, timeout=30)[1]:
+            k.kill()
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # --- tiny image-text models for the zero-shot head -----------------------------------

@@ -148,7 +148,8 @@ def test_probe_logs_its_steps(tiny_db, tmp_path, monkeypatch):
     r = _run("probe", "--backbone", "pixelstats", "--no-grl", "--no-maps", "--folds", 2, "--bootstrap", 10,
              "--db", _copy(tiny_db, tmp_path))
     assert r.exit_code == 0, r.output
-    assert "probe probing:" in r.output and "probe done: 4/4 (100%)" in r.output, r.output
+    assert "probe neighbours:" in r.output and "probe probing:" in r.output, r.output
+    assert "probe done: 5/5 (100%)" in r.output, r.output
 
 
 # --- a missing store is refused, not created -----------------------------------------------------

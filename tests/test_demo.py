@@ -1,3 +1,4 @@
+import pytest
 from typer.testing import CliRunner
 
 from featstore.cli import app
@@ -5,6 +6,7 @@ from featstore.cli import app
 from conftest import ONNX
 
 
+@pytest.mark.slow  # the whole demo (ingest, embed, sweep, probe, report): in `make test`, not `make test-fast`
 def test_demo_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     wd = ["--weights-dir", str(ONNX.parent)] if ONNX.exists() else []

@@ -50,6 +50,7 @@ def test_interrupt_keeps_whole_batches_and_resumes(ingested):
     assert _count(con) == (96, 96)
 
 
+@pytest.mark.kill
 def test_kill_9_mid_transaction_then_resume(ingested, tmp_path):
     con, _ = ingested
     db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]

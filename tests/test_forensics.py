@@ -34,9 +34,17 @@ def test_probe_cli_writes_rows(synth_stores, tmp_path, monkeypatch):
     with duckdb.connect(db, read_only=True) as con:
         rows = dict(con.execute("SELECT head || ' / ' || test_set, auc FROM results WHERE study = 'domain-probe' "
                                 "AND scope = 'all'").fetchall())
+        # its evidence, stored beside the rows for the report: both maps of every image, the neighbour summary
+        latest = "(SELECT max(sweep_id) FROM results WHERE study = 'domain-probe' AND backbone = 'pixelstats')"
+        maps = con.execute(f"SELECT representation, count(*), count(DISTINCT image_id) FROM probe_map_points "
+                           f"WHERE sweep_id = {latest} GROUP BY 1 ORDER BY 1").fetchall()
+        n = con.execute("SELECT count(*) FROM embeddings WHERE backbone = 'pixelstats'").fetchall()[0][0]
+        nb = con.execute(f"SELECT count(*), bool_and(same_source > same_source_chance + 0.4), min(k) "
+                         f"FROM probe_neighbors WHERE sweep_id = {latest}").fetchall()[0]
     assert rows["raw / all images"] > 0.95
     assert rows["grl_mlp / all images"] < rows["raw / all images"]
     assert {"raw / label=covid only", "raw / label=non_covid only"} <= set(rows)
+    assert maps == [("grl_mlp", n, n), ("raw", n, n)] and nb == (4, True, 10)  # a planted source signal
     assert (tmp_path / "mlflow.db").exists()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import frozen_rows
 from featstore.cli import app
 
 
@@ -68,6 +69,9 @@ def test_report_skips_the_probe_and_fails_cleanly(synth_stores, tmp_path, monkey
     r = CliRunner().invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert "report for bench" in r.output
+    # the probe's stored evidence, both representations, laid out (tests/test_report.py: never from MLflow)
+    assert {"pixelstats_original_domain_auc.png", "pixelstats_original_map_grl.png",
+            "map_pixelstats_original.png"} <= {p.name for p in (tmp_path / "rep").iterdir()}
     # a failing report (unknown study) writes nothing at all
     r = CliRunner().invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "none"), "--study", "nope"])
     assert r.exit_code == 2
@@ -79,55 +83,34 @@ def test_report_skips_the_probe_and_fails_cleanly(synth_stores, tmp_path, monkey
     assert (tmp_path / "rep" / "notes.txt").read_text() == "mine"
 
 
-def _eight_styles():
-    """Eight SYNTHETIC sources, alternately 85% and 10% COVID, each with its own acquisition fingerprint
-    (switched off for the neutral store): enough sources for source-level intervals to decide."""
-    from featstore.synth import SourceStyle
-
-    markers = ["top-left", "top-right", "bottom-left", None]
-    return tuple(SourceStyle(f"s{k}", 0.85 if k % 2 == 0 else 0.1, gamma=0.7 + 0.12 * k, marker=markers[k % 4],
-                             border=(k * 3) % 11, border_value=0.95 if k % 3 == 0 else 0.0, noise=0.005 + 0.005 * k,
-                             fov=0.85 + 0.04 * k, fmt=("png8", "png16", "jpeg")[k % 3]) for k in range(8))
-
-
 @pytest.fixture(scope="module")
 def eight_sources(tmp_path_factory):
-    from featstore import ingest as I
-    from featstore.backbones import create_backbone
-    from featstore.embed import embed
-    from featstore.store import connect
-    from featstore.synth import generate
-
-    out = {}
-    for name, conf in (("confounded", True), ("neutral", False)):
-        f = tmp_path_factory.mktemp(f"eight-{name}")
-        m = generate(f / "data", n_per_source=120, size=96, seed=3, confounders=conf, signal=0.1,
-                     sources=_eight_styles())
-        db = f / "fs.duckdb"
-        con = connect(db)
-        I.ingest_rows(con, I.manifest_rows(m)[0], str(m), workers=1)
-        embed(con, create_backbone("pixelstats"), batch_size=64, workers=0)
-        con.close()
-        out[name] = db
-    return out
+    return frozen_rows.eight_source_stores(tmp_path_factory.mktemp("eight"))
 
 
-def _headline_for(db, tmp_path, heads, bootstrap=200, protocols=("mixed", "loso", "leave-pair-out")):
-    import polars as pl
-
-    from featstore.sweep.run import run_study
+def _headline_for(case):
+    """A case's frozen rows (tests/frozen_rows.py; checked against fresh sweeps below), its headline
+    and pooled table."""
     from featstore.report import headline, pooled_table
-    from featstore.sweep.config import parse_study
 
-    st = parse_study(dict(study="verdict", backbones=["pixelstats"], heads=heads,
-                          protocols={p: ({"folds": 5} if p == "mixed" else {}) for p in protocols},
-                          bootstrap=bootstrap))
-    rep = run_study(st, db, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rows = pl.DataFrame(rep.rows, infer_schema_length=None)
+    rows = frozen_rows.load(case)
     return rows, headline(rows), pooled_table(rows)
 
 
-def test_verdict_known_answers(eight_sources, tmp_path):
+@pytest.mark.slow
+def test_frozen_verdict_rows_are_what_the_sweeps_give(eight_sources, tmp_path, recording_tracker):
+    """The three sweeps again, every kept column compared with tests/data/verdict_rows.parquet: the
+    frozen rows the verdict tests read cannot drift from what featstore computes."""
+    import polars as pl
+
+    frozen_rows.write(frozen_rows.generate(tmp_path, eight_sources), tmp_path / "fresh.parquet")
+    fresh, frozen = pl.read_parquet(tmp_path / "fresh.parquet"), pl.read_parquet(frozen_rows.FROZEN)
+    assert fresh.columns == frozen.columns and fresh.height == frozen.height > 0
+    diff = [c for c in frozen.columns if not fresh[c].equals(frozen[c])]
+    assert not diff, f"columns that differ from the frozen rows (regenerate: python tests/frozen_rows.py): {diff}"
+
+
+def test_verdict_known_answers():
     """Planted source confounders beside a disease signal the pixel statistics read almost perfectly
     within every source (same-source AUC ~0.999): nothing is left for the source to add, so cross-source
     pairs are ranked no better than same-source ones and the model is not called a shortcut, whatever
@@ -135,8 +118,7 @@ def test_verdict_known_answers(eight_sources, tmp_path):
     without confounders: generalises (no use of the source, and a drop of 0.10 on new sources excluded)."""
     import polars as pl
 
-    heads = {"logreg": {"trials": 3}}
-    rows, h, _ = _headline_for(eight_sources["confounded"], tmp_path / "c", heads)
+    rows, h, _ = _headline_for("confounded")
     mixed = rows.filter((pl.col("kind") == "pooled") & (pl.col("protocol") == "mixed")).row(0, named=True)
     sc = (mixed["metrics"] if isinstance(mixed["metrics"], dict) else __import__("json").loads(mixed["metrics"]))
     assert sc["shortcut"]["same"] > 0.98 and sc["shortcut"]["hi"] < 0.05, sc["shortcut"]
@@ -147,18 +129,16 @@ def test_verdict_known_answers(eight_sources, tmp_path):
     sm = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso")).row(0, named=True)
     assert sm["uncertainty"] == "source" and sm["auc_lo"] <= sm["auc"] <= sm["auc_hi"] <= 1
     assert sm["n_sources"] == 8 and sm["worst_source"] in {f"s{k}" for k in range(8)}
-    rows, h, _ = _headline_for(eight_sources["neutral"], tmp_path / "n", heads)
+    rows, h, _ = _headline_for("neutral")
     assert h["verdict"].to_list() == ["generalises"], h.to_dicts()
 
 
-def test_a_shortcut_cannot_top_the_headline(eight_sources, tmp_path):
+def test_a_shortcut_cannot_top_the_headline():
     """Pooled LOSO rewards recognising the source (prevalence differs between sources): it stays out of
     the headline, which ranks models by the mean over held-out sources of per-source AUC."""
     import polars as pl
 
-    rows, h, pooled = _headline_for(eight_sources["confounded"], tmp_path,
-                                    {"logreg": {"trials": 2}, "lightgbm": {"trials": 2, "fixed": {"n_estimators": 50}}},
-                                    bootstrap=50, protocols=("mixed", "loso"))
+    rows, h, pooled = _headline_for("shortcut")
     sm = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso"))
     assert h["head"][0] == sm.sort("auc", descending=True)["head"][0]
     assert not [c for c in h.columns if "pooled" in c.lower()]

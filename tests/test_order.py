@@ -26,7 +26,7 @@ def _store(manifest, folder, reverse: bool):
     return db
 
 
-def test_ingest_order_gives_identical_results(tmp_path):
+def test_ingest_order_gives_identical_results(tmp_path, recording_tracker):
     m = generate(tmp_path / "data", n_per_source=24, size=96, seed=5, plant_duplicates=4)
     st = parse_study(dict(study="order", backbones=["pixelstats"], heads={"logreg": {"trials": 2}},
                           protocols={"loso": {}, "leave-pair-out": {}}, bootstrap=20))

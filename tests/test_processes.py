@@ -101,6 +101,7 @@ def many_rows(tmp_path_factory):
     return out
 
 
+@pytest.mark.kill
 def test_ingest_workers_die_with_a_killed_parent(many_rows, tmp_path):
     p = _start(["ingest", "--manifest", str(many_rows), "--workers", "2", "--db", str(tmp_path / "fs.duckdb")])
     kids = kill_9_then_no_survivors(p, lambda kids: len(_workers(kids)) >= 2, "ingest's 2 workers to start")
@@ -128,19 +129,21 @@ def _journal_has(path: Path, *states: str):
     return False
 
 
-def test_sweep_workers_and_resource_tracker_die_with_a_killed_parent(synth_stores, tmp_path):
+@pytest.mark.kill
+def test_sweep_workers_and_resource_tracker_die_with_a_killed_parent(synth_stores, tmp_path, mlflow_db):
     """`featstore sweep --workers 2`: killed once both workers run trials; the workers and
     multiprocessing's resource tracker must all go."""
     cfg = _sweep_config(tmp_path, "orphans", {"grl_mlp": {"trials": 6, "fixed": {"max_epochs": 200}}})
     journal = tmp_path / "w" / "optuna" / "orphans.journal"
     p = _start(["sweep", str(cfg), "--workers", "2", "--workdir", str(tmp_path / "w"),
-                "--db", str(synth_stores["confounded"]), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+                "--db", str(synth_stores["confounded"]), "--tracking-uri", mlflow_db(tmp_path / "m.db")])
     kids = kill_9_then_no_survivors(
         p, lambda kids: len(_workers(kids)) >= 2 and _journal_has(journal, "RUNNING", "COMPLETE"),
         "2 sweep workers running trials")
     assert len(_workers(kids)) == 2 and any("resource_tracker" in k for k in kids), kids
 
 
+@pytest.mark.kill
 def test_embed_dataloader_workers_die_with_a_killed_parent(synth_manifest, tmp_path):
     """torch's DataLoader workers watch their parent themselves (every 5 s); this proves they do."""
     db = tmp_path / "fs.duckdb"
@@ -153,6 +156,7 @@ def test_embed_dataloader_workers_die_with_a_killed_parent(synth_manifest, tmp_p
     assert len(kids) >= 2
 
 
+@pytest.mark.kill
 def test_a_worker_whose_parent_died_before_it_started_exits():
     """The race prctl cannot cover: the parent died before the child asked to die with it."""
     code = ("import os, sys; from featstore.procs import die_with_parent; "
@@ -223,7 +227,8 @@ def _sweep_args(cfg, workdir, db, tracking):
     return ["sweep", str(cfg), "--workdir", str(workdir), "--db", str(db), "--tracking-uri", f"sqlite:///{tracking}"]
 
 
-def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_stores, tmp_path):
+@pytest.mark.kill
+def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_stores, tmp_path, mlflow_db):
     """kill -9 twice, each time while a trial runs after k finished ones (k seeded), then resume:
     every result row and every trial (apart from ids and times) equals an uninterrupted run's; the
     killed trials are re-run with their parameters and counted nowhere as failures."""
@@ -241,6 +246,7 @@ def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_
     work, journal = tmp_path / "w", tmp_path / "w" / "optuna" / "resume.journal"
     rng = random.Random(10)
     killed = []
+    mlflow_db(tmp_path / "m.db")  # the sweeps below find MLflow's schema there
     for k in sorted(rng.sample(range(25, 46), 2)):
         killed.append(kill_mid_trial(_sweep_args(cfg, work, db, tmp_path / "m.db"), journal, k, tmp_path / "held"))
     p = _start(_sweep_args(cfg, work, db, tmp_path / "m.db"))
@@ -340,6 +346,7 @@ else:
 """
 
 
+@pytest.mark.kill
 @pytest.mark.parametrize("pool", ["masks", "duplicates"])
 def test_mask_and_duplicate_hash_workers_die_with_a_killed_parent(pool):
     """The other two process pools (lung masks, dHash), their workers kept busy by a slow task."""

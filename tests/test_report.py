@@ -35,10 +35,11 @@ class _Tags(HTMLParser):
 def rendered(synth_stores, tmp_path_factory):
     """A copy of the confounded store whose 4th source is named with HTML, a small sweep on it, two
     near-duplicate pairs (one across sources), and the report written from it."""
-    from featstore.sweep.run import run_study
+    from featstore.probe import run_probe
     from featstore.report import write_report
     from featstore.store import connect
     from featstore.sweep.config import parse_study
+    from featstore.sweep.run import run_study
 
     tmp = tmp_path_factory.mktemp("report")
     db = tmp / "fs.duckdb"
@@ -55,6 +56,8 @@ def rendered(synth_stores, tmp_path_factory):
     st = parse_study(dict(study="rep", backbones=["pixelstats"], heads={"logreg": {"trials": 1}},
                           protocols={"mixed": {"folds": 3}, "loso": {}}, bootstrap=50))
     run_study(st, db, tmp, f"sqlite:///{tmp / 'mlflow.db'}")
+    # the evidence the report lays out: the probe computes and stores it (no GRL head here: test_honest.py)
+    run_probe(db, "pixelstats", grl=False, n_boot=0, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     con = connect(db, read_only=True)
     try:
         r = write_report(con, tmp / "rep")
@@ -143,54 +146,58 @@ def test_interactive_map_has_every_point_with_hover_data(rendered):
     assert "innerHTML" not in html  # hover text is set as text, never parsed
 
 
-def test_the_map_subsample_is_capped_and_seeded(rendered, tmp_path):
-    from featstore.probe import embedding_points
-    from featstore.store import connect
+def test_the_map_subsample_is_capped_and_seeded(rendered):
+    from featstore.api import open_store
+    from featstore.probe import map_points
 
-    con = connect(rendered["db"], read_only=True)
-    try:
-        a = embedding_points(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
-        b = embedding_points(con, "pixelstats", "original", tmp_path, seed=3, cap=40)
-    finally:
-        con.close()
-    assert a["n"] == 40 and a["total"] == rendered["n_images"]
-    assert [p["id"] for p in a["points"]] == [p["id"] for p in b["points"]]
-    assert [(p["x"], p["y"]) for p in a["points"]] == [(p["x"], p["y"]) for p in b["points"]]
+    with open_store(rendered["db"]) as fs:
+        X, meta = fs.arrays("pixelstats")
+    a, b = map_points(X, meta, seed=3, cap=40), map_points(X, meta, seed=3, cap=40)
+    assert a.height == 40 and a["n_total"].unique().to_list() == [rendered["n_images"]]
+    assert a.equals(b)  # the same images at the same coordinates
+    assert not map_points(X, meta, seed=4, cap=40)["image_id"].equals(a["image_id"])
+    # every representation of one set maps the same images (the subsample depends on size and seed only)
+    assert map_points(X[:, ::-1] * 2, meta, seed=3, cap=40)["image_id"].equals(a["image_id"])
 
 
-def test_probe_figures_come_from_the_given_tracking_store_or_are_named_as_missing(rendered, tmp_path, monkeypatch):
-    """The probe's figures are fetched from the tracking store the caller names, not the default one;
-    one that lacks the run, or the run's artifacts, gives a report that says so in one line, not a
-    silent gap."""
-    from featstore.probe import probe_figures, run_probe
+def test_the_report_reads_the_stored_evidence_never_mlflow(rendered, tmp_path, monkeypatch):
+    """The probe stored its evidence as rows; the report lays it out with the MLflow tracking store gone
+    (and another one named by default, which it must not create), and says in one line what a probe
+    that stored no map lacks."""
+    from featstore.probe import run_probe
     from featstore.report import write_report
     from featstore.store import connect
 
     db = tmp_path / "fs.duckdb"
     shutil.copy(rendered["db"], db)
-    here = f"sqlite:///{tmp_path / 'probe-mlflow.db'}"
-    _, _, run_id = run_probe(db, "pixelstats", grl=False, maps=False, n_boot=0, tracking_uri=here)
-    (tmp_path / "figs").mkdir()
-    assert probe_figures(run_id, tmp_path / "figs", "p", here) == (["p_domain_auc.png"], None)
-    assert (tmp_path / "figs" / "p_domain_auc.png").is_file()
-
+    with connect(db, read_only=True) as con:
+        pts, nb = (con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("probe_map_points",
+                                                                                    "probe_neighbors"))
+    assert pts == rendered["n_images"] and nb == 4  # the fixture's probe: one raw map, one row per source
     elsewhere = tmp_path / "elsewhere.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")  # the default: not where the probe wrote
-    con = connect(db, read_only=True)
-    try:
-        bad = write_report(con, tmp_path / "bad", "rep")
-    finally:
-        con.close()
-    assert len(bad["warnings"]) == 1 and run_id in bad["warnings"][0] and str(elsewhere) in bad["warnings"][0]
-    assert not (tmp_path / "bad" / "pixelstats_original_domain_auc.png").exists()
-    assert not elsewhere.exists()  # asking for a run never creates a tracking store
-    md = (tmp_path / "bad" / "report.md").read_text()
-    assert md.count("Not shown:") == 1 and run_id in md
-    assert "Not shown:" in (tmp_path / "bad" / "report.html").read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    import mlflow.tracking._tracking_service.utils as MU  # any read of MLflow at all fails the test
 
-    shutil.rmtree(tmp_path / "mlartifacts")  # the run is there, its artifacts are not
-    names, why = probe_figures(run_id, tmp_path / "figs", "q", here)
-    assert names == [] and "no figures" in why and here in why
+    monkeypatch.setattr(MU, "_get_store", lambda *a, **k: pytest.fail("the report asked MLflow"))
+    with connect(db, read_only=True) as con:
+        r = write_report(con, tmp_path / "rep", "rep")
+    assert r["warnings"] == [] and not elsewhere.exists()
+    files = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert {"pixelstats_original_domain_auc.png", "map_pixelstats_original.png"} <= files
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert 'class="imap"' in html and "same_source_chance" in html and "Not shown:" not in html
+
+    monkeypatch.undo()  # a later probe without maps: its neighbours are shown, the missing map is named
+    here = tmp_path / "probe-mlflow"
+    here.mkdir()
+    run_probe(db, "pixelstats", grl=False, maps=False, n_boot=0, tracking_uri=f"sqlite:///{here / 'm.db'}")
+    shutil.rmtree(here)  # the tracking folder is gone: nothing the report needs was there
+    with connect(db, read_only=True) as con:
+        r = write_report(con, tmp_path / "rep2", "rep")
+    assert len(r["warnings"]) == 1 and "t-SNE maps of pixelstats/original" in r["warnings"][0]
+    html = (tmp_path / "rep2" / "report.html").read_text()
+    assert 'class="imap"' not in html and "same_source_chance" in html
+    assert (tmp_path / "rep2" / "report.md").read_text().count("Not shown:") == 1
 
 
 def test_contact_sheet_puts_cross_source_and_strong_pairs_first(rendered):
@@ -218,12 +225,12 @@ def test_a_failing_report_writes_nothing(rendered, tmp_path, monkeypatch):
     (out / "report.html").write_text("the previous report")
 
     def boom(*a, **k):
-        raise RuntimeError("neighbour summary failed")
+        raise RuntimeError("the map failed")
     # figures are already in the temporary folder when this fails
-    monkeypatch.setattr("featstore.neighbors.neighbor_summary", boom)
+    monkeypatch.setattr("featstore.figures.map_png", boom)
     con = connect(rendered["db"], read_only=True)
     try:
-        with pytest.raises(RuntimeError, match="neighbour summary failed"):
+        with pytest.raises(RuntimeError, match="the map failed"):
             report.write_report(con, out)
     finally:
         con.close()

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.scale
 
 FEATSTORE = str(Path(sys.executable).with_name("featstore"))
 FAST = {"FEATSTORE_SWEEP_HEARTBEAT_S": "1", "FEATSTORE_SWEEP_GRACE_S": "3"}
+LIVE_GRACE_S = 24 * 3600  # where every process lives: no heartbeat is ever late enough to be "dead"
 VOLATILE = {"sweep_id", "mlflow_run_id", "seconds", "created_at"}
 
 
@@ -45,30 +46,13 @@ def _start(args, env=None, **kw):
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
-# the featstore CLI, printing "committed <batch>" on stdout after each embed batch is in the store:
-# the event the embed kill tests wait for (the store itself is locked by the writer)
-REPORT_COMMITS = """
-import sys
-import featstore.embed as E
-_write = E.EmbedRun.write_batch
-def write_batch(self, ids, feats, bad, b=-1, *a, **kw):
-    _write(self, ids, feats, bad, b, *a, **kw)
-    print("committed", b, flush=True)
-E.EmbedRun.write_batch = write_batch
-from featstore.cli import main
-sys.argv[0] = "featstore"
-main()
-"""
-
-
-def _start_watched(args, env=None, commits=False):
+def _start_watched(args, env=None):
     """Start featstore and read its stdout and stderr as they come, into p.out and p.err (a pipe
     nobody reads fills up and stalls the process: Ray draws progress bars)."""
     import threading
 
-    cmd = [sys.executable, "-c", REPORT_COMMITS, *args] if commits else [FEATSTORE, *args]
-    p = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+    p = subprocess.Popen([FEATSTORE, *args], env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     p.out, p.err = [], []
     p.readers = [threading.Thread(target=lambda f, into: into.extend(f), args=(f, into), daemon=True)
                  for f, into in ((p.stdout, p.out), (p.stderr, p.err))]
@@ -77,16 +61,17 @@ def _start_watched(args, env=None, commits=False):
     return p
 
 
+def _held(marker: Path) -> bool:
+    """The embed hold hook (FEATSTORE_TEST_HOLD_EMBED) has written its marker: the run holds there."""
+    return marker.exists() and marker.read_text().endswith("\n")
+
+
 def _stderr(proc) -> str:
     if hasattr(proc, "err"):
         for t in proc.readers:
             t.join(timeout=10)
         return "".join(proc.err)
     return proc.stderr.read()
-
-
-def _commits(proc) -> int:
-    return sum(line.startswith("committed ") for line in list(proc.out))
 
 
 def _kill_tree(proc):
@@ -158,12 +143,17 @@ def _free_port():
 
 # --- sweeps on PostgreSQL ------------------------------------------------------------------------
 
-def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_stores, postgres, tmp_path):
+def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_stores, postgres, tmp_path,
+                                                                      monkeypatch):
     """4 `featstore sweep-worker` processes reading a Parquet snapshot share one PostgreSQL study
     storage; the coordinator refits and logs to an MLflow tracking server backed by PostgreSQL. Every
     trial appears once, and the trials and result rows equal a single-worker run's."""
+    from featstore.sweep import fit as S
     from featstore.store import connect, export_snapshot
 
+    # no process dies here: with a grace no busy machine reaches, a takeover can only come from the claim
+    # logic, never from a heartbeat that a loaded machine delayed past the default 30 s
+    monkeypatch.setattr(S, "GRACE_S", LIVE_GRACE_S)
     db = synth_stores["confounded"]
     cfg = _config(tmp_path, "pg")
     st = load_study(cfg)
@@ -173,8 +163,8 @@ def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_sto
     con = connect(db, read_only=True)
     export_snapshot(con, tmp_path / "snap")
     con.close()
-    workers = [_start(["sweep-worker", str(cfg), "--storage", four_url, "--db", str(tmp_path / "snap")])
-               for _ in range(4)]
+    workers = [_start(["sweep-worker", str(cfg), "--storage", four_url, "--db", str(tmp_path / "snap")],
+                      env={"FEATSTORE_SWEEP_GRACE_S": str(LIVE_GRACE_S)}) for _ in range(4)]
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                                postgres("mlflow"), "--artifacts-destination", str(tmp_path / "artifacts"),
@@ -265,7 +255,7 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(syn
 
 # --- kill -9 during a sweep (journal storage) ------------------------------------------------------
 
-def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path):
+def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path, mlflow_db):
     db = synth_stores["confounded"]
     cfg = _config(tmp_path, "killsweep", heads={"logreg": {"trials": 4}, "grl_mlp": {"trials": 2,
                                                                                     "fixed": {"max_epochs": 40}}},
@@ -273,6 +263,7 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
     journal = tmp_path / "w" / "optuna" / "killsweep.journal"
     rng = random.Random(6)
     kept: dict = {}
+    mlflow_db(tmp_path / "m.db")  # the sweeps below find MLflow's schema there
     for k in sorted(rng.sample(range(1, 22), 3)):  # kill once k trials have finished, whatever the clock says
         p = _start(["sweep", str(cfg), "--workdir", str(tmp_path / "w"), "--db", str(db),
                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
@@ -317,7 +308,7 @@ def _ingested_db(tmp_path, manifest) -> Path:
     return db
 
 
-def _embedded(db, backbone="xrv-densenet121-res224-all"):
+def _embedded(db, backbone="pixelstats"):
     with duckdb.connect(str(db), read_only=True) as con:
         n_img = con.execute("SELECT count(*) FROM images").fetchone()[0]
         n, distinct = con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings WHERE backbone = ?",
@@ -325,12 +316,18 @@ def _embedded(db, backbone="xrv-densenet121-res224-all"):
     return n_img, n, distinct
 
 
-SLOW_EMBED = ["embed", "--backbone", "xrv-densenet121-res224-all", "--weights", "random-init", "--batch-size", "8"]
+# a fast backbone: the kills land mid-run because the run holds there (FEATSTORE_TEST_HOLD_EMBED), not
+# because the model is slow
+EMBED = ["embed", "--backbone", "pixelstats", "--batch-size", "8"]
+
+
+def _hold(marker: Path, k: int) -> dict:
+    return {"FEATSTORE_TEST_HOLD_EMBED": f"{marker}:{k}"}
 
 
 @pytest.fixture(scope="module")
 def big_manifest(tmp_path_factory):
-    """400 synthetic images: about 20 s of embedding here, so that random kills land mid-run."""
+    """400 synthetic images: 50 batches of 8, so that a kill after k of them leaves work to resume."""
     from featstore.synth import generate
 
     return generate(tmp_path_factory.mktemp("big") / "data", n_per_source=100, size=96, seed=5)
@@ -340,17 +337,18 @@ def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_mani
     db = _ingested_db(tmp_path, big_manifest)
     rng = random.Random(3)
     seen = 0
-    for _ in range(3):  # 50 batches of 8; each run is killed after k of its batches are in the store
+    for run in range(3):  # 50 batches of 8; each run is killed once k of its batches are in the store
         k = rng.randint(1, 12)
-        p = _start_watched(SLOW_EMBED + ["--workers", "1", "--db", str(db)], commits=True)
+        marker = tmp_path / f"held-{run}"
+        p = _start_watched(EMBED + ["--workers", "1", "--db", str(db)], env=_hold(marker, k))
         try:
-            wait_for(f"{k} committed batches", lambda: _commits(p) >= k, p)
+            wait_for(f"{k} committed batches", lambda: _held(marker), p)
         finally:
             _kill_tree(p)
         n_img, n, distinct = _embedded(db)
         assert n == distinct and seen + 8 * k <= n < n_img  # whole batches, never twice, never lost
         seen = n
-    r = subprocess.run([FEATSTORE, *SLOW_EMBED, "--workers", "1", "--db", str(db)], capture_output=True, text=True,
+    r = subprocess.run([FEATSTORE, *EMBED, "--workers", "1", "--db", str(db)], capture_output=True, text=True,
                        timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     n_img, n, distinct = _embedded(db)
@@ -359,9 +357,10 @@ def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_mani
 
 def test_a_second_process_gets_a_clear_message_while_embed_writes(synth_manifest, tmp_path):
     db = _ingested_db(tmp_path, synth_manifest)
-    p = _start_watched(SLOW_EMBED + ["--workers", "0", "--db", str(db)], commits=True)
+    marker = tmp_path / "held"
+    p = _start_watched(EMBED + ["--workers", "0", "--db", str(db)], env=_hold(marker, 1))
     try:  # once its first batch is in, the embed run holds the store; frozen, it keeps holding it
-        wait_for("embed's first committed batch", lambda: _commits(p) >= 1, p)
+        wait_for("embed's first committed batch", lambda: _held(marker), p)
         p.send_signal(signal.SIGSTOP)
         r = subprocess.run([FEATSTORE, "sql", "SELECT count(*) FROM images", "--db", str(db)],
                            capture_output=True, text=True, timeout=120)
@@ -376,8 +375,11 @@ def test_a_second_process_gets_a_clear_message_while_embed_writes(synth_manifest
 
 # --- Ray -----------------------------------------------------------------------------------------
 
-def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, tmp_path):
+def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, tmp_path, ray_head, monkeypatch):
     import ray
+
+    for k, v in ray_head.env.items():  # ray.init joins the session's head
+        monkeypatch.setenv(k, v)
 
     from featstore.backbones import create_backbone
     from featstore.embed import embed
@@ -409,18 +411,20 @@ def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, 
     assert all(got[k] == want[k] for k in got)
 
 
-def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
+def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path, ray_head):
     db = _ingested_db(tmp_path, big_manifest)
     shards = tmp_path / "shards"
-    args = SLOW_EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
+    args = EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
+    head = ray_head.env  # the driver is killed, the session's head lives on
     rng = random.Random(11)
     for run in range(2):  # each run is killed once k more whole shard files are written
         k = rng.randint(1, 4)
         before = set(_whole_shards(shards))
-        p = _start_watched(args)
+        marker = tmp_path / f"held-{run}"  # the actor holds on its next block once k are done
+        p = _start_watched(args, env={**head, **_hold(marker, k)})
         try:
-            wait_for(f"{k} finished shard files", lambda: len(set(_whole_shards(shards)) - before) >= k, p,
-                     timeout=1800, every=0.2)
+            wait_for(f"{k} finished shard files", lambda: _held(marker) and len(set(_whole_shards(shards)) - before)
+                     >= k, p, timeout=1800, every=0.2)
         finally:
             _kill_tree(p)
         n_img, n, distinct = _embedded(db)
@@ -429,10 +433,10 @@ def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path):
             assert n >= k, "the killed run's finished shards were not kept"
     assert len(_whole_shards(shards)) >= k
     # a shard torn by the kill mid-write is dropped at import, its images embedded again
-    part = shards / "backbone=xrv-densenet121-res224-all" / "preprocess=original" / "source=synthetic-a"
+    part = shards / "backbone=pixelstats" / "preprocess=original" / "source=synthetic-a"
     part.mkdir(parents=True, exist_ok=True)
     (part / "torn.parquet").write_bytes(b"PAR1 not a whole file")
-    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([FEATSTORE, *args], capture_output=True, text=True, timeout=1800, env={**os.environ, **head})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 shard file(s) torn" in " ".join(r.stderr.split())
     n_img, n, distinct = _embedded(db)
@@ -454,27 +458,23 @@ def _whole_shards(shards: Path) -> list[Path]:
     return out
 
 
-def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path):
+def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path, ray_head):
     """kill -9 the backbone actor while the driver lives: Ray restarts it and redoes the in-flight
     block; the run completes with nothing missing or doubled."""
     db = _ingested_db(tmp_path, big_manifest)
     shards = tmp_path / "shards"
-    p = _start(SLOW_EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)])
+    marker = tmp_path / "held"  # the actor holds mid-block once 2 are done; restarted, it goes on
+    p = _start(EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)],
+               env={**ray_head.env, **_hold(marker, 2)})
     victim = None
     try:
-        deadline = time.time() + 600  # a deadline only: the waits are for events (a shard, the actor)
-        while time.time() < deadline and victim is None:
-            time.sleep(0.5)
-            assert p.poll() is None, p.stderr.read()[-3000:]
-            if not list(shards.rglob("*.parquet")):
-                continue  # wait until the actor has finished a block or more
-            for c in psutil.Process(p.pid).children(recursive=True):
-                try:
-                    if "MapWorker" in " ".join(c.cmdline()) or "MapWorker" in c.name():
-                        victim = c
-                        break
-                except psutil.NoSuchProcess:
-                    pass
+        # the held actor wrote its pid: the map worker that is mid-block (a process of the session's head)
+        wait_for("the actor to hold its 3rd block after writing shards",
+                 lambda: _held(marker) and list(shards.rglob("*.parquet")), p, timeout=600, every=0.2)
+        pid = int(marker.read_text().split()[0])
+        for c in psutil.Process(ray_head.pid).children(recursive=True):
+            if c.pid == pid and ("MapWorker" in " ".join(c.cmdline()) or "MapWorker" in c.name()):
+                victim = c
         assert victim is not None, "no Ray map worker found"
         victim.send_signal(signal.SIGKILL)
         out, err = p.communicate(timeout=1800)

@@ -26,7 +26,7 @@ from featstore import track
 CHROMIUM = os.environ.get("FEATSTORE_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")) if p),
     None)
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium; or set FEATSTORE_CHROMIUM)")]
 DEADLINE_S = 600  # only a hang waits this long: the server answering and each page rendering are polled (a loaded
 # 2-core machine needs minutes to start MLflow)
@@ -146,6 +146,7 @@ def _wait_health(base, proc, log: Path):
 def served(synth_stores, tmp_path_factory):
     """A small sweep (two heads, mixed + loso + leave-pair-out) tracked in a folder that is then MOVED;
     `featstore ui` serves the moved folder; the report of the sweep is written beside it."""
+    from featstore.probe import run_probe
     from featstore.report import write_report
     from featstore.store import connect
     from featstore.sweep.config import load_study
@@ -163,9 +164,10 @@ def served(synth_stores, tmp_path_factory):
     moved = tmp / "moved"
     shutil.move(first, moved)  # artifacts must still open from the new place
     uri = f"sqlite:///{moved / 'mlflow.db'}"
+    run_probe(db, "pixelstats", grl=False, n_boot=0, tracking_uri=uri)  # the report's map and neighbours
     con = connect(db, read_only=True)
     try:
-        write_report(con, tmp / "report", "ui-check", tracking_uri=uri)
+        write_report(con, tmp / "report", "ui-check")
     finally:
         con.close()
     port = _free_port()

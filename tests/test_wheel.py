@@ -81,6 +81,7 @@ def test_the_package_reads_the_one_sql_folder():
     assert (sql_dir() / "schema.sql").read_bytes() == (REPO / "sql" / "schema.sql").read_bytes()
 
 
+@pytest.mark.slow  # a wheel built, a venv made, the demo run: in `make test`, not the edit-test loop
 def test_the_wheel_runs_the_demo_in_a_fresh_venv(tmp_path):
     why = _missing_build_tool()
     if why:

@@ -1,4 +1,4 @@
--- featstore schema version 8: attribution inside the lungs (`featstore attribution`, featstore/attribution.py).
+-- featstore schema version 9: attribution inside the lungs (`featstore attribution`, featstore/attribution.py).
 -- One row per attributed image and run: the share of the head's evidence map (CAM or Grad-CAM through the
 -- frozen backbone, for the class it predicts) that falls inside the image's stored lung mask.
 CREATE TABLE IF NOT EXISTS attribution (
