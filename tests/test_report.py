@@ -200,14 +200,18 @@ def test_the_report_reads_the_stored_evidence_never_mlflow(rendered, tmp_path, m
     assert (tmp_path / "rep2" / "report.md").read_text().count("Not shown:") == 1
 
 
-def test_contact_sheet_puts_cross_source_and_strong_pairs_first(rendered):
+def test_contact_sheet_puts_label_conflicts_cross_source_and_strong_pairs_first(rendered):
     from featstore.duplicates import sheet_order
 
     pairs = pl.DataFrame(dict(image_a=["a", "b", "c", "d"], image_b=["e", "f", "g", "h"],
                               source_a=["s", "s", "s", "s"], source_b=["s", "t", "s", "s"],
                               method=["phash", "phash", "both", "embedding"],
+                              label_a=["x"] * 4, label_b=["x"] * 4,
                               cosine=[0.90, 0.91, 0.99, None], phash_distance=[8, 9, 1, 30]))
     assert sheet_order(pairs)["image_a"].to_list() == ["b", "c", "a", "d"]
+    # a pair whose two images carry different labels comes before everything else
+    conflict = pairs.with_columns(label_b=pl.Series(["x", "x", "x", "y"]))
+    assert sheet_order(conflict)["image_a"].to_list() == ["d", "b", "c", "a"]
     html = rendered["html"]
     assert 'alt="contact sheet"' in html and "2 of 2 pairs" in html
     from PIL import Image
