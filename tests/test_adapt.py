@@ -144,7 +144,7 @@ def test_known_answer_adapting_helps_a_different_site_not_a_null_one(tmp_path):
 
     con = connect(db)
     try:
-        write_report(con, tmp_path / "report", study="adapt", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        write_report(con, tmp_path / "report", study="adapt")
     finally:
         con.close()
     md = (tmp_path / "report" / "report.md").read_text()
