@@ -537,6 +537,8 @@ class UiJob:
                             f"run `featstore ui` there, or give --tracking-uri")
         self._check_host(warn)
         studies = _studies(uri)  # before the server starts: the links are ready the moment it answers
+        # a benchmark study's models before the domain probe's (forensics, not models a reader compares)
+        studies = sorted(studies, key=lambda s: s[0] == "domain-probe")
         # MLflow's background job runners serve GenAI features featstore does not use
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         child = subprocess.Popen(_mlflow_ui_argv(uri, host, port), preexec_fn=_die_with_parent, env=env)

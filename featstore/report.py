@@ -507,8 +507,9 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
             rocs.append(fig(f, f"{hd} on {bb}/{pre}"))
     f = reliability_figure(reliability_curves(honest), "Reliability, pooled held-out sources (LOSO)",
                            out / "reliability_unseen.png")
+    more = []  # figures after the tables: the first screen keeps the verdict cards and the two summary figures
     if f:
-        top.append(fig(f, "Calibration on unseen sources",
+        more.append(fig(f, "Calibration on unseen sources",
                        "Observed frequency of positives against the mean predicted probability per bin, pooled "
                        "LOSO held-out images; the diagonal is perfect calibration (ECE in the head table)."))
     failed = res.filter(pl.col("status") != "ok")
@@ -554,7 +555,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
         ("Leave-pair-out, per pair", pairs(honest), "Uncertainty: image-level bootstrap 95% CI within the pair."),
     ]
     extra_figs = issue25_sections(con, honest, out, sections)
-    top += [fig(p, t, c) for p, t, c in extra_figs]
+    more += [fig(p, t, c) for p, t, c in extra_figs]
     if oracle.height:
         sections.append(("ORACLE upper bound (selected on the test set; not a result)", headline(oracle),
                          "Hyperparameters chosen on the held-out data itself: how much selection alone could gain."))
@@ -571,7 +572,7 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
     evidence = evidence_sections(shortcut_evidence(con, sets, out), out)
     ctx = dict(title=f"featstore report — {study}", study=study, sweep_id=sweep_id, n_rows=res.height,
                code_version=str(meta.get("code_version")), seed=meta.get("seed"), target=meta.get("target"),
-               verdicts=verdicts, top=top, sections=sections, shared_note=shared_note, rocs=rocs,
+               verdicts=verdicts, top=top, more=more, sections=sections, shared_note=shared_note, rocs=rocs,
                evidence=evidence, map_cap=MAP_POINTS)
     (out / "report.md").write_text(_template("report.md.j2").render(**ctx), encoding="utf-8")
     for ev in evidence["sets"]:

@@ -231,7 +231,7 @@ def test_ui_prints_the_model_runs_link_first_and_it_opens_the_headline(served):
     b = served["browser"]
     text = served["log"].read_text()
     links = [ln for ln in text.splitlines() if served["base"] + "/#/" in ln]
-    assert links[0].startswith("ui-check — models: http://"), text[-2000:]
+    assert links[0].startswith("ui-check — models: http://"), text[-2000:]  # before the probe's experiment
     url = links[0].split(": ", 1)[1]
     assert "viewStateShareKey=" in url and "workflowType=machine_learning" in url
     exp_id, models = _runs(served["uri"], "model")
