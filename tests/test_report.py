@@ -171,9 +171,10 @@ def test_the_report_reads_the_stored_evidence_never_mlflow(rendered, tmp_path, m
     db = tmp_path / "fs.duckdb"
     shutil.copy(rendered["db"], db)
     with connect(db, read_only=True) as con:
-        # per probe (the session's stores may hold more than the fixture's): one raw map, one row per source
-        pts, nb = (sorted({n for (n,) in con.execute(f"SELECT count(*) FROM {t} GROUP BY sweep_id").fetchall()})
-                   for t in ("probe_map_points", "probe_neighbors"))
+        # per probe and representation (the session's stores may hold other probes, GRL ones among them):
+        # one map of every image, one row per source
+        pts, nb = (sorted({n for (n,) in con.execute(f"SELECT count(*) FROM {t} GROUP BY {g}").fetchall()})
+                   for t, g in (("probe_map_points", "sweep_id, representation"), ("probe_neighbors", "sweep_id")))
     assert pts == [rendered["n_images"]] and nb == [4]
     elsewhere = tmp_path / "elsewhere.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
