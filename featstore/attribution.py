@@ -187,7 +187,7 @@ def attribute(maps: np.ndarray, lungs: np.ndarray, y: np.ndarray, groups, head: 
     """Out-of-fold attribution: the head is fitted on the pooled maps of the other folds (patients grouped,
     StratifiedGroupKFold), so no image is attributed by a head that saw it. Returns (in-lung share, lung
     fraction, log-odds, method, evidence maps at input size) per image."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    from featstore.split import StratifiedGroupKFold
 
     from featstore.heads import create_head
 

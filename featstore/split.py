@@ -18,10 +18,33 @@ from typing import Callable
 import numpy as np
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
-from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
+from sklearn.model_selection import LeaveOneGroupOut
+from sklearn.model_selection import StratifiedGroupKFold as _SklearnStratifiedGroupKFold
 
 from featstore.options import Names, Section
 from featstore.registry import Registry
+
+
+class StratifiedGroupKFold(_SklearnStratifiedGroupKFold):
+    """scikit-learn's StratifiedGroupKFold, folds identical to its own (tests/test_split.py compares them),
+    with the greedy step's inner loop over folds done in one numpy call: sklearn tries each fold in Python
+    (five np.std and np.isclose calls per group per fold), which took 2.5 s per split at 10k images and
+    grows with the patients (half a 10k-image study's time was spent here)."""
+
+    def _find_best_fold(self, y_counts_per_fold, y_cnt, group_y_counts):
+        k = self.n_splits
+        # every candidate's fold table at once: candidate i adds the group to fold i
+        cand = np.repeat(y_counts_per_fold[None], k, axis=0)
+        cand[np.arange(k), np.arange(k)] += group_y_counts
+        # same reduction as sklearn's np.std(table / y_cnt, axis=0), per candidate, then its mean
+        evals = np.mean(np.std(cand / y_cnt.reshape(1, 1, -1), axis=1), axis=1).tolist()
+        samples = y_counts_per_fold.sum(axis=1).tolist()
+        best, min_eval, min_samples = None, np.inf, np.inf
+        for i in range(k):  # sklearn's rule and tie-break, on Python floats (np.isclose's formula)
+            e = evals[i]
+            if e < min_eval or (abs(e - min_eval) <= 1e-8 + 1e-5 * abs(min_eval) and samples[i] < min_samples):
+                best, min_eval, min_samples = i, e, samples[i]
+        return best
 
 @dataclass(frozen=True)
 class Meta:

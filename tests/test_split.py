@@ -340,3 +340,25 @@ def test_no_image_is_in_train_and_test_in_any_protocol(protocol, linked):
         assert len(f.train) + len(set(test.tolist())) + f.n_dropped_shared == len(m.y), f.name
     again = make_folds(m, protocol, seed=0, **PROTOCOL_OPTS[protocol])
     assert [(f.name, f.train.tolist()) for f in folds] == [(f.name, f.train.tolist()) for f in again]
+
+
+@pytest.mark.parametrize("n_splits,n_classes", [(2, 2), (5, 2), (5, 3), (10, 2), (10, 4)])
+def test_fast_stratified_group_kfold_gives_sklearns_folds(n_splits, n_classes):
+    """featstore's StratifiedGroupKFold only vectorises sklearn's greedy step: the same folds, to the index,
+    over groups of mixed sizes and labels, many tied groups (single images) and unbalanced classes."""
+    from sklearn.model_selection import StratifiedGroupKFold as Reference
+
+    from featstore.split import StratifiedGroupKFold
+
+    for seed in range(8):
+        g = np.random.default_rng(seed)
+        n = int(g.integers(60, 400))
+        groups = g.integers(0, max(n_splits, n // int(g.integers(1, 4))), n)
+        y = np.minimum(g.geometric(0.45, n) - 1, n_classes - 1)
+        y[:n_classes] = np.arange(n_classes)
+        for shuffle, rs in ((True, seed), (False, None)):
+            ours = list(StratifiedGroupKFold(n_splits, shuffle=shuffle, random_state=rs).split(y, y, groups))
+            ref = list(Reference(n_splits, shuffle=shuffle, random_state=rs).split(y, y, groups))
+            assert len(ours) == len(ref) == n_splits
+            for (a, b), (c, d) in zip(ours, ref):
+                assert np.array_equal(a, c) and np.array_equal(b, d), (seed, shuffle)
