@@ -87,7 +87,7 @@ def main():
     print(f"### Issue 27: LightGBM early stopping ({a.rounds} rounds, inner split) vs the full tree count\n")
     print(f"cxr_shortcut.yaml, LightGBM, protocols {', '.join(protos)}: {len(tasks)} studies x "
           f"{st.heads[[h.name for h in st.heads].index('lightgbm')].trials} trials per arm, alternating.\n")
-    print(table(["protocol", "held-out source", "n", "old AUC [95% CI]", "new AUC", "Δ", "new inside old CI"], rows))
+    print(table(["protocol", "source (its test rows)", "n", "old AUC [95% CI]", "new AUC", "Δ", "new inside old CI"], rows))
     print(f"\nwall: old {wall['old']:.1f} s, new {wall['new']:.1f} s ({wall['new'] / wall['old']:.2f}x); "
           f"CPU: old {cpu['old']:.1f} s, new {cpu['new']:.1f} s ({cpu['new'] / cpu['old']:.2f}x). "
           f"Same hyperparameters chosen (tree cap aside): {same} of {len(chosen)} studies. Trees kept by the new "
