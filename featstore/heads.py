@@ -73,7 +73,8 @@ class LightGBMHead(ClassifierMixin, BaseEstimator):
     """Gradient-boosted trees (LightGBM), deterministic."""
 
     def __init__(self, n_estimators=200, learning_rate=0.05, num_leaves=15, min_child_samples=20,
-                 colsample_bytree=0.5, subsample=0.8, reg_lambda=1.0, n_jobs=1, random_state=0):
+                 colsample_bytree=0.5, subsample=0.8, reg_lambda=1.0, n_jobs=1, early_stopping_rounds=None,
+                 val_fraction=0.1, random_state=0):
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -82,6 +83,8 @@ class LightGBMHead(ClassifierMixin, BaseEstimator):
         self.subsample = subsample
         self.reg_lambda = reg_lambda
         self.n_jobs = n_jobs
+        self.early_stopping_rounds = early_stopping_rounds
+        self.val_fraction = val_fraction
         self.random_state = random_state
 
     def fit(self, X, y, domains=None):
@@ -95,9 +98,29 @@ class LightGBMHead(ClassifierMixin, BaseEstimator):
             subsample=self.subsample, subsample_freq=1 if self.subsample < 1 else 0, reg_lambda=self.reg_lambda,
             n_jobs=self.n_jobs, random_state=self.random_state, deterministic=True, force_row_wise=True,
             verbose=-1)
-        self.model_.fit(X, y)
+        if self.early_stopping_rounds is None:
+            self.model_.fit(X, y)
+        else:
+            # stop when the validation loss of an inner split of the training rows (stratified by class and
+            # source, like the GRL head's) has not improved for early_stopping_rounds trees; n_estimators is
+            # the cap, and prediction uses the best iteration. The held-out sources are never seen.
+            yi = LabelEncoder().fit_transform(y)
+            dom = LabelEncoder().fit_transform(np.asarray(domains)) if domains is not None else np.zeros(len(yi), int)
+            tr, va = inner_split(yi, dom, len(np.unique(yi)), int(dom.max()) + 1, self.val_fraction,
+                                 self.random_state)
+            self.model_.fit(X[tr], y[tr], eval_X=(X[va],), eval_y=(y[va],),
+                            callbacks=[lgb.early_stopping(self.early_stopping_rounds, first_metric_only=True,
+                                                          verbose=False)])
         self.classes_ = self.model_.classes_
         return self
+
+    @property
+    def fit_info_(self) -> dict:
+        """What result rows record: the trees kept when early stopping (None without it)."""
+        check_is_fitted(self)
+        if self.early_stopping_rounds is None:
+            return {}
+        return dict(early_stopping_rounds=int(self.early_stopping_rounds), best_iteration=int(self.model_.best_iteration_))
 
     def predict_proba(self, X):
         check_is_fitted(self)
@@ -298,14 +321,7 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
 
     def _split(self, yi, dom):
         """Validation rows, stratified by class and source where every stratum can spare one."""
-        idx = np.arange(len(yi))
-        n_val = int(np.ceil(self.val_fraction * len(yi)))
-        if len(yi) < 20 or n_val < len(self.classes_) or np.min(np.bincount(yi)) < 2:
-            return idx, idx  # too small to hold anything out: watch the training loss
-        both = yi * self.n_domains_ + dom
-        counts = np.bincount(both)
-        strata = both if counts[counts > 0].min() >= 2 and n_val >= np.count_nonzero(counts) else yi
-        return train_test_split(idx, test_size=n_val, stratify=strata, random_state=self.random_state)
+        return inner_split(yi, dom, len(self.classes_), self.n_domains_, self.val_fraction, self.random_state)
 
     def _refit_domain_head(self, dh, z, dt, iters):
         """L-BFGS on the (frozen) representation z, warm-started from the current head."""
@@ -430,6 +446,19 @@ class ZeroShotHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+def inner_split(yi, dom, n_classes, n_domains, val_fraction, seed):
+    """(fit rows, validation rows) of a training set: yi and dom are label-encoded classes and sources;
+    stratified by class and source where every stratum can spare one, else by class."""
+    idx = np.arange(len(yi))
+    n_val = int(np.ceil(val_fraction * len(yi)))
+    if len(yi) < 20 or n_val < n_classes or np.min(np.bincount(yi)) < 2:
+        return idx, idx  # too small to hold anything out: watch the training loss
+    both = yi * n_domains + dom
+    counts = np.bincount(both)
+    strata = both if counts[counts > 0].min() >= 2 and n_val >= np.count_nonzero(counts) else yi
+    return train_test_split(idx, test_size=n_val, stratify=strata, random_state=seed)
 
 
 def _features(fe, X):

@@ -49,6 +49,13 @@ def test_fixed_hyperparameters_are_checked_against_the_head():
         parse_study(_raw(heads={"logreg": {"fixed": {"class_weight": "balancd"}}}))
 
 
+def test_lightgbm_early_stopping_is_checked():
+    assert set(_problems(heads={"lightgbm": {"fixed": {"early_stopping_rounds": 0, "val_fraction": 1.0}}})) == {
+        "heads.lightgbm.fixed.early_stopping_rounds", "heads.lightgbm.fixed.val_fraction"}
+    st = parse_study(_raw(heads={"lightgbm": {"fixed": {"early_stopping_rounds": 20}}}))
+    assert st.heads[0].fixed == {"early_stopping_rounds": 20}
+
+
 def test_good_fixed_values_pass_through_unchanged():
     # the fixed values are hashed into the Optuna study names: validation must not coerce them
     st = parse_study(_raw(heads={"lightgbm": {"fixed": {"n_estimators": 100, "reg_lambda": 0}},

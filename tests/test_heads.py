@@ -46,6 +46,24 @@ def _fixed(name):
             "dfr": dict(C=0.1, l1_ratio=1.0), "groupdro": dict(l2=0.01, eta=0.01, lr=0.01), "reweight": dict(C=0.1)}[name]
 
 
+def test_lightgbm_early_stopping_stops_on_an_inner_split():
+    """early_stopping_rounds: fewer trees than the cap when the inner validation loss stops improving, the
+    kept count on record, the same model twice (seeded split); without it, the full count and no record."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 8))
+    y = (X[:, 0] + 0.5 * rng.normal(size=400) > 0).astype(int)
+    dom = rng.integers(0, 3, 400)
+    full = create_head("lightgbm", n_estimators=300, learning_rate=0.3).fit(X, y, domains=dom)
+    es = [create_head("lightgbm", n_estimators=300, learning_rate=0.3, early_stopping_rounds=10).fit(X, y, domains=dom)
+          for _ in range(2)]
+    assert full.fit_info_ == {} and full.model_.booster_.num_trees() == 300
+    info = es[0].fit_info_
+    assert info["early_stopping_rounds"] == 10 and 1 <= info["best_iteration"] < 290
+    assert es[0].model_.booster_.num_trees() == info["best_iteration"]  # the trees after the best are dropped
+    assert np.array_equal(es[0].decision_function(X), es[1].decision_function(X))
+    assert not np.array_equal(es[0].decision_function(X), full.decision_function(X))
+
+
 def test_unknown_head():
     with pytest.raises(ValueError, match="unknown head 'svm'; known: logreg, grl_mlp, lightgbm, zeroshot, dfr, groupdro, reweight"):
         create_head("svm")

@@ -188,7 +188,9 @@ def _bounds():
         "LightGBMHead": dict(n_estimators=[ge(Integral, 1)], learning_rate=[gt(Real, 0)],
                              num_leaves=[Interval(Integral, 2, 131072, closed="both")],
                              min_child_samples=[ge(Integral, 0)], colsample_bytree=[unit_open],
-                             subsample=[unit_open], reg_lambda=[ge(Real, 0)], n_jobs=[Integral, None]),
+                             subsample=[unit_open], reg_lambda=[ge(Real, 0)], n_jobs=[Integral, None],
+                             early_stopping_rounds=[ge(Integral, 1), None],
+                             val_fraction=[Interval(Real, 0, 1, closed="neither")]),
         "GRLHead": dict(hidden=[_TwoWidths()]),  # stricter than the head's own [tuple, list]
     }
 
