@@ -30,7 +30,10 @@ def _once(tmp_path_factory, name: str, build):
     folder, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
-            folder.mkdir(parents=True, exist_ok=True)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that died building it left
+            folder.mkdir(parents=True)
             done.write_text(str(build(folder).relative_to(folder)))
     return folder / done.read_text()
 
@@ -71,13 +74,13 @@ def _group_ids(items) -> None:
     """xdist 3.8 tells its scheduler a test's group by appending `@group` to `item._nodeid`, which pytest
     9.2 no longer reads (its ids are structured: pytest-xdist issue #1386), so every group would be spread
     over the workers. Append it where pytest keeps the id now; a no-op once xdist does it itself."""
-    from _pytest.nodeid import NodeId
-
     for item in items:
         groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
                          for m in item.iter_markers("xdist_group")})
         suffix = "@" + "_".join(groups)
         if groups and hasattr(item, "_id") and not item.nodeid.endswith(suffix):
+            from _pytest.nodeid import NodeId  # pytest >= 9.2 only
+
             item._id = NodeId.parse(item.nodeid + suffix)
 
 
