@@ -32,12 +32,17 @@ chromium:
 	          timeout 900 apt-get install -y -q chromium >/dev/null 2>&1)) ; } \
 	  || echo "Chromium not installed: the browser tests (tests/test_ui_browser.py) will skip"
 
+# the tests run in parallel (pytest-xdist): WORKERS processes, more than the cores as many tests wait on
+# subprocesses; `make test WORKERS=0` runs them in one process, as a plain `python -m pytest` does
+WORKERS ?= 3
+XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+
 test: install postgres chromium
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest $(XDIST)
 
 # the edit-test loop: everything but the scale-out, kill -9, browser and slow tests (`make test` runs them all)
 test-fast: install
-	$(VENV)/bin/python -m pytest -m "not scale and not kill and not browser and not slow"
+	$(VENV)/bin/python -m pytest $(XDIST) -m "not scale and not kill and not browser and not slow"
 
 # every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
 bench: install

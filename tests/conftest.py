@@ -12,9 +12,76 @@ needs_cxr = pytest.mark.skipif(not (CXR / "manifest.csv").exists(), reason=f"rea
 needs_onnx = pytest.mark.skipif(not ONNX.exists(), reason=f"ONNX weights not found at {ONNX}")
 
 
+# --- under pytest-xdist (`make test` runs -n): what is built once for all workers -----------------
+
+def _run_root(tmp_path_factory) -> Path:
+    """The folder every worker of this run shares (xdist gives each worker its own basetemp inside
+    one run folder); without xdist, this session's own basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(tmp_path_factory, name: str, build):
+    """build(folder) -> a path inside folder, run once per run however many workers ask (a file lock:
+    the first builds, the others wait, then all read the same files). Only for what no test writes."""
+    from filelock import FileLock
+
+    root = _run_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that died building it left
+            folder.mkdir(parents=True)
+            done.write_text(str(build(folder).relative_to(folder)))
+    return folder / done.read_text()
+
+
 @pytest.fixture(scope="session")
 def _mlflow_schema_template(tmp_path_factory):
-    return tmp_path_factory.getbasetemp() / "mlflow-schema-template.db"
+    return _run_root(tmp_path_factory) / "mlflow-schema-template.db"
+
+
+_LONG = ("slow", "scale", "kill", "browser")
+
+
+@pytest.hookimpl(wrapper=True)  # around xdist's own, which reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """pytest-xdist (--dist loadgroup) sends each xdist_group to one worker and other tests one by one.
+    Grouped: the tests on the session's Ray head (some of its ports are Ray's fixed defaults: one head on
+    the machine), and those sharing a module-scoped fixture (built once, not once per worker). Under
+    xdist, the long tests that are not grouped go first, so that none starts last on an otherwise idle run."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        module_scoped = defs and any(d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds)
+        if "ray_head" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif module_scoped:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects, and must order alike
+        first = [i for i in items if not i.get_closest_marker("xdist_group")
+                 and any(i.get_closest_marker(m) for m in _LONG)]
+        moved = set(first)
+        items[:] = first + [i for i in items if i not in moved]
+    result = yield
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("loadgroup", False):
+        _group_ids(items)
+    return result
+
+
+def _group_ids(items) -> None:
+    """xdist 3.8 tells its scheduler a test's group by appending `@group` to `item._nodeid`, which pytest
+    9.2 no longer reads (its ids are structured: pytest-xdist issue #1386), so every group would be spread
+    over the workers. Append it where pytest keeps the id now; a no-op once xdist does it itself."""
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and hasattr(item, "_id") and not item.nodeid.endswith(suffix):
+            from _pytest.nodeid import NodeId  # pytest >= 9.2 only
+
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 @pytest.fixture(autouse=True)
@@ -46,12 +113,19 @@ def _mlflow_schema_once(_mlflow_schema_template):
 
 
 def _migrate_once(migrate, template: Path) -> None:
-    if not template.exists():
-        import sqlalchemy
+    if template.exists():
+        return
+    from filelock import FileLock
 
-        e = sqlalchemy.create_engine(f"sqlite:///{template}")
-        migrate(e)
-        e.dispose()
+    with FileLock(f"{template}.lock"):  # xdist workers share the template: one migrates, the rest copy
+        if not template.exists():
+            import sqlalchemy
+
+            part = template.with_name(f"{template.name}.{os.getpid()}.part")
+            e = sqlalchemy.create_engine(f"sqlite:///{part}")
+            migrate(e)
+            e.dispose()
+            part.replace(template)  # whole or absent: a reader never copies a half-migrated file
 
 
 @pytest.fixture
@@ -142,8 +216,9 @@ def _offline(monkeypatch):
 def synth_manifest(tmp_path_factory):
     from featstore.synth import generate
 
-    return generate(tmp_path_factory.mktemp("synth") / "data", n_per_source=24, size=128, seed=1,
-                    plant_bad=True, plant_duplicates=3)
+    # read only (tests ingest it into stores of their own): one copy for all workers
+    return _once(tmp_path_factory, "synth", lambda d: generate(d / "data", n_per_source=24, size=128, seed=1,
+                                                              plant_bad=True, plant_duplicates=3))
 
 
 @pytest.fixture
@@ -188,8 +263,22 @@ def _embedded_store(folder, confounders: bool):
 
 @pytest.fixture(scope="session")
 def synth_stores(tmp_path_factory):
-    return {name: _embedded_store(tmp_path_factory.mktemp(name), conf)
-            for name, conf in (("confounded", True), ("neutral", False))}
+    """Built once per run; each worker gets its own copy of the store files (some tests write sweeps and
+    probe rows into them, as a serial run always let them), their image paths all pointing at the one
+    set of images, which nothing writes."""
+    import shutil
+
+    out = {}
+    for name, conf in (("confounded", True), ("neutral", False)):
+        built = _once(tmp_path_factory, f"store-{name}", lambda d, conf=conf: _embedded_store(d, conf))
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            out[name] = built
+            continue
+        out[name] = tmp_path_factory.mktemp(name) / built.name
+        shutil.copy(built, out[name])
+        if built.with_name(built.name + ".wal").exists():  # closed after embedding: normally none
+            shutil.copy(built.with_name(built.name + ".wal"), out[name].with_name(built.name + ".wal"))
+    return out
 
 
 @pytest.fixture(scope="session")
