@@ -14,7 +14,8 @@ from featstore import ann as A
 from featstore.cli import app
 from featstore.testing import synthetic_store
 
-from conftest import CXR, ONNX, needs_cxr, needs_onnx
+from _realset import embedded_copy, match_once
+from conftest import needs_cxr, needs_onnx
 
 N, DIM = 20_000, 64
 
@@ -248,18 +249,16 @@ def test_duplicates_find_the_same_pairs_with_ann_and_exact(tmp_path):
 
 @needs_cxr
 @needs_onnx
-def test_duplicates_via_the_index_match_exact_on_the_real_set(tmp_path):
+def test_duplicates_via_the_index_match_exact_on_the_real_set(tmp_path, tmp_path_factory, monkeypatch):
     """The real set's near copies (cohen_ieee8023 x covid_cxnet and others): with the index,
     `duplicates` finds every pair exact search finds, no other, with the same measures."""
-    from featstore import ingest as I
-    from featstore.backbones import create_backbone
     from featstore.duplicates import find
-    from featstore.embed import embed
     from featstore.store import connect
 
-    con = connect(tmp_path / "real.duckdb")
-    I.ingest_rows(con, *I.manifest_rows(CXR / "manifest.csv")[:1], str(CXR / "manifest.csv"), workers=2)
-    embed(con, create_backbone("mobilenetv3-nih-onnx", weights_dir=ONNX.parent), batch_size=64, workers=2)
+    # the embedded set and the copy matcher's verdicts are shared with test_forensics (tests/_realset.py):
+    # the index changes which pairs are found, never what the matcher says of a pair
+    match_once(tmp_path_factory, monkeypatch)
+    con = connect(embedded_copy(tmp_path_factory, tmp_path / "real.duckdb"))
     lines = []
     exact = find(con, "mobilenetv3-nih-onnx", workers=2, search="exact").drop("found_at")
     approx = find(con, "mobilenetv3-nih-onnx", workers=2, search="ann", say=lines.append).drop("found_at")

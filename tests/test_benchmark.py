@@ -330,7 +330,7 @@ def _zs_study(wdir, **kw):
                               protocols={"mixed": {"folds": 3}, "loso": {}}), **kw))
 
 
-def test_zeroshot_head_sweeps_under_mixed_and_loso(zeroshot_store, tmp_path):
+def test_zeroshot_head_sweeps_under_mixed_and_loso(zeroshot_store, tmp_path, recording_tracker):
     """One trial per fold (nothing to search, whatever --trials says), rows under every protocol, and
     predictions that do not depend on the fold: the head never saw a source, nor any label."""
     from featstore.api import open_store

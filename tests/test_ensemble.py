@@ -13,6 +13,8 @@ from featstore.store import connect, ensure_embedding_table
 from featstore.sweep.config import StudyError, parse_study
 from featstore.sweep.run import run_study
 
+from conftest import RecordingTracker
+
 DIM = 10
 
 
@@ -71,7 +73,11 @@ def sweep(tmp_path_factory):
         ensembles=[{"heads": ["logreg"], "backbones": ["noisy1", "noisy2", "noisy3"]},
                    {"heads": ["logreg"], "backbones": ["same1", "same2"]},
                    {"heads": ["logreg", "lightgbm"]}]))
-    rep = run_study(st, db, tmp, f"sqlite:///{tmp / 'mlflow.db'}")
+    import featstore.sweep.run as R
+
+    with pytest.MonkeyPatch.context() as mp:  # the rows are the subject here, not MLflow (tests/test_track.py)
+        mp.setattr(R, "Tracker", RecordingTracker)
+        rep = run_study(st, db, tmp, f"sqlite:///{tmp / 'mlflow.db'}")
     return pl.DataFrame(rep.rows, infer_schema_length=None), rep, db
 
 

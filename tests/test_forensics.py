@@ -13,7 +13,8 @@ from featstore.cli import app
 from featstore.neighbors import knn_indices, neighbor_summary
 from featstore.probe import domain_probe
 
-from conftest import CXR, ONNX, needs_cxr, needs_onnx
+from _realset import embedded_copy, match_once
+from conftest import needs_cxr, needs_onnx
 
 
 def test_probe_finds_the_planted_source(synth_embeddings):
@@ -124,18 +125,15 @@ def test_duplicates_finds_the_reencoded_copy(near_dup_store, tmp_path):
 
 @needs_cxr
 @needs_onnx
-def test_duplicate_defaults_on_the_real_set(tmp_path):
+def test_duplicate_defaults_on_the_real_set(tmp_path, tmp_path_factory, monkeypatch):
     """Calibrated defaults: the COVID collections share copies; collections that share no images
     (NIH adults, Guangzhou children vs the COVID sets) give no pairs at all."""
-    from featstore import ingest as I
-    from featstore.backbones import create_backbone
     from featstore.duplicates import find
-    from featstore.embed import embed
     from featstore.store import connect
 
-    con = connect(tmp_path / "real.duckdb")
-    I.ingest_rows(con, *I.manifest_rows(CXR / "manifest.csv")[:1], str(CXR / "manifest.csv"), workers=2)
-    embed(con, create_backbone("mobilenetv3-nih-onnx", weights_dir=ONNX.parent), batch_size=64, workers=2)
+    # the embedded set and the copy matcher's verdicts are shared with test_ann (tests/_realset.py)
+    match_once(tmp_path_factory, monkeypatch)
+    con = connect(embedded_copy(tmp_path_factory, tmp_path / "real.duckdb"))
     df = find(con, "mobilenetv3-nih-onnx", workers=2)
     con.close()
     pairs = {tuple(sorted(p)) for p in df.select("source_a", "source_b").iter_rows()}

@@ -228,7 +228,8 @@ def _sweep_args(cfg, workdir, db, tracking):
 
 
 @pytest.mark.kill
-def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_stores, tmp_path, mlflow_db):
+def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_stores, tmp_path, mlflow_db,
+                                                                         recording_tracker):
     """kill -9 twice, each time while a trial runs after k finished ones (k seeded), then resume:
     every result row and every trial (apart from ids and times) equals an uninterrupted run's; the
     killed trials are re-run with their parameters and counted nowhere as failures."""
@@ -254,6 +255,7 @@ def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_
     assert p.returncode == 0, err[-3000:]
     resumed = re.search(r"sweep (\S+): \d+ Optuna studies", " ".join(err.split())).group(1)
 
+    # the reference run, in this process, tracks in memory (the killed and resumed ones track to MLflow)
     clean = run_study(load_study(cfg), db, tmp_path / "clean", f"sqlite:///{tmp_path / 'c.db'}")
     a, b = _all_trials(journal), _all_trials(tmp_path / "clean" / "optuna" / "resume.journal")
     assert a.keys() == b.keys() and len(a) == 8

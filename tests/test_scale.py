@@ -255,7 +255,8 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(syn
 
 # --- kill -9 during a sweep (journal storage) ------------------------------------------------------
 
-def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path, mlflow_db):
+def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_stores, tmp_path, mlflow_db,
+                                                                     recording_tracker):
     db = synth_stores["confounded"]
     cfg = _config(tmp_path, "killsweep", heads={"logreg": {"trials": 4}, "grl_mlp": {"trials": 2,
                                                                                     "fixed": {"max_epochs": 40}}},
@@ -284,7 +285,8 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
     for name, ts in kept.items():
         assert all(final[name][n] == v for n, v in ts.items())
     assert all(_counted(ts) == (4 if "logreg" in name else 2) for name, ts in final.items())
-    # the store holds whole sweeps only, and the finished one is complete
+    # the store holds whole sweeps only, and the finished one is complete (the reference run, in this
+    # process, tracks in memory: recording_tracker)
     clean = run_study(load_study(cfg), db, tmp_path / "clean", f"sqlite:///{tmp_path / 'c.db'}")
     with duckdb.connect(str(db), read_only=True) as con:
         per_sweep = con.execute("SELECT sweep_id, count(*) FROM results WHERE study = 'killsweep' "
