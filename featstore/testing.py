@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -74,11 +75,37 @@ def local_postgres(root: Path):
             log = (root / "log").read_text(errors="replace")[-3000:] if (root / "log").exists() else "(no log)"
             raise AssertionError(f"the throwaway PostgreSQL server is gone: {r.stdout.strip()}\n{log}")
     url.check = check
+    stop = as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+    # pg_ctl daemonises the server, so it would outlive a killed test run: a reaper stops it when this
+    # process dies (its stdin pipe closes; kill -9 included: SIGTERM from the kernel, PR_SET_PDEATHSIG)
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *stop], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_sigterm_with_parent)
     try:
         yield url
     finally:
-        subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        reaper.kill()
+        reaper.wait()
+        subprocess.run(stop, capture_output=True, timeout=60)
+
+
+_REAPER = """import signal, subprocess, sys
+def stop(*_):
+    subprocess.run(sys.argv[1:], capture_output=True, timeout=60)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+sys.stdin.buffer.read()
+stop()
+"""
+
+
+def _sigterm_with_parent():
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def synthetic_vectors(n: int, dim: int, seed: int = 0, start: int = 0, n_sources: int = 6,

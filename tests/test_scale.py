@@ -521,3 +521,32 @@ def test_a_sweep_whose_store_stays_busy_keeps_its_rows(synth_stores, tmp_path, m
     with duckdb.connect(str(db), read_only=True) as con:
         n = con.execute("SELECT count(*) FROM results WHERE study = 'busy'").fetchone()[0]
     assert n == kept.height > 0
+
+
+@pytest.mark.kill
+def test_the_throwaway_postgres_dies_with_a_killed_test_process(tmp_path):
+    """pg_ctl daemonises the server: a test run killed with -9 must not leave it running (its reaper
+    stops it when the process that started it dies)."""
+    from featstore.testing import _bin_dir
+
+    if _bin_dir() is None:
+        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; `make test` tries)")
+    code = ("import sys, time\nfrom pathlib import Path\nfrom featstore.testing import local_postgres\n"
+            "with local_postgres(Path(sys.argv[1])) as url:\n    url('up')\n    print('up', flush=True)\n"
+            "    time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "pg")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "up"  # the server answered a CREATE DATABASE
+        pid = int((tmp_path / "pg" / "data" / "postmaster.pid").read_text().split()[0])
+        assert psutil.pid_exists(pid)
+    finally:
+        p.kill()
+        p.wait()
+    try:
+        psutil.Process(pid).wait(timeout=120)  # returns when the server has exited; raises if it never does
+    except psutil.NoSuchProcess:
+        pass
+    finally:
+        if psutil.pid_exists(pid):  # the failure: stop what the test started
+            psutil.Process(pid).kill()
+    assert not psutil.pid_exists(pid)
