@@ -123,6 +123,10 @@ def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path
     # the same workdir again with more trials: the journal keeps the first 2, adds 1 per study
     rep = _run(st, synth_stores["confounded"], tmp_path / "w1", trials=3)
     assert rep.n_trials == 3 * rep.n_tasks
+    # the time by head adds up to the sweep's (end_to_end.py's floor): every study and trial counted once
+    (h,) = rep.by_head.values()
+    assert (h["studies"], h["trials"]) == (rep.n_tasks, rep.n_trials) and h["cpu"] > 0
+    assert h["search"] == pytest.approx(rep.phases["search_sum"]) and h["refit"] == pytest.approx(rep.phases["refit_sum"])
     from featstore.sweep.fit import journal
 
     storage = journal(tmp_path / "w1" / "optuna" / "t.journal")

@@ -64,6 +64,24 @@ def test_lightgbm_early_stopping_stops_on_an_inner_split():
     assert not np.array_equal(es[0].decision_function(X), full.decision_function(X))
 
 
+def test_lightgbm_max_bin_is_lightgbms_and_its_default_changes_nothing():
+    """max_bin reaches LightGBM (fewer bins: other splits); the default is LightGBM's own 255, so a head
+    without it gives the model it always gave."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6))
+    y = (X[:, 0] + 0.5 * rng.normal(size=300) > 0).astype(int)
+    import lightgbm as lgb
+
+    plain = lgb.LGBMClassifier(n_estimators=50, learning_rate=0.05, num_leaves=15, min_child_samples=20,
+                               colsample_bytree=0.5, subsample=0.8, subsample_freq=1, reg_lambda=1.0, n_jobs=1,
+                               random_state=0, deterministic=True, force_row_wise=True, verbose=-1).fit(X, y)
+    head = create_head("lightgbm", n_estimators=50).fit(X, y)
+    assert np.array_equal(head.predict_proba(X), plain.predict_proba(X))
+    few = create_head("lightgbm", n_estimators=50, max_bin=7).fit(X, y)
+    assert few.model_.get_params()["max_bin"] == 7
+    assert not np.array_equal(few.predict_proba(X), head.predict_proba(X))
+
+
 def test_unknown_head():
     with pytest.raises(ValueError, match="unknown head 'svm'; known: logreg, grl_mlp, lightgbm, zeroshot, dfr, groupdro, reweight"):
         create_head("svm")

@@ -190,7 +190,8 @@ def _bounds():
                              min_child_samples=[ge(Integral, 0)], colsample_bytree=[unit_open],
                              subsample=[unit_open], reg_lambda=[ge(Real, 0)], n_jobs=[Integral, None],
                              early_stopping_rounds=[ge(Integral, 1), None],
-                             val_fraction=[Interval(Real, 0, 1, closed="neither")]),
+                             val_fraction=[Interval(Real, 0, 1, closed="neither")],
+                             max_bin=[Interval(Integral, 2, None, closed="left")]),
         "GRLHead": dict(hidden=[_TwoWidths()]),  # stricter than the head's own [tuple, list]
     }
 

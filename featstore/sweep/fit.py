@@ -54,6 +54,7 @@ class TaskResult:
     error: str | None = None
     seconds: float = 0.0
     fit_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time on the task (search + refit): the work, whatever the load
     n_ran: int = 0          # trials this process ran (the rest: earlier runs, other workers)
     fit_info: dict = field(default_factory=dict)  # what the refitted head reports (fit_info_), for the rows
 
@@ -258,7 +259,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
 
 
 def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool, grace_s: float | None) -> TaskResult:
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     grace_s = grace_period_s() if grace_s is None else grace_s
     res = TaskResult(task)
     f = task.fold
@@ -341,7 +342,7 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
         if task.timeout or task.trials - sum(map(_counted, study.get_trials(deepcopy=False))) >= left:
             break  # out of time, or trials failing outside the objective: stop, do not spin
     if search_only:
-        res.seconds = time.time() - t0
+        res.seconds, res.cpu_seconds = time.time() - t0, time.process_time() - c0
         return res
     for t in study.trials:
         if _interrupted(t):  # kept in the storage (user attrs say so), re-run, not a failure of the study
@@ -353,7 +354,7 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
     if not complete:
         errs = {t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error")}
         res.error = f"no trial completed ({len(res.trials)} tried): {'; '.join(sorted(errs))[:500]}"
-        res.seconds = time.time() - t0
+        res.seconds, res.cpu_seconds = time.time() - t0, time.process_time() - c0
         return res
     if sel.choose is not None:
         best = sel.choose(complete)
@@ -375,7 +376,7 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
         res.fit_info = dict(getattr(model, "fit_info_", None) or {})
     except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
         res.error = f"final fit failed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
-    res.seconds = time.time() - t0
+    res.seconds, res.cpu_seconds = time.time() - t0, time.process_time() - c0
     return res
 
 

@@ -48,6 +48,9 @@ class SweepReport:
     # tests, MLflow runs and artifacts); write (results table)
     phases: dict = field(default_factory=lambda: dict(load=0.0, tasks=0.0, search_sum=0.0, refit_sum=0.0,
                                                       score_track=0.0, write=0.0))
+    # the same sums per head: head -> studies, trials, search (worker seconds in Optuna trials), refit, cpu
+    # (the workers' CPU seconds on them: the work itself, which no scheduling or load changes)
+    by_head: dict = field(default_factory=dict)
 
 
 def run_worker(st: Study, source, storage: str, workers: int = 1, trials: int | None = None,
@@ -188,6 +191,14 @@ def _run_study(st: Study, db, workdir, tracking, workers, trials, timeout, progr
             rep.phases["search_sum"] += sum(r.seconds - r.fit_seconds for r in results)
             rep.phases["refit_sum"] += sum(r.fit_seconds for r in results)
             rep.phases["score_track"] += units.seconds
+            for r in results:
+                h = rep.by_head.setdefault(r.task.head, dict(studies=0, trials=0, search=0.0, refit=0.0,
+                                                                  cpu=0.0))
+                h["studies"] += 1
+                h["trials"] += len(r.trials)
+                h["search"] += r.seconds - r.fit_seconds
+                h["refit"] += r.fit_seconds
+                h["cpu"] += r.cpu_seconds
             all_rows += rows
             all_preds.append(preds)
             collected[(bb, pre)] = (data, results)
