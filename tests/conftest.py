@@ -39,6 +39,17 @@ def _once(tmp_path_factory, name: str, build):
 
 
 @pytest.fixture(scope="session")
+def wheel_demo(tmp_path_factory) -> dict:
+    """`featstore demo` run once per run from the wheel built from this tree, installed in a fresh venv
+    (tests/_wheel.py): what each step gave, for tests/test_wheel.py and tests/test_demo.py. Read only."""
+    import json
+
+    from _wheel import build_and_run_demo
+
+    return json.loads(_once(tmp_path_factory, "wheel-demo", build_and_run_demo).read_text())
+
+
+@pytest.fixture(scope="session")
 def _mlflow_schema_template(tmp_path_factory):
     return _run_root(tmp_path_factory) / "mlflow-schema-template.db"
 
