@@ -39,6 +39,17 @@ def _once(tmp_path_factory, name: str, build):
 
 
 @pytest.fixture(scope="session")
+def wheel_demo(tmp_path_factory) -> dict:
+    """`featstore demo` run once per run from the wheel built from this tree, installed in a fresh venv
+    (tests/_wheel.py): what each step gave, for tests/test_wheel.py and tests/test_demo.py. Read only."""
+    import json
+
+    from _wheel import build_and_run_demo
+
+    return json.loads(_once(tmp_path_factory, "wheel-demo", build_and_run_demo).read_text())
+
+
+@pytest.fixture(scope="session")
 def _mlflow_schema_template(tmp_path_factory):
     return _run_root(tmp_path_factory) / "mlflow-schema-template.db"
 
@@ -332,7 +343,11 @@ def ray_head():
     ray = str(Path(sys.executable).with_name("ray"))
     # a loopback-only throwaway head: no token (Ray turns token auth on by itself where a token file exists,
     # which `ray status` and the drivers here would then lack); every client is given the same mode
-    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
+    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled",
+           # Ray Data reserves CPUs for a dataset in a head-wide coordinator; its driver renews the reservation
+           # every 10 s, and one it never releases (a driver the kill tests killed) holds them for 180 s by
+           # default: the next test's dataset got none until then (its writes stalled ~3 min). 30 s here
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
     with open(temp / "head.log", "w") as log:
         head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={address.split(':')[1]}",
                                  "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}",

@@ -321,22 +321,38 @@ def _embedded(db, backbone="pixelstats"):
 # a fast backbone: the kills land mid-run because the run holds there (FEATSTORE_TEST_HOLD_EMBED), not
 # because the model is slow
 EMBED = ["embed", "--backbone", "pixelstats", "--batch-size", "8"]
+# Ray: a block is a batch, each costs Ray's per-block overhead (a task, a shard write); 32 images a block
+# leave 13 blocks of the 400 images, still many more than the kills below wait for (k <= 4)
+RAY_EMBED = ["embed", "--backbone", "pixelstats", "--batch-size", "32", "--engine", "ray"]
 
 
 def _hold(marker: Path, k: int) -> dict:
     return {"FEATSTORE_TEST_HOLD_EMBED": f"{marker}:{k}"}
 
 
-@pytest.fixture(scope="module")
-def big_manifest(tmp_path_factory):
-    """400 synthetic images: 50 batches of 8, so that a kill after k of them leaves work to resume."""
+@pytest.fixture(scope="session")
+def big_store(tmp_path_factory):
+    """400 synthetic images: 50 batches of 8 (13 Ray blocks of 32), so that a kill after k of them leaves
+    work to resume; generated and ingested (`featstore ingest`) once per run, for every worker."""
     from featstore.synth import generate
 
-    return generate(tmp_path_factory.mktemp("big") / "data", n_per_source=100, size=96, seed=5)
+    from conftest import _once
+
+    return _once(tmp_path_factory, "big", lambda d: _ingested_db(d, generate(d / "data", n_per_source=100,
+                                                                            size=96, seed=5)))
 
 
-def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_manifest, tmp_path):
-    db = _ingested_db(tmp_path, big_manifest)
+@pytest.fixture
+def big_db(big_store, tmp_path) -> Path:
+    """This test's copy of the ingested store (the tests embed into it), its image paths the shared ones."""
+    import shutil
+
+    assert not big_store.with_name(big_store.name + ".wal").exists()  # the ingest closed it: all in the file
+    return Path(shutil.copy(big_store, tmp_path / big_store.name))
+
+
+def test_kill_9_during_embed_repeatedly_then_nothing_missing_or_doubled(big_db, tmp_path):
+    db = big_db
     rng = random.Random(3)
     seen = 0
     for run in range(3):  # 50 batches of 8; each run is killed once k of its batches are in the store
@@ -413,10 +429,10 @@ def test_ray_embeds_what_local_embeds_once_and_records_failures(synth_manifest, 
     assert all(got[k] == want[k] for k in got)
 
 
-def test_ray_embed_killed_at_random_points_then_resumed(big_manifest, tmp_path, ray_head):
-    db = _ingested_db(tmp_path, big_manifest)
+def test_ray_embed_killed_at_random_points_then_resumed(big_db, tmp_path, ray_head):
+    db = big_db
     shards = tmp_path / "shards"
-    args = EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)]
+    args = RAY_EMBED + ["--shards", str(shards), "--db", str(db)]
     head = ray_head.env  # the driver is killed, the session's head lives on
     rng = random.Random(11)
     for run in range(2):  # each run is killed once k more whole shard files are written
@@ -460,13 +476,13 @@ def _whole_shards(shards: Path) -> list[Path]:
     return out
 
 
-def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_manifest, tmp_path, ray_head):
+def test_a_ray_worker_killed_mid_run_loses_only_its_block(big_db, tmp_path, ray_head):
     """kill -9 the backbone actor while the driver lives: Ray restarts it and redoes the in-flight
     block; the run completes with nothing missing or doubled."""
-    db = _ingested_db(tmp_path, big_manifest)
+    db = big_db
     shards = tmp_path / "shards"
     marker = tmp_path / "held"  # the actor holds mid-block once 2 are done; restarted, it goes on
-    p = _start(EMBED + ["--engine", "ray", "--shards", str(shards), "--db", str(db)],
+    p = _start(RAY_EMBED + ["--shards", str(shards), "--db", str(db)],
                env={**ray_head.env, **_hold(marker, 2)})
     victim = None
     try:
