@@ -130,6 +130,11 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
     its identity; `create_args` rebuild it in each actor. `address`: None starts Ray on this machine,
     "auto" or "ray://head:10001" joins a cluster (whose workers must see the image paths, the
     weights and this package). Lung variants read stored masks only, as `embed.embed` does."""
+    # Ray Data books the cluster's CPUs for a dataset and renews the booking every 10 s; a driver that
+    # was killed never releases its booking, which by default holds them 180 s, so the next run (a
+    # resume after kill -9) stalled ~3 min with "0 CPU". 30 s: three missed renewals. Read when ray.data
+    # is imported; a value the user set wins.
+    os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "30")
     import ray
 
     get_preprocess(preprocess)

@@ -343,11 +343,9 @@ def ray_head():
     ray = str(Path(sys.executable).with_name("ray"))
     # a loopback-only throwaway head: no token (Ray turns token auth on by itself where a token file exists,
     # which `ray status` and the drivers here would then lack); every client is given the same mode
-    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled",
-           # Ray Data reserves CPUs for a dataset in a head-wide coordinator; its driver renews the reservation
-           # every 10 s, and one it never releases (a driver the kill tests killed) holds them for 180 s by
-           # default: the next test's dataset got none until then (its writes stalled ~3 min). 30 s here
-           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
+    # (a killed driver's Ray Data CPU booking, which stalled the next test's run for 3 min, now expires
+    # after 30 s: featstore.embed_ray sets it for every driver, these included)
+    env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
     with open(temp / "head.log", "w") as log:
         head = subprocess.Popen([ray, "start", "--head", "--block", f"--port={address.split(':')[1]}",
                                  "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}",
