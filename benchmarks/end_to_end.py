@@ -87,7 +87,7 @@ def main():
     ph = sw.phases
     print(f"\n### The sweep's time by head ({a.workers} workers on {os.cpu_count()} cores)\n")
     print(table(["head", "Optuna studies", "trials", "search s (worker wall)", "refit s (worker wall)",
-                 "CPU s (search + refit)", "CPU s per trial", "share of the CPU"], rows))
+                 "CPU s (search + refit)", "CPU s per trial (refits included)", "share of the CPU"], rows))
     floor = cpu_all / min(a.workers, os.cpu_count() or 1)
     print(f"\nFitting CPU {cpu_all:.0f} s over {min(a.workers, os.cpu_count() or 1)} cores: a floor of {floor:.0f} s "
           f"for this study's methods and trial budgets (the sweep took {t_sweep:.0f} s: load {ph['load']:.0f} s, "

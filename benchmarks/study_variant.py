@@ -99,6 +99,8 @@ def main():
     a = ap.parse_args()
     if not a.sets and not a.trials:
         raise SystemExit("nothing to vary: give --set and/or --trials")
+    import polars as pl
+
     from featstore.store import connect
     from featstore.sweep.config import parse_study
     from featstore.sweep.run import run_study
@@ -117,8 +119,9 @@ def main():
                 with connect(db, read_only=True) as con:
                     if a.baseline == "latest":
                         a.baseline = con.execute("SELECT max(sweep_id) FROM results WHERE study = ?",
-                                                 [raw["study"]]).fetchone()[0] or "none"
-                    frames[arm] = con.execute("SELECT * FROM results WHERE sweep_id = ?", [a.baseline]).pl()
+                                                 [raw["study"]]).fetchall()[0][0] or "none"
+                    frames[arm] = pl.from_arrow(con.sql("SELECT * FROM results WHERE sweep_id = ?",
+                                                        params=[a.baseline]).to_arrow_table())
                 if not frames[arm].height:
                     raise SystemExit(f"{a.db}: no result rows of sweep {a.baseline}")
                 continue
