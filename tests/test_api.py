@@ -12,7 +12,15 @@ from featstore.decode import decode_file
 
 @pytest.fixture
 def db(synth_stores, tmp_path):
-    shutil.copy(synth_stores["neutral"], tmp_path / "fs.duckdb")  # session store: never written
+    """A copy of the neutral store without sweeps: other tests on this worker may have swept the session
+    store already, and these tests count the rows they write."""
+    from featstore.store import connect
+
+    shutil.copy(synth_stores["neutral"], tmp_path / "fs.duckdb")
+    con = connect(tmp_path / "fs.duckdb")
+    for table in ("results", "predictions"):
+        con.execute(f"DELETE FROM {table}")
+    con.close()
     return tmp_path / "fs.duckdb"
 
 
