@@ -1,5 +1,5 @@
 # The two commands: `make demo` (install + run the demo) and `make test` (install + run the tests; `make test-fast`
-# leaves out the scale-out, kill -9, browser and slow tests).
+# leaves out the scale-out, kill -9, browser, fuzz and slow tests).
 PY ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
@@ -40,9 +40,10 @@ XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 test: install postgres chromium
 	$(VENV)/bin/python -m pytest $(XDIST)
 
-# the edit-test loop: everything but the scale-out, kill -9, browser and slow tests (`make test` runs them all)
+# the edit-test loop (<= 3 min on 2 cores): everything but the scale-out, kill -9, browser, fuzz and slow tests;
+# `slow` marks each test that took >= 8 s in a whole-suite run (`make test` runs them all)
 test-fast: install
-	$(VENV)/bin/python -m pytest $(XDIST) -m "not scale and not kill and not browser and not slow"
+	$(VENV)/bin/python -m pytest $(XDIST) -m "not scale and not kill and not browser and not fuzz and not slow"
 
 # every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
 bench: install

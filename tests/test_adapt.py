@@ -109,6 +109,7 @@ def test_adapt_folds_leave_the_site_out_and_refuse_one_class_sites():
         make_folds(meta, "adapt", ks=[5, 5])
 
 
+@pytest.mark.slow
 def test_known_answer_adapting_helps_a_different_site_not_a_null_one(tmp_path):
     db = _store(tmp_path / "fs.duckdb", _vectors())
     st = parse_study(dict(study="adapt", backbones=["synthetic"], heads={"logreg": {"trials": 2}},

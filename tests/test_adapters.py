@@ -12,6 +12,7 @@ def _img(path, v):
     Image.fromarray(np.full((32, 32), v, np.uint8)).save(path)
 
 
+@pytest.mark.slow
 def test_nih_uses_the_bundled_label_file(tmp_path, con):
     imgs = tmp_path / "nih" / "images"
     for i, name in enumerate(["00000001_000.png", "00000001_001.png", "00000002_000.png"]):

@@ -71,6 +71,7 @@ def _sidecar(db):
     return json.loads(next(p for n, p in _files(db).items() if n.endswith(".json")).read_text())
 
 
+@pytest.mark.slow
 def test_recall_at_10_against_exact_search(base, store):
     assert _recall(base["approx"], base["exact"]) >= 0.99
     lines = base["lines"]
@@ -82,6 +83,7 @@ def test_recall_at_10_against_exact_search(base, store):
     assert lines == [] and np.array_equal(again, base["approx"])
 
 
+@pytest.mark.slow
 def test_the_same_rows_give_the_same_index_byte_for_byte(base, tmp_path):
     other = tmp_path / "other.duckdb"
     shutil.copy(base["db"], other)
@@ -93,6 +95,7 @@ def _add_rows(db, n, start=N, embed_run=1):
     return synthetic_store(db, n, DIM, seed=7, start=start, embed_run=embed_run)
 
 
+@pytest.mark.slow
 def test_incremental_update_adds_only_the_new_keys_and_answers_as_a_fresh_build(store, tmp_path, monkeypatch):
     grown = store  # with the index of its 20k rows
     with duckdb.connect(str(grown), read_only=True) as con:
@@ -127,6 +130,7 @@ def test_incremental_update_adds_only_the_new_keys_and_answers_as_a_fresh_build(
     assert np.array_equal(_knn(grown, "ann")[0], exact) and np.array_equal(_knn(fresh, "ann")[0], exact)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["delete", "re-embed"])
 def test_removed_or_changed_rows_rebuild_the_index(store, change):
     with duckdb.connect(str(store)) as con:
@@ -144,6 +148,7 @@ def test_removed_or_changed_rows_rebuild_the_index(store, change):
     assert _recall(got, exact) >= 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "sidecar"])
 def test_a_corrupted_index_is_rebuilt_with_one_line(base, store, damage):
     want = base["approx"]
@@ -162,6 +167,7 @@ def test_a_corrupted_index_is_rebuilt_with_one_line(base, store, damage):
     assert _knn(store, "ann")[1] == []  # and it stays fixed
 
 
+@pytest.mark.slow
 def test_a_folder_not_made_by_featstore_is_left_alone(base, tmp_path):
     store = tmp_path / "fs.duckdb"
     shutil.copy(base["db"], store)
@@ -190,6 +196,7 @@ def small_store(tmp_path_factory):
     return db
 
 
+@pytest.mark.slow
 def test_neighbors_answers_the_same_with_ann_and_exact(small_store):
     db = str(small_store)
     with duckdb.connect(db, read_only=True) as con:
@@ -221,6 +228,7 @@ def test_exact_and_ann_together_are_refused(small_store):
     assert r.exit_code == 2 and "exclude each other" in r.output
 
 
+@pytest.mark.slow
 def test_duplicates_find_the_same_pairs_with_ann_and_exact(tmp_path):
     """Tiny SYNTHETIC images with planted copies, embedded with pixelstats: the same pairs either way."""
     from featstore import ingest as I
@@ -247,6 +255,7 @@ def test_duplicates_find_the_same_pairs_with_ann_and_exact(tmp_path):
     assert any(r[2] in ("embedding", "both") for r in found["exact"])
 
 
+@pytest.mark.slow
 @needs_cxr
 @needs_onnx
 def test_duplicates_via_the_index_match_exact_on_the_real_set(tmp_path, tmp_path_factory, monkeypatch):

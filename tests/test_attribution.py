@@ -160,6 +160,7 @@ def test_summary_is_per_source_and_label_with_an_interval():
     assert s["lo"][0] < 0.4 < s["hi"][0] and s["enrichment"][0] == pytest.approx(1.6)
 
 
+@pytest.mark.slow
 def test_the_command_stores_rows_and_figures_and_refuses_what_it_cannot_do(tmp_path):
     """`featstore attribution` on a small SYNTHETIC store: masks first (or a one-line refusal), then one row per
     image in `attribution`, a figure per source, and the report's section; a random-init backbone says so."""

@@ -46,6 +46,7 @@ def _tiny(s):
     return s.input_size if s.family == "onnx" else 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _distinct_builds())
 def test_every_backbone_on_tiny_inputs(name):
     bb = create_backbone(name, device="cpu", **_weights_for(name))
@@ -84,6 +85,7 @@ def test_random_init_is_seeded():
     np.testing.assert_array_equal(a(x), b(x))
 
 
+@pytest.mark.slow
 def test_xrv_densenet_loads_from_weights_dir(tmp_path):
     """The real torchxrayvision loading path, offline: a checkpoint file in --weights-dir."""
     import torchxrayvision as xrv
@@ -115,6 +117,7 @@ def test_torchvision_loads_from_weights_dir(tmp_path):
     np.testing.assert_allclose(bb(x), want.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["xrv-densenet121-res224-all", "tv-resnet50-imagenet", "xrv-resnet50-res512-all"])
 def test_backbone_is_in_eval_mode(name):
     bb = create_backbone(name, weights="random-init")

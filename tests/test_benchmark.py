@@ -39,6 +39,7 @@ def _mixed_and_pairs(rep):
     return mixed, pairs.mean()
 
 
+@pytest.mark.slow
 def test_known_answer_confounded_vs_neutral(synth_stores, tmp_path, recording_tracker):
     """A planted source confounder: mixed k-fold looks excellent, held-out pairs of sources do not.
     Switch the confounder off and the gap closes."""
@@ -65,6 +66,7 @@ def _selected(db, st, scramble: bool):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", honest_selections())
 def test_selection_never_sees_the_held_out_source(synth_stores, selection):
     """Scrambling the held-out source's labels changes nothing that was selected; the oracle, which
@@ -86,6 +88,7 @@ def test_selection_never_sees_the_held_out_source(synth_stores, selection):
     assert any(a[k][1] != b[k][1] for k in oracle)
 
 
+@pytest.mark.slow
 def test_same_seed_same_results(synth_stores, tmp_path, recording_tracker):
     st = _study(heads={"logreg": {"trials": 3}, "lightgbm": {"trials": 2}},
                 protocols={"mixed": {"folds": 3}, "loso": {}, "seen-unseen": {"train_sources": ["synthetic-a",
@@ -112,6 +115,7 @@ def _stored(db, sweep_id):
                            [sweep_id]).fetchall()
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_answer_and_a_sweep_resumes(synth_stores, tmp_path, recording_tracker):
     """Units are scored and tracked as they finish, in whatever order workers finish them: the
     stored rows (every column) are the same with 1 worker or 2."""
@@ -150,6 +154,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(synth_stores, tmp_pat
     assert n == bad.height
 
 
+@pytest.mark.slow
 def test_three_class_target(synth_stores, tmp_path, recording_tracker):
     st = _study(target="3class", class_column="class", classes=["normal", "pneumonia", "covid"],
                 heads={"logreg": {"trials": 2}}, protocols={"mixed": {"folds": 3}}, bootstrap=50)
@@ -189,6 +194,7 @@ def test_impossible_studies_fail_before_any_work(synth_stores, tmp_path, change,
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -256,6 +262,7 @@ def test_checked_in_study_configs_parse(tmp_path):
         load_study(toml)
 
 
+@pytest.mark.slow
 def test_ui_serves_the_sweeps_on_localhost(synth_stores, tmp_path):
     """`featstore ui` starts the real MLflow server on 127.0.0.1 and its API lists the nested runs."""
     import os
@@ -334,6 +341,7 @@ def _zs_study(wdir, **kw):
                               protocols={"mixed": {"folds": 3}, "loso": {}}), **kw))
 
 
+@pytest.mark.slow
 def test_zeroshot_head_sweeps_under_mixed_and_loso(zeroshot_store, tmp_path, recording_tracker):
     """One trial per fold (nothing to search, whatever --trials says), rows under every protocol, and
     predictions that do not depend on the fold: the head never saw a source, nor any label."""

@@ -61,6 +61,7 @@ def _copy(db: Path, tmp_path: Path) -> Path:
 
 # --- did you mean ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_embed_unknown_backbone_suggests_the_close_one(tiny_db, tmp_path):
     r = _run("embed", "--backbone", "mobilenet-nih", "--db", _copy(tiny_db, tmp_path))
     assert r.exit_code == 2 and "did you mean 'mobilenetv3-nih-onnx'" in r.text, r.output
@@ -143,6 +144,7 @@ def test_ingest_and_embed_log_plain_progress(tmp_path):
     assert "embed: 12/12 (100%)" in r.text, r.output
 
 
+@pytest.mark.slow
 def test_probe_logs_its_steps(tiny_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's default store goes here
     r = _run("probe", "--backbone", "pixelstats", "--no-grl", "--no-maps", "--folds", 2, "--bootstrap", 10,
@@ -154,6 +156,7 @@ def test_probe_logs_its_steps(tiny_db, tmp_path, monkeypatch):
 
 # --- a missing store is refused, not created -----------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", [["embed", "--backbone", "pixelstats"], ["duplicates"], ["masks"],
                                  ["probe", "--backbone", "pixelstats"], ["neighbors", "--summary"],
                                  ["export", "--parquet", "out"]])

@@ -1,5 +1,6 @@
 """The dHash rule of `duplicates`: multi-index hashing finds exactly the pairs all-pairs finds."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -121,6 +122,7 @@ def test_copies_are_found_and_distinct_look_alikes_are_not():
     assert not is_copy(compare(feats[0], features_of_pixels(np.fliplr(half))))
 
 
+@pytest.mark.slow
 def test_the_command_finds_every_planted_copy_and_no_distinct_pair(tmp_path):
     """Through the store: 2 originals with 4 copies each (re-encoded, bordered, resized, re-windowed)
     among 52 distinct look-alikes, ingested from a folder and embedded by the weight-free pixelstats

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,8 @@ def test_embed_once_then_nothing(ingested):
     con, _ = ingested
     bb = create_backbone("pixelstats")
     r = embed(con, bb, batch_size=16, workers=2)
-    assert (r.n_todo, r.n_embedded, r.failed, r.status) == (96, 96, [], "completed")
+    assert (r.n_todo, r.n_embedded, r.failed, r.status) == (96, 96, [], "completed"), \
+        con.execute("SELECT file, reason FROM ingest_errors").fetchall()
     X = np.stack(con.execute("SELECT vector FROM embeddings_d320").fetchnumpy()["vector"])
     assert X.shape == (96, 320) and np.isfinite(X).all()
     again = embed(con, bb, batch_size=16, workers=2)
@@ -77,14 +79,17 @@ def test_kill_9_mid_transaction_then_resume(ingested, tmp_path):
     con.close()
 
 
-def test_decode_failure_is_recorded_and_skipped(ingested):
+def test_decode_failure_is_recorded_and_skipped(ingested, tmp_path):
     con, _ = ingested
     victim = con.execute("SELECT image_id, path FROM images ORDER BY image_id LIMIT 1").fetchone()
-    os.rename(victim[1], victim[1] + ".gone")
-    try:
-        r = embed(con, create_backbone("pixelstats"), batch_size=16, workers=0)
-    finally:
-        os.rename(victim[1] + ".gone", victim[1])
+    # this store's own copy of the file goes missing: the session's images are shared by every worker
+    # (renaming one there failed other workers' ingests with "file not found")
+    own = tmp_path / "victim.png"
+    shutil.copy(victim[1], own)
+    con.execute("UPDATE images SET path = ? WHERE image_id = ?", [str(own), victim[0]])
+    own.rename(own.with_name("victim.png.gone"))
+    r = embed(con, create_backbone("pixelstats"), batch_size=16, workers=0)
+    own.with_name("victim.png.gone").rename(own)
     assert r.n_embedded == 95 and [f[0] for f in r.failed] == [victim[0]]
     assert con.execute("SELECT reason FROM embed_errors").fetchone()[0] == "file not found"
     assert embed(con, create_backbone("pixelstats"), batch_size=16, workers=0).n_embedded == 1

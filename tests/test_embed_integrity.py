@@ -87,6 +87,7 @@ def _errors(con):
 
 # --- item 3: non-finite pixels and vectors -------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["pixelstats", "xrv-densenet121-res224-all"])
 def test_nan_and_inf_images_become_embed_errors_and_the_run_goes_on(small, backbone):
     """Before: pixelstats died with an index error on every rerun; a torch backbone stored NaN vectors
@@ -332,6 +333,7 @@ def _mount_tmpfs(where: Path, size: int):
         pytest.skip(f"cannot mount a tmpfs to fill (needs root): {p.stderr.strip() or p.returncode}")
 
 
+@pytest.mark.slow
 def test_disk_full_during_embed_for_real_on_a_small_tmpfs(synth_manifest, tmp_path):
     """The store on a tmpfs that fills mid-run: one line naming the WAL file and what is stored,
     exit 3, whole batches kept; with space again the same command finishes the job."""

@@ -15,6 +15,9 @@ from featstore.sweep.run import run_study
 
 from conftest import RecordingTracker
 
+# every test here reads one module-scoped sweep (~30 s): the full suite runs them, the fast tier does not
+pytestmark = pytest.mark.slow
+
 DIM = 10
 
 

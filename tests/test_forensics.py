@@ -27,6 +27,7 @@ def test_probe_finds_the_planted_source(synth_embeddings):
     assert 0.35 < noise["auc"] < 0.65
 
 
+@pytest.mark.slow
 def test_probe_cli_writes_rows(synth_stores, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = str(synth_stores["confounded"])
@@ -105,6 +106,7 @@ def near_dup_store(tmp_path):
     return db, tuple(sorted((a, b)))
 
 
+@pytest.mark.slow
 def test_duplicates_finds_the_reencoded_copy(near_dup_store, tmp_path):
     """Synthetic chests are near-identical at thumbnail scale, so this uses tight thresholds: the
     re-encoded copy must be the one pair found (the calibrated defaults are tested on real data)."""
@@ -123,6 +125,7 @@ def test_duplicates_finds_the_reencoded_copy(near_dup_store, tmp_path):
     assert Image.open(sheet).size[0] > 256
 
 
+@pytest.mark.slow
 @needs_cxr
 @needs_onnx
 def test_duplicate_defaults_on_the_real_set(tmp_path, tmp_path_factory, monkeypatch):
@@ -144,6 +147,7 @@ def test_duplicate_defaults_on_the_real_set(tmp_path, tmp_path_factory, monkeypa
     assert not [p for p in pairs if set(p) & impossible], pairs
 
 
+@pytest.mark.slow
 def test_studies_drop_warn_or_refuse_near_duplicates(near_dup_store, tmp_path):
     from featstore.sweep.plan import plan
     from featstore.duplicates import find

@@ -41,6 +41,7 @@ def test_every_named_entry_is_tiny_testable_and_listed():
         assert s.licence and s.feature_dim and s.input_size and s.channels == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FOUNDATION)
 def test_full_size_configuration_declares_dim_and_input_size(name):
     """From the configuration alone (meta device: no weights allocated, no forward pass)."""
@@ -79,6 +80,7 @@ TINY_ID = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FOUNDATION)
 def test_tiny_random_forward(name):
     bb = create_backbone(name, weights="random-init", config_overrides=TINY[name], device="cpu")
@@ -294,6 +296,7 @@ def _check(images):
     return worst
 
 
+@pytest.mark.slow
 def test_parity_synthetic_odd_shapes():
     rng = np.random.default_rng(0)
     imgs = []
@@ -304,6 +307,7 @@ def test_parity_synthetic_odd_shapes():
     _check(imgs)
 
 
+@pytest.mark.slow
 @needs_cxr
 def test_parity_on_real_images():
     from featstore.decode import decode_file
@@ -340,6 +344,7 @@ def test_embed_stores_and_resumes(name, ingested, monkeypatch):
                            ).fetchone()[0] == 2
 
 
+@pytest.mark.slow
 def test_cli_lists_licences_and_embeds_random_init(tmp_path, synth_manifest):
     from typer.testing import CliRunner
 

@@ -42,6 +42,7 @@ def fitted():
     return X[te], y[te], s[te], heads
 
 
+@pytest.mark.slow
 def test_representation_carries_less_source_information(fitted):
     X, y, s, heads = fitted
     raw = domain_probe(X, s, n_boot=0)["auc"]  # 5-fold cross-validated, macro one-vs-rest
@@ -76,6 +77,7 @@ def test_dann_schedule_ramps_up_from_zero():
     assert h._lambda(50, 5) == h._lambda(500, 5) == pytest.approx(2.0, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refit", ["step", "epoch", "joint"])
 def test_same_seed_same_network(refit):
     X, y, s = confounded(seed=1, n=60)

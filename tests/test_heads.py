@@ -12,11 +12,13 @@ _QUICK = {"lightgbm": dict(n_estimators=20), "grl_mlp": dict(max_epochs=15), "gr
           "dfr": dict(n_subsets=3)}
 
 
+@pytest.mark.slow
 @parametrize_with_checks([HEADS[n].cls(**_QUICK.get(n, {})) for n in HEADS.where(lambda h: not h.needs_inputs)])
 def test_sklearn_estimator_contract(estimator, check):
     check(estimator)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_fits_binary_and_3class(name):
     import optuna
@@ -89,6 +91,7 @@ def test_unknown_head():
         create_head("logre")
 
 
+@pytest.mark.slow
 def test_grl_representation_hides_the_source(synth_embeddings):
     """Paper 003: the GRL head's representation carries less source information than the raw
     embedding, and less than the same MLP trained without gradient reversal (lambda_max=0); the

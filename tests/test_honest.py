@@ -13,6 +13,7 @@ import frozen_rows
 from featstore.cli import app
 
 
+@pytest.mark.slow
 def test_implausible_duplicates_are_refused_and_keep_the_old_pairs(synth_stores, tmp_path):
     """Synthetic chests all look alike: the default thresholds would link most of them into a few
     giant groups (the demo: 5,680 pairs among 600 images), and the next sweep would die."""
@@ -58,6 +59,7 @@ def test_group_collapse_is_explained():
         make_folds(meta, "mixed", folds=5)
 
 
+@pytest.mark.slow
 def test_report_skips_the_probe_and_fails_cleanly(synth_stores, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "fs.duckdb"
@@ -112,6 +114,7 @@ def test_frozen_verdict_rows_are_what_the_sweeps_give(eight_sources, tmp_path, r
     assert not diff, f"columns that differ from the frozen rows (regenerate: python tests/frozen_rows.py): {diff}"
 
 
+@pytest.mark.slow
 def test_verdict_known_answers():
     """Planted source confounders beside a disease signal the pixel statistics read almost perfectly
     within every source (same-source AUC ~0.999): nothing is left for the source to add, so cross-source

@@ -255,6 +255,7 @@ def _match(file: str, manifest_path: str, data: Path) -> bool:
     return file in names
 
 
+@pytest.mark.slow
 def test_hostile_corpus_ingests_without_crash_hang_or_loss(tmp_path):
     c = build(tmp_path)
     m = _write_manifest(c)
@@ -298,6 +299,7 @@ def test_hostile_corpus_ingests_without_crash_hang_or_loss(tmp_path):
     con.close()
 
 
+@pytest.mark.slow
 def test_hostile_manifests_are_refused_in_one_line_and_recorded(tmp_path):
     (tmp_path / "a.png").write_bytes(_png(1))
     (tmp_path / "b.png").write_bytes(_png(2))
@@ -715,6 +717,7 @@ def full_disk(tmp_path):
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+@pytest.mark.slow
 def test_commands_on_a_full_disk_open_the_store_and_fail_in_one_line(full_disk, tmp_path):
     """Item 17 (before: every read-write open recreated the embedding views, so on a full disk `ingest` and
     `duplicates` died with a TransactionException traceback before doing anything)."""
@@ -918,6 +921,7 @@ print("trials", len(study.trials))
 """
 
 
+@pytest.mark.slow
 def test_a_journal_lock_left_by_a_dead_process_is_taken_at_once(tmp_path):
     """Item 18 (before: a leftover optuna/<study>.journal.lock stalled a resumed sweep 30 s with three
     "forcibly releasing" warnings; one whose link points nowhere made Optuna's loop spin for ever). The
@@ -942,6 +946,7 @@ def test_a_journal_lock_left_by_a_dead_process_is_taken_at_once(tmp_path):
     lock.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, value", [("FEATSTORE_WRITE_WAIT_S", "soon"), ("FEATSTORE_SWEEP_GRACE_S", "-3"),
                                          ("FEATSTORE_SWEEP_GRACE_S", "1.5"), ("FEATSTORE_SWEEP_HEARTBEAT_S", "nan")])
 def test_bad_timing_variables_are_one_line(tmp_path, name, value):
@@ -1029,6 +1034,7 @@ print(json.dumps({"ends": list(ends.values()), "n": len(kids)}))
 """
 
 
+@pytest.mark.slow
 def test_dataloader_workers_die_with_a_killed_embed(tmp_path):
     """Item 18 (before: the DataLoader workers of a killed `embed` lived on until their own watchdog
     noticed, ~6 s later, and then exited normally). Event-driven: the test process adopts the orphans

@@ -161,6 +161,7 @@ def test_second_writer_gets_a_clear_message(tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 @needs_cxr
 def test_real_manifest_ingests_as_documented(tmp_path):
     con = connect(tmp_path / "real.duckdb")
@@ -433,6 +434,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_full_during_ingest_is_one_line_and_the_store_is_intact(small_disk, tmp_path):
     import secrets
 

@@ -118,6 +118,7 @@ def test_allow_root_widens_the_default_root_without_replacing_it(tmp_path):
     assert [e.file for e in refused] == ["../elsewhere/a.png"] and "outside the allowed root" in refused[0].reason
 
 
+@pytest.mark.slow
 def test_masks_redo_says_how_many_lung_variant_embeddings_it_dropped(tmp_path):
     # the masks job (front end) joins the preprocess stage's masks and the embed stage's embeddings
     import duckdb

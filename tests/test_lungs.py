@@ -279,6 +279,7 @@ def test_pspnet_weights_missing_says_where_to_put_them(con, tmp_path):
     assert str(tmp_path / "w" / PSPNET_FILE) in str(e.value)
 
 
+@pytest.mark.slow
 def test_pspnet_is_used_when_its_weights_are_present(con, tmp_path):
     """Auto picks torchxrayvision's real PSPNet class when the weights file is in the weights dir
     (random weights here: the masks are garbage, so the checks must refuse or pass them on record)."""

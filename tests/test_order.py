@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 
 from featstore import ingest as I
 from featstore.backbones import create_backbone
@@ -26,6 +27,7 @@ def _store(manifest, folder, reverse: bool):
     return db
 
 
+@pytest.mark.slow
 def test_ingest_order_gives_identical_results(tmp_path, recording_tracker):
     m = generate(tmp_path / "data", n_per_source=24, size=96, seed=5, plant_duplicates=4)
     st = parse_study(dict(study="order", backbones=["pixelstats"], heads={"logreg": {"trials": 2}},

@@ -193,6 +193,7 @@ def test_weights_id_records_the_input_pipeline():
     assert len({q.identity for q in pipes}) == len(pipes)
 
 
+@pytest.mark.slow
 def test_a_pipeline_change_makes_a_new_set_and_readers_never_mix(con, synth_manifest, monkeypatch):
     from dataclasses import replace
 
@@ -226,6 +227,7 @@ def _real_paths(n=20):
     return [CXR / r["path"] for r in rows[::len(rows) // n][:n]]
 
 
+@pytest.mark.slow
 @needs_cxr
 def test_parity_on_real_images():
     from featstore.preprocess import to_uint8

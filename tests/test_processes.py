@@ -289,6 +289,7 @@ def _locked(path: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_second_sweep_of_a_study_in_the_same_folder_is_refused_while_the_first_runs(synth_stores, tmp_path):
     db = synth_stores["confounded"]
     cfg = _sweep_config(tmp_path, "twice", {"logreg": {"trials": 3}})

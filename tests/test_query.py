@@ -35,6 +35,7 @@ def test_example_queries_are_there():
             "ingest_failures.sql", "cross_source_duplicates.sql"} <= set(SQL_FILES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SQL_FILES)
 def test_every_example_query_runs_as_is(store, name):
     r = _sql(store, "-f", str(sql_dir() / name), "--format", "csv")
@@ -105,6 +106,7 @@ def test_api_arrays_and_filters(store):
             fs.arrays("nope")
 
 
+@pytest.mark.slow
 def test_api_refuses_to_mix_weight_sets(store):
     from featstore.store import connect
 

@@ -52,6 +52,7 @@ def test_every_entry_is_pinned():
     assert sorted(_every_name()) == sorted(IDENTITY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(IDENTITY))
 def test_identity_strings_are_unchanged(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

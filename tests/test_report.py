@@ -69,6 +69,7 @@ def rendered(synth_stores, tmp_path_factory):
     return dict(db=db, out=tmp / "rep", r=r, html=html, tags=p, n_images=len(ids))
 
 
+@pytest.mark.slow
 def test_html_is_one_self_contained_file(rendered):
     tags = rendered["tags"]
     srcs = [v for t, k, v in tags.attrs if k == "src"]
@@ -146,6 +147,7 @@ def test_interactive_map_has_every_point_with_hover_data(rendered):
     assert "innerHTML" not in html  # hover text is set as text, never parsed
 
 
+@pytest.mark.slow
 def test_the_map_subsample_is_capped_and_seeded(rendered):
     from featstore.api import open_store
     from featstore.probe import map_points
@@ -160,6 +162,7 @@ def test_the_map_subsample_is_capped_and_seeded(rendered):
     assert map_points(X[:, ::-1] * 2, meta, seed=3, cap=40)["image_id"].equals(a["image_id"])
 
 
+@pytest.mark.slow
 def test_the_report_reads_the_stored_evidence_never_mlflow(rendered, tmp_path, monkeypatch):
     """The probe stored its evidence as rows; the report lays it out with the MLflow tracking store gone
     (and another one named by default, which it must not create), and says in one line what a probe
@@ -222,6 +225,7 @@ def test_contact_sheet_puts_label_conflicts_cross_source_and_strong_pairs_first(
     assert w > h  # two pairs side by side in a grid, not one column
 
 
+@pytest.mark.slow
 def test_a_failing_report_writes_nothing(rendered, tmp_path, monkeypatch):
     from featstore import report
     from featstore.store import connect

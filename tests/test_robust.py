@@ -24,6 +24,7 @@ def _confounded(n, seed, prev=(0.9, 0.1), fingerprint=3.0, signal=1.0):
 ROBUST = {"dfr": {}, "groupdro": {}, "reweight": {}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_robust_heads_raise_worst_group_auc_over_logistic_regression(seed):
     """The logistic head learns the fingerprint (it predicts the label in training): the positives of the
@@ -176,6 +177,7 @@ def test_source_probe_and_the_least_source_choice():
     assert choose([T(0, 0.9, None), T(1, 0.89, None)]).number == 0  # no probe: the higher AUC
 
 
+@pytest.mark.slow
 def test_selection_rules_end_to_end_select_without_the_held_out_source():
     """Each scoring rule runs through the sweep's run_task on vectors, and what it selects does not move when
     the held-out source's labels are scrambled (tests/test_benchmark.py checks the same on a store)."""
@@ -231,6 +233,7 @@ def test_demographic_probe_finds_a_planted_attribute_and_not_an_absent_one():
 
 # --- end to end: a sweep with several rules, its rows and the report's table ----------------------------
 
+@pytest.mark.slow
 def test_a_sweep_with_several_rules_gives_the_head_by_selection_table(synth_stores, tmp_path, monkeypatch):
     """`selection:` as a list makes one model per head and rule; every binary row carries worst group and
     ECE; the report's table puts each head beside logistic regression under the same rule, with the

@@ -198,6 +198,7 @@ def _truth(mu, tau):
     return stats.norm.cdf(mu / math.sqrt(2 + tau ** 2))
 
 
+@pytest.mark.slow
 def test_source_level_interval_covers_the_mean_over_sources():
     """200 studies of 6 sources whose true AUCs vary (delta ~ N(1, 0.5^2)): the 95% source-level interval
     covers the mean over the population of sources ~95% of the time; the image-level one does not."""

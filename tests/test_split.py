@@ -342,6 +342,7 @@ def test_no_image_is_in_train_and_test_in_any_protocol(protocol, linked):
     assert [(f.name, f.train.tolist()) for f in folds] == [(f.name, f.train.tolist()) for f in again]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_splits,n_classes", [(2, 2), (5, 2), (5, 3), (10, 2), (10, 4)])
 def test_fast_stratified_group_kfold_gives_sklearns_folds(n_splits, n_classes):
     """featstore's StratifiedGroupKFold only vectorises sklearn's greedy step: the same folds, to the index,

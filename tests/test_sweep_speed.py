@@ -90,6 +90,7 @@ def test_studies_run_single_threaded_and_restore_the_threads():
     assert torch.get_num_threads() == 2
 
 
+@pytest.mark.slow
 def test_grl_trials_stop_at_the_first_plateau_and_the_refit_keeps_the_schedule(synth_stores, monkeypatch):
     tasks, data = _tasks(synth_stores["confounded"], {"grl_mlp": {"trials": 2}}, {"loso": {}})
     seen = []
@@ -111,6 +112,7 @@ def test_grl_trials_stop_at_the_first_plateau_and_the_refit_keeps_the_schedule(s
     assert [p["max_drops"] for p in seen] == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_grl_first_plateau_stop_keeps_the_same_weights_when_the_best_epoch_comes_first(synth_embeddings):
     """Stopping at the first plateau (max_drops=1) trains exactly as the full schedule up to the first
     LR drop: where the full fit's best epoch is not later than that, both keep the same network."""

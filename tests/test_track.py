@@ -42,6 +42,7 @@ def swept(synth_stores, tmp_path_factory):
     return tmp, uri, rep
 
 
+@pytest.mark.slow
 def test_experiment_is_model_development_and_runs_are_named(swept):
     _, uri, rep = swept
     c, exp, runs = _runs(uri, "cmp")
@@ -136,6 +137,7 @@ def test_failed_sweep_closes_its_runs_failed(synth_stores, tmp_path, monkeypatch
     assert [r.info.status for r in runs] == ["FAILED"] * 3
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_closes_its_runs_killed(synth_stores, tmp_path, monkeypatch):
     """Ctrl-C, and SIGTERM (which unwinds the same way), mid-unit: every run opened is KILLED."""
     import featstore.sweep.run as B
@@ -180,6 +182,7 @@ def _unit_runs(uri, study) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_unit_runs_appear_as_each_unit_finishes(synth_stores, tmp_path, monkeypatch):
     """A live sweep is watchable: a unit's runs (with its folds' and trials') are in MLflow, finished,
     once its last fold is done, while later tasks have still to start. loso is written first in
@@ -213,6 +216,7 @@ def test_unit_runs_appear_as_each_unit_finishes(synth_stores, tmp_path, monkeypa
     assert len(units[1][2]) == 1 and units[1][2] <= {x["mlflow_run_id"] for x in rep.rows}
 
 
+@pytest.mark.slow
 def test_a_unit_waits_for_the_mixed_unit_it_needs_whatever_order_tasks_finish(synth_stores, tmp_path):
     """Workers finish tasks in any order: a loso unit done before the mixed unit (its gap's seen side)
     is tracked right after it; every row is the same as when tasks finish in order."""
@@ -248,6 +252,7 @@ def test_a_unit_waits_for_the_mixed_unit_it_needs_whatever_order_tasks_finish(sy
     assert any(x["kind"] == "source-mean" and x["gap"] is not None for x in rows_b)
 
 
+@pytest.mark.slow
 def test_runs_a_killed_process_left_running_are_closed_at_the_next_sweep(synth_stores, tmp_path):
     import subprocess
     import sys
@@ -274,6 +279,7 @@ def test_runs_a_killed_process_left_running_are_closed_at_the_next_sweep(synth_s
     assert any("KILLED" in n for n in rep.notes)
 
 
+@pytest.mark.slow
 def test_report_command_attaches_the_report(synth_stores, tmp_path, monkeypatch):
     from featstore.cli import app
 

@@ -175,6 +175,7 @@ def test_real_heads_end_to_end(regime, tmp_path):
         assert "4 sources" in r["uses the source? cross − same-source AUC [CI]"]
 
 
+@pytest.mark.slow
 def test_coverage_script_runs(tmp_path):
     """benchmarks/verdict_coverage.py (the RESULTS.md section) at a tiny size, so it cannot rot."""
     import subprocess

@@ -449,6 +449,7 @@ def test_dinov2_pooler_is_its_cls_token_one_set():
     np.testing.assert_allclose(out.pooler_output.numpy(), out.last_hidden_state[:, 0].numpy())
 
 
+@pytest.mark.slow
 def test_embed_says_one_summary_line_and_records_the_chatter(tmp_path, synth_manifest):
     """A whole SigLIP through the CLI: no LOAD REPORT on the terminal, one line saying what was loaded from
     where; the library's messages are in embed_runs.weights_source."""
