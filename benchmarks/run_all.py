@@ -87,7 +87,9 @@ def main():
                 run("cli_startup.py"),  # issue 27: commands that only need names, <= 1 s
                 run("embed_command.py"),  # issue 27: `featstore embed` whole command <= 1.2x the plain script's
                 # issue 27: growth 10k -> 100k -> 1M (study at 100k <= 30 min; memory at 1M <= 8 GiB)
-                run("scale.py", "--workdir", str(a.workdir / "scale-growth"))]
+                run("scale.py", "--workdir", str(a.workdir / "scale-growth")),
+                # issue 27: one fit per head at 4k -> 16k -> 64k, and the shipped study's fitting projected to 100k
+                run("fit_growth.py")]
     gpu = HERE / "RESULTS-gpu.md"
     if gpu.exists():
         lines = gpu.read_text().splitlines()

@@ -42,16 +42,11 @@ STUDY_30MIN = 30 * 60
 MEM_BAR_GIB = 8.0
 
 
-def write_store(db: str, n: int, seed: int = 0) -> None:
-    """The synthetic store: images, occurrences and one 1024-d embedding set, in 20k-row blocks."""
-    import hashlib
-    from datetime import datetime
-
+def synthetic_set(n: int, seed: int = 0):
+    """The synthetic collection's structure: per image its source index, COVID flag and patient number, and
+    a function giving the 1024-d vectors of rows [b0, b1) (made block by block: 1M x 1024 is 4 GiB)."""
     import numpy as np
-    import pyarrow as pa
 
-    from featstore.backbone_specs import XRV_PIPELINE, with_pipeline
-    from featstore.store import connect, ensure_embedding_table
     from featstore.testing import synthetic_vectors
 
     g = np.random.default_rng(seed)
@@ -68,6 +63,25 @@ def write_store(db: str, n: int, seed: int = 0) -> None:
         i, pid = i + m, pid + 1
     offs = g.standard_normal((len(SOURCES), DIM)).astype(np.float32) * np.float32(0.35 / np.sqrt(DIM))
     lab_dir = g.standard_normal(DIM).astype(np.float32) * np.float32(0.12 / np.sqrt(DIM))
+
+    def vectors(b0: int, b1: int):
+        X = synthetic_vectors(b1 - b0, DIM, seed, start=b0) + offs[src[b0:b1]] + \
+            np.where(covid[b0:b1, None], lab_dir, -lab_dir)
+        return X.astype(np.float32)
+    return src, covid, patient, vectors
+
+
+def write_store(db: str, n: int, seed: int = 0) -> None:
+    """The synthetic store: images, occurrences and one 1024-d embedding set, in 20k-row blocks."""
+    import hashlib
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    from featstore.backbone_specs import XRV_PIPELINE, with_pipeline
+    from featstore.store import connect, ensure_embedding_table
+
+    src, covid, patient, vectors = synthetic_set(n, seed)
     wid = with_pipeline("synthetic:benchmarks/scale.py", XRV_PIPELINE)
     con = connect(db)
     try:
@@ -88,12 +102,11 @@ def write_store(db: str, n: int, seed: int = 0) -> None:
             con.execute("INSERT INTO occurrences (image_id, source, path, label, patient_id, origin, ingest_run, "
                         "ingested_at) SELECT image_id, source, path, label, patient_id, 'benchmarks/scale.py', 0, "
                         "ingested_at FROM _i")
-            X = synthetic_vectors(b1 - b0, DIM, seed, start=b0) + offs[src[b0:b1]] + \
-                np.where(covid[b0:b1, None], lab_dir, -lab_dir)
+            X = vectors(b0, b1)
             con.register("_e", pa.table({
                 "image_id": ids, "backbone": [BACKBONE] * (b1 - b0), "weights_id": [wid] * (b1 - b0),
                 "preprocess": ["original"] * (b1 - b0), "dim": pa.array([DIM] * (b1 - b0), pa.int32()),
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.astype(np.float32).ravel()), DIM),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), DIM),
                 "embed_run": pa.array([0] * (b1 - b0), pa.int32()),
                 "created_at": pa.array([now] * (b1 - b0), pa.timestamp("us"))}))
             con.execute(f"INSERT INTO {tbl} SELECT * FROM _e")
