@@ -377,6 +377,7 @@ def test_zeroshot_head_sweeps_under_mixed_and_loso(zeroshot_store, tmp_path, rec
     assert _rows(again).filter(pl.col("head") == "zeroshot").select(keep).sort(keep).equals(df.select(keep).sort(keep))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(backbones=["pixelstats"]), r"heads.zeroshot: pixelstats/original: pixelstats \(pixelstats\) has no text tower"),
     (dict(backbones=["chexzero"], heads={"zeroshot": {"prompts": {"covid": ["x"], "non_covid": ["y"]}}}),

@@ -53,6 +53,7 @@ def test_representation_carries_less_source_information(fitted):
     assert on < raw - 0.15 and on < off - 0.1, (raw, on, off)
 
 
+@pytest.mark.slow
 def test_within_source_auc_not_worse_than_without_reversal(fitted):
     X, y, s, heads = fitted
     on = within_source_auc(y, heads[1.0].decision_function(X), s)
@@ -60,6 +61,7 @@ def test_within_source_auc_not_worse_than_without_reversal(fitted):
     assert on > 0.6 and on >= off - WITHIN_SOURCE_MARGIN, (on, off)
 
 
+@pytest.mark.slow
 def test_trains_past_warm_up_with_reversal_ramped_up(fitted):
     h = fitted[3][1.0]
     assert h.min_epochs >= 1 and h.best_epoch_ >= h.min_epochs
