@@ -4,6 +4,8 @@ directly or around a loop. Imports are read with `ast` from every featstore/*.py
 import ast
 from pathlib import Path
 
+from _source import parse
+
 PKG = Path(__file__).resolve().parents[1] / "featstore"
 
 # In data-flow order. A module may import its own stage and earlier ones.
@@ -53,7 +55,7 @@ def _path(m: str) -> Path:
 def _imports(path: Path, modules: set[str]) -> dict[str, int]:
     """featstore modules this file imports -> the line of the first such import."""
     out: dict[str, int] = {}
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse(path)):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -159,7 +161,7 @@ def test_the_checker_sees_lazy_and_aliased_imports(tmp_path):
 def _names_from(path: Path, module: str) -> dict[str, int]:
     """Names `path` imports from featstore.<module> -> the line of the first such import."""
     out: dict[str, int] = {}
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse(path)):
         if isinstance(node, ast.ImportFrom) and node.module == f"featstore.{module}":
             for a in node.names:
                 out.setdefault(a.name, node.lineno)
@@ -233,7 +235,7 @@ def _sql_lines(text: str) -> list[int]:
     import re
 
     out = set()
-    for n in ast.walk(ast.parse(text)):
+    for n in ast.walk(parse(text)):
         if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.match(_SQL, n.value):
             out.add(n.lineno)
         elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.args
@@ -267,7 +269,7 @@ PRIVATE_MODULES_ALLOWED = {"sklearn.utils._param_validation"}
 
 def _private_uses(text: str) -> list[str]:
     out = []
-    for n in ast.walk(ast.parse(text)):
+    for n in ast.walk(parse(text)):
         if isinstance(n, ast.ImportFrom) and n.module and n.module != "__future__":
             if any(p.startswith("_") for p in n.module.split(".")) and n.module not in PRIVATE_MODULES_ALLOWED:
                 out.append(f"{n.lineno}: from {n.module}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from _source import parse
+
 from featstore.cli import app
 from featstore.errors import CommandError, Failed, Interrupted, NoSpace, SqlFailed, UserError
 
@@ -26,7 +28,7 @@ def _run(*args):
 
 def test_the_cli_exits_in_one_place():
     exits = []
-    for node in ast.walk(ast.parse(CLI.read_text())):
+    for node in ast.walk(parse(CLI)):
         if isinstance(node, ast.Call):
             f = node.func
             name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
