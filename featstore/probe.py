@@ -22,6 +22,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 
+from featstore.score import ovr_auc_resampled
+
 
 def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_boot: int = 500) -> dict:
     sources = np.asarray(sources)
@@ -51,7 +53,8 @@ def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_bo
         # scipy's bootstrap resamples the pooled indices and loses a 5-image source in some resamples
         rng = np.random.default_rng(seed)
         groups = [np.flatnonzero(d == i) for i in labels]
-        boot = [macro(np.concatenate([rng.choice(g, len(g)) for g in groups])) for _ in range(n_boot)]
+        idx = np.stack([np.concatenate([rng.choice(g, len(g)) for g in groups]) for _ in range(n_boot)])
+        boot = ovr_auc_resampled(d, P, idx, labels)  # every resample keeps every source: no NaN
         lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
     per = {str(s): float(roc_auc_score(d == i, P[:, i])) for i, s in enumerate(enc.classes_)}
     return dict(auc=auc, auc_lo=lo, auc_hi=hi, per_source=per, n=int(len(d)), n_sources=len(labels), folds=k)

@@ -67,6 +67,50 @@ def binary_metrics(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int =
     return m
 
 
+def ovr_auc_resampled(y, P, idx, labels, chunk: int = 4_000_000) -> np.ndarray:
+    """Macro one-vs-rest AUC of (y[i], P[i]) for each row i of the index matrix idx [B, n] (a bootstrap's
+    resamples): each class's AUC is the share of (positive, negative) pairs its score orders right, ties
+    counting a half (the Mann-Whitney U / (n1 n0), the area sklearn's roc_auc_score integrates: equal up
+    to rounding), then the mean over classes; with two labels, the second label's AUC alone
+    (roc_auc_score(y, P[:, 1]), as binary tasks are scored). NaN for a resample that lacks a class, as
+    roc_auc_score refuses one. A resample is a vector of multiplicities over the n images, so the pairs
+    are counted from one sort of each class's scores (cumulative sums of the negatives' multiplicities
+    below each distinct score), not a sort per resample; the counts are whole numbers, exact in float64,
+    and `chunk` bounds the memory (resamples x images at a time)."""
+    y, P = np.asarray(y), np.asarray(P, dtype=float)
+    idx = np.atleast_2d(np.asarray(idx)).astype(np.intp)
+    B, n = idx.shape
+    N = len(y)
+    classes = labels[1:] if len(labels) == 2 else labels
+    sorts = []
+    for k in classes:  # the images in ascending order of class k's score; where each distinct score starts
+        order = np.argsort(P[:, k], kind="stable")
+        v = P[order, k]
+        sorts.append((order, np.flatnonzero(np.r_[True, v[1:] != v[:-1]])))
+    out = np.empty(B)
+    step = max(1, chunk // max(N, n, 1))
+    for a in range(0, B, step):
+        ii = idx[a:a + step]
+        b = len(ii)
+        # multiplicity of each image in each resample
+        w = np.bincount((np.arange(b)[:, None] * N + ii).ravel(), minlength=b * N).reshape(b, N).astype(float)
+        aucs, missing = [], np.zeros(b, bool)
+        for k in labels:
+            missing |= w[:, y == k].sum(1) == 0
+        for k, (order, starts) in zip(classes, sorts):
+            pos = (y == k)[order]
+            ws = w[:, order]
+            # multiplicities summed per distinct score, positives and negatives apart
+            wp = np.add.reduceat(ws * pos, starts, axis=1)
+            wn = np.add.reduceat(ws * ~pos, starts, axis=1)
+            below = np.cumsum(wn, 1) - wn
+            right = (wp * (below + 0.5 * wn)).sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                aucs.append(right / (wp.sum(1) * wn.sum(1)))
+        out[a:a + b] = np.where(missing, np.nan, np.mean(aucs, axis=0))
+    return out
+
+
 def multiclass_metrics(y, P, n_classes: int, n_boot: int = 1000, seed: int = 0) -> dict:
     """y in 0..K-1, P [n, K]: macro one-vs-rest AUC (bootstrap CI), accuracy, mean per-class accuracy
     (= mean recall), per-class sensitivity and PPV ([Sadre2021])."""
@@ -84,8 +128,11 @@ def multiclass_metrics(y, P, n_classes: int, n_boot: int = 1000, seed: int = 0) 
             return roc_auc_score(y[idx], P[idx], multi_class="ovr", average="macro", labels=labels)
         auc = float(stat(np.arange(len(y))))
         if n_boot > 0:
-            res = stats.bootstrap((np.arange(len(y), dtype=float),), stat, n_resamples=n_boot, vectorized=False,
-                                  method="percentile", rng=np.random.default_rng(seed))
+            # the resamples are what a per-resample roc_auc_score saw; each is scored by ranks, vectorised
+            res = stats.bootstrap((np.arange(len(y), dtype=float),),
+                                  lambda idx, axis=-1: ovr_auc_resampled(y, P, idx, labels),
+                                  n_resamples=n_boot, vectorized=True, method="percentile",
+                                  rng=np.random.default_rng(seed))
             lo, hi, se = float(res.confidence_interval.low), float(res.confidence_interval.high), \
                 float(res.standard_error)
     recalls = recall_score(y, yhat, labels=labels, average=None, zero_division=np.nan)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from featstore.score import auc_ci, binary_metrics, gap_test, mcnemar_p, multiclass_metrics
+from featstore.score import auc_ci, binary_metrics, gap_test, mcnemar_p, multiclass_metrics, ovr_auc_resampled
 
 
 def test_binary_metrics_by_hand():
@@ -46,6 +46,31 @@ def test_multiclass():
     assert m["auc"] == pytest.approx(roc_auc_score(y, P, multi_class="ovr"))
     assert m["auc_lo"] <= m["auc"] <= m["auc_hi"]
     assert 0 < m["mean_class_accuracy"] <= 1 and m["n_0"] + m["n_1"] + m["n_2"] == 300
+
+
+@pytest.mark.parametrize("K", [2, 3, 6])
+def test_resampled_ovr_auc_is_roc_auc_score_on_each_resample(K):
+    # the bootstraps of multiclass_metrics and the domain probe score resamples by pair counts: each must be
+    # what roc_auc_score gives on that resample (ties, repeated images, a resample that lacks a class -> NaN)
+    rng = np.random.default_rng(K)
+    n = 60
+    y = rng.integers(0, K, n)
+    P = np.round(rng.dirichlet(np.ones(K), n), 1)  # coarse scores: many ties
+    P /= P.sum(1, keepdims=True)
+    idx = rng.integers(0, n, (80, n))
+    idx[0] = np.flatnonzero(y != 0)[rng.integers(0, (y != 0).sum(), n)]  # no image of class 0
+    got = ovr_auc_resampled(y, P, idx, list(range(K)))
+    assert np.isnan(got[0])
+    for b in range(1, len(idx)):
+        yi, Pi = y[idx[b]], P[idx[b]]
+        if len(np.unique(yi)) < K:
+            assert np.isnan(got[b])
+            continue
+        want = roc_auc_score(yi, Pi[:, 1]) if K == 2 else \
+            roc_auc_score(yi, Pi, multi_class="ovr", average="macro", labels=list(range(K)))
+        assert got[b] == pytest.approx(want, abs=1e-12)
+    # done a few resamples at a time (bounded memory), the same numbers
+    np.testing.assert_array_equal(ovr_auc_resampled(y, P, idx, list(range(K)), chunk=3 * n), got)
 
 
 def test_gap_and_mcnemar():
