@@ -384,3 +384,18 @@ def test_summarise_over_seeds():
     assert r["n_missing"] == 2 and r["text"] == "0.560 ± 0.010 (n=3)" and r["uncertainty"] == "selection-level"
     assert summarise_over_seeds(np.array([0.5]))["sd"] is None
     assert summarise_over_seeds([])["mean"] is None
+
+
+def test_holm_is_statsmodels_holm():
+    # featstore.score.holm does Holm's step-down itself (statsmodels' branch runs gc.collect() per call):
+    # the same numbers as multipletests, ties and p-values that adjust past 1 included; None skipped
+    from statsmodels.stats.multitest import multipletests
+
+    from featstore.score import holm
+
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 5, 40):
+        p = np.round(rng.random(m) ** 3, 2)  # ties, zeros
+        assert holm(p.tolist()) == multipletests(p, method="holm")[1].tolist()
+        assert holm(p.tolist(), "fdr_bh") == multipletests(p, method="fdr_bh")[1].tolist()
+    assert holm([0.01, None, float("nan"), 0.04]) == [0.02, None, None, 0.04]
