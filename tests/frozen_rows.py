@@ -6,7 +6,14 @@ source-mean rows (what `report.headline` and `report.pooled_table` read) in test
     PYTHONPATH=. python tests/frozen_rows.py        # regenerate (about as long as the three sweeps)
 
 tests/test_honest.py reruns the sweeps (marker slow) and compares every column, so the file cannot rot:
-a change to the sweep, scoring or rows that moves a number fails there and is regenerated on purpose."""
+a change to the sweep, scoring or rows that moves a number fails there and is regenerated on purpose.
+
+The floats also depend on the machine's numeric kernels: OpenBLAS picks its kernels by CPU (Haswell on an
+AVX2-only CPU, SkylakeX where AVX-512 is), and so do numpy's SIMD loops and torch; a last-bit difference
+can tip a near-tie between Optuna's trials and change the chosen model (measured: the same code gave AUCs
+up to 0.19 apart on OPENBLAS_CORETYPE=Haswell vs Sandybridge). So the file records the platform it was
+made on (verdict_rows.platform) and the comparison runs where the platform matches, and is skipped, with
+the reason, where it does not. The verdict and headline tests read the rows on any platform."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +22,7 @@ from pathlib import Path
 import polars as pl
 
 FROZEN = Path(__file__).resolve().parent / "data" / "verdict_rows.parquet"
+PLATFORM = FROZEN.with_suffix(".platform")  # the numeric platform FROZEN was generated on (platform())
 # what differs between two runs of one sweep (ids, times, the commit)
 VOLATILE = ("sweep_id", "created_at", "mlflow_run_id", "seconds", "code_version")
 KINDS = ("pooled", "source-mean")
@@ -25,6 +33,20 @@ CASES = {
     "shortcut": ("confounded", {"logreg": {"trials": 2}, "lightgbm": {"trials": 2, "fixed": {"n_estimators": 50}}},
                  50, ("mixed", "loso")),
 }
+
+
+def platform() -> str:
+    """This machine's numeric kernels, as they decide the sweeps' last bits: each BLAS library's kernel
+    set (threadpoolctl), numpy's SIMD dispatch (show_config) and torch's CPU capability."""
+    import numpy as np
+    import scipy.linalg  # noqa: F401 - loads SciPy's own OpenBLAS, which the fits use too
+    import torch
+    from threadpoolctl import threadpool_info
+
+    blas = sorted({f"{i.get('internal_api')} {i.get('architecture')}" for i in threadpool_info()
+                   if i.get("user_api") == "blas"})
+    simd = "+".join(np.show_config(mode="dicts")["SIMD Extensions"]["found"]) or "baseline"
+    return f"BLAS {', '.join(blas)}; numpy SIMD {simd}; torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def eight_styles():
@@ -97,4 +119,5 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         write(generate(Path(tmp)))
-    print(f"wrote {FROZEN}", file=sys.stderr)
+    PLATFORM.write_text(platform() + "\n")
+    print(f"wrote {FROZEN} ({platform()})", file=sys.stderr)
