@@ -25,6 +25,9 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 from featstore.score import ovr_auc_resampled
 
 
+BOOT_BLOCK = 2_000_000  # resampled images per block of the probe's bootstrap
+
+
 def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_boot: int = 500) -> dict:
     sources = np.asarray(sources)
     enc = LabelEncoder().fit(sources)
@@ -53,8 +56,13 @@ def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_bo
         # scipy's bootstrap resamples the pooled indices and loses a 5-image source in some resamples
         rng = np.random.default_rng(seed)
         groups = [np.flatnonzero(d == i) for i in labels]
-        idx = np.stack([np.concatenate([rng.choice(g, len(g)) for g in groups]) for _ in range(n_boot)])
-        boot = ovr_auc_resampled(d, P, idx, labels)  # every resample keeps every source: no NaN
+        boot = []
+        step = max(1, BOOT_BLOCK // len(d))  # resamples drawn and scored a block at a time: memory O(block)
+        for a in range(0, n_boot, step):
+            idx = np.stack([np.concatenate([rng.choice(g, len(g)) for g in groups])
+                            for _ in range(min(step, n_boot - a))])
+            boot.append(ovr_auc_resampled(d, P, idx, labels))  # every resample keeps every source: no NaN
+        boot = np.concatenate(boot)
         lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
     per = {str(s): float(roc_auc_score(d == i, P[:, i])) for i, s in enumerate(enc.classes_)}
     return dict(auc=auc, auc_lo=lo, auc_hi=hi, per_source=per, n=int(len(d)), n_sources=len(labels), folds=k)

@@ -128,7 +128,7 @@ def multiclass_metrics(y, P, n_classes: int, n_boot: int = 1000, seed: int = 0) 
             return roc_auc_score(y[idx], P[idx], multi_class="ovr", average="macro", labels=labels)
         auc = float(stat(np.arange(len(y))))
         if n_boot > 0:
-            # the resamples are what a per-resample roc_auc_score saw; each is scored by ranks, vectorised
+            # the resamples a per-resample roc_auc_score saw, all scored at once by pair counts
             res = stats.bootstrap((np.arange(len(y), dtype=float),),
                                   lambda idx, axis=-1: ovr_auc_resampled(y, P, idx, labels),
                                   n_resamples=n_boot, vectorized=True, method="percentile",

@@ -28,6 +28,36 @@ def test_probe_finds_the_planted_source(synth_embeddings):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_sources", [2, 4])
+def test_probe_interval_is_the_per_resample_roc_auc_score_one(monkeypatch, n_sources):
+    # the bootstrap is drawn and scored in blocks (probe.BOOT_BLOCK); with several blocks its percentiles must
+    # be those of roc_auc_score on each source-stratified resample, drawn in the same order from the seed
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import LabelEncoder, StandardScaler
+
+    from featstore import probe
+
+    rng = np.random.default_rng(n_sources)
+    n, boots = 160, 60
+    src = rng.integers(0, n_sources, n).astype(str)
+    Z = rng.normal(size=(n, 5)) + src.astype(int)[:, None] * 0.3
+    monkeypatch.setattr(probe, "BOOT_BLOCK", 7 * n)  # 7 resamples a block: 9 blocks, the last one short
+    got = probe.domain_probe(Z, src, n_boot=boots)
+    d = LabelEncoder().fit_transform(src)
+    P = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0)),
+                          Z, d, cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
+    draw, groups = np.random.default_rng(0), [np.flatnonzero(d == i) for i in range(n_sources)]
+    resamples = [np.concatenate([draw.choice(g, len(g)) for g in groups]) for _ in range(boots)]
+    boot = [roc_auc_score(d[i], P[i, 1]) if n_sources == 2 else
+            roc_auc_score(d[i], P[i], multi_class="ovr", average="macro", labels=list(range(n_sources)))
+            for i in resamples]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    assert got["auc_lo"] == pytest.approx(lo, abs=1e-12) and got["auc_hi"] == pytest.approx(hi, abs=1e-12)
+
+
 def test_probe_cli_writes_rows(synth_stores, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = str(synth_stores["confounded"])
