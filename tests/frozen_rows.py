@@ -43,8 +43,11 @@ def platform() -> str:
     import torch
     from threadpoolctl import threadpool_info
 
-    blas = sorted({f"{i.get('internal_api')} {i.get('architecture')}" for i in threadpool_info()
-                   if i.get("user_api") == "blas"})
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    # numpy's and SciPy's own BLAS, which the fits use; not another package's bundled copy (OpenCV's is
+    # loaded in some test processes and not others)
+    own = [i for i in libs if Path(i.get("filepath", "")).parent.name.startswith(("numpy", "scipy"))]
+    blas = sorted({f"{i.get('internal_api')} {i.get('architecture')}" for i in own or libs})
     simd = "+".join(np.show_config(mode="dicts")["SIMD Extensions"]["found"]) or "baseline"
     return f"BLAS {', '.join(blas)}; numpy SIMD {simd}; torch {torch.backends.cpu.get_cpu_capability()}"
 
