@@ -368,7 +368,6 @@ def _torch_backbone(spec: BackboneSpec, wid: str, fn: torch.nn.Module, device: s
 
 def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, output: str | None,
                    device: str) -> Backbone:
-    import onnx
     import onnxruntime as ort
 
     if spec.name == "onnx":
@@ -382,25 +381,28 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
     else:
         path = Path(weights) if weights else W.resolve(spec.weights, spec.url, wdir,
                                                       Path.home() / ".cache" / "featstore", W.http_download, spec.name)
-    model = onnx.load(str(path))
-    graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    input_name = graph_inputs[0].name
-    if output:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the int8 graph warns about every unused initializer
+    # no busy-waiting between batches: spinning threads would take the cores the decode workers need
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if output:  # an inner tensor as the output: the graph edited with the onnx package
+        import onnx
+
+        model = onnx.load(str(path))
         known = {o for n in model.graph.node for o in n.output}
         if output not in known:
             near = [k for k in sorted(known) if "pool" in k.lower() or "reshape" in k.lower() or "flatten" in k.lower()]
             raise ValueError(f"tensor '{output}' is not in {path.name}; candidates: {', '.join(near[:12])}")
         if output not in {o.name for o in model.graph.output}:
             model.graph.output.append(onnx.ValueInfoProto(name=output))
-    else:
-        output = model.graph.output[0].name
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # the int8 graph warns about every unused initializer
-    # no busy-waiting between batches: spinning threads would take the cores the decode workers need
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    dims = [d.dim_value for d in graph_inputs[0].type.tensor_type.shape.dim]
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    else:  # the graph as it is: onnxruntime alone reads it (importing onnx costs ~1 s of every command)
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+        output = sess.get_outputs()[0].name
+    inp = sess.get_inputs()[0]  # the graph's first input that is not an initializer
+    input_name = inp.name
+    dims = [d if isinstance(d, int) else 0 for d in inp.shape]  # symbolic ('batch') or unknown: 0, as onnx says
     channels = dims[1] if len(dims) == 4 and dims[1] else spec.channels
     size = dims[2] if len(dims) == 4 and dims[2] else spec.input_size
     if (channels, size) != (spec.channels, spec.input_size):
