@@ -27,6 +27,7 @@ def pytest_configure(config):
         for v in THREAD_VARS:
             os.environ.setdefault(v, "1")
 
+
 def _run_root(tmp_path_factory) -> Path:
     """The folder every worker of this run shares (xdist gives each worker its own basetemp inside
     one run folder); without xdist, this session's own basetemp."""
