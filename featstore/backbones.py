@@ -9,6 +9,7 @@ made by different pipelines never share a set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -366,6 +367,38 @@ def _torch_backbone(spec: BackboneSpec, wid: str, fn: torch.nn.Module, device: s
                     torch.bfloat16 if cuda else torch.float32)
 
 
+@functools.cache
+def _onnx_model_proto():
+    """ONNX's ModelProto, from the onnx package's generated protobuf module loaded on its own: `import onnx`
+    also initialises ml_dtypes (0.8 s of every embed command), which reading and editing a graph's outputs
+    never uses. The same class and bytes as `onnx.load` gives (tests/test_backbones.py); `import onnx` where
+    the package does not ship that module."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnx")  # finds the package without running its __init__
+    pb2 = Path(next(iter(spec.submodule_search_locations or []), "")) / "onnx_ml_pb2.py" if spec else None
+    if not pb2 or not pb2.is_file():
+        import onnx
+
+        return onnx.ModelProto
+    mspec = importlib.util.spec_from_file_location("featstore._onnx_ml_pb2", pb2)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    return mod.ModelProto
+
+
+def _read_onnx_graph(path: Path):
+    """The model's protobuf; a graph whose tensors live in external files is read by `onnx.load`, which
+    brings their data in (the bytes handed to onnxruntime carry no folder to find them from)."""
+    model = _onnx_model_proto()()
+    model.ParseFromString(path.read_bytes())
+    if any(t.data_location == 1 for t in model.graph.initializer):  # TensorProto.EXTERNAL
+        import onnx
+
+        return onnx.load(str(path))
+    return model
+
+
 def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, output: str | None,
                    device: str) -> Backbone:
     import onnxruntime as ort
@@ -386,18 +419,16 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
     # no busy-waiting between batches: spinning threads would take the cores the decode workers need
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    if output:  # an inner tensor as the output: the graph edited with the onnx package
-        import onnx
-
-        model = onnx.load(str(path))
+    if output:  # an inner tensor as the output: the graph's outputs edited, then handed over as bytes
+        model = _read_onnx_graph(path)
         known = {o for n in model.graph.node for o in n.output}
         if output not in known:
             near = [k for k in sorted(known) if "pool" in k.lower() or "reshape" in k.lower() or "flatten" in k.lower()]
             raise ValueError(f"tensor '{output}' is not in {path.name}; candidates: {', '.join(near[:12])}")
         if output not in {o.name for o in model.graph.output}:
-            model.graph.output.append(onnx.ValueInfoProto(name=output))
+            model.graph.output.add(name=output)
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    else:  # the graph as it is: onnxruntime alone reads it (importing onnx costs ~1 s of every command)
+    else:  # the graph as it is: onnxruntime alone reads it
         sess = ort.InferenceSession(str(path), opts, providers=providers)
         output = sess.get_outputs()[0].name
     inp = sess.get_inputs()[0]  # the graph's first input that is not an initializer
