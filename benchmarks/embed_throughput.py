@@ -97,7 +97,8 @@ def bare(bb, items, batch_size, passes=3):
     xs = torch.stack([torch.from_numpy(to_input(fn(decode_file(p, draft=s.input_size).pixels), s.input_size,
                                                 s.channels, s.norm)) for _, p in items])
     decode_ms = (time.perf_counter() - t0) / len(items) * 1e3  # one process: what each decode worker pays
-    xs = xs.to(bb.input_dtype)  # what the pipeline hands the model (bf16 on CUDA)
+    if bb.input_dtype is not None:  # what the pipeline hands a torch model (bf16 on CUDA); ONNX takes float32
+        xs = xs.to(bb.input_dtype)
     if bb.device == "cuda":
         xs = xs.pin_memory()
     bb(xs[:batch_size])  # warm-up, as the pipeline's first batch also pays it

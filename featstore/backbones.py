@@ -15,10 +15,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from featstore import weights as W
 from featstore.backbone_specs import (  # noqa: F401 - the registry's names, where featstore.backbones always had them
@@ -29,24 +28,40 @@ from featstore.registry import Registry
 from featstore.suggest import unknown
 from featstore.preprocess import InputPipeline
 
+if TYPE_CHECKING:
+    import torch
 
-def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
+
+def pick_device(device: str = "auto", family: str | None = None) -> str:
+    """cpu or cuda. An ONNX graph runs on CUDA where onnxruntime has its CUDA provider (onnxruntime-gpu),
+    whatever torch sees; torch is not imported for it."""
+    if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown device '{device}' (auto, cpu or cuda)")
-    return device
+    if device == "cpu":
+        return device
+    if family == "onnx":
+        import onnxruntime as ort
+
+        has, who = "CUDAExecutionProvider" in ort.get_available_providers(), "onnxruntime has no CUDA provider " \
+            "(pip install onnxruntime-gpu)"
+    else:
+        import torch
+
+        has, who = torch.cuda.is_available(), "torch sees no CUDA device"
+    if device == "cuda" and not has:
+        raise ValueError(f"--device cuda asked for, but {who}")
+    return "cuda" if has else "cpu"
 
 
 class Backbone:
     """A frozen feature extractor: float32 (N, C, H, W) -> float32 (N, D) numpy. Its inputs are made by
-    featstore.preprocess.to_input with spec.pipeline; weights_id names the weights and that pipeline."""
+    featstore.preprocess.to_input with spec.pipeline; weights_id names the weights and that pipeline.
+    Torch models take a tensor of input_dtype (or a NumPy array); input_dtype None: the model takes NumPy
+    float32 arrays and needs no torch (ONNX graphs)."""
 
-    def __init__(self, spec: BackboneSpec, weights_id: str, fn: Callable[[torch.Tensor], np.ndarray],
+    def __init__(self, spec: BackboneSpec, weights_id: str, fn: Callable[[np.ndarray], np.ndarray],
                  feature_dim: int, device: str, module: torch.nn.Module | None = None,
-                 input_dtype: torch.dtype = torch.float32):
+                 input_dtype: torch.dtype | None = None):
         self.spec, self.weights_id, self._fn = spec, weights_id, fn
         self.feature_dim, self.device, self.module = feature_dim, device, module
         # what the embed pipeline hands over: bf16 on CUDA, where the model computes in bf16
@@ -60,7 +75,7 @@ class Backbone:
     def name(self) -> str:
         return self.spec.name
 
-    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         out = self._fn(batch)
         if out.shape[1] != self.feature_dim:
             raise RuntimeError(f"{self.name} gave {out.shape[1]}-d features, expected {self.feature_dim}")
@@ -94,6 +109,8 @@ class BuildRequest:
 
     def seeded(self) -> str:
         """Seed torch for a random initialisation; its identity (recorded instead of a weight file's)."""
+        import torch
+
         torch.manual_seed(self.seed)
         return f"{W.RANDOM_INIT}:seed{self.seed}"
 
@@ -124,7 +141,7 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
     wdir = W.weights_dir(weights_dir)
     spec = get_spec(canonical_name(name, pooling, wdir) if pooling or "@" in name else name, wdir, weights)
     build = BUILDERS.get(spec.family)
-    dev = pick_device(device)
+    dev = pick_device(device, spec.family)
     req = BuildRequest(weights, wdir, dev, output, seed, config_overrides)
     return build(spec, req)
 
@@ -133,7 +150,9 @@ def create_backbone(name: str, weights: str | None = None, weights_dir: str | os
 def _build_pixelstats(spec: BackboneSpec, req: BuildRequest) -> Backbone:
     if req.weights:
         raise ValueError(f"--weights {req.weights}: {spec.name} has no weights; leave --weights out")
-    return _torch_backbone(spec, "none", _PixelStats(), req.device)
+    from featstore.torch_backbone import PixelStats
+
+    return _torch_backbone(spec, "none", PixelStats(), req.device)
 
 
 @builder("onnx")
@@ -170,6 +189,8 @@ for _family in ("hf", "timm", "open_clip"):  # featstore.foundation.FAMILIES, wi
 def _build_xrv_densenet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
     import torchxrayvision as xrv
 
+    from featstore.torch_backbone import Pooled
+
     if req.random:
         wid = req.seeded()
         m = xrv.models.DenseNet(weights=None, num_classes=len(xrv.models.model_urls[spec.weights]["labels"]))
@@ -177,19 +198,22 @@ def _build_xrv_densenet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
         path = _library_file(spec, req.weights, req.wdir)
         m = xrv.models.DenseNet(weights=spec.weights, cache_dir=str(path.parent) + os.sep)
         wid = W.weights_identity(path)
-    return _torch_backbone(spec, wid, _Pooled(m, m.features2), req.device, m)
+    return _torch_backbone(spec, wid, Pooled(m, m.features2), req.device, m)
 
 
 @builder("xrv-resnet")
 def _build_xrv_resnet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    from featstore.torch_backbone import Pooled
+
     wid = req.seeded() if req.random else None
     m = _xrv_resnet(spec, None if req.random else _library_file(spec, req.weights, req.wdir))
     wid = wid or W.weights_identity(m.weights_filename_local)
-    return _torch_backbone(spec, wid, _Pooled(m, m.features), req.device, m)
+    return _torch_backbone(spec, wid, Pooled(m, m.features), req.device, m)
 
 
 def _torchvision(spec: BackboneSpec, req: BuildRequest, arch: str):
     """A torchvision classifier (weights: `<Enum>.<member>`, fetched from the enum's own URL), and its identity."""
+    import torch
     import torchvision.models as tvm
 
     wid = req.seeded() if req.random else None
@@ -206,19 +230,27 @@ def _torchvision(spec: BackboneSpec, req: BuildRequest, arch: str):
 
 @builder("tv-densenet")
 def _build_tv_densenet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    import torch
+
+    from featstore.torch_backbone import Pooled
+
     m, wid = _torchvision(spec, req, "densenet121")
     feats = m.features
 
     def f(x):
         return torch.flatten(torch.nn.functional.adaptive_avg_pool2d(torch.relu(feats(x)), 1), 1)
-    return _torch_backbone(spec, wid, _Pooled(m, f), req.device, m)
+    return _torch_backbone(spec, wid, Pooled(m, f), req.device, m)
 
 
 @builder("tv-resnet")
 def _build_tv_resnet(spec: BackboneSpec, req: BuildRequest) -> Backbone:
+    import torch
+
+    from featstore.torch_backbone import Pooled
+
     m, wid = _torchvision(spec, req, "resnet50")
     m.fc = torch.nn.Identity()
-    return _torch_backbone(spec, wid, _Pooled(m, m), req.device, m)
+    return _torch_backbone(spec, wid, Pooled(m, m), req.device, m)
 
 
 def _library_file(spec: BackboneSpec, weights: str | None, wdir: Path | None, url: str | None = None) -> Path:
@@ -241,6 +273,8 @@ def _library_file(spec: BackboneSpec, weights: str | None, wdir: Path | None, ur
         url = xrv.models.model_urls[spec.weights]["weights_url"]
         cache = Path(xrv.utils.get_cache_dir())
     else:
+        import torch
+
         cache = Path(torch.hub.get_dir()) / "checkpoints"
     return W.resolve(os.path.basename(url), url, wdir, cache, W.http_download, what=spec.name)
 
@@ -248,6 +282,7 @@ def _library_file(spec: BackboneSpec, weights: str | None, wdir: Path | None, ur
 def _xrv_resnet(spec: BackboneSpec, path: Path | None):
     """torchxrayvision's ResNet class; it insists on weights, so random-init builds the
     same object with its own layer layout and no file."""
+    import torch
     import torchvision
     import torchxrayvision as xrv
 
@@ -275,96 +310,12 @@ def _fix_densenet_keys(state: dict) -> dict:
     return out
 
 
-class _Pooled(torch.nn.Module):
-    """Runs fn (a feature method of `model`); registering model makes .eval()/.to() reach it."""
-
-    def __init__(self, model: torch.nn.Module, fn):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-class _PixelStats(torch.nn.Module):
-    """64-bin histogram of [0,1] intensities (fractions) + 16x16 mean-pooled thumbnail."""
-
-    bins = 64
-    thumb = 16
-
-    def forward(self, x):
-        x = x[:, :1]
-        n = x.shape[0]
-        # NaN survives clamp and casts to a bin index far out of range (and clamp would turn Inf into
-        # a plausible 1.0): bin finite values only, and give an image with any non-finite pixel a NaN
-        # vector, as a network would, for the caller's finiteness check to reject
-        bad = ~torch.isfinite(x.flatten(1)).all(dim=1)
-        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).clamp(0, 1)
-        idx = (x.flatten(1) * (self.bins - 1e-4)).long()
-        hist = torch.zeros(n, self.bins, device=x.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-        hist = hist / idx.shape[1]
-        thumb = torch.nn.functional.adaptive_avg_pool2d(x, self.thumb).flatten(1)
-        out = torch.cat([hist, thumb], dim=1)
-        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)  # no sync: CUDA-graph safe
-
-
-class _CudaGraphed:
-    """bf16 forward on CUDA, replayed from a CUDA graph for full batches.
-
-    A DenseNet121 forward is ~500 kernel launches from Python; at batch 256 on an H100 launching
-    them costs more than running them, and the pipeline's other threads (pinning, store writes)
-    slow launching further. A graph replays them all in one call. Other batch shapes (the last,
-    partial batch) run eagerly; FEATSTORE_CUDA_GRAPHS=0 turns graphs off."""
-
-    def __init__(self, net):
-        self.net, self.graph, self.static_in, self.static_out = net, None, None, None
-        self.enabled = os.environ.get("FEATSTORE_CUDA_GRAPHS", "1") not in ("0", "false", "no")
-
-    def _fwd(self, x):
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            return self.net(x).float()
-
-    def _capture(self, x):
-        self.static_in = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm-up: cuDNN picks its algorithms outside the capture
-                self._fwd(self.static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pinning thread keeps calling CUDA during the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.static_out = self._fwd(self.static_in)
-
-    @torch.no_grad()
-    def __call__(self, x):
-        if not self.enabled or (self.graph is not None and x.shape != self.static_in.shape):
-            return self._fwd(x)
-        if self.graph is None:
-            self._capture(x)
-        self.static_in.copy_(x)
-        self.graph.replay()
-        return self.static_out
-
-
 def _torch_backbone(spec: BackboneSpec, wid: str, fn: torch.nn.Module, device: str,
                     module: torch.nn.Module | None = None) -> Backbone:
-    net = fn.to(device).eval()
-    cuda = device == "cuda"
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)
-        graphed = _CudaGraphed(net)
+    from featstore.torch_backbone import runner
 
-    def run(batch: torch.Tensor) -> np.ndarray:
-        if cuda:
-            batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            return graphed(batch).cpu().numpy()  # .cpu() copies before the next replay overwrites
-        with torch.inference_mode():
-            return net(batch).float().numpy()
-
-    return Backbone(spec, with_pipeline(wid, spec.pipeline), run, spec.feature_dim, device, module or net,
-                    torch.bfloat16 if cuda else torch.float32)
+    run, net, dtype = runner(fn, device)
+    return Backbone(spec, with_pipeline(wid, spec.pipeline), run, spec.feature_dim, device, module or net, dtype)
 
 
 @functools.cache
@@ -439,11 +390,12 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
     if (channels, size) != (spec.channels, spec.input_size):
         spec = dataclasses.replace(spec, input_size=size, channels=channels)
 
-    def run(batch: torch.Tensor) -> np.ndarray:
-        out = sess.run([output], {input_name: batch.numpy()})[0]
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = batch if isinstance(batch, np.ndarray) else batch.numpy()  # a CPU tensor (the Ray engine's, tests')
+        out = sess.run([output], {input_name: np.ascontiguousarray(x, np.float32)})[0]
         return np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)
 
-    dim = spec.feature_dim or run(torch.zeros(1, channels, size, size)).shape[1]
+    dim = spec.feature_dim or run(np.zeros((1, channels, size, size), np.float32)).shape[1]
     return Backbone(spec, with_pipeline(W.weights_identity(path), spec.pipeline), run, dim, device)
 
 
@@ -496,6 +448,7 @@ def needed_files(spec: BackboneSpec) -> list[tuple[str, str, str]]:
         return [("weights", os.path.basename(url), f"from {url} into <weights-dir>/ or {xrv.utils.get_cache_dir()} "
                                                    f"(downloaded when online)")]
     if spec.family.startswith("tv-"):
+        import torch
         import torchvision.models as tvm
 
         enum_name, member = spec.weights.split(".")

@@ -1,8 +1,10 @@
 """Embed: every image without an embedding for (backbone, weights, preprocessing), once.
 
-Decoding and preprocessing run in DataLoader worker processes; each batch of vectors
-is written as one Arrow table in one transaction, so a killed run leaves whole batches
-only and the next run picks up exactly the images still missing.
+Decoding and preprocessing run in worker processes: torch's DataLoader for torch models (pinned, bf16
+batches on CUDA), a plain process pool for models that take NumPy arrays (ONNX graphs: the command never
+imports torch, 2 s of its start-up). Each batch of vectors is written as one Arrow table in one
+transaction, so a killed run leaves whole batches only and the next run picks up exactly the images
+still missing.
 """
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import hashlib
 import os
 import queue
 import re
+import signal
 import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from datetime import datetime
@@ -20,8 +25,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_bytes, read_file
@@ -50,12 +53,11 @@ class EmbedReport:
         return self.n_embedded / self.seconds if self.seconds > 0 else 0.0
 
 
-class ImageDataset(Dataset):
-    """(image_id, path[, lung mask PNG]) -> (image_id, path, tensor | None, reason | None)."""
+class ImageDataset:
+    """(image_id, path[, lung mask PNG]) -> (image_id, path, float32 array | None, reason | None)."""
 
-    def __init__(self, items: list[tuple], preprocess: str, size: int, channels: int, norm: tuple,
-                 dtype: torch.dtype = torch.float32):
-        self.items, self.size, self.channels, self.norm, self.dtype = items, size, channels, norm, dtype
+    def __init__(self, items: list[tuple], preprocess: str, size: int, channels: int, norm: tuple):
+        self.items, self.size, self.channels, self.norm = items, size, channels, norm
         self.preprocess_name = preprocess
         self.fn = get_preprocess(preprocess)
         self.uint8 = self.fn.takes_uint8  # 8-bit images stay uint8 up to the model's own resize
@@ -83,7 +85,7 @@ class ImageDataset(Dataset):
             x = to_input(x, self.size, self.channels, self.norm)
             if reason := _non_finite(x, f"pixel values after preprocessing '{self.preprocess_name}'"):
                 return image_id, path, None, reason
-            return image_id, path, torch.from_numpy(x).to(self.dtype), None
+            return image_id, path, np.ascontiguousarray(x, np.float32), None
         except (DecodeError, MaskError) as e:
             return image_id, path, None, str(e)
         except Exception as e:  # a preprocessing bug must not kill the run; record it
@@ -113,19 +115,93 @@ def finite_rows(ids: list, paths: list, feats: np.ndarray) -> tuple[list, np.nda
     return [i for i, good in zip(ids, ok) if good], feats[ok], bad
 
 
-def collate(samples):
+def collate(samples, dtype=None):
+    """A batch: (ids, paths, inputs or None, failures); inputs a NumPy float32 array, or a torch tensor of
+    dtype (bf16 on CUDA: converted in the worker, half the bytes to share and copy)."""
     ok = [s for s in samples if s[2] is not None]
     bad = [(s[0], s[1], s[3]) for s in samples if s[2] is None]
     ids, paths = [s[0] for s in ok], [s[1] for s in ok]
-    x = torch.stack([s[2] for s in ok]) if ok else None
+    x = np.stack([s[2] for s in ok]) if ok else None
+    if x is not None and dtype is not None:
+        import torch
+
+        x = torch.from_numpy(x).to(dtype)
     return ids, paths, x, bad
 
 
-def _worker_init(parent_pid, _):
+def _worker_init(parent_pid, _=None):
     from featstore.procs import die_with_parent
 
     die_with_parent(parent_pid)  # a killed embed takes its decoders with it, at once (not at their watchdog)
-    torch.set_num_threads(1)  # decoding is per-process; leave the cores to the model
+    # decoding is per-process; leave the cores to the model (torch reads the variable if imported later)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+_POOL_DS: ImageDataset | None = None  # the dataset, in each pool worker (inherited at fork, never pickled)
+
+
+def _pool_init(ds: ImageDataset, parent_pid: int) -> None:
+    global _POOL_DS
+    _POOL_DS = ds
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
+    _worker_init(parent_pid)
+
+
+def _pool_batch(lo: int, hi: int):
+    return collate([_POOL_DS[i] for i in range(lo, hi)])
+
+
+class DecodePool:
+    """Batches of ImageDataset decoded by `workers` forked processes, in order, at most 4 per worker ahead of
+    the model (as the DataLoader's prefetch_factor=4), for models that take NumPy arrays. A worker that dies
+    fails the run (BrokenProcessPool), never hangs it; leaving the `with` cancels what was not started."""
+
+    def __init__(self, ds: ImageDataset, batch_size: int, workers: int):
+        self.ds, self.workers = ds, workers
+        self.bounds = [(lo, min(lo + batch_size, len(ds))) for lo in range(0, len(ds), batch_size)]
+        self.ex = None
+
+    def __enter__(self) -> DecodePool:
+        if self.workers:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                          initializer=_pool_init, initargs=(self.ds, os.getpid()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self):
+        if self.ex is None:
+            for lo, hi in self.bounds:
+                yield collate([self.ds[i] for i in range(lo, hi)])
+            return
+        from concurrent.futures.process import BrokenProcessPool
+
+        todo, ahead = iter(self.bounds), deque()
+        for lo, hi in todo:
+            ahead.append((self.ex.submit(_pool_batch, lo, hi), lo, hi))
+            if len(ahead) >= 4 * self.workers:
+                break
+        while ahead:
+            fut, lo, hi = ahead.popleft()
+            try:
+                batch = fut.result()
+            except BrokenProcessPool as e:  # killed (out of memory?) or crashed in a decoder's C code
+                first, last = self.ds.items[lo][1], self.ds.items[hi - 1][1]
+                raise RuntimeError(f"a decode worker died while images {first} to {last} (or the {len(ahead)} "
+                                   f"batches after them) were decoded; the batches before are stored: run embed "
+                                   f"again to go on") from e
+            if (nxt := next(todo, None)) is not None:
+                ahead.append((self.ex.submit(_pool_batch, *nxt), *nxt))
+            yield batch
 
 
 def todo(con, backbone: Backbone, preprocess: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -162,15 +238,14 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
             progress(len(refused), rep.n_todo)
         if items:
             spec = backbone.spec
-            ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm, backbone.input_dtype)
-            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                                pin_memory=backbone.device == "cuda", worker_init_fn=partial(_worker_init, os.getpid()) if workers else None,
-                                prefetch_factor=4 if workers else None, persistent_workers=False)
+            ds = ImageDataset(items, preprocess, spec.input_size, spec.channels, spec.norm)
+
             def write(b, ids, feats, bad):
                 run.write_batch(ids, feats, bad, b, before_commit)
 
             done = len(rep.failed)
-            with _Writer(write) as writer:  # batch b is written while batch b+1 runs through the model
+            # batch b is written while batch b+1 runs through the model
+            with _loader(ds, backbone, batch_size, workers) as loader, _Writer(write) as writer:
                 for b, (ids, paths, x, bad) in enumerate(loader):
                     feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
                     n = len(ids) + len(bad)
@@ -180,6 +255,20 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
                     if progress:
                         progress(done, rep.n_todo)
     return rep
+
+
+@contextmanager
+def _loader(ds: ImageDataset, backbone: Backbone, batch_size: int, workers: int):
+    if backbone.input_dtype is None:  # NumPy in: no torch in this process or its workers
+        with DecodePool(ds, batch_size, workers) as pool:
+            yield pool
+        return
+    from torch.utils.data import DataLoader
+
+    yield DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                     collate_fn=partial(collate, dtype=backbone.input_dtype), pin_memory=backbone.device == "cuda",
+                     worker_init_fn=partial(_worker_init, os.getpid()) if workers else None,
+                     prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 def _weights_source(backbone: Backbone) -> str | None:

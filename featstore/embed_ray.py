@@ -31,7 +31,7 @@ def _decode(batch: dict, preprocess: str, size: int, channels: int, norm: tuple)
     for k in range(len(items)):
         _, _, x, reason = ds[k]
         if x is not None:
-            xs[k] = x.numpy()
+            xs[k] = x
         errors.append(reason or "")
     return {"image_id": batch["image_id"], "path": batch["path"], "source": batch["source"], "x": xs,
             "error": np.array(errors, dtype=object)}
@@ -62,7 +62,9 @@ class _Embedder:
         d = self.bb.feature_dim
         feats = np.zeros((len(ok), d), np.float32)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["x"][ok])).to(self.bb.input_dtype)
+            x = np.ascontiguousarray(batch["x"][ok])
+            if self.bb.input_dtype is not None:  # a torch model: its dtype (bf16 on CUDA)
+                x = torch.from_numpy(x).to(self.bb.input_dtype)
             feats[ok] = self.bb(x)
         n = len(ok)
         return pa.table({

@@ -273,7 +273,7 @@ class MasksJob:
         forgot = [0]
 
         def forget(con, ids):  # in the transaction that replaces the masks: never old vectors on new masks
-            from featstore.embed import forget_lung_variants  # torch: only when a redo needs it
+            from featstore.embed import forget_lung_variants  # only when a redo needs it
 
             forgot[0] = forget_lung_variants(con, ids)
 

@@ -246,6 +246,32 @@ def synth_manifest(tmp_path_factory):
                                                               plant_bad=True, plant_duplicates=3))
 
 
+def _write_tiny_onnx(folder: Path) -> Path:
+    """A 1x32x32 -> 8-d ONNX graph (a fixed random 3x3 convolution, ReLU, global average pool), made with
+    onnx.helper: the generic `onnx` entry without the shared weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 1, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["y"], axis=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # what onnxruntime reads, whatever the onnx package writes by default
+    onnx.checker.check_model(model)
+    path = folder / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A tiny ONNX graph for the generic `onnx` entry (read only)."""
+    return _once(tmp_path_factory, "tiny-onnx", _write_tiny_onnx)
+
+
 @pytest.fixture
 def con(tmp_path):
     from featstore.store import connect

@@ -17,7 +17,8 @@ STAGES = [
                  "suggest", "registry", "options", "errors", "testing", "ownfiles", "journal_lock"}),
     ("ingest", {"synth", "ingest", "adapters"}),
     ("preprocess", {"lungs", "preprocess", "masks"}),
-    ("embed", {"families", "backbone_specs", "backbones", "foundation", "embed", "embed_ray", "export"}),
+    ("embed", {"families", "backbone_specs", "backbones", "torch_backbone", "foundation", "embed", "embed_ray",
+               "export"}),
     # the store's read API (embeddings + labels as arrays) sits here: it builds patient groups with split
     ("split", {"duplicates", "copymatch", "ann", "split", "api"}),
     # the sweep package (featstore/sweep/, its docstring the map) up to the fit: the config (schema only), its

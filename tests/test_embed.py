@@ -108,3 +108,72 @@ def test_unknown_preprocess_fails_before_work(ingested):
     with pytest.raises(ValueError, match="unknown preprocessing 'sharpen'"):
         embed(con, create_backbone("pixelstats"), "sharpen")
     assert con.execute("SELECT count(*) FROM embed_runs").fetchone()[0] == 0
+
+
+# --- models that take NumPy arrays (ONNX): decoded by a process pool, without torch --------------------
+
+def _vectors(con, dim=8):
+    return con.execute(f"SELECT image_id, vector FROM embeddings_d{dim} ORDER BY image_id").fetchall()
+
+
+def test_an_onnx_model_is_fed_by_the_decode_pool_and_never_imports_torch(ingested, tiny_onnx, tmp_path):
+    """`featstore embed` with an ONNX graph: 2 s less start-up without torch. The pool gives the vectors the
+    DataLoader gives (same model, same images, other batch sizes), with or without worker processes."""
+    import torch
+
+    con, _ = ingested
+    db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    con.close()
+    script = textwrap.dedent(f"""
+        import sys
+        from featstore.store import connect
+        from featstore.backbones import create_backbone
+        from featstore.embed import embed
+        con = connect({db!r})
+        r = embed(con, create_backbone("onnx", weights={str(tiny_onnx)!r}), batch_size=10, workers=2)
+        print(r.n_embedded, len(r.failed), r.status, "torch" in sys.modules)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    n, n_failed, status, torch_loaded = p.stdout.split()
+    assert (n, status, torch_loaded) == ("96", "completed", "False")
+    pool = _vectors(con := connect(db))
+    assert len(pool) == 96
+    for workers, torch_loader in ((0, False), (2, True)):
+        con.execute("DELETE FROM embeddings_d8")
+        bb = create_backbone("onnx", weights=str(tiny_onnx))
+        if torch_loader:  # the DataLoader's path, as a torch model takes it
+            bb.input_dtype = torch.float32
+        assert embed(con, bb, batch_size=7, workers=workers).n_embedded == 96
+        assert _vectors(con) == pool, (workers, torch_loader)
+    con.close()
+
+
+def test_a_decode_worker_that_dies_fails_the_run_in_one_line_and_keeps_whole_batches(ingested, tiny_onnx,
+                                                                                     monkeypatch):
+    """A decoder killed under the run (the kernel's OOM killer, a crash in C) fails it at once with a line
+    naming the images in flight, never hangs it; what was stored stays, and the next run goes on."""
+    import os
+
+    from featstore.embed import ImageDataset
+
+    con, _ = ingested
+    bb = create_backbone("onnx", weights=str(tiny_onnx))
+    ids = [i for (i,) in con.execute("SELECT image_id FROM images ORDER BY image_id").fetchall()]
+    fatal = ids[45]  # in the 5th batch of 10
+    get = ImageDataset.__getitem__
+
+    def dies_on_one(self, i):  # runs in the forked workers only (workers=2)
+        if self.items[i][0] == fatal:
+            os._exit(9)
+        return get(self, i)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", dies_on_one)
+    with pytest.raises(RuntimeError, match="a decode worker died while images .* were decoded"):
+        embed(con, bb, batch_size=10, workers=2)
+    n, distinct = con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings_d8").fetchone()
+    assert n == distinct and n % 10 == 0 and n <= 40  # whole batches only, none past the dead one
+    assert con.execute("SELECT status FROM embed_runs").fetchall() == [("failed",)]
+    monkeypatch.setattr(ImageDataset, "__getitem__", get)
+    r = embed(con, bb, batch_size=10, workers=2)
+    assert r.n_embedded + n == 96 and con.execute("SELECT count(*) FROM embeddings_d8").fetchone()[0] == 96

@@ -157,6 +157,21 @@ def test_embed_dataloader_workers_die_with_a_killed_parent(synth_manifest, tmp_p
 
 
 @pytest.mark.kill
+def test_embed_decode_pool_workers_die_with_a_killed_parent(synth_manifest, tiny_onnx, tmp_path):
+    """An ONNX model's decoders (a process pool, no torch) ask the kernel to kill them with their parent."""
+    db = tmp_path / "fs.duckdb"
+    r = subprocess.run([FEATSTORE, "ingest", "--manifest", str(synth_manifest), "--db", str(db)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr
+    marker = tmp_path / "held"  # the run holds after its first stored batch, its decoders up and waiting
+    p = _start(["embed", "--backbone", "onnx", "--weights", str(tiny_onnx), "--batch-size", "4", "--workers", "2",
+                "--db", str(db)], env={"FEATSTORE_TEST_HOLD_EMBED": f"{marker}:1"})
+    wait_for("the first stored batch", lambda: marker.exists() and marker.read_text().endswith("\n"), p)
+    kids = kill_9_then_no_survivors(p, lambda kids: len(kids) >= 2, "embed's 2 decode workers")
+    assert len(kids) >= 2
+
+
+@pytest.mark.kill
 def test_a_worker_whose_parent_died_before_it_started_exits():
     """The race prctl cannot cover: the parent died before the child asked to die with it."""
     code = ("import os, sys; from featstore.procs import die_with_parent; "
