@@ -306,12 +306,12 @@ class StudyJob:
 
     def run(self, progress: Callable = silent):
         """Load the config and run the study; a config, data or busy-store error is a UserError."""
-        from featstore.options import env_number
+        from featstore.options import TIMING, timing
+
+        for name in TIMING:  # a bad one is one line, at once: before the model libraries load
+            timing(name)
         from featstore.store import NotAStoreError, SnapshotError, StoreBusyError
         from featstore.sweep.config import StudyError, load_study
-        from featstore.sweep.fit import grace_period_s, heartbeat_interval_s
-
-        grace_period_s(), heartbeat_interval_s(), env_number("FEATSTORE_WRITE_WAIT_S", 600)  # bad ones: one line, now
         try:
             st = load_study(self.config)
             db = self.db or (Path(st.db) if st.db else None)

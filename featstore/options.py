@@ -57,3 +57,15 @@ def env_number(name: str, default: float, minimum: float = 0, integer: bool = Fa
         raise UserError(f"{name}={raw[:40]!r} is not {kind} of seconds >= {minimum:g}; unset it for the default "
                         f"({default:g})")
     return v
+
+
+# the sweep's timing variables: name -> (default seconds, minimum, whole seconds only). Read where used
+# (featstore.sweep.fit, featstore.sweep.run) and checked by the sweep commands first, before any model library
+# loads, so a bad value is one line at once
+TIMING = {"FEATSTORE_SWEEP_HEARTBEAT_S": (5, 1, True), "FEATSTORE_SWEEP_GRACE_S": (30, 1, True),
+          "FEATSTORE_WRITE_WAIT_S": (600, 0, False)}
+
+
+def timing(name: str) -> float:
+    default, minimum, integer = TIMING[name]
+    return env_number(name, default, minimum, integer)

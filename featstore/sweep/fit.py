@@ -123,15 +123,15 @@ GRACE_S: int | None = None
 
 
 def heartbeat_interval_s() -> int:
-    from featstore.options import env_number
+    from featstore.options import timing
 
-    return HEARTBEAT_S or int(env_number("FEATSTORE_SWEEP_HEARTBEAT_S", 5, minimum=1, integer=True))
+    return HEARTBEAT_S or int(timing("FEATSTORE_SWEEP_HEARTBEAT_S"))
 
 
 def grace_period_s() -> int:
-    from featstore.options import env_number
+    from featstore.options import timing
 
-    return GRACE_S or int(env_number("FEATSTORE_SWEEP_GRACE_S", 30, minimum=1, integer=True))
+    return GRACE_S or int(timing("FEATSTORE_SWEEP_GRACE_S"))
 
 
 def is_shared(storage) -> bool:

@@ -233,10 +233,10 @@ def _connect_when_free(db, workdir: Path, sweep_id: str, rows, preds, wait_s: fl
     the rows in Parquet files beside the journal (nothing computed is lost) and say how to load them."""
     import shlex
 
-    from featstore.options import env_number
+    from featstore.options import timing
     from featstore.store import StoreBusyError, connect
 
-    wait_s = env_number("FEATSTORE_WRITE_WAIT_S", 600) if wait_s is None else wait_s
+    wait_s = timing("FEATSTORE_WRITE_WAIT_S") if wait_s is None else wait_s
     t0 = time.time()
     while True:
         try:
