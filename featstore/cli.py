@@ -267,12 +267,12 @@ def embed(
                                                     "--files NAME` says which)"),
     onnx_output: Optional[str] = typer.Option(None, help="generic onnx backbone: tensor to read"),
     batch_size: int = typer.Option(32, min=1),
-    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader decode processes (default: cores, at most 4)"),
+    workers: Optional[int] = typer.Option(None, min=0, help="decode processes (default: cores, at most 4)"),
     device: str = typer.Option("auto", **_one_of("device", ["auto", "cpu", "cuda"])),
     limit: Optional[int] = typer.Option(None, min=1, help="embed at most N images this run (N >= 1; leave it out "
                                         "for all)"),
     engine: str = typer.Option("local", **_one_of("engine", ["local", "ray"]),
-                               help="local (DataLoader on this machine) or ray (Ray Data: every CPU/GPU of a cluster)"),
+                               help="local (decode processes on this machine) or ray (Ray Data: every CPU/GPU of a cluster)"),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="ray: a cluster to join "
                                                "(auto, ray://head:10001); default: start Ray on this machine"),
     shards: Path = typer.Option(Path("featstore-shards"), help="ray: Parquet shards land here before the import"),

@@ -141,66 +141,105 @@ def _worker_init(parent_pid, _=None):
         sys.modules["torch"].set_num_threads(1)
 
 
-_POOL_DS: ImageDataset | None = None  # the dataset, in each pool worker (inherited at fork, never pickled)
+class DecoderDied(RuntimeError):
+    """A decode worker died under the run (the kernel's OOM killer, a crash in a decoder's C code): one line
+    naming the images it had, what is stored, and what to do."""
 
 
-def _pool_init(ds: ImageDataset, parent_pid: int) -> None:
-    global _POOL_DS
-    _POOL_DS = ds
+def _decoder(ds: ImageDataset, parent_pid: int, tasks, results) -> None:
+    """A DecodePool worker: (lo, hi) batches in, collated batches out, in order, until None or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the pool
     _worker_init(parent_pid)
-
-
-def _pool_batch(lo: int, hi: int):
-    return collate([_POOL_DS[i] for i in range(lo, hi)])
+    try:
+        while (task := tasks.recv()) is not None:
+            lo, hi = task
+            results.send(collate([ds[i] for i in range(lo, hi)]))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):  # the parent is gone or stopping
+        pass
 
 
 class DecodePool:
-    """Batches of ImageDataset decoded by `workers` forked processes, in order, at most 4 per worker ahead of
-    the model (as the DataLoader's prefetch_factor=4), for models that take NumPy arrays. A worker that dies
-    fails the run (BrokenProcessPool), never hangs it; leaving the `with` cancels what was not started."""
+    """Batches of ImageDataset decoded by `workers` forked processes, in order, for models that take NumPy
+    arrays: batch b goes to worker b mod workers, at most 4 per worker ahead of the model (as the DataLoader's
+    prefetch_factor=4). Each worker has its own pipes, so a worker that dies, even halfway through sending a
+    batch, is seen at once (end of file, or its process sentinel) and fails the run with DecoderDied, never
+    hangs it; leaving the `with` early kills the workers (they hold nothing to keep)."""
+
+    AHEAD = 4
 
     def __init__(self, ds: ImageDataset, batch_size: int, workers: int):
-        self.ds, self.workers = ds, workers
+        self.ds, self.workers = ds, max(0, min(workers, -(-len(ds) // batch_size)))
         self.bounds = [(lo, min(lo + batch_size, len(ds))) for lo in range(0, len(ds), batch_size)]
-        self.ex = None
+        self.procs: list = []  # (process, task sender, result receiver)
 
     def __enter__(self) -> DecodePool:
-        if self.workers:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
 
-            self.ex = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                          initializer=_pool_init, initargs=(self.ds, os.getpid()))
+        ctx = multiprocessing.get_context("fork")
+        for _ in range(self.workers):
+            task_r, task_w = ctx.Pipe(duplex=False)
+            res_r, res_w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_decoder, args=(self.ds, os.getpid(), task_r, res_w), daemon=True)
+            p.start()
+            task_r.close()  # only the worker holds these ends: its death is an end of file here
+            res_w.close()
+            self.procs.append((p, task_w, res_r))
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.ex is not None:
-            self.ex.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, *_) -> None:
+        for p, task_w, _ in self.procs:
+            if exc_type is None and p.is_alive():
+                try:
+                    task_w.send(None)
+                except OSError:
+                    pass
+            else:
+                p.kill()
+        for p, task_w, res_r in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+            task_w.close()
+            res_r.close()
+        self.procs = []
+
+    def _died(self, w: int, b: int) -> DecoderDied:
+        p = self.procs[w][0]
+        p.join(1)
+        how = f"killed by signal {-p.exitcode}" if p.exitcode and p.exitcode < 0 else f"exit code {p.exitcode}"
+        lo, hi = self.bounds[b]
+        return DecoderDied(f"a decode worker died ({how}; out of memory?) while decoding {self.ds.items[lo][1]} to "
+                           f"{self.ds.items[hi - 1][1]}; the batches before them are stored: run embed again to "
+                           f"go on")
+
+    def _send(self, b: int) -> None:
+        w = b % self.workers
+        try:
+            self.procs[w][1].send(self.bounds[b])
+        except OSError as e:
+            raise self._died(w, b) from e
 
     def __iter__(self):
-        if self.ex is None:
+        if not self.procs:
             for lo, hi in self.bounds:
                 yield collate([self.ds[i] for i in range(lo, hi)])
             return
-        from concurrent.futures.process import BrokenProcessPool
+        from multiprocessing.connection import wait
 
-        todo, ahead = iter(self.bounds), deque()
-        for lo, hi in todo:
-            ahead.append((self.ex.submit(_pool_batch, lo, hi), lo, hi))
-            if len(ahead) >= 4 * self.workers:
-                break
-        while ahead:
-            fut, lo, hi = ahead.popleft()
+        n = len(self.bounds)
+        for b in range(min(n, self.AHEAD * self.workers)):
+            self._send(b)
+        for b in range(n):
+            w = b % self.workers
+            p, _, res_r = self.procs[w]
+            wait([res_r, p.sentinel])  # a result, or the worker's end (then reading gives EOF)
             try:
-                batch = fut.result()
-            except BrokenProcessPool as e:  # killed (out of memory?) or crashed in a decoder's C code
-                first, last = self.ds.items[lo][1], self.ds.items[hi - 1][1]
-                raise RuntimeError(f"a decode worker died while images {first} to {last} (or the {len(ahead)} "
-                                   f"batches after them) were decoded; the batches before are stored: run embed "
-                                   f"again to go on") from e
-            if (nxt := next(todo, None)) is not None:
-                ahead.append((self.ex.submit(_pool_batch, *nxt), *nxt))
+                batch = res_r.recv()
+            except (EOFError, OSError) as e:
+                raise self._died(w, b) from e
+            if b + self.AHEAD * self.workers < n:
+                self._send(b + self.AHEAD * self.workers)
             yield batch
 
 
@@ -246,14 +285,20 @@ def embed(con, backbone: Backbone, preprocess: str = "original", batch_size: int
             done = len(rep.failed)
             # batch b is written while batch b+1 runs through the model
             with _loader(ds, backbone, batch_size, workers) as loader, _Writer(write) as writer:
-                for b, (ids, paths, x, bad) in enumerate(loader):
-                    feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
-                    n = len(ids) + len(bad)
-                    ids, feats, nonfinite = finite_rows(ids, paths, feats)
-                    writer.put(b, ids, feats, bad + nonfinite)
-                    done += n
-                    if progress:
-                        progress(done, rep.n_todo)
+                try:
+                    for b, (ids, paths, x, bad) in enumerate(loader):
+                        feats = backbone(x) if x is not None else np.zeros((0, backbone.feature_dim), np.float32)
+                        n = len(ids) + len(bad)
+                        ids, feats, nonfinite = finite_rows(ids, paths, feats)
+                        writer.put(b, ids, feats, bad + nonfinite)
+                        done += n
+                        if progress:
+                            progress(done, rep.n_todo)
+                except RuntimeError as e:  # torch's words for DecodePool's DecoderDied
+                    if type(e) is RuntimeError and str(e).startswith("DataLoader worker"):
+                        raise DecoderDied(f"a decode worker died ({str(e).strip()}; out of memory?); the batches "
+                                          f"before are stored: run embed again to go on") from e
+                    raise
     return rep
 
 

@@ -193,7 +193,7 @@ class EmbedJob:
                             f"(expected {_expected_weights(name)}): {type(e).__name__}: {str(e)[:300]}") from e
 
     def _embed(self, con, name, bb, progress):
-        from featstore.embed import DiskFullError
+        from featstore.embed import DecoderDied, DiskFullError
         from featstore.weights import WeightsMissingError
 
         with progress("embed") as prog:
@@ -218,6 +218,8 @@ class EmbedJob:
                 raise UserError(str(e)) from e
             except DiskFullError as e:
                 raise NoSpace(str(e)) from e
+            except DecoderDied as e:
+                raise Failed(str(e)) from e
 
     def _make_masks(self, con, bb):
         """Lung variants: the missing masks of the images this run will embed, made (`self.masks`)

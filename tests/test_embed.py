@@ -155,7 +155,10 @@ def test_a_decode_worker_that_dies_fails_the_run_in_one_line_and_keeps_whole_bat
     naming the images in flight, never hangs it; what was stored stays, and the next run goes on."""
     import os
 
-    from featstore.embed import ImageDataset
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+    from featstore.embed import DecoderDied, ImageDataset
 
     con, _ = ingested
     bb = create_backbone("onnx", weights=str(tiny_onnx))
@@ -169,11 +172,56 @@ def test_a_decode_worker_that_dies_fails_the_run_in_one_line_and_keeps_whole_bat
         return get(self, i)
 
     monkeypatch.setattr(ImageDataset, "__getitem__", dies_on_one)
-    with pytest.raises(RuntimeError, match="a decode worker died while images .* were decoded"):
+    with pytest.raises(DecoderDied, match=r"a decode worker died \(exit code 9; out of memory\?\) while decoding "
+                                          r"\S+ to \S+; the batches before them are stored: run embed again"):
         embed(con, bb, batch_size=10, workers=2)
     n, distinct = con.execute("SELECT count(*), count(DISTINCT image_id) FROM embeddings_d8").fetchone()
     assert n == distinct and n % 10 == 0 and n <= 40  # whole batches only, none past the dead one
     assert con.execute("SELECT status FROM embed_runs").fetchall() == [("failed",)]
+    # the command says it in one line (exit 1), no traceback
+    db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    con.close()
+    r = CliRunner().invoke(app, ["embed", "--backbone", "onnx", "--weights", str(tiny_onnx), "--batch-size", "10",
+                                 "--workers", "2", "--db", db])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert [ln for ln in r.output.splitlines() if "decode worker died" in ln][0].startswith("error: a decode worker")
     monkeypatch.setattr(ImageDataset, "__getitem__", get)
+    con = connect(db)
     r = embed(con, bb, batch_size=10, workers=2)
     assert r.n_embedded + n == 96 and con.execute("SELECT count(*) FROM embeddings_d8").fetchone()[0] == 96
+    con.close()
+
+
+def test_a_decode_worker_killed_halfway_through_sending_a_batch_never_hangs_the_run(ingested, tiny_onnx):
+    """The worker dies after writing half of a batch into its pipe (the OOM killer picks the process holding a
+    big batch): the run sees the end of that worker's own pipe and fails with DecoderDied. A pipe shared by all
+    workers (concurrent.futures' process pool) waits forever for the rest of the message."""
+    con, _ = ingested
+    db = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchone()[0]
+    con.close()
+    script = textwrap.dedent(f"""
+        import os, pickle, struct
+        from multiprocessing.connection import Connection
+        from featstore.store import connect
+        from featstore.backbones import create_backbone
+        from featstore.embed import DecoderDied, embed
+        parent, send = os.getpid(), Connection.send
+
+        def half_then_die(self, obj):
+            if os.getpid() == parent:
+                return send(self, obj)
+            buf = pickle.dumps(obj)
+            self._send(struct.pack("!i", len(buf)) + buf[:len(buf) // 2])
+            os._exit(9)
+
+        Connection.send = half_then_die
+        con = connect({db!r})
+        try:
+            embed(con, create_backbone("onnx", weights={str(tiny_onnx)!r}), batch_size=32, workers=2)
+        except DecoderDied as e:
+            print("DecoderDied", str(e)[:40])
+        print(con.execute("SELECT status FROM embed_runs").fetchall())
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.splitlines() == ["DecoderDied a decode worker died (exit code 9; out o", "[('failed',)]"], p.stdout
