@@ -87,14 +87,16 @@ def _manifest_one(item):
         return image_id, None, f"{e} (mask file {mask_path})"
 
 
+# torchxrayvision's cache folder (its utils.get_cache_dir), named here: looking for the file loads no torch
+XRV_CACHE = Path("~") / ".torchxrayvision" / "models_data"
+
+
 def pspnet_weights(weights_dir: str | Path | None = None, download: bool = False) -> Path | None:
     """The PSPNet weights file, or None when absent and download is False."""
-    from torchxrayvision.utils import get_cache_dir
-
     from featstore import weights as W
 
     try:
-        return W.resolve(PSPNET_FILE, PSPNET_URL, W.weights_dir(weights_dir), Path(get_cache_dir()).expanduser(),
+        return W.resolve(PSPNET_FILE, PSPNET_URL, W.weights_dir(weights_dir), XRV_CACHE.expanduser(),
                          W.http_download if download else None, what="torchxrayvision lung segmentation (PSPNet)")
     except W.WeightsMissingError:
         if download:

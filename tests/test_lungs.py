@@ -301,3 +301,23 @@ def test_pspnet_is_used_when_its_weights_are_present(con, tmp_path):
     assert rep.by_method == {"xrv-pspnet": 2} and not rep.note
     made = con.execute("SELECT DISTINCT method, made_from FROM lung_masks").fetchall()
     assert made == [("xrv-pspnet", weights_identity(wdir / PSPNET_FILE))]
+
+
+def test_the_pspnet_file_is_looked_for_in_torchxrayvisions_cache_without_importing_it(tmp_path):
+    """masks.XRV_CACHE is torchxrayvision's own folder; finding (or missing) the file loads no torch, so an
+    ONNX embed of a lung variant stays torch-free."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torchxrayvision.utils import get_cache_dir
+
+    from featstore.masks import XRV_CACHE
+
+    assert XRV_CACHE.expanduser() == Path(get_cache_dir()).expanduser()
+    code = ("import sys; from featstore.masks import pspnet_weights; "
+            f"print(pspnet_weights({str(tmp_path)!r}), 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 0 and r.stdout.split() == ["None", "False"], r.stdout + r.stderr
