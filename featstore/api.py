@@ -148,12 +148,13 @@ class Store:
 
     def embeddings(self, backbone: str, preprocess: str = "original", weights_id: str | None = None,
                    sources: list[str] | None = None, labels: list[str] | None = None,
-                   pooling: str | None = None) -> pl.DataFrame:
+                   pooling: str | None = None, vectors: bool = True) -> pl.DataFrame:
         """Metadata + `vector` (Array[Float32, d]) for one embedding set, ordered by image_id. pooling (cls,
-        mean, pooler) picks a foundation model's set as `featstore embed --pooling` names it."""
+        mean, pooler) picks a foundation model's set as `featstore embed --pooling` names it. vectors=False:
+        the metadata alone (the same rows, none of the vectors' memory)."""
         backbone = _set_name(backbone, pooling)
         tbl, _ = self._query("i.image_id, i.source, i.label, i.class, i.patient_id, i.view, i.sex, i.age, "
-                             "e.backbone, e.weights_id, e.preprocess, e.vector",
+                             "e.backbone, e.weights_id, e.preprocess" + (", e.vector" if vectors else ""),
                              backbone, preprocess, weights_id, sources, labels)
         return pl.from_arrow(tbl)
 

@@ -179,7 +179,7 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
     with Store(db, read_only=True) as fs:
         wid, _ = fs.embedding_set(backbone, preprocess)
         X, meta = fs.arrays(backbone, preprocess)
-        demo = fs.embeddings(backbone, preprocess).select("image_id", "sex", "age")
+        demo = fs.embeddings(backbone, preprocess, vectors=False).select("image_id", "sex", "age")
         step("neighbours")
         nb = neighbor_table(fs.con, backbone, preprocess)
     src = meta["source"].to_numpy()

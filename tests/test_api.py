@@ -24,6 +24,15 @@ def db(synth_stores, tmp_path):
     return tmp_path / "fs.duckdb"
 
 
+def test_embeddings_without_vectors_are_the_same_rows(synth_stores):
+    """vectors=False (the sweep's and the probe's demographics): the metadata of embeddings(), row for row."""
+    with open_store(synth_stores["neutral"]) as fs:
+        full = fs.embeddings("pixelstats", sources=["synthetic-a", "synthetic-b"])
+        meta = fs.embeddings("pixelstats", sources=["synthetic-a", "synthetic-b"], vectors=False)
+    assert "vector" in full.columns and "vector" not in meta.columns and full.height > 0
+    assert meta.equals(full.drop("vector"))
+
+
 def test_arrays_for_a_binary_target(synth_stores):
     with open_store(synth_stores["neutral"]) as fs:
         X0, meta0 = fs.arrays("pixelstats")

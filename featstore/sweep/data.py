@@ -90,7 +90,7 @@ def demographics(fs, backbone: str, preprocess: str, image_ids) -> dict:
     """sex and age band per image (None where the manifest has none); only attributes some image has."""
     from featstore.split import age_band
 
-    d = fs.embeddings(backbone, preprocess).select("image_id", "sex", "age")
+    d = fs.embeddings(backbone, preprocess, vectors=False).select("image_id", "sex", "age")
     at = dict(zip(d["image_id"].to_list(), zip(d["sex"].to_list(), d["age"].to_list())))
     sex = np.array([at.get(i, (None, None))[0] for i in image_ids], dtype=object)
     band = age_band([at.get(i, (None, None))[1] for i in image_ids])
