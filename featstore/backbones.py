@@ -396,7 +396,9 @@ def _onnx_backbone(spec: BackboneSpec, weights: str | None, wdir: Path | None, o
         return np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)
 
     dim = spec.feature_dim or run(np.zeros((1, channels, size, size), np.float32)).shape[1]
-    return Backbone(spec, with_pipeline(W.weights_identity(path), spec.pipeline), run, dim, device)
+    # what the session runs on: onnxruntime-gpu without usable CUDA libraries falls back to the CPU quietly
+    ran_on = "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+    return Backbone(spec, with_pipeline(W.weights_identity(path), spec.pipeline), run, dim, ran_on)
 
 
 # --- which files an entry needs, and where they go (`featstore backbones --files`) -------------------
