@@ -9,13 +9,11 @@ and the ties would hide the ranking.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from numbers import Integral, Real
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, _fit_context
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -217,6 +215,8 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         self.random_state = random_state
 
     def _nets(self, d, n_classes, n_domains):
+        import torch.nn as nn
+
         h1, h2 = self.hidden
         fe = nn.Sequential(nn.Linear(d, h1), nn.BatchNorm1d(h1), nn.ReLU(), nn.Dropout(self.dropout),
                            nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.ReLU())
@@ -233,6 +233,9 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
                              "the warm-up before any checkpoint is kept")
         if len(self.hidden) != 2:
             raise ValueError(f"hidden must give two layer widths, got {self.hidden!r}")
+        import torch
+        import torch.nn.functional as F
+
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.label_encoder_ = LabelEncoder().fit(y)
@@ -280,7 +283,7 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
                 if adversarial and self.domain_refit == "step":  # fe meets the best head for this batch
                     self._refit_domain_head(dh, z.detach(), dt[b], self.domain_step_iters, lbfgs)
                 if adversarial:
-                    dloss = F.cross_entropy(dh(_GradReverse.apply(z, lam)), dt[b])
+                    dloss = F.cross_entropy(dh(_grad_reverse().apply(z, lam)), dt[b])
                     loss = loss + dloss
                     dsum, dn = dsum + dloss.item() * len(b), dn + len(b)
                 opt.zero_grad()
@@ -329,6 +332,9 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         """L-BFGS on the (frozen) representation z, warm-started from the current head. One optimiser
         per fit and iteration count, its state emptied before each refit: that is what a new one holds,
         without building one on every minibatch (about 4 % of a fit; identical predictions)."""
+        import torch
+        import torch.nn.functional as F
+
         opt = cache.get(iters)
         if opt is None:
             opt = cache[iters] = torch.optim.LBFGS(dh.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
@@ -344,6 +350,8 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         opt.step(closure)
 
     def _z(self, X):
+        import torch
+
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         with torch.no_grad():
@@ -363,11 +371,15 @@ class GRLHead(ClassifierMixin, TransformerMixin, BaseEstimator):
         return self._z(X).numpy().astype(np.float64)
 
     def predict_proba(self, X):
+        import torch
+
         z = self._z(X)
         with torch.no_grad():
             return torch.softmax(self.class_head_(z), dim=1).numpy().astype(np.float64)
 
     def decision_function(self, X):
+        import torch
+
         z = self._z(X)
         with torch.no_grad():
             logits = self.class_head_(z).numpy().astype(np.float64)
@@ -469,21 +481,30 @@ def inner_split(yi, dom, n_classes, n_domains, val_fraction, seed):
 
 
 def _features(fe, X):
+    import torch
+
     with torch.no_grad():
         return fe(X)
 
 
-class _GradReverse(torch.autograd.Function):
-    """Identity forward; gradient times -lambda backward."""
+@cache
+def _grad_reverse():
+    """The gradient-reversal layer, made on first use: torch loads only where a head needs it."""
+    import torch
 
-    @staticmethod
-    def forward(ctx, x, lam):
-        ctx.lam = lam
-        return x.view_as(x)
+    class _GradReverse(torch.autograd.Function):
+        """Identity forward; gradient times -lambda backward."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return -ctx.lam * g, None
+        @staticmethod
+        def forward(ctx, x, lam):
+            ctx.lam = lam
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return -ctx.lam * g, None
+
+    return _GradReverse
 
 
 # --- registry: one entry per head, with its Optuna search space -----------------------------
@@ -526,6 +547,9 @@ class HeadSpec:
     # the refit of the selected trial, whose predictions are scored, does not use them
     search_defaults: dict = field(default_factory=dict)
     needs_inputs: bool = False  # built with inputs beyond hyperparameters (the zero-shot head's text side)
+    # may fit with torch: sweep.fit.single_threaded then loads it to hold its threads at one; heads known not to
+    # say False, so a study of them never imports torch (about 2 CPU s per sweep process and worker)
+    torch: bool = True
 
 
 HEADS: Registry[HeadSpec] = Registry("head")
@@ -536,15 +560,16 @@ def register_head(spec: HeadSpec) -> HeadSpec:
 
 
 register_head(HeadSpec("logreg", LogisticHead, _space_logreg, "standardised logistic regression (L1/L2)",
-                       prepare=lambda X: dict(scaler=StandardScaler().fit(X))))
+                       prepare=lambda X: dict(scaler=StandardScaler().fit(X)), torch=False))
 # trials stop at the first validation plateau instead of dropping the LR up to 3 times: ~40% fewer epochs
 # on the real set, and the same kept weights whenever the best epoch precedes the first drop (7 of 8
 # fits sampled there); the refit keeps the full schedule
 register_head(HeadSpec("grl_mlp", GRLHead, _space_grl, "gradient-reversal MLP (DANN schedule), Trivedi et al. "
                        "2022 network", search_defaults=dict(max_drops=1)))
-register_head(HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees"))
+register_head(HeadSpec("lightgbm", LightGBMHead, _space_lgbm, "LightGBM gradient-boosted trees", torch=False))
 register_head(HeadSpec("zeroshot", ZeroShotHead, _space_none, "zero-shot: class prompts through the embedding set's own "
-                       "text tower (CLIP family, SigLIP); no training, one trial", searched=False, needs_inputs=True))
+                       "text tower (CLIP family, SigLIP); no training, one trial", searched=False, needs_inputs=True,
+                       torch=False))
 
 
 # shortcut-robust heads (featstore/robust.py): groups are (training source, label)
@@ -552,11 +577,11 @@ from featstore.robust import (DFRHead, GroupDROHead, ReweightHead, space_dfr, sp
                               space_reweight)
 
 register_head(HeadSpec("dfr", DFRHead, space_dfr, "Deep Feature Reweighting: logistic last layer re-fitted on "
-                       "group-balanced (source x label) subsets of held-out training images"))
+                       "group-balanced (source x label) subsets of held-out training images", torch=False))
 register_head(HeadSpec("groupdro", GroupDROHead, space_groupdro, "GroupDRO: worst-group (source x label) loss, "
                        "strong L2, linear head"))
 register_head(HeadSpec("reweight", ReweightHead, space_reweight, "logistic regression weighted by inverse "
-                       "group (source x label) frequency"))
+                       "group (source x label) frequency", torch=False))
 
 
 def create_head(name: str, **params) -> BaseEstimator:

@@ -76,7 +76,7 @@ def pytest_collection_modifyitems(config, items):
     """pytest-xdist (--dist loadgroup) sends each xdist_group to one worker and other tests one by one.
     Grouped: the tests on the session's Ray head (some of its ports are Ray's fixed defaults: one head on
     the machine), and those sharing a module-scoped fixture (built once, not once per worker). Under
-    xdist, the long tests that are not grouped go first, so that none starts last on an otherwise idle run."""
+    xdist, the long tests and the groups holding one go first, so that none starts last on an otherwise idle run."""
     for item in items:
         defs = getattr(item, "_fixtureinfo", None)
         module_scoped = defs and any(d.scope == "module" for ds in defs.name2fixturedefs.values() for d in ds)
@@ -85,8 +85,13 @@ def pytest_collection_modifyitems(config, items):
         elif module_scoped:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects, and must order alike
-        first = [i for i in items if not i.get_closest_marker("xdist_group")
-                 and any(i.get_closest_marker(m) for m in _LONG)]
+        def group(i):
+            m = i.get_closest_marker("xdist_group")
+            return (m.args[0] if m.args else m.kwargs.get("name")) if m else None
+
+        long_groups = {group(i) for i in items if group(i) and any(i.get_closest_marker(m) for m in _LONG)}
+        first = [i for i in items if group(i) in long_groups
+                 or (group(i) is None and any(i.get_closest_marker(m) for m in _LONG))]
         moved = set(first)
         items[:] = first + [i for i in items if i not in moved]
     result = yield
@@ -400,15 +405,17 @@ def ray_head():
             time.sleep(1)
         yield SimpleNamespace(address=address, pid=head.pid, env=env)
     finally:
+        # a throwaway head: every Ray process is killed outright, then the head reaped. Asked to stop
+        # (SIGTERM), `ray start --block` took ~30 s at the end of a whole run, on the run's last worker
         kids = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        head.terminate()  # `ray start --block` stops what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=30)
-        for k in psutil.wait_procs(kids, timeout=30)[1]:
-            k.kill()
+        for k in kids:
+            try:
+                k.kill()
+            except psutil.NoSuchProcess:
+                pass
+        head.kill()
+        head.wait(timeout=30)
+        psutil.wait_procs(kids, timeout=30)  # reparented and reaped once the head is gone
         import shutil
 
         shutil.rmtree(temp, ignore_errors=True)

@@ -258,7 +258,7 @@ def test_a_sweep_killed_mid_trial_and_resumed_equals_an_uninterrupted_one(synth_
     # the kills land in grl_mlp's trials, which run after logreg's 24; 6 trials each, so TPE proper
     # (after 5 random ones) is resumed too
     cfg = _sweep_config(tmp_path, "resume", {"logreg": {"trials": 6}, "grl_mlp": {"trials": 6,
-                                                                                    "fixed": {"max_epochs": 20}}})
+                                                                                    "fixed": {"max_epochs": 6}}})
     work, journal = tmp_path / "w", tmp_path / "w" / "optuna" / "resume.journal"
     rng = random.Random(10)
     killed = []

@@ -169,7 +169,9 @@ def test_four_postgres_workers_equal_one_and_track_to_an_mlflow_server(synth_sto
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                                postgres("mlflow"), "--artifacts-destination", str(tmp_path / "artifacts"),
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                              # no job runner: its Huey consumer processes cost ~25 CPU s and this test runs no job
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         outs = [w.communicate(timeout=400) for w in workers]
         for w, (_, e) in zip(workers, outs):
@@ -225,7 +227,7 @@ def test_a_killed_worker_loses_no_finished_trial_and_its_study_is_taken_over(syn
     monkeypatch.setattr(S, "HEARTBEAT_S", 1)
     monkeypatch.setattr(S, "GRACE_S", 3)
     db = synth_stores["confounded"]
-    cfg = _config(tmp_path, "takeover", heads={"grl_mlp": {"trials": 4, "fixed": {"max_epochs": 60}}},
+    cfg = _config(tmp_path, "takeover", heads={"grl_mlp": {"trials": 4, "fixed": {"max_epochs": 6}}},
                   protocols={"loso": {}})
     url = postgres("optuna_takeover")
     storage = optuna.storages.RDBStorage(url)
@@ -259,7 +261,7 @@ def test_kill_9_during_a_sweep_repeatedly_keeps_every_finished_trial(synth_store
                                                                      recording_tracker):
     db = synth_stores["confounded"]
     cfg = _config(tmp_path, "killsweep", heads={"logreg": {"trials": 4}, "grl_mlp": {"trials": 2,
-                                                                                    "fixed": {"max_epochs": 40}}},
+                                                                                    "fixed": {"max_epochs": 6}}},
                   protocols={"loso": {}})
     journal = tmp_path / "w" / "optuna" / "killsweep.journal"
     rng = random.Random(6)

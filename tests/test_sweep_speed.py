@@ -88,6 +88,58 @@ def test_studies_run_single_threaded_and_restore_the_threads():
         assert torch.get_num_threads() == 1
         assert all(i["num_threads"] == 1 for i in threadpool_info())
     assert torch.get_num_threads() == 2
+    for head in ("grl_mlp", "logreg"):  # torch loaded already: held at one thread whatever the head
+        with S.single_threaded(head):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.slow
+def test_a_study_of_heads_without_torch_never_imports_it(synth_stores, tmp_path, mlflow_db):
+    """logreg and LightGBM sweeps (their workers too) never load torch (about 2 CPU s per process); a GRL
+    study loads it and its fits run on one torch thread."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os
+        import sys
+        from pathlib import Path
+
+        from featstore.sweep import fit as S
+        from featstore.sweep.config import parse_study
+        from featstore.sweep.run import run_study
+
+        real = S._run_task
+
+        def spy(*a, **kw):  # top level: spawn runs it in each worker too, where the fits run
+            with open(sys.argv[4], "a") as f:
+                f.write(f"{{os.getpid()}} {{'torch' in sys.modules}}\\n")
+            return real(*a, **kw)
+
+        S._run_task = spy
+
+        if __name__ == "__main__":
+            raw = dict(study="nt", backbones=["pixelstats"], seed=7, bootstrap=0, protocols={{"loso": {{}}}},
+                       heads={{"logreg": {{"trials": 2}}, "lightgbm": {{"trials": 1}}}})
+            rep = run_study(parse_study(raw), Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], workers=2)
+            assert rep.n_failed == 0 and rep.rows, rep.notes
+            assert "torch" not in sys.modules, "the sweep imported torch"
+            with S.single_threaded("grl_mlp"):
+                import torch
+                assert torch.get_num_threads() == 1
+            print(os.getpid())
+    """)
+    (tmp_path / "nt.py").write_text(code)
+    seen = tmp_path / "fits.txt"
+    r = subprocess.run([sys.executable, str(tmp_path / "nt.py"), str(synth_stores["confounded"]), str(tmp_path / "w"),
+                        mlflow_db(tmp_path / "m.db"), str(seen)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fits = [line.split() for line in seen.read_text().splitlines()]
+    assert len(fits) == 8 and {pid for pid, _ in fits} - {r.stdout.split()[-1]}  # 8 studies, in the workers
+    assert all(loaded == "False" for _, loaded in fits), fits
 
 
 @pytest.mark.slow

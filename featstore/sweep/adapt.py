@@ -35,7 +35,7 @@ def curve_points(st, data, res: TaskResult) -> tuple[list[dict], list[str]]:
     site = task.fold.test_sources[0]
     draws, ks, notes = adapt_draws(meta, site, o.ks, o.draws, st.seed)
     points = []
-    with single_threaded():
+    with single_threaded(task.head):
         for d in draws:
             yte = meta.y[d.test]
             for k in ks:

@@ -97,22 +97,29 @@ def fit_head(name, params, X, y, domains, seed, inputs=None, prepared=None):
 
 
 @contextmanager
-def single_threaded():
+def single_threaded(head: str | None = None):
     """One thread for BLAS/OpenMP (numpy, scikit-learn, LightGBM) and torch while a study runs. The
     models are small: OpenBLAS threads on a busy machine (2 workers on 2 cores) spin against each
     other, and an lbfgs logistic fit on the real set took 3-11 s instead of 0.2 s. It also makes the
     rows independent of the machine's core count: float32 lbfgs coefficients moved by ~1e-4 between
-    1 and 2 BLAS threads (another summation order)."""
-    import torch
+    1 and 2 BLAS threads (another summation order). Torch is loaded for it unless `head` says it never
+    fits with torch (HeadSpec.torch) and nothing loaded it yet."""
+    import sys
+
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")
+    if torch is None and (head not in HEADS or HEADS[head].torch):
+        import torch
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1):
             yield
     finally:
-        torch.set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(before)
 
 
 # a running trial on database storage proves its owner alive this often; after GRACE_S without, the
@@ -254,7 +261,7 @@ def run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool =
     """Search (Optuna trials), then refit the best on the fold's training set and predict its tests.
     search_only (sweep workers): trials of unclaimed or abandoned studies only; a study another
     live process owns is skipped, and nothing is refitted."""
-    with single_threaded():
+    with single_threaded(task.head):
         return _run_task(task, X, meta, storage, search_only, grace_s)
 
 
@@ -385,10 +392,8 @@ def _run_task(task: Task, X: np.ndarray, meta: Meta, storage, search_only: bool,
 _W: dict = {}
 
 
-def _init_worker(X, meta, storage_spec, threads, search_only):
-    import torch
-
-    torch.set_num_threads(threads)
+def _init_worker(X, meta, storage_spec, search_only):
+    # torch's threads are set per task, by single_threaded, where a head needs torch
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _W.update(X=X, meta=meta, storage=open_storage(storage_spec), search_only=search_only)
 
@@ -470,7 +475,7 @@ def run_tasks(tasks: list[Task], X, meta, storage_spec, workers: int = 1, on_don
         return out
     # workers die with this process (kill -9 included); so does the resource tracker, whose pipe they hold
     with process_pool(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                      initargs=(X, meta, str(storage_spec), 1, search_only)) as ex:
+                      initargs=(X, meta, str(storage_spec), search_only)) as ex:
         futs, cache = {}, {}
         for i, t in enumerate(tasks):  # each split computed just before its first task goes: workers start meanwhile
             attach_splits([t], meta, cache)
