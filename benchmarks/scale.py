@@ -207,10 +207,17 @@ def main():
     ap.add_argument("--cap", type=float, default=3600, help="seconds one stage may take (then a lower bound)")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "scale-growth")
     ap.add_argument("--heads", default=",".join(HEADS), help="the study's heads to time, one study each")
+    ap.add_argument("--stages", default=None, help="only these stages (e.g. ingest), comma-separated; default all")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     heads = a.heads.split(",")
     stages = ["ingest"] + [f"study:{h}" for h in heads] + ["headline", "report", "probe"]
+    if a.stages:
+        wanted = a.stages.split(",")
+        if "ingest" not in wanted or set(wanted) - set(stages):
+            ap.error(f"--stages: names from {', '.join(stages)}, ingest among them (the others read its store)")
+        stages = [s for s in stages if s in wanted]
+        heads = [h for h in heads if f"study:{h}" in stages]
     res: dict[int, dict[str, dict]] = {}
     for n in sizes:
         work = a.workdir / f"n{n}"
@@ -225,6 +232,8 @@ def main():
                 continue
             res[n][s] = measure(s, db, work, a.trials, a.cap)
             sys.stderr.write(f"scale: n={n:,} {s}: {fmt(res[n][s])} s, {res[n][s].get('gib', float('nan')):.2f} GiB\n")
+        if not heads:
+            continue
         res[n]["study"] = dict(seconds=sum(res[n][f"study:{h}"]["seconds"] for h in heads),
                                capped=any(res[n][f"study:{h}"].get("capped") for h in heads),
                                failed=next((res[n][f"study:{h}"]["failed"] for h in heads
@@ -235,7 +244,7 @@ def main():
     head = ["stage"] + [f"{n:,}: s" for n in sizes] + [f"{n:,}: GiB" for n in sizes] + \
         [f"slope {x:,}→{y:,}" for x, y in zip(sizes, sizes[1:])]
     rows = []
-    for s in stages + ["study"]:
+    for s in stages + (["study"] if heads else []):
         r = [s if s != "study" else f"study, heads {'+'.join(heads)}"]
         r += [fmt(res[n][s]) for n in sizes]
         r += [f"{res[n][s].get('gib', float('nan')):.2f}" for n in sizes]
@@ -249,7 +258,7 @@ def main():
           f"exponent of the wall time between sizes (1 linear, 2 quadratic). Timed once per size: "
           f"the figures carry the machine's load at that minute.\n")
     print(table(head, rows))
-    if 100_000 in res:
+    if 100_000 in res and heads:
         st = res[100_000]["study"]
         every = set(heads) == set(HEADS)
         met = None if st.get("failed") else (False if st.get("capped") and st["seconds"] >= STUDY_30MIN else
@@ -261,8 +270,13 @@ def main():
         r = res[1_000_000]
         worst = max((r[s].get("gib", float("nan")), s) for s in stages if not math.isnan(r[s].get("gib", float("nan"))))
         others = [r[s]["gib"] for s in stages if s != worst[1] and not math.isnan(r[s].get("gib", float("nan")))]
-        goal("27. memory at 1M, all stages but one head's fit (scale.py)", f"≤ {MEM_BAR_GIB:.0f} GiB",
-             f"{max(others):.2f} GiB (largest: {worst[1]} {worst[0]:.2f} GiB)", max(others) <= MEM_BAR_GIB)
+        every = set(stages) == {"ingest", "headline", "report", "probe"} | {f"study:{h}" for h in HEADS}
+        if every and others:
+            goal("27. memory at 1M, all stages but one head's fit (scale.py)", f"≤ {MEM_BAR_GIB:.0f} GiB",
+                 f"{max(others):.2f} GiB (largest: {worst[1]} {worst[0]:.2f} GiB)", max(others) <= MEM_BAR_GIB)
+        else:  # a subset of the stages: their figures, the goal left open
+            goal("27. memory at 1M, all stages but one head's fit (scale.py)", f"≤ {MEM_BAR_GIB:.0f} GiB",
+                 "measured: " + ", ".join(f"{s} {r[s].get('gib', float('nan')):.2f} GiB" for s in stages), None)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,37 @@ def busy_message(path, error: Exception, read_only: bool) -> str:
     return f"the store {path} is {what}. DuckDB said: {text}"
 
 
+MEMORY_ENV = "FEATSTORE_DUCKDB_MEMORY"
+_MEMORY = re.compile(r"(\d+(?:\.\d+)?)\s*(B|[KMGT]i?B)", re.IGNORECASE)
+
+
+def _memory_limit(con) -> None:
+    """DuckDB's memory limit from FEATSTORE_DUCKDB_MEMORY (e.g. 2GB), when set, for a store file (over the
+    limit DuckDB spills into `<store>.tmp` beside it, and removes that). DuckDB's own default is 80 % of the
+    machine's memory, and it keeps written pages cached up to it: ingesting 1M 1024-d vectors peaked at
+    8.1 GiB by default, 2.3 GiB under 2GB, and took no longer (benchmarks/RESULTS.md, scale.py)."""
+    from featstore.errors import UserError
+
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    if not raw:
+        return
+    m = _MEMORY.fullmatch(raw)
+    if not m:
+        raise UserError(f"{MEMORY_ENV}={raw[:40]!r} is not a memory size such as 2GB or 512MB; unset it for "
+                        "DuckDB's default (80 % of this machine's memory)")
+    unit = m.group(2).upper()
+    size = float(m.group(1)) * (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0])
+    if size < 64e6:  # below this the store's own queries run out of memory, later and less clearly
+        raise UserError(f"{MEMORY_ENV}={raw!r} is below 64MB, too little for DuckDB to run the store's queries; "
+                        "unset it for DuckDB's default (80 % of this machine's memory)")
+    try:
+        con.execute(f"SET memory_limit = '{raw}'")
+    except duckdb.Error as e:
+        if isinstance(e, duckdb.InvalidInputException) and "locked" in str(e).lower():
+            return  # a sandboxed process (featstore.query.sandbox) keeps its limit
+        raise UserError(f"{MEMORY_ENV}={raw!r}: {str(e).splitlines()[0]}") from e
+
+
 def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open the store; create/migrate the schema unless read-only."""
     path = Path(db) if db is not None else default_db_path()
@@ -166,6 +197,11 @@ def connect(db: str | os.PathLike | None = None, read_only: bool = False) -> duc
         con.execute("SET python_enable_replacements = false")
     except duckdb.InvalidInputException:  # settings locked by a sandbox (featstore.query.sandbox) in this
         pass  # process; it turned external access off, and replacement scans with it
+    try:
+        _memory_limit(con)
+    except BaseException:
+        con.close()
+        raise
     if not read_only:
         try:
             migrate(con)
@@ -247,6 +283,8 @@ def open_snapshot(path: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET python_enable_replacements = false")
+        # no FEATSTORE_DUCKDB_MEMORY here: an in-memory database over its limit spills into ./.tmp, a folder
+        # in whatever directory the worker runs in
         migrate(con)
         known = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         for table, f in snapshot_files(path, known):

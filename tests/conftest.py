@@ -371,6 +371,7 @@ def ray_head():
     for RAY_ADDRESS (embed's --ray-address and ray.init read it), `.env` what a client's environment needs
     to join it, `.pid` of the `ray start --block`
     process whose children are all of Ray's processes (its workers included), so they end with it."""
+    import signal
     import subprocess
     import sys
     import tempfile
@@ -408,6 +409,10 @@ def ray_head():
         # a throwaway head: every Ray process is killed outright, then the head reaped. Asked to stop
         # (SIGTERM), `ray start --block` took ~30 s at the end of a whole run, on the run's last worker
         kids = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # its session's group: a worker started meanwhile too
+        except ProcessLookupError:
+            pass
         for k in kids:
             try:
                 k.kill()

@@ -33,6 +33,42 @@ def test_embeddings_without_vectors_are_the_same_rows(synth_stores):
     assert meta.equals(full.drop("vector"))
 
 
+@pytest.mark.parametrize("batch", [7, 65_536])
+def test_arrays_stream_the_same_vectors_as_the_table_in_or_out_of_a_transaction(synth_stores, monkeypatch, batch):
+    """arrays() streams the vectors batch by batch into one array (api._vectors_into): the same rows and
+    order as embeddings(), in many small batches or one, also inside the caller's own transaction (left open)."""
+    import featstore.api as A
+    from featstore.store import in_transaction, transaction
+
+    monkeypatch.setattr(A, "ARRAY_BATCH", batch)
+    with open_store(synth_stores["confounded"]) as fs:
+        df = fs.embeddings("pixelstats")
+        X, meta = fs.arrays("pixelstats", sources=["synthetic-a", "synthetic-c"])
+        sub = df.filter(df["source"].is_in(["synthetic-a", "synthetic-c"]))
+        assert meta["image_id"].to_list() == sub["image_id"].to_list() == sorted(sub["image_id"].to_list())
+        np.testing.assert_array_equal(X, np.stack(sub["vector"].to_numpy()))
+        with transaction(fs.con):
+            X2, meta2 = fs.arrays("pixelstats", sources=["synthetic-a", "synthetic-c"])
+            assert in_transaction(fs.con)
+        np.testing.assert_array_equal(X, X2)
+        assert meta2.equals(meta)
+        assert not in_transaction(fs.con)
+
+
+def test_arrays_refuse_a_set_that_changed_between_its_two_reads(synth_stores, monkeypatch):
+    import featstore.api as A
+
+    real = A.Store._relation
+
+    def one_vector_short(self, cols, *a, **kw):  # as if an image left the set between the two reads
+        rel, found = real(self, cols, *a, **kw)
+        return (rel.filter("image_id <> (SELECT min(image_id) FROM images)") if "vector" in cols else rel), found
+
+    monkeypatch.setattr(A.Store, "_relation", one_vector_short)
+    with open_store(synth_stores["confounded"]) as fs, pytest.raises(RuntimeError, match="changed while it was read"):
+        fs.arrays("pixelstats")
+
+
 def test_arrays_for_a_binary_target(synth_stores):
     with open_store(synth_stores["neutral"]) as fs:
         X0, meta0 = fs.arrays("pixelstats")

@@ -187,3 +187,28 @@ def test_registered_rows_are_gone_after_the_block_even_when_it_fails(tmp_path):
             1 / 0
     with pytest.raises(duckdb.CatalogException):
         con.execute("SELECT * FROM _ids")
+
+
+@pytest.mark.parametrize("value, setting", [("2GB", "1.8 GiB"), ("512MiB", "512.0 MiB"), (" 1.5 gb ", "1.3 GiB")])
+def test_the_duckdb_memory_limit_comes_from_the_environment(tmp_path, monkeypatch, value, setting):
+    default = connect(tmp_path / "a.duckdb").execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    monkeypatch.setenv("FEATSTORE_DUCKDB_MEMORY", value)
+    con = connect(tmp_path / "a.duckdb")
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == setting != default
+
+
+@pytest.mark.parametrize("value", ["lots", "3", "0B", "1B", "10MB", "-1GB", "1GB'; DROP TABLE images; --"])
+def test_a_bad_duckdb_memory_limit_is_one_line_naming_the_variable(tmp_path, monkeypatch, value):
+    from typer.testing import CliRunner
+
+    from featstore.cli import app
+    from featstore.errors import UserError
+
+    connect(tmp_path / "a.duckdb").close()
+    monkeypatch.setenv("FEATSTORE_DUCKDB_MEMORY", value)
+    with pytest.raises(UserError, match="FEATSTORE_DUCKDB_MEMORY=.*(not a memory size|below 64MB)"):
+        connect(tmp_path / "a.duckdb")
+    r = CliRunner().invoke(app, ["sql", "SELECT 1", "--db", str(tmp_path / "a.duckdb")])
+    assert r.exit_code == 2 and "FEATSTORE_DUCKDB_MEMORY" in r.output and "Traceback" not in r.output
+    monkeypatch.delenv("FEATSTORE_DUCKDB_MEMORY")
+    assert connect(tmp_path / "a.duckdb").execute("SELECT count(*) FROM images").fetchone() == (0,)  # untouched

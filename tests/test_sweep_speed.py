@@ -115,9 +115,10 @@ def test_a_study_of_heads_without_torch_never_imports_it(synth_stores, tmp_path,
         real = S._run_task
 
         def spy(*a, **kw):  # top level: spawn runs it in each worker too, where the fits run
-            with open(sys.argv[4], "a") as f:
+            out = real(*a, **kw)
+            with open(sys.argv[4], "a") as f:  # after the fits: a head that imported torch is seen
                 f.write(f"{{os.getpid()}} {{'torch' in sys.modules}}\\n")
-            return real(*a, **kw)
+            return out
 
         S._run_task = spy
 
