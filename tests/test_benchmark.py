@@ -202,7 +202,7 @@ def test_cli_sweep_report_and_mlflow(synth_stores, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tmp_path / "study.yaml"
     cfg.write_text("study: cli\nbackbones: [pixelstats]\nheads: {logreg: {trials: 2}, grl_mlp: {trials: 1, fixed: "
-                   "{max_epochs: 20}}}\nprotocols: {mixed: {folds: 3}, loso: {}, leave-pair-out: {},\n  seen-unseen: "
+                   "{max_epochs: 6}}}\nprotocols: {mixed: {folds: 3}, loso: {}, leave-pair-out: {},\n  seen-unseen: "
                    "{train_sources: [synthetic-a, synthetic-c]}}\nbootstrap: 100\n")
     db = str(synth_stores["confounded"])
     r = CliRunner().invoke(app, ["sweep", str(cfg), "--db", db])
