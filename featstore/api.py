@@ -183,7 +183,7 @@ class Store:
         # both reads below see the same rows (inside the caller's transaction, if one is open)
         with nullcontext() if in_transaction(self.con) else transaction(self.con):
             tbl, found = self._query("i.image_id, i.source, i.label, i.class, i.patient_id", *query)
-            X = self._vectors_into(tbl.column("image_id"), found, *query)
+            X = self._vectors_into(tbl.column("image_id"), found, backbone, preprocess)
         meta = pl.from_arrow(tbl)
         if target is None:
             return X, meta
@@ -208,30 +208,40 @@ class Store:
                            meta["image_id"].to_numpy()).groups
         return Labelled(X, y, groups, meta)
 
-    def _vectors_into(self, ids, found, *query) -> np.ndarray:
+    def _vectors_into(self, ids, found, backbone: str, preprocess: str) -> np.ndarray:
         """The set's vectors in the order of `ids` (its image ids, sorted), streamed batch by batch into one
-        float32 array: the whole set is held once (at 1M x 1024, 3.8 GiB), not three times over (a fetched
-        table, its sorted copy and the numpy array). Reading 1M x 1024: peak 19.9 -> 13.4 GiB, 28 -> 20 s;
-        under FEATSTORE_DUCKDB_MEMORY=2GB 20.1 -> 8.0 GiB (benchmarks/RESULTS.md)."""
+        float32 array: the whole set is held once (at 1M x 1024, 3.8 GiB), beside DuckDB's page cache and one
+        64 MiB batch. Reading 1M x 1024 (benchmarks/read_memory.py): peak 8.5 GiB, about 10 s; 6.5 GiB under
+        FEATSTORE_DUCKDB_MEMORY=2GB."""
         dim = found[1]
         # fixed-width bytes: a batch's rows are found by binary search, in C (ids are unique in a set)
         keys = _id_bytes(ids)
         X = np.empty((len(keys), dim), np.float32)
         filled = np.zeros(len(keys), bool)
-        rel, _ = self._relation("i.image_id, e.vector", *query, found=found)
-        for batch in rel.to_arrow_reader(batch_size=ARRAY_BATCH):
-            if not batch.num_rows:
+        for batch in self._set_scan(backbone, preprocess, found).to_arrow_reader(batch_size=ARRAY_BATCH):
+            if not batch.num_rows or not len(keys):
                 continue
-            b = _id_bytes(batch.column("image_id"))
-            pos = np.searchsorted(keys, b) if b.dtype.itemsize <= keys.dtype.itemsize else None
-            if pos is None or not len(keys) or (pos >= len(keys)).any() or not (keys[np.minimum(pos, len(keys) - 1)]
-                                                                                 == b).all():
-                raise RuntimeError("the embedding set changed while it was read")
-            X[pos] = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(len(pos), dim)
+            b = _id_bytes(batch.column("image_id"))  # (numpy compares bytes of other widths as they are)
+            pos = np.minimum(np.searchsorted(keys, b), len(keys) - 1)
+            hit = keys[pos] == b  # the rows asked for; the others are images the filters left out
+            if not hit.any():
+                continue
+            vec = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(len(b), dim)
+            if not hit.all():  # (a copy of the batch: only when the filters left some of it out)
+                pos, vec = pos[hit], vec[hit]
+            X[pos] = vec
             filled[pos] = True
         if not filled.all():
             raise RuntimeError("the embedding set changed while it was read")
         return X
+
+    def _set_scan(self, backbone: str, preprocess: str, found):
+        """image_id and vector of every row of one embedding set: a plain scan. Joined to `images`, DuckDB
+        builds its hash table on the vectors' side (the smaller estimate), holding the set a second time
+        (at 1M x 1024 up to its memory limit, then spilling); the caller keeps the rows it asked for."""
+        wid, dim = found
+        return self.con.sql(f"SELECT image_id, vector FROM {embedding_table(dim)} WHERE backbone = ? AND "
+                            "weights_id = ? AND preprocess = ?", params=[backbone, wid, preprocess])
 
     def _rows(self, table: str, latest: bool, where: dict) -> pl.DataFrame:
         from featstore.suggest import check
@@ -326,7 +336,7 @@ class Store:
         return decode_file(hits[0][1]).pixels
 
 
-ARRAY_BATCH = 65_536  # rows per batch arrays() streams (a module constant: tests make it small)
+ARRAY_BATCH = 16_384  # rows per batch arrays() streams: 64 MiB at 1024-d (a module constant: tests make it small)
 
 
 def _id_bytes(ids) -> np.ndarray:
