@@ -234,6 +234,28 @@ def recording_tracker(monkeypatch):
     return made
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temp_files_in_the_run(tmp_path_factory):
+    """TMPDIR is this run's pytest folder for the tests and every process they start: what those processes
+    leave in the temporary folder (multiprocessing's pymp- folders and Chromium's singleton folder, from
+    processes the kill tests kill -9 on purpose, which cannot clean up after themselves; MLflow's
+    db_init_lock files) stays there, and pytest keeps only the last three runs' folders. /tmp is shared
+    with CI, and each run left about ten such entries there."""
+    import tempfile
+
+    d = _run_root(tmp_path_factory) / "tmp"
+    d.mkdir(exist_ok=True)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(d)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield d
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # tests never touch the network: a missing weight must fail, not download
