@@ -190,6 +190,7 @@ def attribute(maps: np.ndarray, lungs: np.ndarray, y: np.ndarray, groups, head: 
     from featstore.split import StratifiedGroupKFold
 
     from featstore.heads import create_head
+    from featstore.sweep.fit import single_threaded
 
     if head not in ATTRIBUTION_HEADS:
         raise ValueError(f"attribution needs a differentiable head ({', '.join(ATTRIBUTION_HEADS)}); '{head}' has no "
@@ -201,7 +202,8 @@ def attribute(maps: np.ndarray, lungs: np.ndarray, y: np.ndarray, groups, head: 
     method = ""
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for tr, te in cv.split(F, y, groups):
-        h = create_head(head, **{**(params or {}), "random_state": seed}).fit(F[tr], y[tr])
+        with single_threaded(head):  # as in a sweep: the fit must not depend on the machine's core count
+            h = create_head(head, **{**(params or {}), "random_state": seed}).fit(F[tr], y[tr])
         # the reference: the training images' mean feature map (what every image shares is no evidence)
         M, s, method = attribution_maps(h, maps[te], maps[tr].mean(0))
         E = evidence(M, s, lungs.shape[-1])

@@ -78,12 +78,16 @@ def grl_representation(X, y, sources, seed: int = 0, **grl_params) -> np.ndarray
     transformed by a GRL head fitted on the other half, so no image is probed through a head that
     trained on it."""
     from featstore.heads import GRLHead
+    from featstore.sweep.fit import single_threaded
 
     sources = np.asarray(sources)
     folds = StratifiedKFold(2, shuffle=True, random_state=seed).split(X, sources)
     Z = None
     for fit, out in folds:
-        head = GRLHead(random_state=seed, **grl_params).fit(X[fit], y[fit], domains=sources[fit])
+        # one torch thread, as in a sweep: the fitted representation moved by up to 0.08 between 1 and 2
+        # threads, so the probe's rows depended on the machine's core count
+        with single_threaded("grl_mlp"):
+            head = GRLHead(random_state=seed, **grl_params).fit(X[fit], y[fit], domains=sources[fit])
         z = head.transform(X[out])
         if Z is None:
             Z = np.zeros((len(X), z.shape[1]))
