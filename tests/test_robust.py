@@ -5,6 +5,7 @@ COVID share differs (90% vs 10%): a source x label confounder planted by constru
 import numpy as np
 import optuna
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from featstore.heads import create_head
 from featstore.score import ece, group_metrics, robust_metrics, subgroup_metrics
@@ -129,6 +130,57 @@ def test_subgroup_metrics_find_a_planted_tpr_gap():
                                 np.r_[sex, np.full(50, "X")])
     assert only_neg["groups"]["X"]["auc"] is None and only_neg["groups"]["X"]["fpr"] == 1.0
     assert subgroup_metrics(y, p, p, np.full(n, None)) is None
+
+
+def _metricframe_subgroups(y, score, p, attribute, threshold=0.5, min_n=10):
+    """The reference: fairlearn's MetricFrame by group, on the rows subgroup_metrics keeps."""
+    from fairlearn.metrics import MetricFrame
+
+    a = np.asarray(attribute, dtype=object)
+    keep = np.array([v is not None and v == v and str(v) != "" for v in a], dtype=bool)
+    a = np.where(keep, a, "").astype(str)
+    vals = [v for v in set(a[keep]) if (keep & (a == v)).sum() >= min_n]
+    if len(vals) < 2:
+        return {}
+    keep &= np.isin(a, vals)
+    y, s = np.asarray(y).astype(int)[keep], np.asarray(score, float)[keep]
+    yhat = (np.asarray(p, float)[keep] >= threshold).astype(int)
+
+    def auc(yt, yp, score):
+        return roc_auc_score(yt, score) if len(np.unique(yt)) == 2 else np.nan
+
+    by = MetricFrame(metrics={"auc": auc, "tpr": lambda yt, yp: yp[yt == 1].mean() if (yt == 1).any() else np.nan,
+                              "fpr": lambda yt, yp: yp[yt == 0].mean() if (yt == 0).any() else np.nan},
+                     y_true=y, y_pred=yhat, sensitive_features=a[keep], sample_params={"auc": {"score": s}}).by_group
+    return {str(k): {c: None if np.isnan(by.loc[k, c]) else float(by.loc[k, c]) for c in ("auc", "tpr", "fpr")}
+            | {"n": int((a[keep] == k).sum())} for k in by.index}
+
+
+def test_subgroup_metrics_are_fairlearns_metricframe_by_group():
+    """Computed per value (MetricFrame's pandas machinery was a tenth of a small sweep), checked value for
+    value against MetricFrame: ties, missing values, a value below min_n, a value with one class."""
+    rng = np.random.default_rng(4)
+    for case in range(40):
+        n = int(rng.integers(20, 300))
+        y, s, p = rng.integers(0, 2, n), rng.random(n), rng.random(n)
+        if case % 3 == 0:
+            s = np.round(s, 1)  # ties
+        cats = [["F", "M"], ["0-17", "18-39", "40-59", "60-79", "80+"], ["F", "M", "rare"]][case % 3]
+        a = rng.choice(cats + [None, float("nan"), ""], n, p=[0.9 / len(cats)] * len(cats) + [0.1 / 3] * 3)
+        a = a.astype(object)
+        if case % 3 == 2:
+            a[np.flatnonzero(a == "rare")[5:]] = "F"  # under min_n: left out
+        if case % 4 == 1:
+            y[a == cats[0]] = 0  # one class: no AUC, no TPR
+        got = subgroup_metrics(y, s, p, a)
+        want = _metricframe_subgroups(y, s, p, a)
+        if len(want) < 2:
+            assert got is None
+            continue
+        assert got["groups"] == want and list(got["groups"]) == sorted(want)
+        for c in ("auc", "tpr", "fpr"):
+            v = [g[c] for g in want.values() if g[c] is not None]
+            assert got[f"{c}_gap"] == (max(v) - min(v) if len(v) >= 2 else None)
 
 
 def test_age_bands():
