@@ -296,9 +296,10 @@ def test_pspnet_is_used_when_its_weights_are_present(con, tmp_path):
     wdir.mkdir()
     torch.save({"module." + k: v for k, v in pspnet(14).state_dict().items()}, wdir / PSPNET_FILE)
     m = generate(tmp_path / "data", n_per_source=1, size=64, seed=4)
-    I.ingest_rows(con, I.manifest_rows(m)[0][:2], str(m), workers=1)
+    # one image: PSPNet takes about 8 CPU s an image at 512 px on this machine
+    I.ingest_rows(con, I.manifest_rows(m)[0][:1], str(m), workers=1)
     rep = ensure_masks(con, weights_dir=wdir)
-    assert rep.by_method == {"xrv-pspnet": 2} and not rep.note
+    assert rep.by_method == {"xrv-pspnet": 1} and not rep.note
     made = con.execute("SELECT DISTINCT method, made_from FROM lung_masks").fetchall()
     assert made == [("xrv-pspnet", weights_identity(wdir / PSPNET_FILE))]
 
