@@ -1070,8 +1070,8 @@ def subgroup_metrics(y, score, p, attribute, threshold: float = 0.5, min_n: int 
         yt, yp = y[m], yhat[m]
         pos, neg = yt == 1, yt == 0
         per[str(v)] = dict(auc=float(roc_auc_score(yt, s[m])) if pos.any() and neg.any() else None,
-                      tpr=float(yp[pos].mean()) if pos.any() else None,
-                      fpr=float(yp[neg].mean()) if neg.any() else None, n=int(m.sum()))
+                           tpr=float(yp[pos].mean()) if pos.any() else None,
+                           fpr=float(yp[neg].mean()) if neg.any() else None, n=int(m.sum()))
     gaps = {}
     for c in ("auc", "tpr", "fpr"):
         v = [g[c] for g in per.values() if g[c] is not None]
