@@ -322,7 +322,7 @@ def attribution_figures(rows: pl.DataFrame, E: np.ndarray, L: np.ndarray, X: np.
                         n: int = 3) -> list[Path]:
     """One figure per source: `n` images, each with its evidence map over it and the lung mask's outline,
     titled with its label, log-odds and in-lung share."""
-    from featstore.figures import file_stem, pyplot
+    from featstore.figures import file_stem, pyplot, save
 
     plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
@@ -343,9 +343,8 @@ def attribution_figures(rows: pl.DataFrame, E: np.ndarray, L: np.ndarray, X: np.
                          f"(area {r['lung_fraction']:.0%})", fontsize=8)
             ax.axis("off")
         fig.suptitle(f"{src}: {rows['head'][0]} on {rows['backbone'][0]} ({rows['method'][0]})", fontsize=9)
-        fig.tight_layout()
         p = out / f"attribution_{file_stem(src)}.png"
-        fig.savefig(p, dpi=90)
+        save(fig, p, 90)
         plt.close(fig)
         files.append(p)
     return files

@@ -29,11 +29,20 @@ def pyplot():
     return plt
 
 
+def save(fig, path, dpi: int, **tight) -> None:
+    """tight_layout, then the PNG. tight_layout leaves a placeholder layout engine on the figure, and
+    savefig draws a figure that has an engine twice (a layout pass, then the picture); the layout is
+    done, so the engine goes and the picture is drawn once: the same bytes, about a sixth less time."""
+    fig.tight_layout(**tight)
+    fig.set_layout_engine(None)
+    fig.savefig(path, dpi=dpi)
+
+
 # --- one unit (MLflow artifacts of a unit run) ------------------------------------------------
 
 def roc_figure(preds: pl.DataFrame, title: str, path: Path) -> Path | None:
     """ROC curves of the pooled test predictions, one curve per test set (seen vs unseen)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from featstore.metrics import roc_auc, roc_curve
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -44,7 +53,7 @@ def roc_figure(preds: pl.DataFrame, title: str, path: Path) -> Path | None:
         if d.height == 0 or len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, label=f"{ts} (AUC {roc_auc_score(y, p):.3f}, n={len(y)})")
+        ax.plot(fpr, tpr, label=f"{ts} (AUC {roc_auc(y, p):.3f}, n={len(y)})")
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -55,8 +64,7 @@ def roc_figure(preds: pl.DataFrame, title: str, path: Path) -> Path | None:
     ax.set(xlabel="1 - specificity", ylabel="sensitivity")
     ax.set_title("\n".join(textwrap.wrap(title, 55)), fontsize=8)  # wrapped: a long title is not clipped
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -82,8 +90,7 @@ def confusion_figure(preds: pl.DataFrame, class_names, title: str, path: Path) -
         ax.set_xticklabels(class_names, fontsize=6, rotation=30)
         ax.set_yticklabels(class_names, fontsize=6)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -168,8 +175,7 @@ def forest_figure(res: pl.DataFrame, path: Path) -> Path | None:
     fig.suptitle("Unseen sources: per-source AUC (image-level 95% CI);\nthe mean over sources as a diamond "
                  "(source-level 95% CI)", fontsize=10, x=0.01, ha="left")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -213,8 +219,7 @@ def dumbbell_figure(res: pl.DataFrame, path: Path) -> Path | None:
                  fontsize=10, x=0.01, ha="left")
     fig.legend(fontsize=8, loc="upper right", frameon=False, ncol=1)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110, rect=(0, 0, 1, 0.97))
     plt.close(fig)
     return path
 
@@ -223,7 +228,7 @@ def roc_per_source_figure(preds: pl.DataFrame, title: str, path: Path) -> Path |
     """One ROC per held-out source (LOSO) and the seen one (pooled mixed k-fold), one model."""
     import textwrap
 
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from featstore.metrics import roc_auc, roc_curve
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
@@ -238,7 +243,7 @@ def roc_per_source_figure(preds: pl.DataFrame, title: str, path: Path) -> Path |
         if d.height == 0 or len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, p)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f}, n={len(y)})", **kw)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(y, p):.3f}, n={len(y)})", **kw)
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -247,8 +252,7 @@ def roc_per_source_figure(preds: pl.DataFrame, title: str, path: Path) -> Path |
     ax.set(xlabel="1 - specificity", ylabel="sensitivity")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -296,8 +300,7 @@ def map_png(xy, colour_by: dict, title: str, path: Path) -> Path:
         ax.legend(fontsize=9, markerscale=2.2, loc="upper center", bbox_to_anchor=(0.5, -0.01),
                   ncol=min(4, len(set(vals))), frameon=False)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save(fig, path, 100)
     plt.close(fig)
     return path
 
@@ -346,8 +349,7 @@ def domain_auc_bars(rows: list[dict], title: str, path: Path) -> Path:
     ax.set_xticklabels(sources, rotation=30, ha="right", fontsize=7)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)
     return path
 
@@ -383,8 +385,7 @@ def adapt_figure(rows: pl.DataFrame, path: Path) -> Path | None:
         ax.set_xlabel("k labelled images per class from the site")
     axes[0][0].set_ylabel("AUC on the site's other images")
     axes[0][-1].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save(fig, path, 100)
     plt.close(fig)
     return path
 
@@ -403,7 +404,6 @@ def reliability_figure(curves: dict[str, list[dict]], title: str, path: Path) ->
     ax.set(xlabel="mean predicted P(positive)", ylabel="observed frequency of positives", xlim=(0, 1), ylim=(0, 1),
            title=title)
     ax.legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, 110)
     plt.close(fig)
     return path

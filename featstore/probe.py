@@ -23,6 +23,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, LabelEncoder, StandardScaler
 
+from featstore.metrics import roc_auc
 from featstore.score import ovr_auc_resampled
 
 
@@ -52,7 +53,7 @@ def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_bo
         if len(np.unique(d[idx])) < len(labels):
             return np.nan
         if len(labels) == 2:
-            return roc_auc_score(d[idx], P[idx, 1])
+            return roc_auc(d[idx], P[idx, 1])
         return roc_auc_score(d[idx], P[idx], multi_class="ovr", average="macro", labels=labels)
     auc = float(macro(np.arange(len(d))))
     lo = hi = None
@@ -69,7 +70,7 @@ def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_bo
             boot.append(ovr_auc_resampled(d, P, idx, labels))  # every resample keeps every source: no NaN
         boot = np.concatenate(boot)
         lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    per = {str(s): float(roc_auc_score(d == i, P[:, i])) for i, s in enumerate(enc.classes_)}
+    per = {str(s): roc_auc(d == i, P[:, i]) for i, s in enumerate(enc.classes_)}
     return dict(auc=auc, auc_lo=lo, auc_hi=hi, per_source=per, n=int(len(d)), n_sources=len(labels), folds=k)
 
 

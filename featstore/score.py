@@ -18,8 +18,9 @@ import math
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import (accuracy_score, brier_score_loss, confusion_matrix, f1_score, recall_score,
-                             precision_score, roc_auc_score)
+from sklearn.metrics import accuracy_score, recall_score, precision_score, roc_auc_score
+
+from featstore import metrics
 
 def _div(a, b):
     return float(a) / b if b else None
@@ -35,7 +36,7 @@ def auc_ci(y, p, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
     pos, neg = p[y == 1], p[y == 0]
     if len(pos) == 0 or len(neg) == 0:
         return None, None, None, None
-    auc = float(roc_auc_score(y, p))
+    auc = metrics.roc_auc(y, p)
     if n_boot <= 0 or min(len(pos), len(neg)) < 2:  # one example of a class: no resampling to do
         return auc, None, None, None
     res = stats.bootstrap((pos, neg), _auc_stat, n_resamples=n_boot, paired=False, vectorized=True,
@@ -50,18 +51,18 @@ def binary_metrics(y, p, threshold: float = 0.5, n_boot: int = 1000, seed: int =
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)
     yhat = (p >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y, yhat, labels=[0, 1]).ravel()
+    tn, fp, fn, tp = metrics.confusion_counts(y, yhat)
     auc, lo, hi, se = auc_ci(y, p if score is None else score, n_boot, seed)
     sens, spec = _div(tp, tp + fn), _div(tn, tn + fp)
     both = sens is not None and spec is not None
     m = dict(auc=auc, auc_lo=lo, auc_hi=hi, auc_se=se,
-             accuracy=float(accuracy_score(y, yhat)),
+             accuracy=metrics.accuracy(y, yhat),
              sensitivity=sens, specificity=spec, ppv=_div(tp, tp + fp), npv=_div(tn, tn + fn),
-             f1=float(f1_score(y, yhat, zero_division=0)) if tp + fn else None,
+             f1=metrics.f1(tp, fp, fn) if tp + fn else None,
              balanced_accuracy=(sens + spec) / 2 if both else None,
              # Haldane-Anscombe: +0.5 in every cell so a zero cell gives a finite odds ratio
              dor=((tp + .5) * (tn + .5)) / ((fp + .5) * (fn + .5)),
-             brier=float(brier_score_loss(y, p, pos_label=1)) if len(y) else None,
+             brier=metrics.brier(y, p) if len(y) else None,
              n=int(len(y)), n_pos=int((y == 1).sum()), n_neg=int((y == 0).sum()),
              tp=int(tp), fp=int(fp), tn=int(tn), fn=int(fn))
     return m
@@ -1011,7 +1012,7 @@ def group_metrics(y, score, source, p=None, threshold: float = 0.5, min_n: int =
         auc = None
         if other.any() and n:
             yy = np.r_[np.full(n, g[1]), y[other]]
-            auc = float(roc_auc_score(yy, np.r_[s[m], s[other]]))
+            auc = metrics.roc_auc(yy, np.r_[s[m], s[other]])
         acc = None if p is None else float(((np.asarray(p)[m] >= threshold).astype(int) == g[1]).mean())
         groups[f"{g[0]}|{g[1]}"] = dict(n=n, auc=auc, accuracy=acc)
     ranked = {k: v for k, v in groups.items() if v["n"] >= min_n}
@@ -1069,7 +1070,7 @@ def subgroup_metrics(y, score, p, attribute, threshold: float = 0.5, min_n: int 
         m = keep & (a == v)
         yt, yp = y[m], yhat[m]
         pos, neg = yt == 1, yt == 0
-        per[str(v)] = dict(auc=float(roc_auc_score(yt, s[m])) if pos.any() and neg.any() else None,
+        per[str(v)] = dict(auc=metrics.roc_auc(yt, s[m]) if pos.any() and neg.any() else None,
                            tpr=float(yp[pos].mean()) if pos.any() else None,
                            fpr=float(yp[neg].mean()) if neg.any() else None, n=int(m.sum()))
     gaps = {}

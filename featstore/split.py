@@ -423,6 +423,8 @@ def source_probe_auc(Z, source, seed: int = 0, folds: int = 3) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import LabelEncoder, StandardScaler
 
+    from featstore.metrics import roc_auc
+
     src = np.asarray(source).astype(str)
     d = LabelEncoder().fit_transform(src)
     k = min(folds, int(np.bincount(d).min()))
@@ -431,17 +433,19 @@ def source_probe_auc(Z, source, seed: int = 0, folds: int = 3) -> float:
     P = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)), np.asarray(Z, float), d,
                           cv=StratifiedKFold(k, shuffle=True, random_state=seed), method="predict_proba")
     if P.shape[1] == 2:
-        return float(roc_auc_score(d, P[:, 1]))
+        return roc_auc(d, P[:, 1])
     return float(roc_auc_score(d, P, multi_class="ovr", average="macro"))
 
 
 def _auc_and_probe(y, score, proba, source, Z):
     from sklearn.metrics import roc_auc_score
 
+    from featstore.metrics import roc_auc
+
     y = np.asarray(y).astype(int)
     if len(np.unique(y)) < 2:
         return float("nan"), {}
-    auc = float(roc_auc_score(y, score) if np.ndim(score) == 1 else
+    auc = float(roc_auc(y, score) if np.ndim(score) == 1 else
                 roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(proba.shape[1]))))
     return auc, dict(probe_auc=source_probe_auc(Z, source))
 

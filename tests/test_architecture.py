@@ -11,10 +11,11 @@ PKG = Path(__file__).resolve().parents[1] / "featstore"
 # In data-flow order. A module may import its own stage and earlier ones.
 STAGES = [
     # used by every stage: the store file, SQL running, image decoding, weights files, the result-row
-    # contract, figures, process pools, progress, messages, the registry type, config value types, command
-    # errors, test helpers
+    # contract, figures, binary metrics, process pools, progress, messages, the registry type, config value
+    # types, command errors, test helpers
     ("library", {"store", "query", "decode", "weights", "results", "figures", "neighbors", "procs", "progress",
-                 "suggest", "registry", "options", "errors", "testing", "ownfiles", "journal_lock"}),
+                 "suggest", "registry", "options", "errors", "testing", "ownfiles", "journal_lock",
+                 "metrics"}),
     ("ingest", {"synth", "ingest", "adapters"}),
     ("preprocess", {"lungs", "preprocess", "masks"}),
     ("embed", {"families", "backbone_specs", "backbones", "torch_backbone", "foundation", "embed", "embed_ray",

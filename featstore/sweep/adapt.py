@@ -17,8 +17,8 @@ import warnings
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import roc_auc_score
 
+from featstore.metrics import roc_auc
 from featstore.split import adapt_draws
 from featstore.sweep.fit import TaskResult, fit_head, single_threaded
 
@@ -53,7 +53,7 @@ def curve_points(st, data, res: TaskResult) -> tuple[list[dict], list[str]]:
                             warnings.simplefilter("ignore", ConvergenceWarning)
                             m = fit_head(task.head, res.params or {}, X[tr], meta.y[tr], meta.source[tr], task.seed,
                                          task.inputs)
-                        p["auc"] = float(roc_auc_score(yte, np.asarray(m.decision_function(X[d.test]), float)))
+                        p["auc"] = roc_auc(yte, np.asarray(m.decision_function(X[d.test]), float))
                     except Exception as e:  # noqa: BLE001 - recorded on the row, the curve goes on
                         p["error"] = f"{type(e).__name__}: {e}"
                     points.append(p)

@@ -35,6 +35,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 
 from featstore.heads import HEADS, create_head
+from featstore.metrics import roc_auc
 from featstore.procs import process_pool
 from featstore.split import Meta, get_selection
 from featstore.sweep.plan import Task, attach_splits, selection_splits_for
@@ -68,7 +69,7 @@ def validation_score(y, P, n_classes) -> float:
     if len(np.unique(y)) < n_classes:
         return float("nan")
     if n_classes == 2:
-        return float(roc_auc_score(y, P))
+        return roc_auc(y, P)
     return float(roc_auc_score(y, P, multi_class="ovr", average="macro", labels=list(range(n_classes))))
 
 
