@@ -156,9 +156,15 @@ class Tracker:
         ts = max(_now_ms(end), _now_ms(start)) if end is not None else _now_ms()
         ms = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if _finite(v)]
         ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
-        for i in range(0, len(ps), 100):  # log_batch limits: 100 params, 1000 metrics a call
+        # log_batch limits: 100 params, 1000 metrics, 1000 entities a call; a run's usual few params and
+        # metrics go in one call (each call is a database transaction)
+        first_ps = ps[:100]
+        first_ms = ms[:1000 - len(first_ps)]
+        if first_ps or first_ms:
+            self.client.log_batch(rid, metrics=first_ms, params=first_ps)
+        for i in range(len(first_ps), len(ps), 100):
             self.client.log_batch(rid, params=ps[i:i + 100])
-        for i in range(0, len(ms), 1000):
+        for i in range(len(first_ms), len(ms), 1000):
             self.client.log_batch(rid, metrics=ms[i:i + 1000])
         if inputs:
             self.client.log_inputs(rid, datasets=list(inputs))

@@ -403,3 +403,17 @@ def test_intervals_that_say_nothing_are_not_shown_or_logged():
     m = track.unit_metrics(rows)
     assert m["auc_unseen_mean"] == 0.7 and m["gap"] == 0.1
     assert not {"auc_unseen_mean_lo", "auc_unseen_mean_hi", "gap_lo", "gap_hi"} & set(m)
+
+
+def test_a_run_logs_every_param_and_metric_past_mlflows_batch_limits(tmp_path, mlflow_db):
+    """Tracker.run logs params and metrics in batches of MLflow's limits (100 params, 1000 metrics,
+    1000 entities a call), the first batch holding both: nothing is dropped at any boundary."""
+    uri = mlflow_db(tmp_path / "m.db")
+    t = track.Tracker("limits", uri)
+    for n_params, n_metrics in ((0, 0), (3, 5), (100, 900), (100, 901), (250, 2_345)):
+        params = {f"p{i}": i for i in range(n_params)}
+        metrics = {f"m{i}": float(i) for i in range(n_metrics)}
+        rid = t.run(f"{n_params}x{n_metrics}", params=params, metrics=metrics)
+        data = t.client.get_run(rid).data
+        assert data.params == {k: str(v) for k, v in params.items()}
+        assert data.metrics == metrics
