@@ -56,7 +56,7 @@ def roc_auc(y, score) -> float:
     from scipy.integrate import trapezoid  # what sklearn.metrics.auc integrates with
 
     fpr, tpr, _ = _curve(*plain)
-    return float(1 * trapezoid(tpr, fpr))
+    return float(trapezoid(tpr, fpr))  # fpr never decreases: sklearn.metrics.auc's direction is 1
 
 
 def roc_curve(y, score):
