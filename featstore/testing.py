@@ -49,50 +49,88 @@ def local_postgres(root: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = dict(check=True, capture_output=True, text=True, timeout=120)
-    try:
-        subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-U", "featstore", "--auth=trust",
-                                  "-E", "UTF8", "--no-sync"], **run)
-        subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
-                                  "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
-                                        f"-c max_connections=200", "start"], **run)
-    except subprocess.CalledProcessError as e:
-        raise PostgresUnavailable(f"PostgreSQL would not start: {(e.stderr or e.stdout).strip()[-300:]}") from e
-
-    def url(name: str) -> str:
-        import psycopg2
-
-        c = psycopg2.connect(host="127.0.0.1", port=port, user="featstore", dbname="postgres")
-        c.autocommit = True
-        c.cursor().execute(f'CREATE DATABASE "{name}"')
-        c.close()
-        return f"postgresql+psycopg2://featstore@127.0.0.1:{port}/{name}"
-    def check() -> None:
-        """Raise, with the server's log, if the server is no longer running."""
-        r = subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "status"], capture_output=True,
-                           text=True, timeout=60)
-        if r.returncode != 0:
-            log = (root / "log").read_text(errors="replace")[-3000:] if (root / "log").exists() else "(no log)"
-            raise AssertionError(f"the throwaway PostgreSQL server is gone: {r.stdout.strip()}\n{log}")
-    url.check = check
     stop = as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
     # pg_ctl daemonises the server, so it would outlive a killed test run: a reaper stops it when this
-    # process dies (its stdin pipe closes; kill -9 included: SIGTERM from the kernel, PR_SET_PDEATHSIG)
-    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *stop], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_sigterm_with_parent)
+    # process dies (its stdin pipe closes; kill -9 included: SIGTERM from the kernel, PR_SET_PDEATHSIG).
+    # The server starts only once the reaper says it is ready: a SIGTERM that came while the reaper was
+    # still starting would end it before its handler was in place, and the server would run on.
+    with open(root / "reaper.log", "ab") as log:
+        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(data), *stop], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=log, preexec_fn=_sigterm_with_parent)
     try:
+        if reaper.stdout.readline().strip() != b"ready":
+            raise PostgresUnavailable(f"the server's reaper did not start (its log: {root / 'reaper.log'})")
+        run = dict(check=True, capture_output=True, text=True, timeout=120)
+        try:
+            subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-U", "featstore",
+                                      "--auth=trust", "-E", "UTF8", "--no-sync"], **run)
+            subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"),
+                                      "-o", f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off "
+                                            f"-c max_connections=200", "start"], **run)
+        except subprocess.CalledProcessError as e:
+            raise PostgresUnavailable(f"PostgreSQL would not start: {(e.stderr or e.stdout).strip()[-300:]}") from e
+
+        def url(name: str) -> str:
+            import psycopg2
+
+            c = psycopg2.connect(host="127.0.0.1", port=port, user="featstore", dbname="postgres")
+            c.autocommit = True
+            c.cursor().execute(f'CREATE DATABASE "{name}"')
+            c.close()
+            return f"postgresql+psycopg2://featstore@127.0.0.1:{port}/{name}"
+
+        def check() -> None:
+            """Raise, with the server's log, if the server is no longer running."""
+            r = subprocess.run(as_user + [str(bin_dir / "pg_ctl"), "-D", str(data), "status"], capture_output=True,
+                               text=True, timeout=60)
+            if r.returncode != 0:
+                log = (root / "log").read_text(errors="replace")[-3000:] if (root / "log").exists() else "(no log)"
+                raise AssertionError(f"the throwaway PostgreSQL server is gone: {r.stdout.strip()}\n{log}")
+        url.check = check
         yield url
     finally:
         reaper.kill()
         reaper.wait()
+        reaper.stdout.close()
         subprocess.run(stop, capture_output=True, timeout=60)
 
 
-_REAPER = """import signal, subprocess, sys
+# Stops the server when its stdin closes or SIGTERM comes: pg_ctl first; if the postmaster is still
+# there after it (pg_ctl failed or timed out), SIGQUIT (what -m immediate sends), then SIGKILL.
+_REAPER = """import os, select, signal, subprocess, sys
+data, stop_cmd = sys.argv[1], sys.argv[2:]
+
+def gone(pid, seconds):
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(seconds * 1000))
+
 def stop(*_):
-    subprocess.run(sys.argv[1:], capture_output=True, timeout=60)
-    sys.exit(0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stdin's end and the SIGTERM both come: stop once
+    try:
+        subprocess.run(stop_cmd, capture_output=True, timeout=60)
+    except Exception as e:
+        print("pg_ctl stop:", repr(e), file=sys.stderr, flush=True)
+    try:
+        pid = int(open(os.path.join(data, "postmaster.pid")).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        os._exit(0)  # no pid file: the server is down
+    for sig in (signal.SIGQUIT, signal.SIGKILL):
+        print(f"the server (pid {pid}) is still running after pg_ctl stop: {sig.name}", file=sys.stderr, flush=True)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        if gone(pid, 10):
+            break
+    os._exit(0)
+
 signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
 sys.stdin.buffer.read()
 stop()
 """
