@@ -37,13 +37,18 @@ chromium:
 WORKERS ?= 3
 XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 
+# bytecode caches written (Python's default) even where the environment sets PYTHONDONTWRITEBYTECODE: without
+# a __pycache__ (git ignores it) every process the tests start compiles featstore's modules again and every
+# xdist worker rewrites every test module's asserts (about 40 CPU s of the suite's ~1,000 on a clean clone)
+PYTEST = PYTHONDONTWRITEBYTECODE= $(VENV)/bin/python -m pytest
+
 test: install postgres chromium
-	$(VENV)/bin/python -m pytest $(XDIST)
+	$(PYTEST) $(XDIST)
 
 # the edit-test loop (<= 3 min on 2 cores): everything but the scale-out, kill -9, browser, fuzz and slow tests;
 # `slow` marks each test that took >= 8 s in a whole-suite run (`make test` runs them all)
 test-fast: install
-	$(VENV)/bin/python -m pytest $(XDIST) -m "not scale and not kill and not browser and not fuzz and not slow"
+	$(PYTEST) $(XDIST) -m "not scale and not kill and not browser and not fuzz and not slow"
 
 # every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
 bench: install
