@@ -38,8 +38,8 @@ WORKERS ?= 3
 XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 
 # bytecode caches written (Python's default) even where the environment sets PYTHONDONTWRITEBYTECODE: without
-# a __pycache__ (git ignores it) every process the tests start compiles featstore's modules again and every
-# xdist worker rewrites every test module's asserts (about 40 CPU s of the suite's ~1,000 on a clean clone)
+# a __pycache__ (git ignores it) every process the tests start compiles featstore's modules again (0.2-0.3 CPU s
+# each) and every xdist worker rewrites every test module's asserts (benchmarks/RESULTS.md, issue 23, 11th session)
 PYTEST = PYTHONDONTWRITEBYTECODE= $(VENV)/bin/python -m pytest
 
 test: install postgres chromium
