@@ -55,11 +55,8 @@ def local_postgres(root: Path):
     # The server starts only once the reaper says it is ready: a SIGTERM that came while the reaper was
     # still starting would end it before its handler was in place, and the server would run on.
     with open(root / "reaper.log", "ab") as log:
-        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(data), *stop], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=log, preexec_fn=_sigterm_with_parent)
+        reaper = start_reaper(data, stop, log)
     try:
-        if reaper.stdout.readline().strip() != b"ready":
-            raise PostgresUnavailable(f"the server's reaper did not start (its log: {root / 'reaper.log'})")
         run = dict(check=True, capture_output=True, text=True, timeout=120)
         try:
             subprocess.run(as_user + [str(bin_dir / "initdb"), "-D", str(data), "-U", "featstore",
@@ -93,6 +90,19 @@ def local_postgres(root: Path):
         reaper.wait()
         reaper.stdout.close()
         subprocess.run(stop, capture_output=True, timeout=60)
+
+
+def start_reaper(data: Path, stop: list[str], stderr) -> subprocess.Popen:
+    """The process that stops the server whose data folder is `data` (`stop`: the pg_ctl command) when this
+    process dies or closes the reaper's stdin; returned once its handler is in place. stderr: a file for
+    what it says when pg_ctl could not stop the server (or subprocess.PIPE)."""
+    reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(data), *stop], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_sigterm_with_parent)
+    if reaper.stdout.readline().strip() != b"ready":
+        reaper.kill()
+        reaper.wait()
+        raise PostgresUnavailable(f"the PostgreSQL server's reaper did not start (exit status {reaper.returncode})")
+    return reaper
 
 
 # Stops the server when its stdin closes or SIGTERM comes: pg_ctl first; if the postmaster is still

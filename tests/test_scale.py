@@ -577,14 +577,12 @@ def test_the_throwaway_postgres_dies_with_a_killed_test_process(tmp_path):
 def test_the_postgres_reaper_ends_a_server_that_pg_ctl_could_not_stop(tmp_path):
     """When `pg_ctl stop` fails, the reaper ends the postmaster named in postmaster.pid itself. A stand-in
     server (a sleeping process) and a stop command that fails: no PostgreSQL needed."""
-    from featstore.testing import _REAPER, _sigterm_with_parent
+    from featstore.testing import start_reaper
 
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         (tmp_path / "postmaster.pid").write_text(f"{server.pid}\n{tmp_path}\n")
-        reaper = subprocess.Popen([sys.executable, "-c", _REAPER, str(tmp_path), "false"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_sigterm_with_parent)
-        assert reaper.stdout.readline().strip() == b"ready"
+        reaper = start_reaper(tmp_path, ["false"], subprocess.PIPE)  # returns once it is ready
         reaper.stdin.close()  # what the starter's death does
         assert reaper.wait(timeout=120) == 0
         assert server.wait(timeout=120) == -signal.SIGQUIT  # the immediate shutdown's signal was enough
