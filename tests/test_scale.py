@@ -582,8 +582,12 @@ def test_the_postgres_reaper_ends_a_server_that_pg_ctl_could_not_stop(tmp_path):
     server (a sleeping process) and a stop command that fails: no PostgreSQL needed."""
     from featstore.testing import start_reaper
 
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    # a postmaster handles SIGQUIT itself; the stand-in restores its default, which a test run started in the
+    # background of a non-interactive shell inherits as ignored (POSIX: `&` without job control ignores it)
+    server = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGQUIT, "
+                               "signal.SIG_DFL); print('ready', flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
     try:
+        assert server.stdout.readline().strip() == b"ready"
         (tmp_path / "postmaster.pid").write_text(f"{server.pid}\n{tmp_path}\n")
         reaper = start_reaper(tmp_path, ["false"], subprocess.PIPE)  # returns once it is ready
         reaper.stdin.close()  # what the starter's death does
