@@ -20,7 +20,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     """Under xdist, one BLAS/OpenMP/torch thread per worker (unless the caller chose): the workers already
-    outnumber the cores, and the tests' matrices are small, so a second thread per worker only spins waiting
+    fill the cores, and the tests' matrices are small, so a second thread per worker only spins waiting
     for a core (measured: a probe test used 50.6 CPU s with two threads, 32.8 s with one). Set here, in the
     controller, before xdist starts the workers, which inherit it with every process they start."""
     if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
