@@ -33,7 +33,7 @@ chromium:
 	  || echo "Chromium not installed: the browser tests (tests/test_ui_browser.py) will skip"
 
 # the tests run in parallel (pytest-xdist): WORKERS processes, one per core this process may use (on 2 cores,
-# 2 workers took 514-528 s against 550-552 s with 3, alternating: benchmarks/RESULTS.md, issue 23, 12th session);
+# 2 workers took 514-530 s against 550-552 s with 3, alternating: benchmarks/RESULTS.md, issue 23, 12th session);
 # `make test WORKERS=0` runs them in one process, as a plain `python -m pytest` does
 WORKERS ?= $(shell $(PY) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 2)
 XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
