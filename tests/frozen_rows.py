@@ -1,9 +1,9 @@
 """Frozen result rows for the headline and verdict tests, as DomainBed checks its reporting against
 committed sweep records: three small sweeps on eight SYNTHETIC sources (alternately 85% and 10%
 COVID, each with its own acquisition fingerprint, switched off for the neutral store), their pooled and
-source-mean rows (what `report.headline` and `report.pooled_table` read) in tests/data/verdict_rows.parquet.
+source-mean rows (what `report.headline` and `report.pooled_table` read) in tests/data/verdict_rows/.
 
-    PYTHONPATH=. python tests/frozen_rows.py        # regenerate (about as long as the three sweeps)
+    PYTHONPATH=. python tests/frozen_rows.py        # (re)generate this platform's set (as long as the sweeps)
 
 tests/test_honest.py reruns the sweeps (marker slow) and compares every column, so the file cannot rot:
 a change to the sweep, scoring or rows that moves a number fails there and is regenerated on purpose.
@@ -11,9 +11,11 @@ a change to the sweep, scoring or rows that moves a number fails there and is re
 The floats also depend on the machine's numeric kernels: OpenBLAS picks its kernels by CPU (Haswell on an
 AVX2-only CPU, SkylakeX where AVX-512 is), and so do numpy's SIMD loops and torch; a last-bit difference
 can tip a near-tie between Optuna's trials and change the chosen model (measured: the same code gave AUCs
-up to 0.19 apart on OPENBLAS_CORETYPE=Haswell vs Sandybridge). So the file records the platform it was
-made on (verdict_rows.platform) and the comparison runs where the platform matches, and is skipped, with
-the reason, where it does not. The verdict and headline tests read the rows on any platform."""
+up to 0.19 apart on OPENBLAS_CORETYPE=Haswell vs Sandybridge). So there is one set of rows per platform
+(tests/data/verdict_rows/<tag>.parquet, the platform it was made on in <tag>.platform; the machines this
+project runs on have been AVX2 and AVX-512 ones): the comparison runs where a set was made on this
+machine's platform, and is skipped, with the reason, where none was. The verdict and headline tests read
+every committed set, on any platform: the rules must hold whichever kernels computed the rows."""
 from __future__ import annotations
 
 import sys
@@ -21,8 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
-FROZEN = Path(__file__).resolve().parent / "data" / "verdict_rows.parquet"
-PLATFORM = FROZEN.with_suffix(".platform")  # the numeric platform FROZEN was generated on (platform())
+FROZEN_DIR = Path(__file__).resolve().parent / "data" / "verdict_rows"
 # what differs between two runs of one sweep (ids, times, the commit)
 VOLATILE = ("sweep_id", "created_at", "mlflow_run_id", "seconds", "code_version")
 KINDS = ("pooled", "source-mean")
@@ -107,12 +108,25 @@ def generate(folder: Path, stores: dict[str, Path] | None = None) -> dict[str, p
             for case, (store, heads, boot, protos) in CASES.items()}
 
 
-def load(case: str) -> pl.DataFrame:
-    """A case's frozen rows, in the shape `rep.rows` gives them (metrics and params as dicts)."""
-    return pl.read_parquet(FROZEN).filter(pl.col("case") == case).drop("case")
+def tag(plat: str) -> str:
+    """A set's file name: torch's CPU capability (readable) and a digest of the whole platform string."""
+    import hashlib
+
+    cap = plat.rsplit("torch ", 1)[-1].strip().lower() or "cpu"
+    return f"{cap}-{hashlib.sha1(plat.encode()).hexdigest()[:8]}"
 
 
-def write(frames: dict[str, pl.DataFrame], path: Path = FROZEN) -> None:
+def sets() -> dict[str, Path]:
+    """Every committed set: its platform string -> its rows' file."""
+    return {p.with_suffix(".platform").read_text().strip(): p for p in sorted(FROZEN_DIR.glob("*.parquet"))}
+
+
+def load(case: str, path: Path) -> pl.DataFrame:
+    """A case's frozen rows from one set, in the shape `rep.rows` gives them (metrics and params as dicts)."""
+    return pl.read_parquet(path).filter(pl.col("case") == case).drop("case")
+
+
+def write(frames: dict[str, pl.DataFrame], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pl.concat(list(frames.values()), how="diagonal_relaxed").write_parquet(path)
 
@@ -120,7 +134,9 @@ def write(frames: dict[str, pl.DataFrame], path: Path = FROZEN) -> None:
 if __name__ == "__main__":
     import tempfile
 
+    here = platform()
+    out = FROZEN_DIR / f"{tag(here)}.parquet"
     with tempfile.TemporaryDirectory() as tmp:
-        write(generate(Path(tmp)))
-    PLATFORM.write_text(platform() + "\n")
-    print(f"wrote {FROZEN} ({platform()})", file=sys.stderr)
+        write(generate(Path(tmp)), out)
+    out.with_suffix(".platform").write_text(here + "\n")
+    print(f"wrote {out} ({here})", file=sys.stderr)

@@ -93,35 +93,41 @@ def eight_sources(tmp_path_factory):
     return frozen_rows.eight_source_stores(tmp_path_factory.mktemp("eight"))
 
 
-def _headline_for(case):
-    """A case's frozen rows (tests/frozen_rows.py; checked against fresh sweeps below), its headline
-    and pooled table."""
+def _headline_for(case, frozen):
+    """A case's rows from one frozen set (tests/frozen_rows.py; checked against fresh sweeps below), its
+    headline and pooled table."""
     from featstore.report import headline, pooled_table
 
-    rows = frozen_rows.load(case)
+    rows = frozen_rows.load(case, frozen)
     return rows, headline(rows), pooled_table(rows)
+
+
+# every committed set, whatever this machine's platform: the rules must hold on each platform's rows
+FROZEN_SETS = pytest.mark.parametrize("frozen", list(frozen_rows.sets().values()), ids=lambda p: p.stem)
 
 
 @pytest.mark.slow
 def test_frozen_verdict_rows_are_what_the_sweeps_give(eight_sources, tmp_path, recording_tracker):
-    """The three sweeps again, every kept column compared with tests/data/verdict_rows.parquet: the
-    frozen rows the verdict tests read cannot drift from what featstore computes."""
+    """The three sweeps again, every kept column compared with the set of tests/data/verdict_rows/ made
+    on this machine's numeric platform: the frozen rows the verdict tests read cannot drift from what
+    featstore computes."""
     import polars as pl
 
-    made_on, here = frozen_rows.PLATFORM.read_text().strip(), frozen_rows.platform()
-    if made_on != here:
-        pytest.skip(f"the frozen rows were made on other numeric kernels ({made_on}), this machine has {here}: "
-                    "their last bits, and Optuna's near-ties, differ; regenerate here with "
-                    "`PYTHONPATH=. python tests/frozen_rows.py` to check on this platform")
+    here, made = frozen_rows.platform(), frozen_rows.sets()
+    if here not in made:
+        pytest.skip(f"no frozen rows were made on this machine's numeric kernels ({here}), only on "
+                    f"{' | '.join(made) or 'none'}: their last bits, and Optuna's near-ties, differ; add this "
+                    "platform's set with `PYTHONPATH=. python tests/frozen_rows.py` to check here")
     frozen_rows.write(frozen_rows.generate(tmp_path, eight_sources), tmp_path / "fresh.parquet")
-    fresh, frozen = pl.read_parquet(tmp_path / "fresh.parquet"), pl.read_parquet(frozen_rows.FROZEN)
+    fresh, frozen = pl.read_parquet(tmp_path / "fresh.parquet"), pl.read_parquet(made[here])
     assert fresh.columns == frozen.columns and fresh.height == frozen.height > 0
     diff = [c for c in frozen.columns if not fresh[c].equals(frozen[c])]
     assert not diff, f"columns that differ from the frozen rows (regenerate: python tests/frozen_rows.py): {diff}"
 
 
 @pytest.mark.slow
-def test_verdict_known_answers():
+@FROZEN_SETS
+def test_verdict_known_answers(frozen):
     """Planted source confounders beside a disease signal the pixel statistics read well within every
     source (same-source AUC 0.999 on AVX-512 kernels, 0.963 on AVX2 ones, where the last bits tip which of
     the three near-tied trials is chosen): little is left for the source to add, so cross-source pairs
@@ -131,7 +137,7 @@ def test_verdict_known_answers():
     without confounders: generalises (no use of the source, and a drop of 0.10 on new sources excluded)."""
     import polars as pl
 
-    rows, h, _ = _headline_for("confounded")
+    rows, h, _ = _headline_for("confounded", frozen)
     mixed = rows.filter((pl.col("kind") == "pooled") & (pl.col("protocol") == "mixed")).row(0, named=True)
     sc = (mixed["metrics"] if isinstance(mixed["metrics"], dict) else __import__("json").loads(mixed["metrics"]))
     assert sc["shortcut"]["same"] > 0.95 and sc["shortcut"]["hi"] < 0.05, sc["shortcut"]
@@ -142,16 +148,17 @@ def test_verdict_known_answers():
     sm = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso")).row(0, named=True)
     assert sm["uncertainty"] == "source" and sm["auc_lo"] <= sm["auc"] <= sm["auc_hi"] <= 1
     assert sm["n_sources"] == 8 and sm["worst_source"] in {f"s{k}" for k in range(8)}
-    rows, h, _ = _headline_for("neutral")
+    rows, h, _ = _headline_for("neutral", frozen)
     assert h["verdict"].to_list() == ["generalises"], h.to_dicts()
 
 
-def test_a_shortcut_cannot_top_the_headline():
+@FROZEN_SETS
+def test_a_shortcut_cannot_top_the_headline(frozen):
     """Pooled LOSO rewards recognising the source (prevalence differs between sources): it stays out of
     the headline, which ranks models by the mean over held-out sources of per-source AUC."""
     import polars as pl
 
-    rows, h, pooled = _headline_for("shortcut")
+    rows, h, pooled = _headline_for("shortcut", frozen)
     sm = rows.filter((pl.col("kind") == "source-mean") & (pl.col("protocol") == "loso"))
     assert h["head"][0] == sm.sort("auc", descending=True)["head"][0]
     assert not [c for c in h.columns if "pooled" in c.lower()]
