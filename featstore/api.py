@@ -273,6 +273,33 @@ class Store:
         sweep (latest=False: every sweep), filtered as results()."""
         return self._rows("predictions", latest, dict(study=study, sweep_id=sweep_id, **where))
 
+    def latest_sweep(self, study: str | None = None) -> tuple[str, str] | None:
+        """(study, sweep_id) of the named study's latest sweep; without a name, of the latest benchmark
+        sweep (never the domain probe's); None when there is none."""
+        q = "SELECT study, max(sweep_id) FROM results" + \
+            (" WHERE study = ?" if study else " WHERE protocol <> 'domain-probe'") + \
+            " GROUP BY study ORDER BY max(sweep_id) DESC LIMIT 1"
+        rows = self.con.execute(q, [study] if study else []).fetchall()  # fetchall: no open result left
+        return tuple(rows[0]) if rows else None
+
+    def studies(self) -> list[str]:
+        """The benchmark studies with rows in `results` (not the domain probe), sorted."""
+        return [s for (s,) in self.con.execute("SELECT DISTINCT study FROM results WHERE study <> 'domain-probe' "
+                                               "ORDER BY 1").fetchall()]
+
+    def sweep(self, study: str, sweep_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """One sweep's `results` rows (ordered by every column: the same order on any run) and its
+        `predictions` rows."""
+        return (self.sql("SELECT * FROM results WHERE study = ? AND sweep_id = ? ORDER BY ALL", [study, sweep_id]),
+                self.sql("SELECT * FROM predictions WHERE study = ? AND sweep_id = ?", [study, sweep_id]))
+
+    def probe_aucs(self) -> dict:
+        """(backbone, preprocess) -> the latest domain probe's macro AUC on all images, where one was run."""
+        rows = self.con.execute(
+            "SELECT backbone, preprocess, arg_max(auc, sweep_id) FROM results WHERE study = 'domain-probe' "
+            "AND head = 'raw' AND test_set = 'all images' AND scope = 'all' GROUP BY ALL").fetchall()
+        return {(b, p): a for b, p, a in rows}
+
     def sources(self) -> list[str]:
         """Every source in the store, sorted."""
         return [s for (s,) in self.con.execute("SELECT DISTINCT source FROM images ORDER BY 1").fetchall()]
@@ -298,6 +325,19 @@ class Store:
         return self.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
                                 "ORDER BY image_a, image_b").fetchall()
 
+    def near_duplicate_summary(self) -> dict | None:
+        """What `featstore duplicates` left, None on a store it never ran on (no table): `pairs` (every
+        near_duplicates row), `by_source` (near_duplicate_pairs_by_source), and the exact copies'
+        `exact_groups` and `exact_across` (groups whose files occur in several sources)."""
+        if not self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'"
+                                ).fetchall()[0][0]:
+            return None
+        groups, across = self.con.execute("SELECT count(*), count(*) FILTER (WHERE cross_source) "
+                                          "FROM duplicate_groups").fetchall()[0]
+        return dict(pairs=self.sql("SELECT * FROM near_duplicates"),
+                    by_source=self.sql("SELECT * FROM near_duplicate_pairs_by_source"),
+                    exact_groups=groups, exact_across=across)
+
     def probe_evidence(self, backbone: str, preprocess: str = "original") -> dict:
         """The latest domain probe of an embedding set as `featstore probe` stored it: `probe` (its
         `results` rows, empty if none ran), `points` (probe_map_points: t-SNE coordinates per
@@ -316,6 +356,10 @@ class Store:
                              "FROM probe_neighbors WHERE sweep_id = ? ORDER BY source", [sid]) \
             if sid and "probe_neighbors" in have else pl.DataFrame()
         return dict(probe=probe, points=points, neighbors=neighbors)
+
+    def lung_mask_summary(self) -> pl.DataFrame:
+        """The `lung_mask_summary` view: lung masks by source, method and outcome."""
+        return self.sql("SELECT * FROM lung_mask_summary")
 
     def lung_mask_methods(self, image_ids) -> list[str]:
         """The methods of the good lung masks stored for these images, sorted."""

@@ -28,7 +28,8 @@ from PIL import Image
 
 from featstore.decode import DecodeError, decode_file
 from featstore.procs import process_pool  # workers die with this process
-from featstore.store import insert_frame, transaction
+from featstore.store import (delete_all_rows, hashed_images, image_paths, images_without_hashes, insert_frame,
+                             transaction)
 
 PHASH_MAX = 10
 COSINE_MIN = 0.98
@@ -117,8 +118,7 @@ def _hash_one(path: str) -> bytes | None:
 
 def ensure_hashes(con, workers: int = 2, progress=None) -> int:
     """dHash every image that has none yet; returns how many were added. progress(done, total, "hashing")."""
-    todo = con.execute("SELECT image_id, path FROM images WHERE image_id NOT IN "
-                       "(SELECT image_id FROM image_hashes) ORDER BY image_id").fetchall()
+    todo = images_without_hashes(con)
     if not todo:
         return 0
     paths = [p for _, p in todo]
@@ -328,8 +328,7 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
     from featstore import copymatch
 
     ensure_hashes(con, workers, progress)
-    meta = pl.from_arrow(con.sql("SELECT i.image_id, i.source, i.label, i.path, h.dhash FROM images i "
-                                 "JOIN image_hashes h USING (image_id) ORDER BY i.image_id").to_arrow_table())
+    meta = hashed_images(con)
     ids = meta["image_id"].to_numpy()
     pos = {v: i for i, v in enumerate(ids)}
     wide = max(phash_max, CAND_PHASH) if match else phash_max
@@ -388,7 +387,7 @@ def find(con, backbone: str | None = None, preprocess: str = "original", cosine_
     if not accept_implausible:
         check_plausible(list(pairs), len(ids), phash_max, cosine_min)
     with transaction(con):  # the old pairs stay unless the new ones are all in
-        con.execute("DELETE FROM near_duplicates")
+        delete_all_rows(con, "near_duplicates")
         if df.height:
             insert_frame(con, "near_duplicates", df)
     return sheet_order(df)
@@ -411,7 +410,7 @@ def contact_sheet(con, out, pairs: pl.DataFrame, n: int = 60, thumb: int = 128, 
     from PIL import ImageDraw, ImageFont
 
     pairs = sheet_order(pairs).head(n)
-    path = dict(con.execute("SELECT image_id, path FROM images").fetchall())
+    path = image_paths(con)
     cols = max(1, min(columns, pairs.height))
     rows = max(1, -(-pairs.height // cols))
     cap_h, pad = 74, 10
@@ -460,6 +459,7 @@ class DuplicatesJob:
 
     def run(self, progress=None, say=None):
         from featstore.ann import AnnError
+        from featstore.api import Store
         from featstore.errors import UserError
         from featstore.progress import silent
         from featstore.store import open_for_command
@@ -473,9 +473,9 @@ class DuplicatesJob:
                                  progress=prog.update, search=self.search, say=say, match=self.match)
             except (ImplausibleDuplicates, ValueError, AnnError) as e:
                 raise UserError(str(e)) from e
-            across, groups = con.sql("SELECT count(*) FILTER (WHERE cross_source), count(*) "
-                                     "FROM duplicate_groups").fetchall()[0]
-            by = con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()
+            summary = Store.over(con).near_duplicate_summary()  # the table is there: find() wrote it
+            groups, across = summary["exact_groups"], summary["exact_across"]
+            by = summary["by_source"].to_arrow()
             if pairs.height:
                 contact_sheet(con, self.sheet, pairs)
         finally:

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from featstore.embed import NON_FINITE_EMBEDDING, EmbedReport, EmbedRun, ImageDataset, hold_for_tests
 from featstore.preprocess import get_preprocess
-from featstore.store import ensure_embedding_table, transaction
+from featstore.store import (embed_errors_of_run, ensure_embedding_table, image_sources, insert_new_embeddings,
+                             shard_table, transaction, upsert_embed_errors)
 
 
 def _decode(batch: dict, preprocess: str, size: int, channels: int, norm: tuple) -> dict:
@@ -99,27 +100,11 @@ def import_shards(con, shards: Path, backbone, preprocess: str, run_id: int) -> 
     table = ensure_embedding_table(con, backbone.feature_dim)
     d = backbone.feature_dim
     names = [str(f) for f in files]
-    with transaction(con):
-        # one row per image (a retried block can appear twice): a success over a failure. A vector with
-        # NaN or Inf is no success: it becomes an embed_errors row, here where every shard is stored
-        con.execute("""CREATE TEMP TABLE _shard AS
-            SELECT * FROM (
-              SELECT * REPLACE (CASE WHEN error = ''
-                                     AND NOT list_bool_and(list_transform(vector, lambda v: isfinite(v)))
-                                THEN ? ELSE error END AS error)
-              FROM read_parquet(?, hive_partitioning = true, filename = true) WHERE weights_id = ?)
-            QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY error <> '', filename) = 1""",
-                    [NON_FINITE_EMBEDDING, names, backbone.weights_id])
-        n_ok = con.execute(f"""INSERT INTO {table}
-            SELECT s.image_id, s.backbone, s.weights_id, s.preprocess, {d}, s.vector::FLOAT[{d}], ?, now()::TIMESTAMP
-            FROM _shard s WHERE s.error = '' AND NOT EXISTS (
-              SELECT 1 FROM {table} e WHERE e.image_id = s.image_id AND e.backbone = s.backbone
-                AND e.weights_id = s.weights_id AND e.preprocess = s.preprocess)""", [run_id]).fetchone()[0]
-        n_bad = con.execute("""INSERT INTO embed_errors
-            SELECT image_id, path, backbone, preprocess, error, ?, now()::TIMESTAMP FROM _shard WHERE error <> ''
-            ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
-              embed_run = excluded.embed_run, time = excluded.time""", [run_id]).fetchone()[0]
-        con.execute("DROP TABLE _shard")
+    # one row per image (a retried block can appear twice): a success over a failure. A vector with NaN or
+    # Inf is no success: it becomes an embed_errors row, here where every shard is stored
+    with transaction(con), shard_table(con, "_shard", names, backbone.weights_id, NON_FINITE_EMBEDDING) as shard:
+        n_ok = insert_new_embeddings(con, table, shard, d, run_id)
+        n_bad = upsert_embed_errors(con, shard, run_id)
     for f in files:  # stored now; a kill before this line only means a no-op import next time
         f.unlink(missing_ok=True)
     return n_ok, n_bad, torn
@@ -155,8 +140,7 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
         items, _ = run.attach_masks(items)
         if items:
             ids = [i[0] for i in items]
-            src = dict(con.execute("SELECT image_id, source FROM images WHERE image_id IN (SELECT unnest(?))",
-                                   [ids]).fetchall())
+            src = image_sources(con, ids)
             todo_table = pa.table({"image_id": ids, "path": [i[1] for i in items],
                                    "source": [src[i] for i in ids],
                                    "mask": [i[2] if len(i) > 2 else b"" for i in items]})
@@ -166,9 +150,7 @@ def embed_ray(con, backbone, create_args: dict, preprocess: str = "original", ba
             ok, bad, torn = import_shards(con, shards, backbone, preprocess, rep.run_id)
             rep.n_embedded += ok
             rep.torn_shards += torn
-            failed = con.execute("SELECT image_id, path, reason FROM embed_errors WHERE embed_run = ?",
-                                 [rep.run_id]).fetchall()
-            rep.failed = [tuple(f) for f in failed]
+            rep.failed = embed_errors_of_run(con, rep.run_id)
     return rep
 
 

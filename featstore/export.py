@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featstore.ownfiles import is_own, listing, read_manifest, remove_own, shown, write_json_atomic
-from featstore.store import embedding_tables
+from featstore.store import write_parquet_tables
 
-_META = "i.image_id, i.label, i.class, i.patient_id, i.view, i.sex, i.age, i.source"
 MANIFEST = "featstore-export.json"
 _TOP = ("images", "occurrences", "embeddings", "ingest_errors.parquet", "embed_runs.parquet")
 
@@ -52,7 +51,7 @@ def export_parquet(con, out: str | Path, overwrite: bool = False) -> dict[str, i
         shutil.rmtree(stage)
     stage.mkdir()
     try:
-        counts = _write(con, stage)
+        counts = write_parquet_tables(con, stage)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # made above; only this export wrote into it
         raise
@@ -69,36 +68,6 @@ def export_parquet(con, out: str | Path, overwrite: bool = False) -> dict[str, i
     shutil.rmtree(stage)  # its own folders, now empty
     write_json_atomic(out / MANIFEST, {"featstore_export": 1, "complete": True, "counts": counts, "files": new})
     (out / PARTIAL).unlink()
-    return counts
-
-
-def _write(con, dest: Path) -> dict[str, int]:
-    counts = {}
-    sources = "(SELECT image_id, list(DISTINCT source ORDER BY source) AS sources FROM occurrences GROUP BY image_id)"
-
-    def copy(query: str, target: Path, partition: str | None = None, pattern: str = "data_{i}") -> int:
-        n = con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]
-        if partition:
-            # the target path is bound, not pasted: a folder name may hold a quote
-            con.execute(f"COPY ({query}) TO ? (FORMAT parquet, PARTITION_BY ({partition}), "
-                        f"FILENAME_PATTERN '{pattern}', OVERWRITE_OR_IGNORE)", [str(target)])
-        else:
-            con.execute(f"COPY ({query}) TO ? (FORMAT parquet)", [str(target)])
-        return n
-
-    counts["images"] = copy(f"SELECT i.*, s.sources FROM images i LEFT JOIN {sources} s USING (image_id)",
-                            dest / "images", "source")
-    counts["occurrences"] = copy("SELECT * FROM occurrences", dest / "occurrences", "source")
-    n_emb = 0
-    for table, dim in embedding_tables(con):
-        if con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
-            q = (f"SELECT {_META}, s.sources, e.backbone, e.weights_id, e.preprocess, e.dim, e.vector, e.created_at "
-                 f"FROM {table} e JOIN images i USING (image_id) LEFT JOIN {sources} s USING (image_id)")
-            # one file name per table: two tables (e.g. two `onnx` models) can share a partition
-            n_emb += copy(q, dest / "embeddings", "backbone, preprocess, source", f"d{dim}_{{i}}")
-    counts["embeddings"] = n_emb
-    counts["ingest_errors"] = copy("SELECT * FROM ingest_errors", dest / "ingest_errors.parquet")
-    counts["embed_runs"] = copy("SELECT * FROM embed_runs", dest / "embed_runs.parquet")
     return counts
 
 

@@ -287,7 +287,9 @@ class MasksJob:
                                        self.device, prog.update, on_replace=forget)
                 except (ValueError, WeightsMissingError) as e:
                     raise UserError(str(e)) from e
-            return rep, con.sql("SELECT * FROM lung_mask_summary").to_arrow_table(), forgot[0]
+            from featstore.api import Store
+
+            return rep, Store.over(con).lung_mask_summary().to_arrow(), forgot[0]
         finally:
             con.close()
 

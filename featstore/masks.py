@@ -25,7 +25,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-import duckdb
 import numpy as np
 import polars as pl
 from PIL import Image
@@ -33,7 +32,8 @@ from PIL import Image
 from featstore.decode import DecodeError, decode_file
 from featstore.lungs import MASK_METHODS, WORK, LungMask, MaskError, check, classical_mask
 from featstore.procs import process_pool  # workers die with this process
-from featstore.store import insert_frame, registered, transaction
+from featstore.store import (image_ids_in, images_to_mask, insert_frame, insert_or_replace_from, lung_mask_rows,
+                             manifest_mask_paths, scratch_table, transaction)
 
 METHODS = MASK_METHODS
 PSPNET_FILE = "pspnet_chestxray_best_model_4.pth"
@@ -171,17 +171,6 @@ def _rows(results, method: str, made_from: dict[str, str] | str | None) -> pl.Da
         "box_left": pl.Float64, "box_right": pl.Float64, "height": pl.Int32, "width": pl.Int32, "mask": pl.Binary})
 
 
-def _manifest_paths(con, ids: list[str]) -> dict[str, str]:
-    """image_id -> the first mask file any of its occurrences names."""
-    if not ids:
-        return {}
-    with registered(con, "_ids", pl.DataFrame({"image_id": ids})):
-        rows = con.execute("""SELECT image_id, min(json_extract_string(extra, '$.mask_path')) FROM occurrences
-                              WHERE image_id IN (SELECT image_id FROM _ids)
-                                AND json_extract_string(extra, '$.mask_path') IS NOT NULL GROUP BY 1""").fetchall()
-    return dict(rows)
-
-
 def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", weights_dir=None,
                  workers: int = 2, redo: bool = False, device: str = "cpu", progress=None,
                  on_replace: Callable[[object, list[str]], object] | None = None) -> MaskReport:
@@ -196,11 +185,7 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
     psp = None
     if method == "xrv-pspnet":  # asked for by name: download when allowed, else say where the file goes
         psp = pspnet_weights(weights_dir, download=True)
-    where = "" if image_ids is None else "WHERE image_id IN (SELECT image_id FROM _want)"
-    want = None if image_ids is None else pl.DataFrame({"image_id": list(image_ids)}, schema={"image_id": pl.Utf8})
-    with registered(con, "_want", want) if want is not None else nullcontext():
-        have = "" if redo else f"{'AND' if where else 'WHERE'} image_id NOT IN (SELECT image_id FROM lung_masks)"
-        todo = con.execute(f"SELECT image_id, path FROM images {where} {have} ORDER BY image_id").fetchall()
+    todo = images_to_mask(con, image_ids, redo)
     rep = MaskReport(n_todo=len(todo))
     if not todo:
         return rep
@@ -218,10 +203,9 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
         if not ticked:
             tick(len(results))
 
-    if redo:  # the new rows wait here (memory, spilling to disk) until every one is made
-        con.execute("CREATE OR REPLACE TEMP TABLE _new_masks AS SELECT * FROM lung_masks LIMIT 0")
-    try:
-        from_manifest = _manifest_paths(con, [i for i, _ in todo]) if method in ("auto", "manifest") else {}
+    # with redo the new rows wait in a scratch table (memory, spilling to disk) until every one is made
+    with scratch_table(con, "_new_masks", like="lung_masks") if redo else nullcontext():
+        from_manifest = manifest_mask_paths(con, [i for i, _ in todo]) if method in ("auto", "manifest") else {}
         rest = [(i, p) for i, p in todo if i not in from_manifest]
         if from_manifest:
             save(_map(_manifest_one, sorted(from_manifest.items()), workers, tick), "manifest", from_manifest, True)
@@ -242,16 +226,10 @@ def ensure_masks(con, image_ids: list[str] | None = None, method: str = "auto", 
             save(_map(_classical_one, rest, workers, tick), "classical-v1", None, True)
         if redo:
             with transaction(con):
-                con.execute("INSERT OR REPLACE INTO lung_masks BY NAME SELECT * FROM _new_masks")
-                rep.remade = [i for (i,) in con.execute("SELECT image_id FROM _new_masks ORDER BY 1").fetchall()]
+                insert_or_replace_from(con, "lung_masks", "_new_masks")
+                rep.remade = image_ids_in(con, "_new_masks")
                 if on_replace:
                     on_replace(con, rep.remade)
-    finally:
-        if redo:
-            try:
-                con.execute("DROP TABLE IF EXISTS _new_masks")
-            except duckdb.Error:  # a store already broken: the error in flight is the one to report
-                pass
     return rep
 
 
@@ -275,7 +253,4 @@ def _map(fn, items, workers, progress=None):
 
 def load_masks(con, image_ids: list[str]) -> dict[str, tuple[bytes | None, str, str | None]]:
     """image_id -> (1-bit PNG or None when refused, method, reason)."""
-    with registered(con, "_ids", pl.DataFrame({"image_id": image_ids}, schema={"image_id": pl.Utf8})):
-        rows = con.execute("SELECT image_id, mask, method, reason FROM lung_masks "
-                           "WHERE image_id IN (SELECT image_id FROM _ids)").fetchall()
-    return {i: (bytes(m) if m is not None else None, meth, r) for i, m, meth, r in rows}
+    return {i: (bytes(m) if m is not None else None, meth, r) for i, m, meth, r in lung_mask_rows(con, image_ids)}

@@ -46,14 +46,12 @@ def _f(v, d=3):
 def latest_sweep(con, study: str | None) -> tuple[str, str]:
     """The named study's latest sweep; without a name, the latest benchmark sweep (never the domain
     probe's rows, which have no seen/unseen tables)."""
-    q = "SELECT study, max(sweep_id) FROM results" + \
-        (" WHERE study = ?" if study else " WHERE protocol <> 'domain-probe'") + \
-        " GROUP BY study ORDER BY max(sweep_id) DESC LIMIT 1"
-    rows = con.execute(q, [study] if study else []).fetchall()  # fetchall: DuckDB 2 refuses work beside an open result
-    row = rows[0] if rows else None
+    from featstore.api import Store
+
+    fs = Store.over(con)
+    row = fs.latest_sweep(study)
     if not row:
-        have = [r[0] for r in con.execute("SELECT DISTINCT study FROM results WHERE study <> 'domain-probe' "
-                                          "ORDER BY 1").fetchall()]
+        have = fs.studies()
         named = _study_of_config(study) if study else None
         if named and named != study and named in have:  # a config's name, e.g. synthetic_demo -> synthetic-demo
             return latest_sweep(con, named)
@@ -182,13 +180,6 @@ def verdict_cards(res: pl.DataFrame, head: pl.DataFrame) -> list[dict]:
                           uses_source=f"{r['uses the source?']}: {r['uses the source? cross − same-source AUC [CI]']}",
                           drop=f"{r['transfers?']}: {r['drop on new sources: seen − unseen [CI]']}"))
     return cards
-
-
-def probe_aucs(con) -> dict:
-    """(backbone, preprocess) -> the latest domain probe's macro AUC on all images, where one was run."""
-    rows = con.execute("SELECT backbone, preprocess, arg_max(auc, sweep_id) FROM results WHERE study = 'domain-probe' "
-                       "AND head = 'raw' AND test_set = 'all images' AND scope = 'all' GROUP BY ALL").fetchall()
-    return {(b, p): a for b, p, a in rows}
 
 
 REFERENCE_HEAD = "logreg"  # fixed before any result: every other head is compared with it
@@ -467,17 +458,17 @@ def _write_report(con, out: Path, study: str | None, sweep_id: str | None) -> di
 
     from featstore.probe import MAP_POINTS
 
+    from featstore.api import Store
+
     if sweep_id is None:
         study, sweep_id = latest_sweep(con, study)
-    res = pl.from_arrow(con.sql("SELECT * FROM results WHERE study = ? AND sweep_id = ? ORDER BY ALL",
-                                params=[study, sweep_id]).to_arrow_table())
+    fs = Store.over(con)
+    res, preds = fs.sweep(study, sweep_id)
     if not res.height:
         raise ValueError(f"no results for study '{study}', sweep '{sweep_id}' in the store")
-    preds = pl.from_arrow(con.sql("SELECT * FROM predictions WHERE study = ? AND sweep_id = ?",
-                                  params=[study, sweep_id]).to_arrow_table())
     honest = res.filter(~pl.col("oracle"))
     oracle = res.filter(pl.col("oracle"))
-    head = headline(honest, probe_aucs(con))
+    head = headline(honest, fs.probe_aucs())
     meta = res.row(0, named=True)
 
     def fig(path, title, caption=""):
@@ -713,15 +704,13 @@ def shortcut_evidence(con, sets: list[tuple[str, str]], out: Path) -> dict:
                 pl.col("same_source", "same_source_chance", "same_label", "same_label_chance").round(3))
         out_sets.append(ev)
     nd = None
-    has_nd = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'").fetchall()[0][0]
-    if has_nd:
-        nd = dict(table=pl.from_arrow(con.sql("SELECT * FROM near_duplicate_pairs_by_source").to_arrow_table()),
-                  sheet=None)
-        pairs = pl.from_arrow(con.sql("SELECT * FROM near_duplicates").to_arrow_table())
+    dup = Store.over(con).near_duplicate_summary()
+    if dup is not None:
+        nd = dict(table=dup["by_source"], sheet=None)
+        pairs = dup["pairs"]
         # an empty table is what a store holds before `featstore duplicates` ever ran: say so, not "(none)"
         nd["ran"] = pairs.height > 0
-        nd["exact_across"] = con.execute("SELECT count(*) FILTER (WHERE cross_source) FROM duplicate_groups"
-                                         ).fetchall()[0][0]
+        nd["exact_across"] = dup["exact_across"]
         if pairs.height:
             from featstore.duplicates import contact_sheet
 

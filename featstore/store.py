@@ -1,4 +1,7 @@
-"""The DuckDB file: open it, create or migrate the schema, manage embedding tables."""
+"""The DuckDB file: open it, create or migrate the schema, manage embedding tables; and the SQL the
+stages run (their reads and writes, the Parquet export). With the read API (api.py), the user-SQL sandbox
+(query.py) and the result contract (results.py) it is the store layer: the only modules that hold SQL, but
+for those tests/test_architecture.py still lists as not yet moved."""
 from __future__ import annotations
 
 import os
@@ -323,6 +326,41 @@ def export_snapshot(con, out: str | os.PathLike) -> Path:
     return out
 
 
+_EXPORT_META = "i.image_id, i.label, i.class, i.patient_id, i.view, i.sex, i.age, i.source"
+
+
+def write_parquet_tables(con, dest: Path) -> dict[str, int]:
+    """The store's tables as Parquet under dest (featstore/export.py's layout: images, occurrences and
+    embeddings Hive-partitioned by source, ingest_errors and embed_runs one file each); rows per table."""
+    counts = {}
+    sources = "(SELECT image_id, list(DISTINCT source ORDER BY source) AS sources FROM occurrences GROUP BY image_id)"
+
+    def copy(query: str, target: Path, partition: str | None = None, pattern: str = "data_{i}") -> int:
+        n = con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]
+        if partition:
+            # the target path is bound, not pasted: a folder name may hold a quote
+            con.execute(f"COPY ({query}) TO ? (FORMAT parquet, PARTITION_BY ({partition}), "
+                        f"FILENAME_PATTERN '{pattern}', OVERWRITE_OR_IGNORE)", [str(target)])
+        else:
+            con.execute(f"COPY ({query}) TO ? (FORMAT parquet)", [str(target)])
+        return n
+
+    counts["images"] = copy(f"SELECT i.*, s.sources FROM images i LEFT JOIN {sources} s USING (image_id)",
+                            dest / "images", "source")
+    counts["occurrences"] = copy("SELECT * FROM occurrences", dest / "occurrences", "source")
+    n_emb = 0
+    for table, dim in embedding_tables(con):
+        if con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+            q = (f"SELECT {_EXPORT_META}, s.sources, e.backbone, e.weights_id, e.preprocess, e.dim, e.vector, "
+                 f"e.created_at FROM {table} e JOIN images i USING (image_id) LEFT JOIN {sources} s USING (image_id)")
+            # one file name per table: two tables (e.g. two `onnx` models) can share a partition
+            n_emb += copy(q, dest / "embeddings", "backbone, preprocess, source", f"d{dim}_{{i}}")
+    counts["embeddings"] = n_emb
+    counts["ingest_errors"] = copy("SELECT * FROM ingest_errors", dest / "ingest_errors.parquet")
+    counts["embed_runs"] = copy("SELECT * FROM embed_runs", dest / "embed_runs.parquet")
+    return counts
+
+
 def _quote(path) -> str:
     return str(path).replace("'", "''")
 
@@ -438,8 +476,8 @@ def registered(con, name: str, data):
 
 
 def insert_frame(con, table: str, df) -> None:
-    """Insert a Polars frame's columns (by name) into a store table in one statement."""
-    cols = ", ".join(f'"{c}"' for c in df.columns)
+    """Insert a Polars frame's or an Arrow table's columns (by name) into a store table in one statement."""
+    cols = ", ".join(f'"{c}"' for c in (df.column_names if hasattr(df, "column_names") else df.columns))
     with registered(con, "_batch", df):
         con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
 
@@ -460,3 +498,149 @@ def attribution_rows(con, run_id: str | None = None):
         run_id = con.execute("SELECT max(run_id) FROM attribution").fetchall()[0][0]  # fetchall: no open result
     return pl.from_arrow(con.sql("SELECT * FROM attribution WHERE run_id = ? ORDER BY source, label, image_id",
                                  params=[run_id]).to_arrow_table())
+
+
+# --- the stages' reads and writes: lung masks, Ray's embedding shards, duplicates ---
+
+def images_to_mask(con, image_ids: list[str] | None = None, redo: bool = False) -> list[tuple[str, str]]:
+    """(image_id, path) of the images (every one, or those of image_ids) that have no lung_masks row yet,
+    or with redo of all of them, by image_id."""
+    import polars as pl
+
+    where = "" if image_ids is None else "WHERE image_id IN (SELECT image_id FROM _want)"
+    have = "" if redo else f"{'AND' if where else 'WHERE'} image_id NOT IN (SELECT image_id FROM lung_masks)"
+    q = f"SELECT image_id, path FROM images {where} {have} ORDER BY image_id"
+    if image_ids is None:
+        return con.execute(q).fetchall()
+    with registered(con, "_want", pl.DataFrame({"image_id": list(image_ids)}, schema={"image_id": pl.Utf8})):
+        return con.execute(q).fetchall()
+
+
+def manifest_mask_paths(con, image_ids: list[str]) -> dict[str, str]:
+    """image_id -> the first mask file (the manifest's mask_path) any of its occurrences names, for those of
+    image_ids that have one."""
+    import polars as pl
+
+    if not image_ids:
+        return {}
+    with registered(con, "_ids", pl.DataFrame({"image_id": image_ids})):
+        rows = con.execute("""SELECT image_id, min(json_extract_string(extra, '$.mask_path')) FROM occurrences
+                              WHERE image_id IN (SELECT image_id FROM _ids)
+                                AND json_extract_string(extra, '$.mask_path') IS NOT NULL GROUP BY 1""").fetchall()
+    return dict(rows)
+
+
+def lung_mask_rows(con, image_ids: list[str]) -> list[tuple]:
+    """(image_id, mask PNG or None, method, reason) of the lung_masks rows of these images."""
+    import polars as pl
+
+    with registered(con, "_ids", pl.DataFrame({"image_id": image_ids}, schema={"image_id": pl.Utf8})):
+        return con.execute("SELECT image_id, mask, method, reason FROM lung_masks "
+                           "WHERE image_id IN (SELECT image_id FROM _ids)").fetchall()
+
+
+def _drop_quietly(con, name: str) -> None:
+    try:
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    except duckdb.Error:  # a store already broken (or a transaction aborted): the error in flight is the one to report
+        pass
+
+
+@contextmanager
+def scratch_table(con, name: str, like: str):
+    """An empty temporary table `name` with the columns of the store table `like`, for the block; dropped
+    after it, whatever happens. Yields the name."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {like} LIMIT 0")
+    try:
+        yield name
+    finally:
+        _drop_quietly(con, name)
+
+
+def insert_or_replace_from(con, table: str, staged: str) -> None:
+    """Every row of the table `staged` (same columns, by name) into `table`, replacing the rows with the
+    same primary key."""
+    con.execute(f"INSERT OR REPLACE INTO {table} BY NAME SELECT * FROM {staged}")
+
+
+def image_ids_in(con, table: str) -> list[str]:
+    """The image_id column of a table (a store table or a connection's scratch one), sorted."""
+    return [i for (i,) in con.execute(f"SELECT image_id FROM {table} ORDER BY 1").fetchall()]
+
+
+@contextmanager
+def shard_table(con, name: str, files: list[str], weights_id: str, non_finite: str):
+    """Ray's Parquet shards (featstore/embed_ray.py) as a temporary table `name` for the block, rows of
+    `weights_id` only, one per image (a retried block can appear twice): a success over a failure. A vector
+    with NaN or Inf is no success: its error becomes `non_finite`. Dropped after the block, whatever
+    happens; run it inside a transaction. Yields the name."""
+    con.execute(f"""CREATE TEMP TABLE {name} AS
+        SELECT * FROM (
+          SELECT * REPLACE (CASE WHEN error = ''
+                                 AND NOT list_bool_and(list_transform(vector, lambda v: isfinite(v)))
+                            THEN ? ELSE error END AS error)
+          FROM read_parquet(?, hive_partitioning = true, filename = true) WHERE weights_id = ?)
+        QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY error <> '', filename) = 1""",
+                [non_finite, files, weights_id])
+    try:
+        yield name
+    finally:
+        _drop_quietly(con, name)
+
+
+def insert_new_embeddings(con, table: str, shard: str, dim: int, run_id: int) -> int:
+    """The successful rows (error '') of a shard_table into the embedding table `table` (of `dim`), as
+    made by run_id now, skipping those it already holds; returns how many were inserted."""
+    d = int(dim)
+    return con.execute(f"""INSERT INTO {table}
+        SELECT s.image_id, s.backbone, s.weights_id, s.preprocess, {d}, s.vector::FLOAT[{d}], ?, now()::TIMESTAMP
+        FROM {shard} s WHERE s.error = '' AND NOT EXISTS (
+          SELECT 1 FROM {table} e WHERE e.image_id = s.image_id AND e.backbone = s.backbone
+            AND e.weights_id = s.weights_id AND e.preprocess = s.preprocess)""", [run_id]).fetchone()[0]
+
+
+def upsert_embed_errors(con, shard: str, run_id: int) -> int:
+    """The failed rows (error not '') of a shard_table into embed_errors as run_id's, now; an image's
+    earlier row for the same backbone and preprocessing takes the new reason, run and time. Returns how
+    many rows were written."""
+    return con.execute(f"""INSERT INTO embed_errors
+        SELECT image_id, path, backbone, preprocess, error, ?, now()::TIMESTAMP FROM {shard} WHERE error <> ''
+        ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
+          embed_run = excluded.embed_run, time = excluded.time""", [run_id]).fetchone()[0]
+
+
+def image_sources(con, image_ids: list[str]) -> dict[str, str]:
+    """image_id -> source (the images table's) of these images."""
+    return dict(con.execute("SELECT image_id, source FROM images WHERE image_id IN (SELECT unnest(?))",
+                            [image_ids]).fetchall())
+
+
+def embed_errors_of_run(con, run_id: int) -> list[tuple[str, str, str]]:
+    """(image_id, path, reason) of the embed_errors rows an embed run wrote."""
+    return [tuple(f) for f in con.execute("SELECT image_id, path, reason FROM embed_errors WHERE embed_run = ?",
+                                          [run_id]).fetchall()]
+
+
+def images_without_hashes(con) -> list[tuple[str, str]]:
+    """(image_id, path) of the images with no image_hashes row yet, by image_id."""
+    return con.execute("SELECT image_id, path FROM images WHERE image_id NOT IN "
+                       "(SELECT image_id FROM image_hashes) ORDER BY image_id").fetchall()
+
+
+def hashed_images(con):
+    """image_id, source, label, path and dhash of every image with an image_hashes row, by image_id, as a
+    Polars frame."""
+    import polars as pl
+
+    return pl.from_arrow(con.sql("SELECT i.image_id, i.source, i.label, i.path, h.dhash FROM images i "
+                                 "JOIN image_hashes h USING (image_id) ORDER BY i.image_id").to_arrow_table())
+
+
+def image_paths(con) -> dict[str, str]:
+    """image_id -> path of every image."""
+    return dict(con.execute("SELECT image_id, path FROM images").fetchall())
+
+
+def delete_all_rows(con, table: str) -> None:
+    """Empty a store table (inside the caller's transaction, when one is open)."""
+    con.execute(f"DELETE FROM {table}")

@@ -68,12 +68,9 @@ def local_postgres(root: Path):
             raise PostgresUnavailable(f"PostgreSQL would not start: {(e.stderr or e.stdout).strip()[-300:]}") from e
 
         def url(name: str) -> str:
-            import psycopg2
-
-            c = psycopg2.connect(host="127.0.0.1", port=port, user="featstore", dbname="postgres")
-            c.autocommit = True
-            c.cursor().execute(f'CREATE DATABASE "{name}"')
-            c.close()
+            # the server's own client makes the database (and quotes its name): no SQL of ours
+            subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "featstore",
+                            "--", name], **run)
             return f"postgresql+psycopg2://featstore@127.0.0.1:{port}/{name}"
 
         def check() -> None:
@@ -203,7 +200,7 @@ def synthetic_store(path, n: int, dim: int, seed: int = 0, start: int = 0, n_sou
     import numpy as np
     import pyarrow as pa
 
-    from featstore.store import connect, ensure_embedding_table
+    from featstore.store import connect, ensure_embedding_table, insert_frame
 
     con = connect(path)
     try:
@@ -215,26 +212,21 @@ def synthetic_store(path, n: int, dim: int, seed: int = 0, start: int = 0, n_sou
             idx = range(b0, b0 + m)
             ids = [hashlib.sha256(f"synthetic:{seed}:{i}".encode()).hexdigest() for i in idx]
             lab = np.random.default_rng([seed, b0]).random(m) < 0.5
-            con.register("_i", pa.table({
-                "image_id": ids, "source": [f"synthetic-{i % n_sources}" for i in idx],
-                "label": ["covid" if x else "non_covid" for x in lab], "width": [1] * m, "height": [1] * m,
-                "bit_depth": [8] * m, "format": ["PNG"] * m, "n_bytes": [1] * m, "path": ids,
-                "ingested_at": pa.array([now] * m, pa.timestamp("us"))}))
-            con.execute("INSERT INTO images (image_id, source, label, width, height, bit_depth, format, n_bytes, "
-                        "path, ingested_at) SELECT * FROM _i")
-            con.execute("INSERT INTO occurrences (image_id, source, path, label, origin, ingest_run, ingested_at) "
-                        "SELECT image_id, source, path, label, 'featstore.testing.synthetic_store', 0, ingested_at "
-                        "FROM _i")
+            src, label = [f"synthetic-{i % n_sources}" for i in idx], ["covid" if x else "non_covid" for x in lab]
+            at = pa.array([now] * m, pa.timestamp("us"))
+            insert_frame(con, "images", pa.table({
+                "image_id": ids, "source": src, "label": label, "width": [1] * m, "height": [1] * m,
+                "bit_depth": [8] * m, "format": ["PNG"] * m, "n_bytes": [1] * m, "path": ids, "ingested_at": at}))
+            insert_frame(con, "occurrences", pa.table({
+                "image_id": ids, "source": src, "path": ids, "label": label,
+                "origin": ["featstore.testing.synthetic_store"] * m, "ingest_run": [0] * m, "ingested_at": at}))
             X = synthetic_vectors(m, dim, seed, start=b0)
-            con.register("_e", pa.table({
+            insert_frame(con, table, pa.table({
                 "image_id": ids, "backbone": [backbone] * m, "weights_id": ["none"] * m,
                 "preprocess": ["original"] * m, "dim": pa.array([dim] * m, pa.int32()),
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(X.ravel()), dim),
                 "embed_run": pa.array([embed_run] * m, pa.int32()),
                 "created_at": pa.array([now] * m, pa.timestamp("us"))}))
-            con.execute(f"INSERT INTO {table} SELECT * FROM _e")
-            con.unregister("_i")
-            con.unregister("_e")
             out += ids
         return out
     finally:
