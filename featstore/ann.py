@@ -47,7 +47,9 @@ from pathlib import Path
 import numpy as np
 
 from featstore.neighbors import normalize, pair_sims, rank  # noqa: F401 - one ranking for exact and approximate search
-from featstore.store import registered
+from featstore.store import (embedding_set_fingerprint, embedding_set_images, embedding_set_rows,
+                             embedding_set_similarities, embedding_set_vector_batches, embedding_set_vectors,
+                             embedding_set_vectors_at, most_similar_images, store_file_path)
 
 FORMAT = 1
 METRIC = "cos"
@@ -74,7 +76,6 @@ ADD_THREADS = 1  # deterministic graphs (see above); search uses every core
 QUERY_ANN_MIN = 5_000
 ALL_ANN_MIN = 8_000
 MARKER = "README-FEATSTORE-ANN.txt"
-_FP = "hash(image_id, embed_run, created_at)"
 
 
 def to_stderr(line: str) -> None:
@@ -99,8 +100,9 @@ class EmbeddingSet:
         return embedding_table(self.dim)
 
     @property
-    def where(self) -> tuple[str, list]:
-        return "backbone = ? AND weights_id = ? AND preprocess = ?", [self.backbone, self.weights_id, self.preprocess]
+    def key(self) -> tuple[str, str, str]:
+        """The set's rows in its table, as the store layer's embedding_set_* functions take them."""
+        return self.backbone, self.weights_id, self.preprocess
 
     @property
     def name(self) -> str:
@@ -127,8 +129,7 @@ def use_ann(method: str, n: int, threshold: int) -> bool:
 
 def store_path(con) -> Path | None:
     """The store's file, or None (in memory, a snapshot loaded into memory)."""
-    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    p = row[0][0] if row else None
+    p = store_file_path(con)
     return Path(p) if p and p != ":memory:" else None
 
 
@@ -140,17 +141,14 @@ def unit_vectors(con, s: "EmbeddingSet", batch: int = 20_000):
     import polars as pl
     import pyarrow.compute as pc
 
-    w, p = s.where
-    meta = con.sql(f"SELECT e.image_id, i.source, i.label FROM {s.table} e JOIN images i USING (image_id) "
-                   f"WHERE {w}", params=p).to_arrow_table()
+    meta = embedding_set_images(con, s.table, s.key)
     meta = meta.take(pc.sort_indices(meta, [("image_id", "ascending")]))
     ids = _as_bytes(meta.column("image_id").to_pylist())
     order = np.argsort(ids, kind="stable")
     ids_sorted = ids[order]
     Xn = np.zeros((len(ids), s.dim), dtype=np.float32)
     filled = np.zeros(len(ids), dtype=bool)
-    reader = con.sql(f"SELECT image_id, vector FROM {s.table} SEMI JOIN images USING (image_id) WHERE {w}",
-                     params=p).to_arrow_reader(batch)
+    reader = embedding_set_vector_batches(con, s.table, s.key, batch)
     for rb in reader:
         got = _as_bytes(rb.column(0).to_pylist()).astype(ids.dtype)
         at = np.minimum(np.searchsorted(ids_sorted, got), max(len(ids) - 1, 0))
@@ -322,9 +320,7 @@ def _load(folder: Path, s: EmbeddingSet, view: bool):
 
 
 def _fingerprint(con, s: EmbeddingSet) -> dict:
-    w, p = s.where
-    n, x, total = con.execute(f"SELECT count(*), coalesce(bit_xor({_FP}), 0), coalesce(sum({_FP}::HUGEINT), 0) "
-                              f"FROM {s.table} WHERE {w}", p).fetchall()[0]
+    n, x, total = embedding_set_fingerprint(con, s.table, s.key)
     return {"count": int(n), "xor": str(x), "sum": str(total)}
 
 
@@ -332,8 +328,7 @@ def _current_rows(con, s: EmbeddingSet) -> np.ndarray:
     """The set's rows in the store now, sorted by image_id (key and slot unset)."""
     import pyarrow.compute as pc
 
-    w, p = s.where
-    tbl = con.sql(f"SELECT image_id, rowid AS rid, {_FP} AS fp FROM {s.table} WHERE {w}", params=p).to_arrow_table()
+    tbl = embedding_set_rows(con, s.table, s.key)
     tbl = tbl.take(pc.sort_indices(tbl, [("image_id", "ascending")]))
     ids = np.array(tbl.column("image_id").to_pylist(), dtype=object)
     width = max((len(i.encode()) for i in ids), default=1)
@@ -372,13 +367,8 @@ def _vectors(con, s: EmbeddingSet, ids: np.ndarray, Xn: np.ndarray | None, pos: 
     if hit.any():
         out[hit] = Xn[pos[hit]]
     if not hit.all():
-        import pyarrow as pa
-
-        w, p = s.where
         want = [b.decode() for b in ids[~hit]]
-        with registered(con, "_ann_ids", pa.table({"image_id": want})):
-            tbl = con.sql(f"SELECT image_id, vector FROM {s.table} SEMI JOIN _ann_ids USING (image_id) WHERE {w}",
-                          params=p).to_arrow_table()
+        tbl = embedding_set_vectors(con, s.table, s.key, want)
         got = {i: n for n, i in enumerate(tbl.column("image_id").to_pylist())}
         vec = tbl.column("vector").combine_chunks()
         V = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), s.dim)
@@ -388,8 +378,7 @@ def _vectors(con, s: EmbeddingSet, ids: np.ndarray, Xn: np.ndarray | None, pos: 
 
 def _all_vectors(con, s: EmbeddingSet) -> tuple[np.ndarray, list]:
     """Every unit vector of the set and its image_id (one scan)."""
-    w, p = s.where
-    tbl = con.sql(f"SELECT image_id, vector FROM {s.table} WHERE {w}", params=p).to_arrow_table()
+    tbl = embedding_set_vectors(con, s.table, s.key)
     vec = tbl.column("vector").combine_chunks()
     X = vec.values.to_numpy(zero_copy_only=False).reshape(len(vec), s.dim)
     return normalize(X), tbl.column("image_id").to_pylist()
@@ -557,7 +546,6 @@ def nearest(con, s: EmbeddingSet, image_id: str, k: int = 10, say=to_stderr):
     import pyarrow as pa
 
     ann = open_index(con, s, say=say)
-    w, p = s.where
     key = int(ann.keys_of([image_id])[0])
     sims = pa.table({"image_id": pa.array([], pa.string()), "sim": pa.array([], pa.float32())})
     q = None
@@ -570,30 +558,18 @@ def nearest(con, s: EmbeddingSet, image_id: str, k: int = 10, say=to_stderr):
         cand_ids = [b.decode() for b in sel["id"]]
         qv = [float(x) for x in q[0]]  # float32 values, exactly, as the SQL's q.vector
         # rowid = ANY(list) reads just those rows; the image_id check catches rowids moved since
-        sims = con.sql(f"SELECT image_id, list_cosine_similarity(vector::FLOAT[], ?::FLOAT[]) AS sim "
-                       f"FROM {s.table} WHERE rowid = ANY(?::BIGINT[]) AND {w}",
-                       params=[qv, [int(r) for r in sel["rowid"]]] + p).to_arrow_table()
+        sims = embedding_set_similarities(con, s.table, s.key, qv, rowids=[int(r) for r in sel["rowid"]])
         if sorted(sims.column("image_id").to_pylist()) != sorted(cand_ids):
-            sims = con.sql(f"SELECT image_id, list_cosine_similarity(vector::FLOAT[], ?::FLOAT[]) AS sim "
-                           f"FROM {s.table} WHERE image_id = ANY(?::VARCHAR[]) AND {w}",
-                           params=[qv, cand_ids] + p).to_arrow_table()
-    with registered(con, "_ann_top", sims):
-        return con.sql(f"""
-            WITH top AS (SELECT * FROM _ann_top ORDER BY sim DESC, image_id LIMIT {int(k)})
-            SELECT t.image_id, i.source, i.label, i.class, round(t.sim, 4) AS similarity, i.path
-            FROM top t JOIN images i USING (image_id)
-            ORDER BY t.sim DESC, t.image_id""").to_arrow_table()
+            sims = embedding_set_similarities(con, s.table, s.key, qv, image_ids=cand_ids)
+    return most_similar_images(con, sims, k)
 
 
 def _fetch(con, s: EmbeddingSet, rowids: list[int], expect: list[str]) -> np.ndarray | None:
     """Vectors by store rowid, checked against the image_ids they should be (None if they moved)."""
-    w, p = s.where
-    tbl = con.sql(f"SELECT image_id, vector FROM {s.table} WHERE rowid = ANY(?::BIGINT[]) AND {w}",
-                  params=[rowids] + p).to_arrow_table()
+    tbl = embedding_set_vectors_at(con, s.table, s.key, rowids=rowids)
     got = tbl.column("image_id").to_pylist()
     if got != expect:
-        tbl = con.sql(f"SELECT image_id, vector FROM {s.table} WHERE image_id = ANY(?::VARCHAR[]) AND {w}",
-                      params=[expect] + p).to_arrow_table()
+        tbl = embedding_set_vectors_at(con, s.table, s.key, image_ids=expect)
         got = tbl.column("image_id").to_pylist()
         if sorted(got) != sorted(expect):
             return None

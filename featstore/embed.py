@@ -30,8 +30,11 @@ from featstore.backbones import Backbone
 from featstore.decode import DecodeError, decode_bytes, read_file
 from featstore.lungs import MaskError
 from featstore.preprocess import PREPROCESSINGS, get_preprocess, to_input
-from featstore.store import (embedding_table, embedding_tables, ensure_embedding_table, in_transaction, registered,
-                             transaction)
+from featstore.store import (delete_embed_errors_of, delete_embeddings_of, embedding_set_counts, embedding_table,
+                             embedding_tables, ensure_embedding_table, finish_embed_run, image_count,
+                             images_without_embedding, in_transaction, insert_embed_run, insert_frame,
+                             interrupt_running_embed_runs, next_embed_run_id, registered, store_file_path, transaction,
+                             upsert_embed_error_rows)
 
 
 @dataclass
@@ -245,13 +248,7 @@ class DecodePool:
 
 def todo(con, backbone: Backbone, preprocess: str, limit: int | None = None) -> list[tuple[str, str]]:
     table = ensure_embedding_table(con, backbone.feature_dim)
-    q = f"""SELECT i.image_id, i.path FROM images i
-            WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.image_id = i.image_id
-                              AND e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?)
-            ORDER BY i.image_id"""
-    if limit:
-        q += f" LIMIT {int(limit)}"
-    return con.execute(q, [backbone.name, backbone.weights_id, preprocess]).fetchall()
+    return images_without_embedding(con, table, (backbone.name, backbone.weights_id, preprocess), limit)
 
 
 def default_workers() -> int:
@@ -339,16 +336,14 @@ class EmbedRun:
         try:  # a rerun on a disk still full fails here, with the same one-line error
             self.table = ensure_embedding_table(con, backbone.feature_dim)
             # a 'running' run found now belongs to a process that died (DuckDB has one writer)
-            con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
+            interrupt_running_embed_runs(con)
             self.items = self.todo() if find_todo else []
-            run_id = con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
+            run_id = next_embed_run_id(con)
             self.report = EmbedReport(run_id, backbone.name, backbone.weights_id, preprocess,
                                       device or backbone.device, n_todo=len(self.items))
-            con.execute(
-                "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
-                "n_todo, status, started_at, weights_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-                [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim, self.report.device,
-                 batch_size, workers, len(self.items), datetime.now(), _weights_source(backbone)])
+            insert_embed_run(con, [run_id, backbone.name, backbone.weights_id, preprocess, backbone.feature_dim,
+                                   self.report.device, batch_size, workers, len(self.items), datetime.now(),
+                                   _weights_source(backbone)])
         except Exception as e:
             raise_if_disk_full(con, e, backbone, preprocess)
             raise
@@ -377,11 +372,9 @@ class EmbedRun:
         row stays 'running' and the next run marks it 'interrupted'."""
         rep = self.report
         try:
-            self.con.execute(
-                "UPDATE embed_runs SET n_todo = ?, n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, "
-                "status = ?, finished_at = ? WHERE run_id = ?",
-                [rep.n_todo, rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
-                 rep.status if rep.status != "running" else "failed", datetime.now(), rep.run_id])
+            finish_embed_run(self.con, [rep.n_todo, rep.n_embedded, len(rep.failed), rep.seconds, rep.images_per_s,
+                                        rep.status if rep.status != "running" else "failed", datetime.now(),
+                                        rep.run_id])
         except Exception:  # noqa: BLE001 - on a failing run the error in flight is the one to report
             if rep.status == "completed":
                 raise
@@ -415,7 +408,8 @@ class EmbedRun:
                     before_commit: Callable[[int], None] | None = None) -> None:
         """A batch's vectors and its failures in one transaction, then counted in the report.
         before_commit(b) runs inside the transaction."""
-        con, backbone, preprocess, run_id = self.con, self.backbone, self.preprocess, self.report.run_id
+        con, table, backbone, preprocess = self.con, self.table, self.backbone, self.preprocess
+        run_id = self.report.run_id
         now = datetime.now()
         n, d = feats.shape
         vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(feats, np.float32).ravel()), d)
@@ -433,14 +427,8 @@ class EmbedRun:
             if n:
                 # plain INSERT: `todo` excluded what exists and DuckDB has one writer, so a duplicate here
                 # is a bug the primary key should shout about (ON CONFLICT costs a third of the write)
-                with registered(con, "_emb_batch", batch):
-                    con.execute(f"INSERT INTO {self.table} SELECT * FROM _emb_batch")
-            for image_id, path, reason in bad:
-                con.execute(
-                    """INSERT INTO embed_errors VALUES (?, ?, ?, ?, ?, ?, ?)
-                       ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
-                         embed_run = excluded.embed_run, time = excluded.time""",
-                    [image_id, path, backbone.name, preprocess, reason, run_id, now])
+                insert_frame(con, table, batch)
+            upsert_embed_error_rows(con, bad, backbone.name, preprocess, run_id, now)
             if before_commit:
                 before_commit(b)
         self.report.n_embedded += len(ids)  # counted once committed
@@ -484,10 +472,8 @@ def forget_lung_variants(con, image_ids: list[str]) -> int:
     n = 0
     with registered(con, "_forget_ids", pa.table({"image_id": pa.array(list(image_ids), pa.string())})):
         for table, _ in embedding_tables(con):
-            n += con.execute(f"DELETE FROM {table} WHERE list_contains(?, preprocess) "
-                             "AND image_id IN (SELECT image_id FROM _forget_ids)", [variants]).fetchone()[0]
-        con.execute("DELETE FROM embed_errors WHERE list_contains(?, preprocess) "
-                    "AND image_id IN (SELECT image_id FROM _forget_ids)", [variants])
+            n += delete_embeddings_of(con, table, "_forget_ids", variants)
+        delete_embed_errors_of(con, "_forget_ids", variants)
     return n
 
 
@@ -536,13 +522,10 @@ def raise_if_disk_full(con, e: BaseException, backbone, preprocess: str, run_id:
 
     what = what or _full_file(e) or _store_path(con) or "the store"
     try:
-        n_img = con.execute("SELECT count(*) FROM images").fetchone()[0]
+        n_img = image_count(con)
         try:
-            n_run, n_set = con.execute(
-                f"""SELECT count(*) FILTER (WHERE embed_run = ?), count(*)
-                    FROM {embedding_table(backbone.feature_dim)}
-                    WHERE backbone = ? AND weights_id = ? AND preprocess = ?""",
-                [run_id, backbone.name, backbone.weights_id, preprocess]).fetchone()
+            n_run, n_set = embedding_set_counts(con, embedding_table(backbone.feature_dim),
+                                                (backbone.name, backbone.weights_id, preprocess), run_id)
         except duckdb.CatalogException:  # the disk filled before the table could be made
             n_run = n_set = 0
         stored = (f"{n_run} embeddings committed by this run, in whole batches; {n_set} of {n_img} images have "
@@ -557,8 +540,7 @@ def raise_if_disk_full(con, e: BaseException, backbone, preprocess: str, run_id:
 
 def _store_path(con) -> str | None:
     try:
-        return con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-                           ).fetchone()[0]
+        return store_file_path(con)
     except Exception:  # noqa: BLE001
         return None
 

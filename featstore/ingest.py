@@ -28,7 +28,11 @@ import polars as pl
 
 from featstore.decode import DecodeError, decode_bytes, read_regular, stat_error
 from featstore.errors import disk_full as _disk_full
-from featstore.store import insert_frame as _insert, registered, transaction
+from featstore.store import (canonical_images, delete_occurrences_of, duplicate_group_counts, image_count,
+                             insert_frame, insert_ingest_run, next_ingest_run_id, occurrence_files,
+                             resolve_ingest_errors, store_file_path, stored_counts, stored_image_ids,
+                             transaction, update_occurrence_file_stats, upsert_ingest_errors,
+                             upsert_ingest_failure)
 
 DEFAULT_LABELS = ("covid", "non_covid")
 ANY_LABEL = "*"
@@ -455,8 +459,7 @@ def _unchanged(path: str, size: int | None, mtime_ns: int | None) -> bool:
 
 def _db_file(con) -> str:
     try:
-        return con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-                           ).fetchall()[0][0] or "the store"
+        return store_file_path(con) or "the store"
     except Exception:
         return "the store"
 
@@ -481,8 +484,7 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
     seen: dict[tuple[str, str], int | None] = {}
     todo: list[Row] = []
     jobs: list[ProbeJob] = []
-    existing = {(s, p): (i, n, m) for s, p, i, n, m in con.execute(
-        "SELECT source, path, image_id, size_bytes, mtime_ns FROM occurrences").fetchall()}
+    existing = {(s, p): (i, n, m) for s, p, i, n, m in occurrence_files(con)}
     for r in rows:
         shown = r.path or r.display
         r.label = normalise_label(r.label)
@@ -527,8 +529,7 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
     known = set()
     ids = list({p.image_id for p in probes if p.image_id and not p.same})
     if ids:
-        with registered(con, "_ids", pl.DataFrame({"image_id": ids})):
-            known = {x for (x,) in con.execute("SELECT image_id FROM images JOIN _ids USING (image_id)").fetchall()}
+        known = stored_image_ids(con, ids)
     new_images, new_occ, same, changed = {}, [], [], []
     for r, job, p in zip(todo, jobs, probes):
         if p.error:
@@ -560,34 +561,29 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
     errors = [Rejection(clip(_printable(e.file), FILE_MAX), clip(_printable(e.source), FILE_MAX) or "",
                         clip(_printable(e.reason), REASON_MAX), e.row_number) for e in errors]
 
-    n_before = con.execute("SELECT count(*) FROM images").fetchall()[0][0]
+    n_before = image_count(con)
     db_file = _db_file(con)
     try:
         with transaction(con):  # all of this ingest or none of it (an interrupt included)
-            run_id = con.execute("SELECT nextval('ingest_run_seq')").fetchall()[0][0]
+            run_id = next_ingest_run_id(con)
             report.run_id = run_id
             for o in new_occ:
                 o["ingest_run"] = run_id
             if changed:  # the path now holds other bytes: its occurrence moves to the new image; the old image stays
                 ch = pl.DataFrame(changed, schema=_CHANGE_SCHEMA).with_columns(
                     ingest_run=pl.lit(run_id, pl.Int32), changed_at=pl.lit(now, pl.Datetime("us")))
-                _insert(con, "ingest_changes", ch)
-                with registered(con, "_changed", ch.select("source", "path")):
-                    con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
+                insert_frame(con, "ingest_changes", ch)
+                delete_occurrences_of(con, ch.select("source", "path"))
             if new_images:
-                _insert(con, "images", pl.DataFrame(list(new_images.values()), schema=_IMAGE_SCHEMA))
+                insert_frame(con, "images", pl.DataFrame(list(new_images.values()), schema=_IMAGE_SCHEMA))
             if new_occ:
-                _insert(con, "occurrences", pl.DataFrame(new_occ, schema=_OCC_SCHEMA))
+                insert_frame(con, "occurrences", pl.DataFrame(new_occ, schema=_OCC_SCHEMA))
                 canonical_images(con)
             if same:  # remember size and mtime, so the next ingest need not read them
-                with registered(con, "_same", pl.DataFrame(same, schema=_IDENT_SCHEMA)):
-                    con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
-                                   FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
+                update_occurrence_file_stats(con, pl.DataFrame(same, schema=_IDENT_SCHEMA))
             ok = [(o["source"], o["path"]) for o in new_occ] + [(o["source"], o["path"]) for o in same]
             if ok:  # files that failed before and are now in: mark their errors resolved
-                with registered(con, "_ok", pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row")):
-                    con.execute("""UPDATE ingest_errors SET resolved = true
-                                   WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
+                resolve_ingest_errors(con, pl.DataFrame(ok, schema={"source": _STR, "path": _STR}, orient="row"))
             if errors:  # one statement for all of them (one each took minutes for 100,000 missing files)
                 rej = pl.DataFrame({"file": [e.file for e in errors], "source": [e.source for e in errors],
                                     "reason": [e.reason for e in errors],
@@ -595,23 +591,13 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
                                    schema={"file": _STR, "source": _STR, "reason": _STR, "row_number": pl.Int32})
                 # ON CONFLICT may touch a row once per statement: the last of equal keys wins, as before
                 rej = rej.unique(["file", "source", "reason"], keep="last", maintain_order=True)
-                with registered(con, "_rejected", rej):
-                    con.execute(
-                        """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
-                           SELECT file, source, reason, ?, row_number, ?, ?, ? FROM _rejected
-                           ON CONFLICT (file, source, reason) DO UPDATE SET
-                             last_seen = excluded.last_seen, ingest_run = excluded.ingest_run,
-                             row_number = excluded.row_number, resolved = false""",
-                        [origin, run_id, now, now])
+                upsert_ingest_errors(con, rej, origin, run_id, now)
             report.n_new_images = len(new_images)
             report.n_new_occurrences = len(new_occ)
             report.errors = errors
             report.seconds = time.perf_counter() - t0
-            con.execute(
-                """INSERT INTO ingest_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [run_id, origin, report.n_rows, report.n_new_images, report.n_new_occurrences, report.n_already,
-                 len(errors), report.seconds, started, datetime.now()],
-            )
+            insert_ingest_run(con, [run_id, origin, report.n_rows, report.n_new_images, report.n_new_occurrences,
+                                    report.n_already, len(errors), report.seconds, started, datetime.now()])
     except Exception as e:  # after the rollback (or DuckDB's own, when the COMMIT failed)
         if _disk_full(e):
             raise StoreFullError(
@@ -623,40 +609,17 @@ def ingest_rows(con, rows: Iterable[Row], origin: str, labels: Iterable[str] | s
     return report
 
 
-def canonical_images(con) -> None:
-    """An image's own row (source, label, patient, ...) is that of its occurrence with the smallest
-    (source, path), whatever order the files were ingested in: the same data in any order gives the
-    same store, the same splits and the same results. Protocols treat a file shared by collections as
-    belonging to all of them (`occurrences`)."""
-    con.execute("""
-        UPDATE images SET source = o.source, label = o.label, class = o.class, patient_id = o.patient_id,
-                          view = o.view, sex = o.sex, age = o.age, path = o.path
-        FROM (SELECT DISTINCT ON (image_id) image_id, source, path, label, class, patient_id, view, sex, age
-              FROM occurrences ORDER BY image_id, source, path) o
-        WHERE images.image_id = o.image_id AND (images.source <> o.source OR images.path <> o.path)""")
-
+# canonical_images (an image's own row is its first occurrence's) and stored_counts are the store layer's
+# (featstore/store.py), imported above: ingest_rows calls the first, jobs asks ingest for the second.
 
 def _store_facts(con, report: IngestReport) -> None:
-    report.n_images, report.n_occurrences = con.execute(
-        "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences)").fetchone()
-    report.n_duplicate_groups, report.n_cross_source_groups, report.n_label_conflicts = con.execute(
-        "SELECT count(*), count(*) FILTER (cross_source), count(*) FILTER (label_conflict) FROM duplicate_groups"
-    ).fetchone()
-
-
-def stored_counts(con) -> tuple[int, int]:
-    """(images, occurrences) in the store: what an interrupted ingest reports it kept."""
-    return con.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences)").fetchone()
+    report.n_images, report.n_occurrences = stored_counts(con)
+    report.n_duplicate_groups, report.n_cross_source_groups, report.n_label_conflicts = duplicate_group_counts(con)
 
 
 def record_failure(con, file: str, source: str, reason: str, origin: str) -> None:
     """A whole input (manifest, folder) could not be read: record it, the run goes on."""
-    now = datetime.now()
-    con.execute(
-        """INSERT INTO ingest_errors (file, source, reason, origin, time, last_seen) VALUES (?, ?, ?, ?, ?, ?)
-           ON CONFLICT (file, source, reason) DO UPDATE SET last_seen = excluded.last_seen, resolved = false""",
-        [file, source, reason, origin, now, now],
-    )
+    upsert_ingest_failure(con, file, source, reason, origin, datetime.now())
 
 
 _STR = pl.Utf8

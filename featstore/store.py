@@ -1,7 +1,7 @@
 """The DuckDB file: open it, create or migrate the schema, manage embedding tables; and the SQL the
 stages run (their reads and writes, the Parquet export). With the read API (api.py), the user-SQL sandbox
-(query.py) and the result contract (results.py) it is the store layer: the only modules that hold SQL, but
-for those tests/test_architecture.py still lists as not yet moved."""
+(query.py) and the result contract (results.py) it is the store layer: with sql/, the only place that holds
+SQL (tests/test_architecture.py checks it)."""
 from __future__ import annotations
 
 import os
@@ -500,6 +500,164 @@ def attribution_rows(con, run_id: str | None = None):
                                  params=[run_id]).to_arrow_table())
 
 
+# --- the stages' reads and writes: embedding runs and batches, the ANN index ---
+# An embedding set is the rows of one embedding table (`table`, of its dim) with one key: (backbone,
+# weights_id, preprocess).
+_SET_ROWS = "backbone = ? AND weights_id = ? AND preprocess = ?"
+_FP = "hash(image_id, embed_run, created_at)"  # a row's fingerprint: re-embedding it changes it
+
+
+def images_without_embedding(con, table: str, key, limit: int | None = None) -> list[tuple[str, str]]:
+    """(image_id, path) of the images with no row of the embedding set `key` in `table`, by image_id (the
+    first `limit`)."""
+    q = f"""SELECT i.image_id, i.path FROM images i
+            WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.image_id = i.image_id
+                              AND e.backbone = ? AND e.weights_id = ? AND e.preprocess = ?)
+            ORDER BY i.image_id"""
+    if limit:
+        q += f" LIMIT {int(limit)}"
+    return con.execute(q, list(key)).fetchall()
+
+
+def interrupt_running_embed_runs(con) -> None:
+    """Mark interrupted the embed_runs rows still 'running' (their process died: DuckDB has one writer)."""
+    con.execute("UPDATE embed_runs SET status = 'interrupted' WHERE status = 'running'")
+
+
+def next_embed_run_id(con) -> int:
+    """A new embed run's id: the next value of embed_run_seq."""
+    return con.execute("SELECT nextval('embed_run_seq')").fetchone()[0]
+
+
+def insert_embed_run(con, values: list) -> None:
+    """A new embed run's embed_runs row, 'running': run_id, backbone, weights_id, preprocess, dim, device,
+    batch_size, workers, n_todo, started_at, weights_source."""
+    con.execute(
+        "INSERT INTO embed_runs (run_id, backbone, weights_id, preprocess, dim, device, batch_size, workers, "
+        "n_todo, status, started_at, weights_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+        values)
+
+
+def finish_embed_run(con, values: list) -> None:
+    """An embed run's row at its end: n_todo, n_embedded, n_failed, seconds, images_per_s, status,
+    finished_at, then its run_id."""
+    con.execute(
+        "UPDATE embed_runs SET n_todo = ?, n_embedded = ?, n_failed = ?, seconds = ?, images_per_s = ?, "
+        "status = ?, finished_at = ? WHERE run_id = ?",
+        values)
+
+
+def upsert_embed_error_rows(con, failed, backbone: str, preprocess: str, run_id: int, time) -> None:
+    """(image_id, path, reason) rows into embed_errors as run_id's at `time`, one statement each; an image's
+    earlier row for the same backbone and preprocessing takes the new reason, run and time."""
+    for image_id, path, reason in failed:
+        con.execute(
+            """INSERT INTO embed_errors VALUES (?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (image_id, backbone, preprocess) DO UPDATE SET reason = excluded.reason,
+                 embed_run = excluded.embed_run, time = excluded.time""",
+            [image_id, path, backbone, preprocess, reason, run_id, time])
+
+
+def delete_embeddings_of(con, table: str, ids: str, preprocesses: list[str]) -> int:
+    """Delete the rows of the embedding table `table` of the images in the table `ids` (an image_id column)
+    made with one of `preprocesses`; returns how many."""
+    return con.execute(f"DELETE FROM {table} WHERE list_contains(?, preprocess) "
+                       f"AND image_id IN (SELECT image_id FROM {ids})", [preprocesses]).fetchone()[0]
+
+
+def delete_embed_errors_of(con, ids: str, preprocesses: list[str]) -> None:
+    """Delete the embed_errors rows of the images in the table `ids` (an image_id column) for one of
+    `preprocesses`."""
+    con.execute("DELETE FROM embed_errors WHERE list_contains(?, preprocess) "
+                f"AND image_id IN (SELECT image_id FROM {ids})", [preprocesses])
+
+
+def embedding_set_counts(con, table: str, key, run_id: int | None) -> tuple[int, int]:
+    """(rows embed run run_id made, all rows) of the embedding set `key` in `table`."""
+    return con.execute(
+        f"""SELECT count(*) FILTER (WHERE embed_run = ?), count(*)
+            FROM {table}
+            WHERE backbone = ? AND weights_id = ? AND preprocess = ?""",
+        [run_id] + list(key)).fetchone()
+
+
+def embedding_set_fingerprint(con, table: str, key) -> tuple[int, int, int]:
+    """(count, bit_xor, sum) of the fingerprints hash(image_id, embed_run, created_at) of the set's rows: any
+    row added, removed or re-embedded changes them."""
+    return con.execute(f"SELECT count(*), coalesce(bit_xor({_FP}), 0), coalesce(sum({_FP}::HUGEINT), 0) "
+                       f"FROM {table} WHERE {_SET_ROWS}", list(key)).fetchall()[0]
+
+
+def embedding_set_rows(con, table: str, key):
+    """image_id, rid (store rowid) and fp (fingerprint, as embedding_set_fingerprint sums) of the set's
+    rows, as an Arrow table, in no order."""
+    return con.sql(f"SELECT image_id, rowid AS rid, {_FP} AS fp FROM {table} WHERE {_SET_ROWS}",
+                   params=list(key)).to_arrow_table()
+
+
+def embedding_set_images(con, table: str, key):
+    """image_id, source and label of the set's rows whose image is in images, as an Arrow table, in no
+    order."""
+    return con.sql(f"SELECT e.image_id, i.source, i.label FROM {table} e JOIN images i USING (image_id) "
+                   f"WHERE {_SET_ROWS}", params=list(key)).to_arrow_table()
+
+
+def embedding_set_vector_batches(con, table: str, key, batch: int):
+    """image_id and vector of the set's rows whose image is in images, as an Arrow reader of `batch` rows at
+    a time, in no order."""
+    return con.sql(f"SELECT image_id, vector FROM {table} SEMI JOIN images USING (image_id) WHERE {_SET_ROWS}",
+                   params=list(key)).to_arrow_reader(batch)
+
+
+def embedding_set_vectors(con, table: str, key, image_ids: list[str] | None = None):
+    """image_id and vector of the set's rows (every one, or those of image_ids), as an Arrow table, in no
+    order."""
+    if image_ids is None:
+        return con.sql(f"SELECT image_id, vector FROM {table} WHERE {_SET_ROWS}", params=list(key)).to_arrow_table()
+    import pyarrow as pa
+
+    with registered(con, "_ann_ids", pa.table({"image_id": image_ids})):
+        return con.sql(f"SELECT image_id, vector FROM {table} SEMI JOIN _ann_ids USING (image_id) WHERE {_SET_ROWS}",
+                       params=list(key)).to_arrow_table()
+
+
+def embedding_set_vectors_at(con, table: str, key, rowids: list[int] | None = None,
+                             image_ids: list[str] | None = None):
+    """image_id and vector of the set's rows at these store rowids, or (rowids None) of these image_ids: a
+    few, each a list in the statement; as an Arrow table, in no order."""
+    if rowids is not None:
+        return con.sql(f"SELECT image_id, vector FROM {table} WHERE rowid = ANY(?::BIGINT[]) AND {_SET_ROWS}",
+                       params=[rowids] + list(key)).to_arrow_table()
+    return con.sql(f"SELECT image_id, vector FROM {table} WHERE image_id = ANY(?::VARCHAR[]) AND {_SET_ROWS}",
+                   params=[image_ids] + list(key)).to_arrow_table()
+
+
+def embedding_set_similarities(con, table: str, key, vector: list[float], rowids: list[int] | None = None,
+                               image_ids: list[str] | None = None):
+    """image_id and sim, the cosine similarity of `vector` to the vector of each of the set's rows at these
+    store rowids, or (rowids None) of these image_ids, computed as sql/nearest_neighbours.sql does; as an
+    Arrow table, in no order."""
+    if rowids is not None:
+        return con.sql(f"SELECT image_id, list_cosine_similarity(vector::FLOAT[], ?::FLOAT[]) AS sim "
+                       f"FROM {table} WHERE rowid = ANY(?::BIGINT[]) AND {_SET_ROWS}",
+                       params=[vector, rowids] + list(key)).to_arrow_table()
+    return con.sql(f"SELECT image_id, list_cosine_similarity(vector::FLOAT[], ?::FLOAT[]) AS sim "
+                   f"FROM {table} WHERE image_id = ANY(?::VARCHAR[]) AND {_SET_ROWS}",
+                   params=[vector, image_ids] + list(key)).to_arrow_table()
+
+
+def most_similar_images(con, sims, k: int):
+    """The k most similar of `sims` (Arrow: image_id, sim; ties to the smaller image_id) with their
+    image's source, label, class, path and the similarity to 4 places: the columns and order of
+    sql/nearest_neighbours.sql, as an Arrow table."""
+    with registered(con, "_ann_top", sims):
+        return con.sql(f"""
+            WITH top AS (SELECT * FROM _ann_top ORDER BY sim DESC, image_id LIMIT {int(k)})
+            SELECT t.image_id, i.source, i.label, i.class, round(t.sim, 4) AS similarity, i.path
+            FROM top t JOIN images i USING (image_id)
+            ORDER BY t.sim DESC, t.image_id""").to_arrow_table()
+
+
 # --- the stages' reads and writes: lung masks, Ray's embedding shards, duplicates ---
 
 def images_to_mask(con, image_ids: list[str] | None = None, redo: bool = False) -> list[tuple[str, str]]:
@@ -644,3 +802,111 @@ def image_paths(con) -> dict[str, str]:
 def delete_all_rows(con, table: str) -> None:
     """Empty a store table (inside the caller's transaction, when one is open)."""
     con.execute(f"DELETE FROM {table}")
+
+
+# --- the stages' reads and writes: ingest runs, occurrences, rejections ---
+
+def store_file_path(con) -> str | None:
+    """The store's file as DuckDB names it; None for an in-memory database."""
+    row = con.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    return row[0][0] if row else None
+
+
+def occurrence_files(con) -> list[tuple]:
+    """(source, path, image_id, size_bytes, mtime_ns) of every occurrence: what the store knows of each file."""
+    return con.execute("SELECT source, path, image_id, size_bytes, mtime_ns FROM occurrences").fetchall()
+
+
+def stored_image_ids(con, image_ids: list[str]) -> set[str]:
+    """Those of image_ids that the images table holds."""
+    import polars as pl
+
+    with registered(con, "_ids", pl.DataFrame({"image_id": image_ids})):
+        return {x for (x,) in con.execute("SELECT image_id FROM images JOIN _ids USING (image_id)").fetchall()}
+
+
+def image_count(con) -> int:
+    """How many images the store holds."""
+    return con.execute("SELECT count(*) FROM images").fetchall()[0][0]
+
+
+def next_ingest_run_id(con) -> int:
+    """A new ingest run's id: the next value of ingest_run_seq."""
+    return con.execute("SELECT nextval('ingest_run_seq')").fetchall()[0][0]
+
+
+def delete_occurrences_of(con, files) -> None:
+    """Delete the occurrences of these files (a frame of source, path)."""
+    with registered(con, "_changed", files):
+        con.execute("DELETE FROM occurrences WHERE (source, path) IN (SELECT source, path FROM _changed)")
+
+
+def update_occurrence_file_stats(con, stats) -> None:
+    """Set size_bytes and mtime_ns of the occurrences in `stats` (a frame of source, path, size_bytes, mtime_ns)."""
+    with registered(con, "_same", stats):
+        con.execute("""UPDATE occurrences SET size_bytes = s.size_bytes, mtime_ns = s.mtime_ns
+                       FROM _same s WHERE occurrences.source = s.source AND occurrences.path = s.path""")
+
+
+def resolve_ingest_errors(con, files) -> None:
+    """Mark resolved the open ingest_errors rows of these files (a frame of source, path), now ingested."""
+    with registered(con, "_ok", files):
+        con.execute("""UPDATE ingest_errors SET resolved = true
+                       WHERE NOT resolved AND (source, file) IN (SELECT source, path FROM _ok)""")
+
+
+def upsert_ingest_errors(con, rejected, origin: str, run_id: int, now) -> None:
+    """Rejections (a frame of file, source, reason, row_number; one row per file, source and reason) into
+    ingest_errors as run_id's, seen now, in one statement; a row already there is seen again, unresolved."""
+    with registered(con, "_rejected", rejected):
+        con.execute(
+            """INSERT INTO ingest_errors (file, source, reason, origin, row_number, ingest_run, time, last_seen)
+               SELECT file, source, reason, ?, row_number, ?, ?, ? FROM _rejected
+               ON CONFLICT (file, source, reason) DO UPDATE SET
+                 last_seen = excluded.last_seen, ingest_run = excluded.ingest_run,
+                 row_number = excluded.row_number, resolved = false""",
+            [origin, run_id, now, now])
+
+
+def upsert_ingest_failure(con, file: str, source: str, reason: str, origin: str, now) -> None:
+    """One input that could not be read (a manifest, a folder) into ingest_errors, seen now; a row already
+    there is seen again, unresolved."""
+    con.execute(
+        """INSERT INTO ingest_errors (file, source, reason, origin, time, last_seen) VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (file, source, reason) DO UPDATE SET last_seen = excluded.last_seen, resolved = false""",
+        [file, source, reason, origin, now, now],
+    )
+
+
+def insert_ingest_run(con, values: list) -> None:
+    """One ingest_runs row: run_id, origin, n_rows, n_new_images, n_new_occurrences, n_already, n_errors,
+    seconds, started_at, finished_at."""
+    con.execute(
+        """INSERT INTO ingest_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        values,
+    )
+
+
+def canonical_images(con) -> None:
+    """An image's own row (source, label, patient, ...) is that of its occurrence with the smallest
+    (source, path), whatever order the files were ingested in: the same data in any order gives the
+    same store, the same splits and the same results. Protocols treat a file shared by collections as
+    belonging to all of them (`occurrences`)."""
+    con.execute("""
+        UPDATE images SET source = o.source, label = o.label, class = o.class, patient_id = o.patient_id,
+                          view = o.view, sex = o.sex, age = o.age, path = o.path
+        FROM (SELECT DISTINCT ON (image_id) image_id, source, path, label, class, patient_id, view, sex, age
+              FROM occurrences ORDER BY image_id, source, path) o
+        WHERE images.image_id = o.image_id AND (images.source <> o.source OR images.path <> o.path)""")
+
+
+def stored_counts(con) -> tuple[int, int]:
+    """(images, occurrences) in the store: what an interrupted ingest reports it kept."""
+    return con.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM occurrences)").fetchone()
+
+
+def duplicate_group_counts(con) -> tuple[int, int, int]:
+    """(groups of identical files, those across sources, those with conflicting labels): duplicate_groups."""
+    return con.execute(
+        "SELECT count(*), count(*) FILTER (cross_source), count(*) FILTER (label_conflict) FROM duplicate_groups"
+    ).fetchone()
