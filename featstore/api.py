@@ -325,16 +325,16 @@ class Store:
         return self.con.execute("SELECT image_a, image_b, phash_max, cosine_min, found_at FROM near_duplicates "
                                 "ORDER BY image_a, image_b").fetchall()
 
-    def near_duplicate_summary(self) -> dict | None:
+    def near_duplicate_summary(self, pairs: bool = True) -> dict | None:
         """What `featstore duplicates` left, None on a store it never ran on (no table): `pairs` (every
-        near_duplicates row), `by_source` (near_duplicate_pairs_by_source), and the exact copies'
-        `exact_groups` and `exact_across` (groups whose files occur in several sources)."""
+        near_duplicates row; None with pairs=False), `by_source` (near_duplicate_pairs_by_source), and the
+        exact copies' `exact_groups` and `exact_across` (groups whose files occur in several sources)."""
         if not self.con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'near_duplicates'"
                                 ).fetchall()[0][0]:
             return None
         groups, across = self.con.execute("SELECT count(*), count(*) FILTER (WHERE cross_source) "
                                           "FROM duplicate_groups").fetchall()[0]
-        return dict(pairs=self.sql("SELECT * FROM near_duplicates"),
+        return dict(pairs=self.sql("SELECT * FROM near_duplicates") if pairs else None,
                     by_source=self.sql("SELECT * FROM near_duplicate_pairs_by_source"),
                     exact_groups=groups, exact_across=across)
 

@@ -473,7 +473,7 @@ class DuplicatesJob:
                                  progress=prog.update, search=self.search, say=say, match=self.match)
             except (ImplausibleDuplicates, ValueError, AnnError) as e:
                 raise UserError(str(e)) from e
-            summary = Store.over(con).near_duplicate_summary()  # the table is there: find() wrote it
+            summary = Store.over(con).near_duplicate_summary(pairs=False)  # the table is there: find() wrote it
             groups, across = summary["exact_groups"], summary["exact_across"]
             by = summary["by_source"].to_arrow()
             if pairs.height:

@@ -67,10 +67,17 @@ def local_postgres(root: Path):
         except subprocess.CalledProcessError as e:
             raise PostgresUnavailable(f"PostgreSQL would not start: {(e.stderr or e.stdout).strip()[-300:]}") from e
 
+        createdb = bin_dir / "createdb" if (bin_dir / "createdb").exists() else shutil.which("createdb")
+
         def url(name: str) -> str:
             # the server's own client makes the database (and quotes its name): no SQL of ours
-            subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "featstore",
-                            "--", name], **run)
+            if createdb is None:
+                raise PostgresUnavailable(f"PostgreSQL's createdb is neither in {bin_dir} nor on PATH")
+            try:
+                subprocess.run([str(createdb), "-h", "127.0.0.1", "-p", str(port), "-U", "featstore", "--", name],
+                               **run)
+            except subprocess.CalledProcessError as e:
+                raise RuntimeError(f"createdb {name!r} failed: {(e.stderr or e.stdout).strip()[-300:]}") from e
             return f"postgresql+psycopg2://featstore@127.0.0.1:{port}/{name}"
 
         def check() -> None:

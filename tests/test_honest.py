@@ -102,6 +102,15 @@ def _headline_for(case, frozen):
     return rows, headline(rows), pooled_table(rows)
 
 
+def test_each_frozen_set_is_named_after_the_platform_it_was_made_on():
+    """The sets the verdict tests read (a set whose .platform file is missing or edited would be read as
+    another platform's, or collapse into it)."""
+    files = sorted(frozen_rows.FROZEN_DIR.glob("*.parquet"))
+    assert files, f"no frozen rows in {frozen_rows.FROZEN_DIR}"
+    made = frozen_rows.sets()
+    assert len(made) == len(files) and all(path.stem == frozen_rows.tag(plat) for plat, path in made.items()), made
+
+
 # every committed set, whatever this machine's platform: the rules must hold on each platform's rows
 FROZEN_SETS = pytest.mark.parametrize("frozen", list(frozen_rows.sets().values()), ids=lambda p: p.stem)
 
