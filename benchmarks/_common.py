@@ -40,6 +40,34 @@ def commit() -> str:
         return "unknown"
 
 
+MARK = ".featstore-bench"  # written into each --workdir a benchmark made: the only folders benchmarks clear or remake
+
+
+def bench_workdir(path: Path, clear: bool = False) -> Path:
+    """--workdir as a benchmark's own folder: new (made here and marked), empty, or one a benchmark made
+    (marked). The benchmarks remove and remake their stores and subfolders in it, so a folder holding
+    anything else is refused, in one line, before anything is touched. clear=True empties a marked folder."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"{path} is a file, not a folder: give a new folder for --workdir")
+    if path.exists() and any(path.iterdir()) and not (path / MARK).is_file():
+        raise SystemExit(f"{path} holds files no featstore benchmark made: give a new or empty folder for --workdir "
+                         "(nothing was removed)")
+    path.mkdir(parents=True, exist_ok=True)
+    if clear:
+        for p in path.iterdir():
+            if p.name == MARK:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    (path / MARK).write_text("made by a featstore benchmark (benchmarks/); its contents may be removed by the next\n")
+    return path
+
+
 def need_real_set() -> None:
     if not MANIFEST.exists():
         raise SystemExit(f"SKIPPED: the real CXR set is not at {MANIFEST} (set FEATSTORE_SHARED)")

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from pathlib import Path
 
-from _common import MANIFEST, REPO, WEIGHTS, PeakMemory, goal, need_real_set, table
+from _common import MANIFEST, REPO, WEIGHTS, PeakMemory, bench_workdir, goal, need_real_set, table
 
 
 def main():
@@ -34,9 +33,7 @@ def main():
     from featstore.store import connect
     from featstore.sweep.config import load_study
 
-    if a.workdir.exists():
-        shutil.rmtree(a.workdir)
-    a.workdir.mkdir(parents=True)
+    bench_workdir(a.workdir, clear=True)  # a fresh store every run, in a folder that is the benchmark's own
     db = a.workdir / "featstore.duckdb"
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(a.workdir / 'mlflow.db').resolve()}"
     stages = []

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, PeakMemory, goal, table
+from _common import REPO, PeakMemory, bench_workdir, goal, table
 
 SOURCES = [  # name, share of images, COVID prevalence (../shared/cxr/manifest.csv)
     ("cohen_ieee8023", 527, 427 / 527), ("covid_cxnet", 898, 1.0), ("figure1", 40, 35 / 40),
@@ -218,6 +218,7 @@ def main():
             ap.error(f"--stages: names from {', '.join(stages)}, ingest among them (the others read its store)")
         stages = [s for s in stages if s in wanted]
         heads = [h for h in heads if f"study:{h}" in stages]
+    bench_workdir(a.workdir)  # its n<size> folders are remade below
     res: dict[int, dict[str, dict]] = {}
     for n in sizes:
         work = a.workdir / f"n{n}"

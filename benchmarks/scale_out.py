@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, SHARED, need_real_set, table
+from _common import REPO, SHARED, bench_workdir, need_real_set, table
 
 FEATSTORE = str(Path(sys.executable).with_name("featstore"))
 
@@ -107,8 +107,7 @@ def main():
     ap.add_argument("--trials", type=int, default=4)
     a = ap.parse_args()
     need_real_set()
-    work = a.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work = bench_workdir(a.workdir.resolve())  # its stores, snapshot and PostgreSQL folder are remade here
     weights = ["--weights-dir", str(SHARED / "weights")]
     print("### 6. Scaling out: Ray embedding and PostgreSQL-backed sweep workers\n")
     print("Embedding, local engine vs `--engine ray` on this machine (Ray started by the command):\n")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import polars as pl
 
+from _common import bench_workdir
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
@@ -81,7 +83,7 @@ def main():
     db = str(Path(a.db).resolve())
     secs = {}
     if not a.from_store:
-        a.workdir.mkdir(parents=True, exist_ok=True)
+        bench_workdir(a.workdir)  # its study configs are rewritten here
         (a.workdir / "cxr_adapt.yaml").write_text(ADAPT)
         (a.workdir / "cxr_ensemble.yaml").write_text(ENSEMBLE)
         secs["masks"] = featstore("masks", "--method", "classical-v1", "--db", db, cwd=a.workdir)

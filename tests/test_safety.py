@@ -413,3 +413,36 @@ def test_empty_featstore_db_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("FEATSTORE_DB", "")
     with pytest.raises(FileNotFoundError, match="FEATSTORE_DB"):
         default_db_path()
+
+
+def test_a_benchmark_never_clears_a_folder_it_did_not_make(tmp_path):
+    """benchmarks/ remake their stores in --workdir (end_to_end.py empties it): a folder holding anything a
+    benchmark did not make is refused before anything is touched; a link inside a benchmark's own folder
+    is removed, never followed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for clear in (False, True):
+        with pytest.raises(SystemExit, match="holds files no featstore benchmark made.*nothing was removed"):
+            common.bench_workdir(mine, clear=clear)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        common.bench_workdir(mine / "thesis.tex", clear=True)
+    work = common.bench_workdir(tmp_path / "new" / "bench")  # made and marked
+    (work / "featstore.duckdb").write_text("a store")
+    (work / "n1000").mkdir()
+    (work / "n1000" / "x").write_text("x")
+    (work / "elsewhere").symlink_to(mine, target_is_directory=True)
+    assert common.bench_workdir(work) == work and (work / "featstore.duckdb").exists()  # reused, not cleared
+    common.bench_workdir(work, clear=True)
+    assert [p.name for p in work.iterdir()] == [common.MARK]
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert common.bench_workdir(empty, clear=True) == empty and (empty / common.MARK).is_file()
