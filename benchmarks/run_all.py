@@ -1,6 +1,6 @@
 """Run every benchmark script and write benchmarks/RESULTS.md (one command: `make bench`).
 
-    python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--workdir bench-work] [--quick]
+    python benchmarks/run_all.py [--out benchmarks/RESULTS.md] [--workdir bench-work]
 
 Each script runs in its own process (so peak-memory figures are its own) and prints Markdown;
 this collects them under a header naming the machine, date and commit. A script that cannot run
@@ -8,6 +8,10 @@ here (no real set, no GPU) is listed as SKIPPED with its reason, never as passed
 from `embed_throughput.py --device cuda` on a GPU machine; when this machine has none, the last
 GPU run's section (benchmarks/RESULTS-gpu.md, written by `run_all.py --gpu` there) is included
 with its own machine, date and commit.
+
+The run rewrites only the part of `--out` above the KEEP line: the notes below it (sessions' measurements
+by hand, with their commands) are kept as they are at the end of the run. An `--out` that exists without
+that line is refused before anything runs: it is not a file this script wrote.
 """
 from __future__ import annotations
 
@@ -28,6 +32,26 @@ HERE = Path(__file__).resolve().parent
 # source in the representation, a source probe's AUC 0.73 against 0.61 at lambda 3 on a real-set split)
 VARIANT = ("--set", "lightgbm.early_stopping_rounds=20", "--set", "lightgbm.max_bin=63")
 GOALS: list[list[str]] = []  # the GOAL| lines of every script, for the summary on top
+KEEP = "<!-- make bench rewrites everything above this line and keeps everything below it -->"
+
+
+def kept_notes(out: Path) -> str:
+    """What `out` holds from the KEEP line on ('' for a new file); exits naming the file when it has no KEEP
+    line, so a run never replaces what it did not write."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    if KEEP not in text:
+        sys.exit(f"{out}: exists without the line {KEEP!r}, so it was not written by this script; "
+                 "give a new --out, or add that line above what is to be kept")
+    return text[text.index(KEEP):]
+
+
+def write_results(out: Path, generated: list[str]) -> None:
+    """`generated` above the KEEP line and `out`'s notes from that line on, written whole or not at all."""
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text("\n\n".join([*generated, kept_notes(out) or KEEP + "\n"]))
+    tmp.replace(out)
 
 
 def run(script: str, *args: str) -> str:
@@ -68,6 +92,7 @@ def main():
         # the goal lines travel with the GPU figures, for the summary of the next CPU run
         (HERE / "RESULTS-gpu.md").write_text(text + "".join(f"\n<!-- GOAL|{'|'.join(g)} -->" for g in GOALS) + "\n")
         return
+    kept_notes(a.out)  # refused now, not after hours of benchmarks
     db = str(a.workdir / "featstore.duckdb")
     sections = [run("end_to_end.py", "--workdir", str(a.workdir)),
                 # issue 27: the real study with LightGBM's faster settings against end_to_end's sweep: time,
@@ -110,7 +135,7 @@ def main():
              "and the command of each script); the older bars (embedding overhead, fold load, head overhead, "
              "scaling out) are in their sections.\n",
              summary + "\n", *sections]
-    a.out.write_text("\n\n".join(parts) + "\n")
+    write_results(a.out, parts)
     print(a.out.read_text())
 
 

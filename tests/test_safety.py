@@ -446,3 +446,33 @@ def test_a_benchmark_never_clears_a_folder_it_did_not_make(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert common.bench_workdir(empty, clear=True) == empty and (empty / common.MARK).is_file()
+
+
+def test_make_bench_keeps_the_notes_below_its_line_and_refuses_a_file_it_did_not_write(tmp_path, monkeypatch):
+    """benchmarks/run_all.py rewrites RESULTS.md above its KEEP line only: the sessions' notes below it survive
+    a run, and a file without the line (not one it wrote) is refused before any benchmark runs."""
+    import importlib.util
+
+    here = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(here))
+    spec = importlib.util.spec_from_file_location("bench_run_all", here / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    out = tmp_path / "RESULTS.md"
+    run_all.write_results(out, ["# first run", "table 1"])
+    assert out.read_text().endswith(run_all.KEEP + "\n")
+    out.write_text(out.read_text() + "\n## A session's notes\n\nmeasured by hand\n")
+    run_all.write_results(out, ["# second run", "table 2"])
+    text = out.read_text()
+    assert text.startswith("# second run\n\ntable 2\n\n" + run_all.KEEP)
+    assert text.endswith("## A session's notes\n\nmeasured by hand\n") and "table 1" not in text
+    theirs = tmp_path / "thesis.md"
+    theirs.write_text("years of work")
+    with pytest.raises(SystemExit, match="thesis.md: exists without the line"):
+        run_all.kept_notes(theirs)
+    monkeypatch.setattr(run_all, "run", lambda *a, **k: pytest.fail("a benchmark ran before the refusal"))
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--out", str(theirs), "--workdir", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="exists without the line"):
+        run_all.main()
+    assert theirs.read_text() == "years of work" and not list(tmp_path.glob("*.part"))
+    assert run_all.KEEP in (here / "RESULTS.md").read_text()  # the shipped file has its line
