@@ -51,7 +51,8 @@ test: install postgres chromium
 test-fast: install
 	$(PYTEST) $(XDIST) -m "not scale and not kill and not browser and not fuzz and not slow"
 
-# every performance figure, side by side, into benchmarks/RESULTS.md (about 2 h on 2 cores: 1 h is the 1M-vector run)
+# every performance figure, side by side, into benchmarks/RESULTS.md, above its KEEP line (on 2 cores about 2 h
+# without scale.py, whose stages stop at an hour each: with it, most of a day)
 bench: install
 	$(VENV)/bin/python benchmarks/run_all.py
 

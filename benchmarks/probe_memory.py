@@ -1,7 +1,12 @@
 """Peak memory of `featstore probe`, step by step (issue 27: memory <= 8 GiB at 1M images), on scale.py's
 synthetic store of N 1024-d vectors (built once in --workdir, reused).
 
-    python benchmarks/probe_memory.py [--n 30000] [--workdir bench-work/probe-memory]
+    python benchmarks/probe_memory.py [--n 30000] [--workdir bench-work/probe-memory] [--no-grl] [--no-neighbours]
+
+`--no-grl` leaves out the GRL head's step (the fit of one head, which the 8 GiB bar exempts, and hours at 1M
+on 2 cores). `--no-neighbours` stores an empty neighbour summary instead of searching (its memory at 1M is
+the index's: benchmarks/ann.py), to time the other steps at 1M in minutes. To compare with another checkout side by side, run the script again with PYTHONPATH=CHECKOUT:
+the featstore it measured is named in the output.
 
 Prints, per step of the probe (loading, neighbours, GRL head, probing, MLflow, saving), the peak resident
 memory of the process and its workers while that step ran (sampled every 20 ms), and the whole run's time.
@@ -20,17 +25,36 @@ from _common import REPO, _tree_rss, table
 from scale import BACKBONE, write_store
 
 
+def _no_neighbours():
+    """The neighbour summary's columns with no rows (neighbor_summary of four made-up images, emptied)."""
+    import numpy as np
+
+    from featstore.neighbors import neighbor_summary
+
+    return neighbor_summary(None, np.array(["a", "a", "b", "b"]), np.array(["x", "y", "x", "y"]), k=1,
+                            idx=np.array([[1], [0], [3], [2]])).clear()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30_000)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "probe-memory")
+    ap.add_argument("--no-grl", action="store_true", help="leave out the GRL head's step (one head's fit)")
+    ap.add_argument("--no-neighbours", action="store_true", help="an empty neighbour summary instead of the search")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     db = a.workdir / f"synthetic-{a.n}.duckdb"
     if not db.exists():
         write_store(str(db), a.n)
     os.chdir(a.workdir)  # the probe's MLflow store lands here
+    import resource
+
+    import featstore
+    from featstore import probe
     from featstore.probe import run_probe
+
+    if a.no_neighbours:  # the summary's columns, no rows
+        probe.neighbor_table = lambda con, backbone, preprocess, k=10: _no_neighbours()
 
     peak, step, stop = {}, ["start"], threading.Event()
 
@@ -42,12 +66,22 @@ def main():
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     t0 = time.perf_counter()
-    run_probe(db, BACKBONE, n_boot=200, maps=False, progress=lambda done, total, name: step.__setitem__(0, name))
-    took = time.perf_counter() - t0
+    took = {}
+
+    def progress(done, total, name):
+        took[step[0]] = time.perf_counter() - t0 - sum(took.values())
+        step[0] = name
+
+    run_probe(db, BACKBONE, n_boot=200, maps=False, grl=not a.no_grl, progress=progress)
     stop.set()
     t.join()
-    print(f"### `featstore probe` step by step, {a.n:,} x 1024 synthetic vectors ({took:.0f} s)\n")
-    print(table(["step", "peak GiB (process + workers)"], [[k, f"{v / 2**30:.2f}"] for k, v in peak.items()]))
+    whole = sum(took.values())
+    print(f"### `featstore probe` step by step, {a.n:,} x 1024 synthetic vectors ({whole:.0f} s"
+          f"{', no GRL head' if a.no_grl else ''}; featstore from {Path(featstore.__file__).parent})\n")
+    print(table(["step", "s", "peak GiB (process + workers, sampled every 20 ms)"],
+                [[k, f"{took.get(k, 0):.1f}", f"{v / 2**30:.2f}"] for k, v in peak.items() if k != "done"]))
+    print(f"\nThe process's own peak resident size (ru_maxrss): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -525,6 +525,14 @@ def _remember(folder: Path, s: EmbeddingSet, fp: dict, ann: AnnIndex) -> AnnInde
     return ann
 
 
+def forget(con, s: EmbeddingSet) -> None:
+    """Drop this process's open index of the set (a long command done with it: at 1M vectors a freshly built
+    graph holds 2.3 GiB); the next use maps the file again."""
+    folder, _ = _folder(con)
+    if folder is not None:
+        _CACHE.pop(str(folder / s.name), None)
+
+
 # --- what the commands call ----------------------------------------------------------------------
 
 def knn(con, s: EmbeddingSet, Xn: np.ndarray, ids, k: int, method: str = "auto", say=to_stderr,

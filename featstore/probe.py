@@ -12,22 +12,122 @@ each representation; `probe_neighbors`: the k-nearest-neighbour summary); the re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer, LabelEncoder, StandardScaler
+from sklearn.model_selection import StratifiedKFold
+from sklearn.preprocessing import LabelEncoder, StandardScaler
 
 from featstore.metrics import roc_auc
 from featstore.score import ovr_auc_resampled
 
 
 BOOT_BLOCK = 2_000_000  # resampled images per block of the probe's bootstrap
+ROW_BLOCK = 16_384      # rows per block when a fold is copied out of the set (64 MiB of float32 at 1024-d)
+SCALER_COLUMNS = 32     # columns per block of the fold's standardisation
+
+
+class SpilledRows:
+    """A float32 matrix kept in a file and read a block of rows at a time with plain reads (the pages stay in the
+    OS cache, not in this process), so that during the probe's fits the float64 training fold is the only copy
+    of the set in memory: at 1M x 1024 the set is 3.8 GiB and one fold 6.1 GiB (issue 27's 8 GiB). Indexing
+    with a mask or indices gives a view (nothing read); `take` reads rows."""
+
+    def __init__(self, path, n: int, dim: int, rows: np.ndarray | None = None):
+        self.path, self.n_file, self.dim = Path(path), int(n), int(dim)
+        self.rows = np.arange(self.n_file) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @classmethod
+    def write(cls, X: np.ndarray, path) -> "SpilledRows":
+        X = np.asarray(X, dtype=np.float32)
+        with open(path, "wb") as f:
+            for a in range(0, len(X), ROW_BLOCK):  # a block at a time: a non-contiguous X is never copied whole
+                f.write(np.ascontiguousarray(X[a:a + ROW_BLOCK]).tobytes())
+        return cls(path, *X.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> "SpilledRows":
+        return SpilledRows(self.path, self.n_file, self.dim, self.rows[key])
+
+    def take(self, idx, dtype=np.float64) -> np.ndarray:
+        """Rows `idx` of this view, in that order, as `dtype`: the file read once, a block at a time."""
+        pos = self.rows[np.asarray(idx, dtype=np.int64)]
+        order = np.argsort(pos, kind="stable")
+        at = pos[order]
+        out = np.empty((len(pos), self.dim), dtype)
+        width = self.dim * 4
+        with open(self.path, "rb") as f:
+            lo = 0
+            while lo < len(at):
+                b0 = int(at[lo])  # the next block starts at the next row wanted
+                hi = int(np.searchsorted(at, b0 + ROW_BLOCK))
+                n = int(at[hi - 1]) - b0 + 1
+                f.seek(b0 * width)
+                block = np.frombuffer(f.read(n * width), dtype=np.float32).reshape(n, self.dim)
+                out[order[lo:hi]] = block[at[lo:hi] - b0]
+                lo = hi
+        return out
+
+
+def take_rows(Z, idx, dtype=np.float64) -> np.ndarray:
+    """Rows `idx` of Z (an array or SpilledRows) as a new `dtype` array, copied a block at a time, so a float32
+    set never has a whole float32 copy of the fold beside the float64 one."""
+    if isinstance(Z, SpilledRows):
+        return Z.take(idx, dtype)
+    idx = np.asarray(idx)
+    out = np.empty((len(idx), Z.shape[1]), dtype)
+    for a in range(0, len(idx), ROW_BLOCK):
+        out[a:a + ROW_BLOCK] = Z[idx[a:a + ROW_BLOCK]]
+    return out
+
+
+def standardize_in_place(X: np.ndarray, columns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """StandardScaler's fit and transform of float64 X, in place; returns (mean_, scale_). Each column's
+    mean and scale are StandardScaler's own, fitted on blocks of columns: its arithmetic is per column (the
+    same bits as one fit on all of X, tested), and its fit makes float64 temporaries the size of its input
+    (the centred copy, a cast of the NaN mask), 12 GiB beside a 1M x 1024 fold."""
+    d = X.shape[1]
+    edges = list(range(0, d, columns or SCALER_COLUMNS))
+    if len(edges) > 1 and d - edges[-1] < 2:
+        edges.pop()  # no one-column block: numpy sums a lone column pairwise, other blocks row after row
+    edges.append(d)
+    mean, scale = np.empty(d), np.empty(d)
+    for j0, j1 in zip(edges, edges[1:]):
+        sc = StandardScaler(copy=False).fit(X if (j0, j1) == (0, d) else np.ascontiguousarray(X[:, j0:j1]))
+        mean[j0:j1], scale[j0:j1] = sc.mean_, sc.scale_
+    X -= mean  # StandardScaler.transform's two steps, in place
+    X /= scale
+    return mean, scale
+
+
+def out_of_fold_proba(Z, d: np.ndarray, k: int, seed: int = 0, C: float = 1.0) -> np.ndarray:
+    """[n, classes] out-of-fold probabilities of logistic regression on standardised float64 features, folds
+    from StratifiedKFold(k, shuffle, seed): cross_val_predict of StandardScaler + LogisticRegression on a
+    float64 copy of Z, bit for bit (tested), holding one fold in memory at a time instead of the set, its
+    float32 fold copy, the float64 fold and the scaler's temporaries."""
+    P = None
+    for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(d)), d):
+        A = take_rows(Z, train)
+        mean, scale = standardize_in_place(A)
+        lr = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(A, d[train])
+        del A  # before the test fold is made
+        B = take_rows(Z, test)
+        B -= mean
+        B /= scale
+        p = lr.predict_proba(B)
+        if P is None:
+            P = np.zeros((len(d), p.shape[1]))
+        P[test] = p
+    return P
 
 
 def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_boot: int = 500) -> dict:
@@ -39,13 +139,7 @@ def domain_probe(Z, sources, folds: int = 5, seed: int = 0, C: float = 1.0, n_bo
     k = min(folds, int(np.bincount(d).min()))
     if k < 2:
         raise ValueError("every source needs at least two images for the domain probe")
-    # float64 per fold, scaled in place: the same numbers as scaling a float64 copy of the whole set, without
-    # that copy and the scaler's own (1.1 GiB of the probe's peak at 100k x 1024; cross_val_predict hands
-    # each fold a fresh array, so in place touches nothing of the caller's)
-    model = make_pipeline(FunctionTransformer(partial(np.asarray, dtype=np.float64)), StandardScaler(copy=False),
-                          LogisticRegression(C=C, max_iter=2000, random_state=seed))
-    P = cross_val_predict(model, np.asarray(Z), d, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                          method="predict_proba")
+    P = out_of_fold_proba(Z, d, k, seed, C)
     labels = list(range(len(enc.classes_)))
 
     def macro(idx):
@@ -180,33 +274,39 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
             progress(done[0], len(steps), name)
         done[0] += 1
 
-    step("loading embeddings")
-    with Store(db, read_only=True) as fs:
-        wid, _ = fs.embedding_set(backbone, preprocess)
-        X, meta = fs.arrays(backbone, preprocess)
-        demo = fs.embeddings(backbone, preprocess, vectors=False).select("image_id", "sex", "age")
-        step("neighbours")
-        nb = neighbor_table(fs.con, backbone, preprocess)
-    src = meta["source"].to_numpy()
-    if grl:
-        step("GRL head")
-    Z = grl_representation(X, (meta["label"].to_numpy() == positive).astype(int), src, seed) if grl else None
-    step("probing")
-    rows = probe_rows(X, meta, backbone, preprocess, wid, Z, folds, seed, n_boot)
-    from featstore.split import age_band
+    with tempfile.TemporaryDirectory(prefix="featstore-probe-") as tmp:
+        step("loading embeddings")
+        with Store(db, read_only=True) as fs:
+            wid, _ = fs.embedding_set(backbone, preprocess)
+            X, meta = fs.arrays(backbone, preprocess)
+            demo = fs.embeddings(backbone, preprocess, vectors=False).select("image_id", "sex", "age")
+            # the set goes to a file (removed with tmp) and leaves memory: the neighbour search and the probes'
+            # fits then run without it beside them (issue 27: 8 GiB at 1M x 1024)
+            X = SpilledRows.write(X, Path(tmp) / "embeddings.f32")
+            step("neighbours")
+            nb = neighbor_table(fs.con, backbone, preprocess)
+        src = meta["source"].to_numpy()
+        if grl:
+            step("GRL head")  # the fit of one head: it has the set in memory, read back from the file
+            Z = grl_representation(X.take(np.arange(len(X)), np.float32),
+                                   (meta["label"].to_numpy() == positive).astype(int), src, seed)
+        else:
+            Z = None
+        step("probing")
+        rows = probe_rows(X, meta, backbone, preprocess, wid, Z, folds, seed, n_boot)
+        from featstore.split import age_band
 
-    at = dict(zip(demo["image_id"].to_list(), zip(demo["sex"].to_list(), demo["age"].to_list())))
-    ids = meta["image_id"].to_list()
-    rows += demographic_probe_rows(X, dict(sex=[at.get(i, (None, None))[0] for i in ids],
-                                           age_band=age_band([at.get(i, (None, None))[1] for i in ids])),
-                                   src, backbone, preprocess, wid, folds, seed, n_boot)
-    sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
-               for r in rows if r["scope"] == "all"}
-    per = {f"{r['head']}.source.{mlflow_safe(r['scope'])}_auc": r["auc"] for r in rows
-           if r["scope"] != "all" and r["test_set"] == "all images"}
-    points = []
-    with tempfile.TemporaryDirectory() as tmp:
+        at = dict(zip(demo["image_id"].to_list(), zip(demo["sex"].to_list(), demo["age"].to_list())))
+        ids = meta["image_id"].to_list()
+        rows += demographic_probe_rows(X, dict(sex=[at.get(i, (None, None))[0] for i in ids],
+                                               age_band=age_band([at.get(i, (None, None))[1] for i in ids])),
+                                       src, backbone, preprocess, wid, folds, seed, n_boot)
+        sweep_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        summary = {f"{r['head']}.{r['test_set'].replace('=', '_').replace(' ', '_')}_auc": r["auc"]
+                   for r in rows if r["scope"] == "all"}
+        per = {f"{r['head']}.source.{mlflow_safe(r['scope'])}_auc": r["auc"] for r in rows
+               if r["scope"] != "all" and r["test_set"] == "all images"}
+        points = []
         arts = [domain_auc_bars(rows, f"domain AUC per source: {backbone}/{preprocess}", Path(tmp) / "domain_auc.png")]
         if maps:
             step("t-SNE maps")
@@ -257,7 +357,7 @@ def map_points(Z, meta, seed: int = 0, cap: int = MAP_POINTS) -> pl.DataFrame:
         return pl.DataFrame(schema=dict(image_id=pl.Utf8, source=pl.Utf8, label=pl.Utf8, x=pl.Float64, y=pl.Float64,
                                         n_total=pl.Int32))
     idx = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
-    xy = tsne(np.asarray(Z)[idx], seed)
+    xy = tsne(Z.take(idx, np.float32) if isinstance(Z, SpilledRows) else np.asarray(Z)[idx], seed)
     m = meta[idx.tolist()]
     return pl.DataFrame(dict(image_id=m["image_id"].cast(pl.Utf8), source=m["source"].cast(pl.Utf8),
                              label=m["label"].cast(pl.Utf8), x=xy[:, 0].astype(float), y=xy[:, 1].astype(float),
@@ -272,7 +372,10 @@ def neighbor_table(con, backbone: str, preprocess: str, k: int = NEIGHBORS_K) ->
 
     es = A.resolve_set(con, backbone, preprocess)
     Xn, meta = A.unit_vectors(con, es)
-    idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), k)
+    try:
+        idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), k)
+    finally:
+        A.forget(con, es)  # the probe's fits come next: not beside the graph
     return neighbor_summary(None, meta["source"], meta["label"], k=k, idx=idx)
 
 

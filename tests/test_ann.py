@@ -289,3 +289,23 @@ def test_unit_vectors_are_the_stores_arrays_normalised(small_store):
         X, want = Store.over(con).arrays("synthetic")
     assert meta.equals(want.select("image_id", "source", "label"))
     assert np.array_equal(Xn, A.normalize(X))
+
+
+def test_the_probes_neighbour_summary_leaves_no_index_open(store):
+    """`featstore probe` fits its folds after the neighbour summary: the graph it searched (2.3 GiB at 1M
+    vectors) is dropped from the process's cache, the summary is the one the index gives, and a later use
+    opens the file again."""
+    from featstore.neighbors import neighbor_summary
+    from featstore.probe import neighbor_table
+
+    A._CACHE.clear()
+    with duckdb.connect(str(store)) as con:
+        got = neighbor_table(con, "synthetic", "original")
+        assert A._CACHE == {}
+        s = A.resolve_set(con, "synthetic")
+        Xn, meta = A.unit_vectors(con, s)
+        want = neighbor_summary(None, meta["source"], meta["label"], k=10,
+                                idx=A.knn(con, s, Xn, meta["image_id"].to_numpy(), 10))
+        assert len(A._CACHE) == 1  # knn alone keeps it open, for the next query
+    assert got.equals(want) and got.height > 0
+    A._CACHE.clear()

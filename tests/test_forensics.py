@@ -27,6 +27,45 @@ def test_probe_finds_the_planted_source(synth_embeddings):
     assert 0.35 < noise["auc"] < 0.65
 
 
+@pytest.mark.parametrize("shape", [(150, 1), (211, 2), (300, 33), (257, 70)])
+def test_the_probes_folds_are_cross_val_predict_bit_for_bit_from_memory_or_a_file(tmp_path, shape):
+    """The probe fits one float64 fold at a time, standardised a block of columns at a time, from the array or
+    from the set spilled to a file: the out-of-fold probabilities are those of cross_val_predict with
+    StandardScaler + LogisticRegression on a float64 copy, to the last bit, and the caller's array is left as
+    it was."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import LabelEncoder, StandardScaler
+
+    from featstore import probe
+
+    n, dim = shape
+    rng = np.random.default_rng(dim)
+    src = rng.integers(0, 4, n)
+    Z = ((rng.normal(size=shape) + src[:, None] * 0.4) * 10.0 ** rng.integers(-2, 4, dim)).astype(np.float32)
+    before = Z.copy()
+    d = LabelEncoder().fit_transform(src.astype(str))
+    want = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0)),
+                             Z.astype(np.float64), d, cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                             method="predict_proba")
+    spilled = probe.SpilledRows.write(Z, tmp_path / "z.f32")
+    for cols in (probe.SCALER_COLUMNS, 3):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(probe, "SCALER_COLUMNS", cols)
+            mp.setattr(probe, "ROW_BLOCK", 17)  # many blocks, most rows of a block wanted, some blocks skipped
+            for rows in (Z, spilled):
+                assert np.array_equal(probe.out_of_fold_proba(rows, d, 5, seed=0), want)
+    assert np.array_equal(Z, before)
+    # a view of the file by mask, then rows in any order and repeated, as the array gives them
+    keep = rng.random(n) < 0.6
+    idx = rng.permutation(int(keep.sum()))[: max(1, int(keep.sum()) // 2)]
+    idx = np.concatenate([idx, idx[:3]])
+    assert np.array_equal(spilled[keep].take(idx, np.float32), Z[keep][idx])
+    assert np.array_equal(probe.take_rows(Z[keep], idx), Z[keep][idx].astype(np.float64))
+    assert spilled[keep].shape == (int(keep.sum()), dim) and len(spilled[keep]) == int(keep.sum())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("n_sources", [2, 4])
 def test_probe_interval_is_the_per_resample_roc_auc_score_one(monkeypatch, n_sources):
