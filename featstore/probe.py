@@ -27,7 +27,7 @@ from featstore.score import ovr_auc_resampled
 
 BOOT_BLOCK = 2_000_000  # resampled images per block of the probe's bootstrap
 ROW_BLOCK = 16_384      # rows per block when a fold is copied out of the set (64 MiB of float32 at 1024-d)
-SCALER_COLUMNS = 32     # columns per block of the fold's standardisation
+SCALER_COLUMNS = 16     # columns per block of the fold's standardisation (its temporaries: 3 x 16 columns)
 
 
 class SpilledRows:
@@ -124,6 +124,7 @@ def out_of_fold_proba(Z, d: np.ndarray, k: int, seed: int = 0, C: float = 1.0) -
         B -= mean
         B /= scale
         p = lr.predict_proba(B)
+        del B  # else it lives on beside the next training fold (1.5 GiB at 1M)
         if P is None:
             P = np.zeros((len(d), p.shape[1]))
         P[test] = p
