@@ -84,13 +84,14 @@ def main():
     ap.add_argument("--gpu-data", type=Path, help="with --gpu: manifest of the images to embed")
     a = ap.parse_args()
     if a.gpu:
+        kept_notes(HERE / "RESULTS-gpu.md")  # refused now, not after the run
         args = ["--device", "cuda", "--batch-size", "256", "--workers", "12",
                 "--backbones", "xrv-densenet121-res224-all:19780,xrv-resnet50-res512-all:19780", "--replicate", "10"]
         if a.gpu_data:
             args += ["--manifest", str(a.gpu_data)]
         text = header("## GPU embedding") + "\n" + run("embed_throughput.py", *args)
         # the goal lines travel with the GPU figures, for the summary of the next CPU run
-        (HERE / "RESULTS-gpu.md").write_text(text + "".join(f"\n<!-- GOAL|{'|'.join(g)} -->" for g in GOALS) + "\n")
+        write_results(HERE / "RESULTS-gpu.md", [text + "".join(f"\n<!-- GOAL|{'|'.join(g)} -->" for g in GOALS) + "\n"])
         return
     kept_notes(a.out)  # refused now, not after hours of benchmarks
     db = str(a.workdir / "featstore.duckdb")
@@ -118,7 +119,7 @@ def main():
     gpu = HERE / "RESULTS-gpu.md"
     if gpu.exists():
         lines = gpu.read_text().splitlines()
-        sections.append("\n".join(line for line in lines if not line.startswith("<!-- GOAL|")))
+        sections.append("\n".join(line for line in lines if not line.startswith("<!-- GOAL|") and line != KEEP))
         when = ", ".join(line.strip() for line in lines if line.startswith(("Date:", "Commit:")))
         recorded = [line[len("<!-- GOAL|"):-len(" -->")].split("|") for line in lines if line.startswith("<!-- GOAL|")]
         GOALS.extend([g[0], g[1], f"{g[2]} (GPU run: {when})", g[3]] for g in recorded)

@@ -528,9 +528,9 @@ def _remember(folder: Path, s: EmbeddingSet, fp: dict, ann: AnnIndex) -> AnnInde
 def forget(con, s: EmbeddingSet) -> None:
     """Drop this process's open index of the set (a long command done with it: at 1M vectors a freshly built
     graph holds 2.3 GiB); the next use maps the file again."""
-    folder, _ = _folder(con)
-    if folder is not None:
-        _CACHE.pop(str(folder / s.name), None)
+    db = store_path(con)  # not _folder: that makes <store>.ann/, which a store searched exactly never had
+    if db is not None:
+        _CACHE.pop(str(db.with_name(db.name + ".ann") / s.name), None)
 
 
 # --- what the commands call ----------------------------------------------------------------------

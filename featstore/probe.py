@@ -83,7 +83,7 @@ def take_rows(Z, idx, dtype=np.float64) -> np.ndarray:
     set never has a whole float32 copy of the fold beside the float64 one."""
     if isinstance(Z, SpilledRows):
         return Z.take(idx, dtype)
-    idx = np.asarray(idx)
+    Z, idx = np.asarray(Z), np.asarray(idx)
     out = np.empty((len(idx), Z.shape[1]), dtype)
     for a in range(0, len(idx), ROW_BLOCK):
         out[a:a + ROW_BLOCK] = Z[idx[a:a + ROW_BLOCK]]
@@ -96,9 +96,10 @@ def standardize_in_place(X: np.ndarray, columns: int | None = None) -> tuple[np.
     same bits as one fit on all of X, tested), and its fit makes float64 temporaries the size of its input
     (the centred copy, a cast of the NaN mask), 12 GiB beside a 1M x 1024 fold."""
     d = X.shape[1]
-    edges = list(range(0, d, columns or SCALER_COLUMNS))
+    # no one-column block: numpy sums a lone column pairwise, wider blocks row after row (other bits)
+    edges = list(range(0, d, max(2, columns or SCALER_COLUMNS)))
     if len(edges) > 1 and d - edges[-1] < 2:
-        edges.pop()  # no one-column block: numpy sums a lone column pairwise, other blocks row after row
+        edges.pop()
     edges.append(d)
     mean, scale = np.empty(d), np.empty(d)
     for j0, j1 in zip(edges, edges[1:]):

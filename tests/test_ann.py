@@ -291,7 +291,7 @@ def test_unit_vectors_are_the_stores_arrays_normalised(small_store):
     assert np.array_equal(Xn, A.normalize(X))
 
 
-def test_the_probes_neighbour_summary_leaves_no_index_open(store):
+def test_the_probes_neighbour_summary_leaves_no_index_open(store, tmp_path):
     """`featstore probe` fits its folds after the neighbour summary: the graph it searched (2.3 GiB at 1M
     vectors) is dropped from the process's cache, the summary is the one the index gives, and a later use
     opens the file again."""
@@ -309,3 +309,8 @@ def test_the_probes_neighbour_summary_leaves_no_index_open(store):
         assert len(A._CACHE) == 1  # knn alone keeps it open, for the next query
     assert got.equals(want) and got.height > 0
     A._CACHE.clear()
+    small = tmp_path / "small.duckdb"  # below ALL_ANN_MIN the search is exact: no index folder appears
+    synthetic_store(small, 300, 16, seed=1)
+    with duckdb.connect(str(small)) as con:
+        assert neighbor_table(con, "synthetic", "original").height > 0
+    assert not small.with_name(small.name + ".ann").exists()

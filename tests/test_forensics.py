@@ -64,6 +64,10 @@ def test_the_probes_folds_are_cross_val_predict_bit_for_bit_from_memory_or_a_fil
     assert np.array_equal(spilled[keep].take(idx, np.float32), Z[keep][idx])
     assert np.array_equal(probe.take_rows(Z[keep], idx), Z[keep][idx].astype(np.float64))
     assert spilled[keep].shape == (int(keep.sum()), dim) and len(spilled[keep]) == int(keep.sum())
+    assert np.array_equal(probe.take_rows(Z.tolist(), idx), Z[idx].astype(np.float64))  # any array-like, as before
+    A = Z.astype(np.float64)
+    probe.standardize_in_place(A, columns=1)  # asked for one-column blocks: still StandardScaler's bits
+    assert np.array_equal(A, StandardScaler().fit_transform(Z.astype(np.float64)))
 
 
 @pytest.mark.slow
