@@ -42,10 +42,10 @@ class SpilledRows:
 
     @classmethod
     def write(cls, X: np.ndarray, path) -> "SpilledRows":
-        X = np.asarray(X, dtype=np.float32)
+        X = np.asarray(X)
         with open(path, "wb") as f:
-            for a in range(0, len(X), ROW_BLOCK):  # a block at a time: a non-contiguous X is never copied whole
-                f.write(np.ascontiguousarray(X[a:a + ROW_BLOCK]).tobytes())
+            for a in range(0, len(X), ROW_BLOCK):  # a block at a time: a float64 or strided X is never copied whole
+                f.write(np.ascontiguousarray(X[a:a + ROW_BLOCK], dtype=np.float32).tobytes())
         return cls(path, *X.shape)
 
     @property
