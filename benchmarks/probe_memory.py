@@ -54,7 +54,7 @@ def main():
     from featstore.probe import run_probe
 
     if a.no_neighbours:  # the summary's columns, no rows
-        probe.neighbor_table = lambda con, backbone, preprocess, k=10: _no_neighbours()
+        probe.neighbor_table = lambda con, backbone, preprocess, k=10, spill_dir=None: _no_neighbours()
 
     peak, step, stop = {}, ["start"], threading.Event()
 

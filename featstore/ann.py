@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from featstore.neighbors import normalize, pair_sims, rank  # noqa: F401 - one ranking for exact and approximate search
+from featstore.spill import ROW_BLOCK, SpilledRows, scattered_rows
 from featstore.store import (embedding_set_fingerprint, embedding_set_images, embedding_set_rows,
                              embedding_set_similarities, embedding_set_vector_batches, embedding_set_vectors,
                              embedding_set_vectors_at, most_similar_images, store_file_path)
@@ -133,11 +134,13 @@ def store_path(con) -> Path | None:
     return Path(p) if p and p != ":memory:" else None
 
 
-def unit_vectors(con, s: "EmbeddingSet", batch: int = 20_000):
+def unit_vectors(con, s: "EmbeddingSet", batch: int = 20_000, spill=None):
     """(Xn, meta): the set's vectors as unit rows (float32 [n, d]) and their image_id, source, label
     (Polars), ordered by image_id - the rows Store.arrays gives. Read in batches straight into one
     matrix: about one copy of the vectors in memory, where Store.arrays peaks near five (DuckDB's
-    result, its Arrow copy, the sorted copy, X, the normalised X: ~6 GiB for 300k x 1024)."""
+    result, its Arrow copy, the sorted copy, X, the normalised X: ~6 GiB for 300k x 1024).
+    spill: a file path; the rows go there instead (Xn a featstore.spill.SpilledRows, the same floats),
+    and the search reads them back as it needs them (3.8 GiB less in memory at 1M x 1024)."""
     import polars as pl
     import pyarrow.compute as pc
 
@@ -146,7 +149,10 @@ def unit_vectors(con, s: "EmbeddingSet", batch: int = 20_000):
     ids = _as_bytes(meta.column("image_id").to_pylist())
     order = np.argsort(ids, kind="stable")
     ids_sorted = ids[order]
-    Xn = np.zeros((len(ids), s.dim), dtype=np.float32)
+    if spill is None:
+        Xn = np.zeros((len(ids), s.dim), dtype=np.float32)
+    else:
+        Xn = SpilledRows.create(spill, len(ids), s.dim)
     filled = np.zeros(len(ids), dtype=bool)
     reader = embedding_set_vector_batches(con, s.table, s.key, batch)
     for rb in reader:
@@ -154,7 +160,11 @@ def unit_vectors(con, s: "EmbeddingSet", batch: int = 20_000):
         at = np.minimum(np.searchsorted(ids_sorted, got), max(len(ids) - 1, 0))
         ok = ids_sorted[at] == got  # rows added since the first query are not in meta: left out
         rows = order[at[ok]]
-        Xn[rows] = normalize(rb.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, s.dim)[ok])
+        V = normalize(rb.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, s.dim)[ok])
+        if spill is None:
+            Xn[rows] = V
+        else:
+            Xn.put(rows, V)
         filled[rows] = True
     if not filled.all():  # rows removed between the two reads
         Xn, meta = Xn[filled], meta.filter(filled)
@@ -271,19 +281,58 @@ class AnnIndex:
                 progress(start, len(which), "searching the ANN index")
             at = np.arange(start, min(start + block, len(which)))
             rows = which[at]
-            found = self.search(Xn[rows], count)
+            found = self.search(scattered_rows(Xn, rows), count)
             cand = np.where(found >= 0, key_row[found], -1)
             cand[cand == rows[:, None]] = -1  # not itself
-            best = rank(Xn, rows, cand, k)
+            best = _rank(Xn, rows, cand, k)
             out[at] = best
             short += list(at[(best < 0).any(1)])
         if short:  # the graph returned fewer than k others: answer those rows exactly
-            from featstore.neighbors import exact_rows
-
-            out[short] = exact_rows(Xn, which[short], k)
+            out[short] = _exact_rows(Xn, which[short], k)
         if progress:
             progress(len(which), len(which), "searching the ANN index")
         return out
+
+
+def _in_memory(Xn) -> np.ndarray:
+    return Xn.take(np.arange(len(Xn)), np.float32) if isinstance(Xn, SpilledRows) else Xn
+
+
+def _rank(Xn, rows: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
+    """neighbors.rank, also for unit vectors in a file: the block's rows and candidates read into a small
+    matrix, ranked there (the same floats; ties go to the lower row, as the row order is kept)."""
+    if not isinstance(Xn, SpilledRows):
+        return rank(Xn, rows, cand, k)
+    U = np.unique(np.concatenate([rows, cand[cand >= 0]]))
+    best = rank(Xn.take_scattered(U), np.searchsorted(U, rows),
+                np.where(cand >= 0, np.searchsorted(U, np.maximum(cand, 0)), -1), k)
+    return np.where(best >= 0, U[np.maximum(best, 0)], -1)
+
+
+def _exact_rows(Xn, rows: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """neighbors.exact_rows, also for unit vectors in a file: each block of the file scored against a chunk
+    of the rows, its best k + 5 kept (with any within rounding of them), the k best of all ranked by rank."""
+    from featstore.neighbors import candidates, exact_rows
+
+    if not isinstance(Xn, SpilledRows):
+        return exact_rows(Xn, rows, k)
+    n = len(Xn)
+    k = min(k, n - 1)
+    out = np.empty((len(rows), k), dtype=np.int64)
+    for a in range(0, len(rows), chunk):
+        r = np.asarray(rows[a:a + chunk], dtype=np.int64)
+        Q, parts = Xn.take_scattered(r), []
+        for b0 in range(0, n, ROW_BLOCK):
+            B = Xn.take(np.arange(b0, min(b0 + ROW_BLOCK, n)), np.float32)
+            S = Q @ B.T
+            own = (r >= b0) & (r < b0 + len(B))
+            S[np.nonzero(own)[0], r[own] - b0] = -np.inf  # not itself
+            part = candidates(S, min(k + 5, len(B)), Xn.dim)
+            parts.append(np.where(part >= 0, part + b0, -1))
+        cand = np.concatenate(parts, 1)
+        cand[cand == r[:, None]] = -1  # itself, where its block had no k + 5 others
+        out[a:a + chunk] = _rank(Xn, r, cand, k)
+    return out
 
 
 def _load(folder: Path, s: EmbeddingSet, view: bool):
@@ -365,7 +414,7 @@ def _vectors(con, s: EmbeddingSet, ids: np.ndarray, Xn: np.ndarray | None, pos: 
     out = np.empty((len(ids), s.dim), dtype=np.float32)
     hit = pos >= 0
     if hit.any():
-        out[hit] = Xn[pos[hit]]
+        out[hit] = scattered_rows(Xn, pos[hit])
     if not hit.all():
         want = [b.decode() for b in ids[~hit]]
         tbl = embedding_set_vectors(con, s.table, s.key, want)
@@ -538,11 +587,12 @@ def forget(con, s: EmbeddingSet) -> None:
 def knn(con, s: EmbeddingSet, Xn: np.ndarray, ids, k: int, method: str = "auto", say=to_stderr,
         progress=None) -> np.ndarray:
     """[n, min(k, n-1)] row indices of each row's most cosine-similar other rows (Xn: unit vectors
-    of the set, one per image_id in ids). Exact below ALL_ANN_MIN rows (or method="exact")."""
+    of the set, one per image_id in ids; an array, or a SpilledRows file the index search reads back as it
+    needs it). Exact below ALL_ANN_MIN rows (or method="exact": that loads a SpilledRows whole)."""
     from featstore.neighbors import knn_indices
 
     if not use_ann(method, len(Xn), ALL_ANN_MIN) or len(Xn) < 2:
-        return knn_indices(Xn, k, normalized=True)
+        return knn_indices(_in_memory(Xn), k, normalized=True)
     ann = open_index(con, s, Xn, ids, say, progress)
     return ann.knn_rows(Xn, ids, k, progress=progress)
 

@@ -26,8 +26,24 @@ def knn_indices(X: np.ndarray, k: int, block: int = 2048, normalized: bool = Fal
         S = Xn[start:start + block] @ Xn.T
         rows = np.arange(start, start + S.shape[0])
         S[np.arange(S.shape[0]), rows] = -np.inf  # not itself
-        part = np.argpartition(-S, take - 1, axis=1)[:, :take]
-        out[start:start + block] = rank(Xn, rows, part, k)
+        out[start:start + block] = rank(Xn, rows, candidates(S, take, Xn.shape[1]), k)
+    return out
+
+
+def candidates(S: np.ndarray, take: int, dim: int) -> np.ndarray:
+    """[b, >= take] columns of each row's `take` highest scores, and every column within the product's rounding
+    of the lowest of them (-1 pads): with more equal vectors than places, rank's rule (the lower index) picks
+    among all of them, not among those argpartition, or the matmul's last bit, happened to keep."""
+    part = np.argpartition(-S, take - 1, axis=1)[:, :take]
+    # S's matmul and rank's per-pair sum round differently, each by at most dim * eps / 2 for unit vectors
+    least = S[np.arange(len(S))[:, None], part].min(1) - dim * np.finfo(S.dtype).eps
+    wide = S >= least[:, None]
+    counts = wide.sum(1)
+    if (counts == take).all():  # no other column that close: argpartition's are all of them
+        return part
+    r, c = np.nonzero(wide)  # row-major: each row's columns together, in order
+    out = np.full((len(S), int(counts.max())), -1, dtype=np.int64)
+    out[r, np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)] = c
     return out
 
 
@@ -37,7 +53,7 @@ def exact_rows(Xn: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
     take = min(k + 5, len(Xn) - 1)
     S = Xn[rows] @ Xn.T
     S[np.arange(len(rows)), rows] = -np.inf
-    part = np.argpartition(-S, take - 1, axis=1)[:, :take]
+    part = candidates(S, take, Xn.shape[1])
     return rank(Xn, rows, part, k)
 
 

@@ -23,71 +23,11 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 
 from featstore.metrics import roc_auc
 from featstore.score import ovr_auc_resampled
+from featstore.spill import SpilledRows, take_rows
 
 
 BOOT_BLOCK = 2_000_000  # resampled images per block of the probe's bootstrap
-ROW_BLOCK = 16_384      # rows per block when a fold is copied out of the set (64 MiB of float32 at 1024-d)
 SCALER_COLUMNS = 16     # columns per block of the fold's standardisation (its temporaries: 3 x 16 columns)
-
-
-class SpilledRows:
-    """A float32 matrix kept in a file and read a block of rows at a time with plain reads (the pages stay in the
-    OS cache, not in this process), so that during the probe's fits the float64 training fold is the only copy
-    of the set in memory: at 1M x 1024 the set is 3.8 GiB and one fold 6.1 GiB (issue 27's 8 GiB). Indexing
-    with a mask or indices gives a view (nothing read); `take` reads rows."""
-
-    def __init__(self, path, n: int, dim: int, rows: np.ndarray | None = None):
-        self.path, self.n_file, self.dim = Path(path), int(n), int(dim)
-        self.rows = np.arange(self.n_file) if rows is None else np.asarray(rows, dtype=np.int64)
-
-    @classmethod
-    def write(cls, X: np.ndarray, path) -> "SpilledRows":
-        X = np.asarray(X)
-        with open(path, "wb") as f:
-            for a in range(0, len(X), ROW_BLOCK):  # a block at a time: a float64 or strided X is never copied whole
-                f.write(np.ascontiguousarray(X[a:a + ROW_BLOCK], dtype=np.float32).tobytes())
-        return cls(path, *X.shape)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self.rows), self.dim)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key) -> "SpilledRows":
-        return SpilledRows(self.path, self.n_file, self.dim, self.rows[key])
-
-    def take(self, idx, dtype=np.float64) -> np.ndarray:
-        """Rows `idx` of this view, in that order, as `dtype`: the file read once, a block at a time."""
-        pos = self.rows[np.asarray(idx, dtype=np.int64)]
-        order = np.argsort(pos, kind="stable")
-        at = pos[order]
-        out = np.empty((len(pos), self.dim), dtype)
-        width = self.dim * 4
-        with open(self.path, "rb") as f:
-            lo = 0
-            while lo < len(at):
-                b0 = int(at[lo])  # the next block starts at the next row wanted
-                hi = int(np.searchsorted(at, b0 + ROW_BLOCK))
-                n = int(at[hi - 1]) - b0 + 1
-                f.seek(b0 * width)
-                block = np.frombuffer(f.read(n * width), dtype=np.float32).reshape(n, self.dim)
-                out[order[lo:hi]] = block[at[lo:hi] - b0]
-                lo = hi
-        return out
-
-
-def take_rows(Z, idx, dtype=np.float64) -> np.ndarray:
-    """Rows `idx` of Z (an array or SpilledRows) as a new `dtype` array, copied a block at a time, so a float32
-    set never has a whole float32 copy of the fold beside the float64 one."""
-    if isinstance(Z, SpilledRows):
-        return Z.take(idx, dtype)
-    Z, idx = np.asarray(Z), np.asarray(idx)
-    out = np.empty((len(idx), Z.shape[1]), dtype)
-    for a in range(0, len(idx), ROW_BLOCK):
-        out[a:a + ROW_BLOCK] = Z[idx[a:a + ROW_BLOCK]]
-    return out
 
 
 def standardize_in_place(X: np.ndarray, columns: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -282,11 +222,11 @@ def run_probe(db, backbone: str, preprocess: str = "original", positive: str = "
             wid, _ = fs.embedding_set(backbone, preprocess)
             X, meta = fs.arrays(backbone, preprocess)
             demo = fs.embeddings(backbone, preprocess, vectors=False).select("image_id", "sex", "age")
-            # the set goes to a file (removed with tmp) and leaves memory: the neighbour search and the probes'
-            # fits then run without it beside them (issue 27: 8 GiB at 1M x 1024)
+            # the set goes to a file (removed with tmp) and leaves memory: the neighbour search (its unit vectors
+            # in a file too) and the probes' fits then run without it beside them (issue 27: 8 GiB at 1M x 1024)
             X = SpilledRows.write(X, Path(tmp) / "embeddings.f32")
             step("neighbours")
-            nb = neighbor_table(fs.con, backbone, preprocess)
+            nb = neighbor_table(fs.con, backbone, preprocess, spill_dir=tmp)
         src = meta["source"].to_numpy()
         if grl:
             step("GRL head")  # the fit of one head: it has the set in memory, read back from the file
@@ -366,18 +306,23 @@ def map_points(Z, meta, seed: int = 0, cap: int = MAP_POINTS) -> pl.DataFrame:
                              n_total=pl.Series([n] * len(idx), dtype=pl.Int32)))
 
 
-def neighbor_table(con, backbone: str, preprocess: str, k: int = NEIGHBORS_K) -> pl.DataFrame:
+def neighbor_table(con, backbone: str, preprocess: str, k: int = NEIGHBORS_K, spill_dir=None) -> pl.DataFrame:
     """Per source, the share of each image's k nearest neighbours (cosine) from its own source and with
-    its own label, beside chance (featstore.neighbors.neighbor_summary; the ANN index for large sets)."""
+    its own label, beside chance (featstore.neighbors.neighbor_summary; the ANN index for large sets).
+    spill_dir: a folder for the unit vectors (a file read back as the search needs them, not 3.8 GiB in memory
+    beside the graph at 1M x 1024); the same answer."""
     from featstore import ann as A
     from featstore.neighbors import neighbor_summary
 
     es = A.resolve_set(con, backbone, preprocess)
-    Xn, meta = A.unit_vectors(con, es)
+    spill = None if spill_dir is None else Path(spill_dir) / "unit-vectors.f32"
     try:
+        Xn, meta = A.unit_vectors(con, es, spill=spill)
         idx = A.knn(con, es, Xn, meta["image_id"].to_numpy(), k)
     finally:
         A.forget(con, es)  # the probe's fits come next: not beside the graph
+        if spill is not None:
+            spill.unlink(missing_ok=True)  # nor beside this file (3.8 GiB at 1M: a tmpfs TMPDIR is memory)
     return neighbor_summary(None, meta["source"], meta["label"], k=k, idx=idx)
 
 

@@ -314,3 +314,44 @@ def test_the_probes_neighbour_summary_leaves_no_index_open(store, tmp_path):
     with duckdb.connect(str(small)) as con:
         assert neighbor_table(con, "synthetic", "original").height > 0
     assert not small.with_name(small.name + ".ann").exists()
+
+
+@pytest.mark.slow
+def test_the_search_reads_its_unit_vectors_from_a_file_with_the_same_answers(base, store, tmp_path, monkeypatch):
+    """`featstore probe` keeps the unit vectors in a file during its neighbour search (issue 27: 3.8 GiB at 1M):
+    the same floats, the same index built from them byte for byte, the same neighbours, also for rows the
+    graph answers short (the exact fallback reads the file a block at a time)."""
+    from featstore import spill
+
+    fresh = tmp_path / "fresh.duckdb"
+    shutil.copy(base["db"], fresh)  # no index folder: built from the file
+    monkeypatch.setattr(spill, "ROW_BLOCK", 333)  # many maps and reads, none of them the whole file
+    monkeypatch.setattr(A, "ROW_BLOCK", 1_000)
+    for db in (store, fresh):
+        A._CACHE.clear()
+        with duckdb.connect(str(db)) as con:
+            s = A.resolve_set(con, "synthetic")
+            Xn, meta = A.unit_vectors(con, s)
+            Xf, meta_f = A.unit_vectors(con, s, batch=700, spill=tmp_path / f"{db.stem}.f32")
+            assert isinstance(Xf, spill.SpilledRows) and meta_f.equals(meta)
+            assert np.array_equal(Xf.take(np.arange(len(Xf)), np.float32), Xn)
+            ids = meta["image_id"].to_numpy()
+            assert np.array_equal(A.knn(con, s, Xf, ids, 10, say=lambda line: None), base["approx"])
+    assert _index_file(fresh).read_bytes() == _index_file(base["db"]).read_bytes()
+
+    real = A.AnnIndex.search
+
+    def short(self, Q, count, threads=0):  # every 97th query finds only itself and 3 others
+        found = real(self, Q, count, threads)
+        found[::97, 4:] = -1
+        return found
+
+    monkeypatch.setattr(A.AnnIndex, "search", short)
+    with duckdb.connect(str(store)) as con:
+        s = A.resolve_set(con, "synthetic")
+        ann = A.open_index(con, s)
+        from_memory = ann.knn_rows(Xn, ids, 10)
+        from_file = ann.knn_rows(Xf, ids, 10)
+    assert np.array_equal(from_file, from_memory)
+    shorted = np.concatenate([np.arange(a, min(a + 2048, N), 97) for a in range(0, N, 2048)])  # knn_rows' blocks
+    assert np.array_equal(from_file[shorted], base["exact"][shorted])  # answered exactly

@@ -12,10 +12,10 @@ PKG = Path(__file__).resolve().parents[1] / "featstore"
 STAGES = [
     # used by every stage: the store file, SQL running, image decoding, weights files, the result-row
     # contract, figures, binary metrics, process pools, progress, messages, the registry type, config value
-    # types, command errors, test helpers
+    # types, command errors, test helpers, matrices kept in a file
     ("library", {"store", "query", "decode", "weights", "results", "figures", "neighbors", "procs", "progress",
                  "suggest", "registry", "options", "errors", "testing", "ownfiles", "journal_lock",
-                 "metrics"}),
+                 "metrics", "spill"}),
     ("ingest", {"synth", "ingest", "adapters"}),
     ("preprocess", {"lungs", "preprocess", "masks"}),
     ("embed", {"families", "backbone_specs", "backbones", "torch_backbone", "foundation", "embed", "embed_ray",

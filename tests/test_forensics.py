@@ -38,7 +38,7 @@ def test_the_probes_folds_are_cross_val_predict_bit_for_bit_from_memory_or_a_fil
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import LabelEncoder, StandardScaler
 
-    from featstore import probe
+    from featstore import probe, spill
 
     n, dim = shape
     rng = np.random.default_rng(dim)
@@ -53,7 +53,7 @@ def test_the_probes_folds_are_cross_val_predict_bit_for_bit_from_memory_or_a_fil
     for cols in (probe.SCALER_COLUMNS, 3):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(probe, "SCALER_COLUMNS", cols)
-            mp.setattr(probe, "ROW_BLOCK", 17)  # many blocks, most rows of a block wanted, some blocks skipped
+            mp.setattr(spill, "ROW_BLOCK", 17)  # many blocks, most rows of a block wanted, some blocks skipped
             for rows in (Z, spilled):
                 assert np.array_equal(probe.out_of_fold_proba(rows, d, 5, seed=0), want)
     assert np.array_equal(Z, before)
@@ -62,6 +62,14 @@ def test_the_probes_folds_are_cross_val_predict_bit_for_bit_from_memory_or_a_fil
     idx = rng.permutation(int(keep.sum()))[: max(1, int(keep.sum()) // 2)]
     idx = np.concatenate([idx, idx[:3]])
     assert np.array_equal(spilled[keep].take(idx, np.float32), Z[keep][idx])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spill, "ROW_BLOCK", 5)  # the search's scattered reads: many maps, each closed
+        assert np.array_equal(spilled[keep].take_scattered(idx), Z[keep][idx])
+        filled = spill.SpilledRows.create(tmp_path / "w.f32", n, dim)
+        order = rng.permutation(n)  # rows written in any order, as a store's batches come
+        for a in range(0, n, 7):
+            filled.put(order[a:a + 7], Z[order[a:a + 7]])
+        assert np.array_equal(filled.take(np.arange(n), np.float32), Z)
     assert np.array_equal(probe.take_rows(Z[keep], idx), Z[keep][idx].astype(np.float64))
     assert spilled[keep].shape == (int(keep.sum()), dim) and len(spilled[keep]) == int(keep.sum())
     assert np.array_equal(probe.take_rows(Z.tolist(), idx), Z[idx].astype(np.float64))  # any array-like, as before
@@ -131,6 +139,31 @@ def test_knn_matches_brute_force():
     S = Xn @ Xn.T
     np.fill_diagonal(S, -np.inf)
     assert np.array_equal(idx, np.argsort(-S, axis=1)[:, :5])
+
+
+def test_exact_neighbours_among_many_equal_vectors_go_to_the_lower_rows(tmp_path, monkeypatch):
+    """More identical images than the search's k + 5 places (a collection's duplicates): every exact path
+    (the whole set, some rows, some rows read from a file a block at a time) takes the lowest rows among the
+    equals, as `rank` documents, not those argpartition happened to keep."""
+    from featstore import ann as A
+    from featstore.neighbors import exact_rows
+    from featstore.spill import SpilledRows
+
+    rng = np.random.default_rng(3)
+    Xn = rng.normal(size=(2000, 24)).astype(np.float32)
+    dup = rng.choice(2000, 300, replace=False)
+    Xn[dup] = Xn[dup[0]]
+    Xn /= np.linalg.norm(Xn, axis=1, keepdims=True)
+    rows = np.sort(dup)[[0, 5, 150, 299]]
+    want = np.array([[j for j in np.sort(dup) if j != r][:10] for r in rows])
+    assert np.array_equal(knn_indices(Xn, 10, block=256, normalized=True)[rows], want)
+    assert np.array_equal(exact_rows(Xn, rows, 10), want)
+    monkeypatch.setattr(A, "ROW_BLOCK", 333)
+    assert np.array_equal(A._exact_rows(SpilledRows.write(Xn, tmp_path / "x.f32"), rows, 10), want)
+    others = np.setdiff1d(np.arange(2000), dup)[:50]  # and rows without ties answer as before
+    S = Xn[others] @ Xn.T
+    S[np.arange(50), others] = -np.inf
+    assert np.array_equal(exact_rows(Xn, others, 10), np.argsort(-S, axis=1, kind="stable")[:, :10])
 
 
 def test_neighbors_share_the_source_more_than_chance(synth_embeddings, synth_stores):
