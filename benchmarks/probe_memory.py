@@ -2,6 +2,7 @@
 synthetic store of N 1024-d vectors (built once in --workdir, reused).
 
     python benchmarks/probe_memory.py [--n 30000] [--workdir bench-work/probe-memory] [--no-grl] [--no-neighbours]
+    python benchmarks/probe_memory.py --n 300000 --neighbours-only   # the neighbour summary alone
 
 `--no-grl` leaves out the GRL head's step (the fit of one head, which the 8 GiB bar exempts, and hours at 1M
 on 2 cores). `--no-neighbours` stores an empty neighbour summary instead of searching (its memory at 1M is
@@ -35,12 +36,35 @@ def _no_neighbours():
                             idx=np.array([[1], [0], [3], [2]])).clear()
 
 
+def neighbours_only(db: Path) -> None:
+    """One neighbour summary as the probe makes it (its unit vectors in a file where this featstore does that),
+    for side-by-side runs of two checkouts with PYTHONPATH=."""
+    import inspect
+    import resource
+    import tempfile
+
+    import duckdb
+
+    from featstore import probe
+
+    with duckdb.connect(str(db), read_only=True) as con, tempfile.TemporaryDirectory() as tmp:
+        kw = {"spill_dir": tmp} if "spill_dir" in inspect.signature(probe.neighbor_table).parameters else {}
+        t0 = time.perf_counter()
+        nb = probe.neighbor_table(con, BACKBONE, "original", **kw)
+        took = time.perf_counter() - t0
+    print(f"neighbour summary: {took:.1f} s, ru_maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}"
+          f" GiB, unit vectors in a file: {bool(kw)}, rows' hash {nb.hash_rows().sum()} (featstore from "
+          f"{Path(probe.__file__).parent})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30_000)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "probe-memory")
     ap.add_argument("--no-grl", action="store_true", help="leave out the GRL head's step (one head's fit)")
     ap.add_argument("--no-neighbours", action="store_true", help="an empty neighbour summary instead of the search")
+    ap.add_argument("--neighbours-only", action="store_true",
+                    help="only the neighbour summary (probe.neighbor_table), timed, with ru_maxrss and its rows' hash")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     db = a.workdir / f"synthetic-{a.n}.duckdb"
@@ -53,6 +77,9 @@ def main():
     from featstore import probe
     from featstore.probe import run_probe
 
+    if a.neighbours_only:
+        neighbours_only(db)
+        return
     if a.no_neighbours:  # the summary's columns, no rows
         probe.neighbor_table = lambda con, backbone, preprocess, k=10, spill_dir=None: _no_neighbours()
 
