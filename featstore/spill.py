@@ -3,6 +3,7 @@
 scattered rows through a short-lived map. Either way the pages stay in the OS cache, not in the process."""
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -33,9 +34,17 @@ class SpilledRows:
     def create(cls, path, n: int, dim: int) -> "SpilledRows":
         """An n x dim file to fill with `put`, its space reserved now: a full disk is an OSError here, not a
         SIGBUS when a mapped page cannot be written."""
+        size = int(n) * int(dim) * 4
         with open(path, "wb") as f:
-            if n * dim:
-                os.posix_fallocate(f.fileno(), 0, int(n) * int(dim) * 4)
+            try:
+                if size:
+                    os.posix_fallocate(f.fileno(), 0, size)
+            except (AttributeError, OSError) as e:  # macOS has none; some file systems refuse it
+                if getattr(e, "errno", None) not in (None, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                zeros = bytes(min(size, ROW_BLOCK * 4096))
+                for a in range(0, size, len(zeros)):  # written, so allocated: a full disk raises here too
+                    f.write(zeros[:size - a])
         return cls(path, n, dim)
 
     def put(self, idx, V: np.ndarray) -> None:

@@ -65,11 +65,14 @@ def test_the_probes_folds_are_cross_val_predict_bit_for_bit_from_memory_or_a_fil
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(spill, "ROW_BLOCK", 5)  # the search's scattered reads: many maps, each closed
         assert np.array_equal(spilled[keep].take_scattered(idx), Z[keep][idx])
-        filled = spill.SpilledRows.create(tmp_path / "w.f32", n, dim)
-        order = rng.permutation(n)  # rows written in any order, as a store's batches come
-        for a in range(0, n, 7):
-            filled.put(order[a:a + 7], Z[order[a:a + 7]])
-        assert np.array_equal(filled.take(np.arange(n), np.float32), Z)
+        for reserve in (True, False):  # its space reserved by posix_fallocate, or (macOS) by writing zeros
+            if not reserve:
+                mp.delattr(spill.os, "posix_fallocate")
+            filled = spill.SpilledRows.create(tmp_path / f"w{reserve}.f32", n, dim)
+            order = rng.permutation(n)  # rows written in any order, as a store's batches come
+            for a in range(0, n, 7):
+                filled.put(order[a:a + 7], Z[order[a:a + 7]])
+            assert np.array_equal(filled.take(np.arange(n), np.float32), Z)
     assert np.array_equal(probe.take_rows(Z[keep], idx), Z[keep][idx].astype(np.float64))
     assert spilled[keep].shape == (int(keep.sum()), dim) and len(spilled[keep]) == int(keep.sum())
     assert np.array_equal(probe.take_rows(Z.tolist(), idx), Z[idx].astype(np.float64))  # any array-like, as before
